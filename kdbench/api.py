@@ -1,0 +1,349 @@
+"""The contracts between the core and its plugins: models, tasks and methods.
+
+A plugin contributes classes that subclass :class:`ModelFactory`, :class:`Task` or
+:class:`Method` through the hooks in :mod:`kdbench.hookspecs`. The core only ever talks
+to these interfaces; it never imports a plugin by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+# --------------------------------------------------------------------------- errors
+
+
+class KDBenchError(Exception):
+    """An error caused by the user's input; the CLI prints it and exits with code 2."""
+
+
+class IncompatibleModelError(KDBenchError):
+    """A method cannot use a model (e.g. PKD on a CNN): raised before training starts."""
+
+
+class DataError(KDBenchError):
+    """Malformed or missing data; the message names the file and the row."""
+
+
+# --------------------------------------------------------------------------- options
+
+
+class Options(BaseModel):
+    """Base for every plugin's options/hyper-parameters: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is predicted: ``classification`` with ``num_labels`` classes, or ``regression``."""
+
+    kind: Literal["classification", "regression"]
+    num_labels: int
+
+    @property
+    def is_regression(self) -> bool:
+        return self.kind == "regression"
+
+
+# --------------------------------------------------------------------------- models
+
+#: Names of what a model can expose in :class:`ModelOutput` (see ``KDModel.capabilities``).
+LOGITS = "logits"
+HIDDEN_STATES = "hidden_states"
+ATTENTION_SCORES = "attention_scores"
+FEATURES = "features"
+PREACT_FEATURES = "preact_features"
+EMBEDDING = "embedding"
+
+
+@dataclass
+class ModelOutput:
+    """Everything a distillation loss may read from a forward pass.
+
+    ``logits``: (B, num_labels); for regression (B, 1).
+    ``hidden_states``: transformers only; embedding output then every layer, each (B, L, H).
+    ``attention_scores``: transformers only; pre-softmax scores per layer, (B, heads, L, L),
+    with masked key positions set to 0 (TinyBERT's convention).
+    ``attention_mask``: (B, L) mask of real tokens, for losses over token positions.
+    ``features``: CNNs only; feature maps after each stage (post-activation), (B, C, H, W).
+    ``preact_features``: CNNs only; the same maps before the last ReLU of each stage.
+    ``embedding``: the penultimate representation fed to the classifier, (B, D).
+    Fields a forward pass was not asked for are ``None``.
+    """
+
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+    attention_scores: tuple[Tensor, ...] | None = None
+    attention_mask: Tensor | None = None
+    features: tuple[Tensor, ...] | None = None
+    preact_features: tuple[Tensor, ...] | None = None
+    embedding: Tensor | None = None
+
+
+class KDModel(nn.Module):
+    """A model as kdbench sees it: ``forward(inputs, need)`` returns a :class:`ModelOutput`.
+
+    ``inputs`` is the dict of tensors made by the model factory's encoder (plus ``labels``
+    never: labels travel separately). ``need`` names the optional outputs to compute, so a
+    plain forward stays cheap. Subclasses set ``capabilities`` (what they *can* expose) and
+    ``family`` ("transformer" or "cnn"). Must work under ``torch.func.functional_call``.
+    """
+
+    capabilities: frozenset[str] = frozenset({LOGITS})
+    family: str = "generic"
+
+    def describe(self) -> dict[str, Any]:
+        """Shape facts a method may need to check compatibility (layers, width, ...)."""
+        return {}
+
+
+Examples = dict[str, Any]
+"""A split of raw examples: columns of equal length. Text tasks: ``text`` (list[str]),
+optional ``text_pair`` (list[str]), ``label`` (np.ndarray). Image tasks: ``image``
+(np.ndarray uint8 (N, C, H, W)) and ``label``."""
+
+Encoded = dict[str, Tensor]
+"""A split encoded for a model: tensors with the example index as first dimension."""
+
+
+class ModelFactory(ABC):
+    """Builds models of one family from validated options.
+
+    ``Options`` is a pydantic model of the accepted options; ``modality`` says which tasks
+    it can serve ("text" or "image").
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    modality: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+
+    @abstractmethod
+    def build(self, options: Options, problem: Problem) -> KDModel:
+        """A fresh model with a head for ``problem``; deterministic given torch's seed."""
+
+    def encode(self, options: Options, examples: Examples, max_length: int | None) -> Encoded:
+        """Turn raw examples into input tensors (tokenize text, scale images)."""
+        raise NotImplementedError
+
+    def encoder_id(self, options: Options) -> str:
+        """A string that identifies the encoding (tokenizer), for caching encoded splits."""
+        return self.name
+
+    def collate(self, encoded: Encoded, index: Tensor) -> dict[str, Tensor]:
+        """Select a batch from an encoded split. Default: index every tensor."""
+        return {k: v[index] for k, v in encoded.items()}
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class Task(ABC):
+    """A data set with its fixed splits, its problem type and its official metrics.
+
+    ``load`` returns at least ``train``, ``validation`` and ``test`` splits; extra
+    evaluation splits (e.g. MNLI mismatched) may be added and are evaluated too.
+    ``main_metric`` is what the leaderboard ranks by. ``version`` changes whenever the
+    data or the metric changes, and is part of every run's hash.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    version: ClassVar[int] = 1
+    modality: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+    max_length: int | None = None
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    @property
+    @abstractmethod
+    def problem(self) -> Problem: ...
+
+    @property
+    @abstractmethod
+    def main_metric(self) -> str: ...
+
+    @abstractmethod
+    def load(self, cache_dir: str) -> dict[str, Examples]:
+        """The splits as raw examples. May download into ``cache_dir`` where online."""
+
+    @abstractmethod
+    def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """Official metrics from predictions (class ids, or floats for regression)."""
+
+    def augment(self, inputs: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Training-time augmentation on a batch already on the device. Default: none."""
+        return inputs
+
+    @property
+    def has_augmentation(self) -> bool:
+        return type(self).augment is not Task.augment
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Batch:
+    """A training or evaluation batch on the training device."""
+
+    inputs: dict[str, Tensor]
+    labels: Tensor
+    index: Tensor  # example indices within the split (keys the shared teacher outputs)
+
+
+@dataclass
+class SetupInfo:
+    """What a method may need to build its extra modules: ``sample`` is a training batch
+    (for probing feature shapes with a forward pass), ``train_size`` the number of
+    training examples (e.g. CRD's memory bank), ``device`` where training runs."""
+
+    sample: Batch
+    train_size: int
+    device: torch.device
+
+
+@dataclass
+class StepContext:
+    """What a method's training step may use. Built once per run by the runner.
+
+    ``teacher`` is ``None`` for methods that declare ``uses_teacher = False``. For methods
+    with ``updates_teacher = True`` it is a fresh trainable copy owned by this run.
+    ``teacher_forward(batch, need)`` gives the teacher's outputs without grad; it reads the
+    shared cache when the method's needs allow, so prefer it to calling the teacher.
+    ``next_quiz_batch()`` draws the next batch from the quiz split (cycling, seeded).
+    ``student_optimizer``/``scheduler`` cover the student and ``extra`` modules.
+    """
+
+    student: KDModel
+    teacher: KDModel | None
+    extra: nn.Module | None
+    student_optimizer: torch.optim.Optimizer
+    scheduler: Any
+    problem: Problem
+    device: torch.device
+    total_steps: int
+    train_size: int
+    teacher_forward: Callable[[Batch, frozenset[str]], ModelOutput]
+    next_quiz_batch: Callable[[], Batch]
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    step: int = 0
+    state: dict[str, Any] = field(default_factory=dict)  # method-owned state (teacher optimizer, ...)
+
+    def student_params(self) -> list[nn.Parameter]:
+        params = list(self.student.parameters())
+        if self.extra is not None:
+            params += list(self.extra.parameters())
+        return params
+
+
+def task_loss(logits: Tensor, labels: Tensor, problem: Problem) -> Tensor:
+    """Cross-entropy for classification, MSE on the single output for regression."""
+    if problem.is_regression:
+        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return nn.functional.cross_entropy(logits.float(), labels)
+
+
+class Method(ABC):
+    """A distillation method. Subclass, document the formula, set the class attributes.
+
+    Loss-based methods implement :meth:`loss` only; the default :meth:`train_step` runs
+    teacher (no grad) -> student -> loss -> optimizer step. Methods that change the
+    teacher (ProKT, MetaDistil) set ``updates_teacher = True`` and override
+    :meth:`train_step`.
+
+    Class attributes:
+      ``Params``: pydantic model of hyper-parameters with their defaults.
+      ``uses_teacher``: False for methods that train on labels only.
+      ``updates_teacher``: the run gets a fresh trainable copy of the teacher.
+      ``student_needs`` / ``teacher_needs``: :class:`ModelOutput` fields the loss reads;
+      models that cannot expose them are refused before training.
+      ``uses_quiz``: the method draws quiz batches (the quiz split is carved out for every
+      method anyway, so all methods see the same training data).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    citation: ClassVar[str] = ""
+    Params: ClassVar[type[Options]] = Options
+    uses_teacher: ClassVar[bool] = True
+    updates_teacher: ClassVar[bool] = False
+    student_needs: ClassVar[frozenset[str]] = frozenset({LOGITS})
+    teacher_needs: ClassVar[frozenset[str]] = frozenset({LOGITS})
+    uses_quiz: ClassVar[bool] = False
+
+    def __init__(self, params: Options, problem: Problem):
+        self.params = params
+        self.problem = problem
+
+    # -- checks and set-up -------------------------------------------------------------
+    def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
+        """Raise :class:`IncompatibleModelError` naming what a model lacks."""
+        for role, model, needs in (("student", student, self.student_needs), ("teacher", teacher, self.teacher_needs)):
+            if model is None or (role == "teacher" and not self.uses_teacher):
+                continue
+            missing = sorted(set(needs) - set(model.capabilities))
+            if missing:
+                raise IncompatibleModelError(
+                    f"method '{self.name}' needs the {role} to expose {missing}, but the "
+                    f"{role} model ({type(model).__name__}, family '{model.family}') only exposes "
+                    f"{sorted(model.capabilities)}"
+                )
+
+    def extra_modules(self, student: KDModel, teacher: KDModel | None, info: SetupInfo) -> nn.Module | None:
+        """Trainable modules that belong to the student's side (projections, regressors).
+
+        They are optimized with the student, counted in its parameters and cost, and
+        reach :meth:`loss` as ``ctx.extra``. Called once, before :meth:`setup`."""
+        return None
+
+    def setup(self, ctx: StepContext) -> None:
+        """Called once before the first step (e.g. to build a teacher optimizer)."""
+
+    # -- the step -----------------------------------------------------------------------
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput | None, labels: Tensor, ctx: StepContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The student's training loss and named parts (tensors, read lazily)."""
+        raise NotImplementedError(f"method '{self.name}' must implement loss() or train_step()")
+
+    def train_step(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
+        """One student optimizer step; returns named scalars, ``loss`` first."""
+        teacher_out = ctx.teacher_forward(batch, self.teacher_needs) if self.uses_teacher else None
+        with ctx.autocast():
+            student_out = ctx.student(batch.inputs, need=self.student_needs)
+            loss, parts = self.loss(student_out, teacher_out, batch.labels, ctx)
+        ctx.student_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.student_optimizer.step()
+        if ctx.scheduler is not None:
+            ctx.scheduler.step()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+
+    @property
+    def can_share_teacher_outputs(self) -> bool:
+        """Fixed-teacher methods may read precomputed teacher outputs (logits only)."""
+        return self.uses_teacher and not self.updates_teacher and set(self.teacher_needs) <= {LOGITS}
+
+
+def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless seeded epochs of shuffled index batches (the last partial batch is dropped
+    when the split is larger than a batch, so every step sees ``batch_size`` examples)."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        stop = n - n % batch_size if n >= batch_size else n
+        for i in range(0, max(stop, 1), batch_size):
+            yield perm[i : i + batch_size]

@@ -1,0 +1,204 @@
+"""``kdbench`` command line: list, validate, run, report, show."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from kdbench.api import KDBenchError
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EXIT_USAGE = 2
+
+
+def _registry():
+    from kdbench.registry import get_registry
+
+    return get_registry()
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from kdbench.registry import KINDS
+    from tabulate import tabulate
+
+    reg = _registry()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    for kind in kinds:
+        entries = reg.listing(kind, args.pattern)
+        if args.pattern != "*" and not entries:
+            raise KDBenchError(reg.unknown_message(kind, args.pattern))
+        print(f"{kind}:")
+        print(tabulate([(e.name, e.description, e.plugin) for e in entries], headers=["name", "description", "plugin"], tablefmt="simple"))
+        print()
+    for plugin, why in reg.broken.items():
+        print(f"broken plugin {plugin}: {why}", file=sys.stderr)
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from kdbench.spec import load_suite
+
+    return load_suite(args.suite)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    suite = _load(args)
+    teachers = {r.teacher_hash for r in suite.runs if r.teacher_hash}
+    print(f"{suite.source}: valid. {len(suite.runs)} runs, {len(teachers)} teacher(s), results in {suite.results_dir(args.results)}")
+    if args.verbose:
+        for r in suite.runs:
+            print(f"  {r.hash}  {r.task.name}  {r.method} {r.params_label()}  {r.student_label}  seed {r.seed}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Fetch and cache every task's data (downloads are checksum-verified) so that later
+    runs need no network."""
+    from kdbench.data import load_task_data
+    from kdbench.spec import load_suite
+
+    for path in args.suites:
+        suite = load_suite(path)
+        seen = set()
+        for run in suite.runs:
+            key = (run.task.model_dump_json(), run.quiz_fraction, run.data_seed)
+            if key not in seen:
+                seen.add(key)
+                data = load_task_data(_registry(), run.task, run.quiz_fraction, run.data_seed)
+                sizes = ", ".join(f"{k} {len(v['label'])}" for k, v in data.splits.items())
+                print(f"{path}: {run.task.name}: {sizes}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    suite = _load(args)  # validated before anything is trained or written
+    results = suite.results_dir(args.results)
+    only = None
+    if args.method or args.task:
+        only = lambda s: (not args.method or s.method in args.method) and (not args.task or s.task.name in args.task)  # noqa: E731
+    if args.executor == "ray":
+        from kdbench.distributed import run_ray
+
+        outcome = run_ray(suite, results, rerun=args.rerun, address=args.address, only=only)
+    else:
+        from kdbench.executor import run_local
+
+        outcome = run_local(suite, results, rerun=args.rerun, only=only)
+    counts: dict[str, int] = {}
+    for status in outcome.statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} finished, {len(outcome.busy)} held by another process; "
+          f"statuses: {json.dumps(counts, sort_keys=True)}", file=sys.stderr)
+    if not args.no_report:
+        args.format, args.output = None, None
+        return cmd_report(args, suite=suite)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, suite=None) -> int:
+    from kdbench.executor import open_store
+    from kdbench.report import render, suite_report
+
+    suite = suite or _load(args)
+    results = suite.results_dir(args.results)
+    if not (Path(results) / "store.sqlite").exists():
+        raise KDBenchError(f"no results store in {results}: run 'kdbench run {suite.source}' first")
+    store = open_store(results)
+    hashes = [r.hash for r in suite.runs]
+    teacher_hashes = {r.teacher_hash for r in suite.runs if r.teacher_hash}
+    df, table = suite_report(store, hashes, teacher_hashes, tasks=args.task, methods=args.method)
+    missing = len(set(hashes)) - (0 if df.empty else len(df))
+    title = f"{suite.name}: test score x100, mean ± std over seeds (n = seeds), final evaluation" \
+            + (" selected on validation" if suite.spec.selection == "validation" else "")
+    print(render(table, "terminal", title))
+    if missing:
+        print(f"({missing} of {len(hashes)} runs not in the store yet)")
+    if args.format:
+        text = render(table, args.format, title)
+        out = Path(args.output) if args.output else Path(results) / f"leaderboard.{args.format}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from kdbench.executor import open_store
+
+    suite = _load(args)
+    store = open_store(suite.results_dir(args.results))
+    row = store.get(args.hash)
+    if row is None:
+        known = [r.hash for r in suite.runs]
+        from kdbench.registry import did_you_mean
+
+        raise KDBenchError(f"no run {args.hash} in the store.{did_you_mean(args.hash, known)}")
+    print(json.dumps(row, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdbench", description="Benchmark knowledge distillation methods fairly.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("list", help="list methods, tasks or models")
+    ls.add_argument("kind", nargs="?", choices=["methods", "tasks", "models"])
+    ls.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'glue-*'")
+    ls.set_defaults(func=cmd_list)
+
+    def suite_cmd(name: str, help: str, func) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("suite", help="suite YAML file (see benchmarks/)")
+        sp.add_argument("--results", help="results folder (default: the suite's 'results', or results/<name>)")
+        sp.set_defaults(func=func)
+        return sp
+
+    pr = sub.add_parser("prepare", help="fetch and cache the data of one or more suites")
+    pr.add_argument("suites", nargs="+")
+    pr.set_defaults(func=cmd_prepare)
+
+    v = suite_cmd("validate", "validate a suite and list its runs", cmd_validate)
+    v.add_argument("-v", "--verbose", action="store_true")
+
+    r = suite_cmd("run", "run a suite (finished runs are skipped)", cmd_run)
+    r.add_argument("--rerun", action="store_true", help="train finished runs again")
+    r.add_argument("--executor", choices=["local", "ray"], default="local")
+    r.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    r.add_argument("--method", action="append", help="only this method (repeatable)")
+    r.add_argument("--task", action="append", help="only this task (repeatable)")
+    r.add_argument("--no-report", action="store_true")
+
+    rep = suite_cmd("report", "print the leaderboard from the results store", cmd_report)
+    rep.add_argument("--format", choices=["md", "csv", "json"], help="also write the table in this format")
+    rep.add_argument("--output", help="file for --format (default <results>/leaderboard.<fmt>)")
+    rep.add_argument("--method", action="append", help="only this method (repeatable)")
+    rep.add_argument("--task", action="append", help="only this task (repeatable)")
+
+    sh = suite_cmd("show", "print one run's spec, metrics, cost and environment", cmd_show)
+    sh.add_argument("hash")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for opt in ("method", "task"):
+        if getattr(args, opt, None):
+            known = _registry().names(opt + "s")
+            for name in getattr(args, opt):
+                if name not in known:
+                    print(f"error: {_registry().unknown_message(opt + 's', name)}", file=sys.stderr)
+                    return EXIT_USAGE
+    try:
+        return args.func(args)
+    except KDBenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

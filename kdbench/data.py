@@ -1,0 +1,133 @@
+"""Task data for runs: fixed splits, the quiz split, and encoded tensors cached across runs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdbench.api import DataError, Encoded, Examples, ModelFactory, Options, Task
+from kdbench.registry import Registry
+from kdbench.spec import TaskSpec, content_hash
+
+TRAIN, VALIDATION, TEST, QUIZ = "train", "validation", "test", "quiz"
+
+
+def cache_dir() -> Path:
+    """Downloads and encoded splits live here (``KDBENCH_CACHE``, default ~/.cache/kdbench)."""
+    return Path(os.environ.get("KDBENCH_CACHE", Path.home() / ".cache" / "kdbench"))
+
+
+def quiz_split(n_train: int, fraction: float, data_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, quiz indices): a fixed ``fraction`` of the training split carved out
+    by the task-level seed. The same for every method, so the quiz gives no method extra data."""
+    if fraction <= 0:
+        return np.arange(n_train), np.arange(0)
+    rng = np.random.default_rng(data_seed)
+    perm = rng.permutation(n_train)
+    n_quiz = max(1, int(round(fraction * n_train)))
+    return np.sort(perm[n_quiz:]), np.sort(perm[:n_quiz])
+
+
+def _take(examples: Examples, index: np.ndarray) -> Examples:
+    out: Examples = {}
+    for key, col in examples.items():
+        out[key] = col[index] if isinstance(col, np.ndarray) else [col[i] for i in index]
+    return out
+
+
+@dataclass
+class TaskData:
+    """A task's splits after the quiz carve-out: ``splits[name]`` are raw examples."""
+
+    task: Task
+    splits: dict[str, Examples]
+
+    @property
+    def eval_splits(self) -> list[str]:
+        return [s for s in self.splits if s not in (TRAIN, QUIZ)]
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.asarray(self.splits[split]["label"])
+
+
+def _validate_splits(task: Task, splits: dict[str, Examples]) -> None:
+    for required in (TRAIN, VALIDATION, TEST):
+        if required not in splits:
+            raise DataError(f"task '{task.name}' did not provide a '{required}' split")
+    for name, ex in splits.items():
+        if "label" not in ex:
+            raise DataError(f"task '{task.name}': split '{name}' has no labels")
+        n = len(ex["label"])
+        if n == 0:
+            raise DataError(f"task '{task.name}': split '{name}' is empty")
+        for key, col in ex.items():
+            if len(col) != n:
+                raise DataError(f"task '{task.name}': split '{name}' column '{key}' has {len(col)} rows, labels have {n}")
+        labels = np.asarray(ex["label"])
+        if not task.problem.is_regression:
+            bad = labels[(labels < 0) | (labels >= task.problem.num_labels)]
+            if bad.size:
+                raise DataError(f"task '{task.name}': split '{name}' has labels {sorted(set(bad.tolist()))[:5]} outside 0..{task.problem.num_labels - 1}")
+        elif not np.all(np.isfinite(labels.astype(float))):
+            raise DataError(f"task '{task.name}': split '{name}' has non-finite regression targets")
+
+
+_TASK_DATA: dict[tuple, TaskData] = {}
+
+
+def load_task_data(registry: Registry, spec: TaskSpec, quiz_fraction: float, data_seed: int) -> TaskData:
+    """Load (memoised per process) a task's splits with the quiz carved out of train."""
+    key = (spec.model_dump_json(), quiz_fraction, data_seed)
+    if key not in _TASK_DATA:
+        cls = registry.task(spec.name)
+        task = cls(cls.Options(**spec.options))
+        splits = dict(task.load(str(cache_dir() / "data")))
+        _validate_splits(task, splits)
+        keep, quiz = quiz_split(len(splits[TRAIN]["label"]), quiz_fraction, data_seed)
+        train = splits[TRAIN]
+        splits[TRAIN] = _take(train, keep)
+        if quiz.size:
+            splits[QUIZ] = _take(train, quiz)
+        _TASK_DATA[key] = TaskData(task, splits)
+    return _TASK_DATA[key]
+
+
+_ENCODED: dict[str, Encoded] = {}
+
+
+def encode_split(
+    factory: ModelFactory, options: Options, data: TaskData, split: str, key_parts: dict
+) -> Encoded:
+    """Encode a split for a model family, cached in memory and on disk (safetensors) under
+    a key made of the task spec, the split and the encoder: tokenization runs once."""
+    key = content_hash({**key_parts, "split": split, "encoder": factory.encoder_id(options), "max_length": data.task.max_length})
+    if key in _ENCODED:
+        return _ENCODED[key]
+    path = cache_dir() / "encoded" / f"{key}.safetensors"
+    if path.exists():
+        try:
+            enc = load_file(str(path))
+        except Exception:  # a torn write from a killed process: rebuild it
+            enc = None
+    else:
+        enc = None
+    if enc is None:
+        enc = {k: v.contiguous() for k, v in factory.encode(options, data.splits[split], data.task.max_length).items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file(enc, str(tmp))
+        os.replace(tmp, path)  # atomic: concurrent writers produce the same bytes
+    _ENCODED[key] = enc
+    return enc
+
+
+def labels_tensor(data: TaskData, split: str) -> torch.Tensor:
+    labels = data.labels(split)
+    if data.task.problem.is_regression:
+        return torch.as_tensor(labels, dtype=torch.float32)
+    return torch.as_tensor(labels, dtype=torch.long)

@@ -1,0 +1,84 @@
+"""Run a suite's specs: claim each in the store, train it, record the outcome.
+
+The local executor trains runs one after another in this process. Finished runs (done or
+diverged) are skipped, so a killed suite resumes where it stopped; failed runs and runs
+left ``running`` by a dead process are done again.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kdbench.registry import Registry, call_lifecycle, get_registry
+from kdbench.runner import RunResult, Runner
+from kdbench.spec import RunSpec, Suite
+from kdbench.store import FINISHED, ResultsStore
+
+STORE_NAME = "store.sqlite"
+
+
+@dataclass
+class SuiteOutcome:
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # claimed by another live process
+    statuses: dict[str, str] = field(default_factory=dict)
+
+
+def open_store(results_dir: str | Path) -> ResultsStore:
+    return ResultsStore(Path(results_dir) / STORE_NAME)
+
+
+def record(store: ResultsStore, registry: Registry, spec: RunSpec, result: RunResult) -> None:
+    """Write a run's outcome and tell the lifecycle plugins."""
+    store.finish(spec, result.status, metrics=result.metrics, history=result.history, cost=result.cost,
+                 env=result.env, error=result.error, diverged_step=result.diverged_step)
+    row = store.get(spec.hash) or {}
+    call_lifecycle(registry, "kdbench_run_end", spec=spec, status=result.status, record=row)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def describe_result(spec: RunSpec, result: RunResult) -> str:
+    if result.status == "done" and result.metrics:
+        main = result.metrics["main_metric"]
+        score = result.metrics.get("test", {}).get(main)
+        return f"done, test {main} {score:.4f}, {result.cost['wall_s']:.1f} s" if result.cost else "done"
+    first_line = (result.error or "").strip().splitlines()[-1:] or [""]
+    return f"{result.status}: {first_line[0][:200]}"
+
+
+def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, registry: Registry | None = None,
+              progress: bool | None = None, only: Callable[[RunSpec], bool] | None = None) -> SuiteOutcome:
+    registry = registry or get_registry()
+    store = open_store(results_dir)
+    runner = Runner(results_dir, store, registry, device=suite.spec.device, trackers=tuple(suite.spec.trackers), progress=progress)
+    outcome = SuiteOutcome()
+    specs = [s for s in suite.runs if only is None or only(s)]
+    for i, spec in enumerate(specs, 1):
+        existing = store.get(spec.hash)
+        if existing is not None and existing["status"] in FINISHED and not rerun:
+            outcome.skipped.append(spec.hash)
+            outcome.statuses[spec.hash] = existing["status"]
+            continue
+        if not store.claim(spec, rerun=rerun):
+            (outcome.skipped if (store.get(spec.hash) or {}).get("status") in FINISHED else outcome.busy).append(spec.hash)
+            continue
+        _say(f"[{i}/{len(specs)}] {spec.method} {spec.params_label()} | {spec.task.name} | {spec.student_label} | seed {spec.seed} ({spec.hash})")
+        t0 = time.time()
+        try:
+            result = runner.run(spec)
+        except KeyboardInterrupt:
+            store.release(spec.hash)
+            raise
+        record(store, registry, spec, result)
+        outcome.trained.append(spec.hash)
+        outcome.statuses[spec.hash] = result.status
+        _say(f"    -> {describe_result(spec, result)} ({time.time() - t0:.0f} s in all)")
+    return outcome

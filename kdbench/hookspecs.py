@@ -1,0 +1,65 @@
+"""Every hook kdbench calls, grouped by phase. Plugins implement them with ``@hookimpl``.
+
+A plugin is any module or object registered under the ``kdbench`` entry-point group;
+built-ins are registered the same way (see ``pyproject.toml``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kdbench.api import Method, ModelFactory, Task
+    from kdbench.spec import RunSpec
+
+PROJECT = "kdbench"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# --------------------------------------------------------------------- contributions
+
+
+@hookspec
+def kdbench_methods() -> list[type[Method]]:
+    """Return the distillation method classes this plugin provides.
+
+    Each is a :class:`kdbench.api.Method` subclass with a unique ``name``."""
+
+
+@hookspec
+def kdbench_tasks() -> list[type[Task]]:
+    """Return the task classes (:class:`kdbench.api.Task` subclasses) this plugin provides."""
+
+
+@hookspec
+def kdbench_models() -> list[type[ModelFactory]]:
+    """Return the model factory classes (:class:`kdbench.api.ModelFactory`) this plugin provides."""
+
+
+# --------------------------------------------------------------------- run lifecycle
+# Called in the process that trains the run. Implementations must not raise: an
+# exception is reported as a warning naming the plugin, and the run goes on.
+
+
+@hookspec
+def kdbench_run_start(spec: RunSpec, run_dir: str) -> None:
+    """A run is about to train. ``run_dir`` is a folder inside the results folder that
+    this run may write to (e.g. a tracker's event files)."""
+
+
+@hookspec
+def kdbench_train_log(spec: RunSpec, step: int, values: dict[str, float]) -> None:
+    """Training scalars (loss and its parts, learning rate) at a logging step."""
+
+
+@hookspec
+def kdbench_eval_result(spec: RunSpec, step: int, split: str, metrics: dict[str, float]) -> None:
+    """Metrics of one evaluation of the student on ``split`` after ``step`` steps."""
+
+
+@hookspec
+def kdbench_run_end(spec: RunSpec, status: str, record: dict[str, Any]) -> None:
+    """A run finished with ``status`` (done, failed or diverged); ``record`` is the row
+    written to the results store (metrics, cost, environment, error)."""

@@ -1,0 +1,407 @@
+"""Suite files and run specs.
+
+A suite (YAML in ``benchmarks/``) is validated once, when it is loaded, against the
+schema below *and* against the options each plugin declares; then it expands into frozen
+:class:`RunSpec` objects. A run spec's content hash keys the results store, the teacher
+cache and resume: nothing else decides what a run is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdbench.api import KDBenchError
+from kdbench.registry import Registry, did_you_mean, get_registry
+
+#: Bump when the runner's semantics change so that old results are not reused.
+PROTOCOL_VERSION = 1
+
+
+class SuiteError(KDBenchError):
+    """A suite file that does not validate; lists every bad field with its path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid suite\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerSpec(Frozen):
+    """Optimizer and learning-rate schedule. ``milestones`` are optimizer steps (or
+    epochs when the budget is in epochs) where the rate is multiplied by ``gamma``."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    schedule: Literal["linear", "constant", "cosine", "multistep"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    milestones: tuple[float, ...] = ()
+    gamma: float = Field(0.1, gt=0)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class Budget(Frozen):
+    """How long a student trains: ``steps`` optimizer steps, or ``epochs`` over the
+    training split. Identical for every method of a suite."""
+
+    steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(32, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="steps between evaluations (the end is always evaluated)")
+    eval_batch_size: int = Field(256, gt=0)
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "Budget":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of 'steps' or 'epochs'")
+        return self
+
+
+class TaskSpec(Frozen):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSpec(Frozen):
+    """A model family (``model``: a registered model name) and its options. ``label`` is
+    only a display name for reports (e.g. the student's capacity in a sweep)."""
+
+    model: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+
+class TeacherTraining(Frozen):
+    """How the teacher is fine-tuned (once per task, teacher spec and seed)."""
+
+    budget: Budget
+    optimizer: OptimizerSpec = OptimizerSpec()
+    seed: int = 0
+
+
+class TeacherSpec(ModelSpec):
+    train: TeacherTraining | None = Field(None, description="omit to use the model as it is built, without fine-tuning")
+
+
+class MethodEntry(Frozen):
+    """A method and its hyper-parameters; a list value sweeps over its items."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+
+class Reference(Frozen):
+    """A published number to compare with, and where it was read."""
+
+    task: str
+    method: str
+    value: float
+    metric: str | None = None
+    student: str | None = None
+    teacher: str | None = None
+    citation: str
+
+
+class Resources(Frozen):
+    cpus: float = Field(1, gt=0)
+    gpus: float = Field(0, ge=0)
+
+
+class SuiteSpec(Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    results: str | None = Field(None, description="results folder; default results/<name>")
+    tasks: list[TaskSpec] = Field(min_length=1)
+    teacher: TeacherSpec | None = None
+    students: list[ModelSpec] = Field(min_length=1)
+    methods: list[MethodEntry] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    budget: Budget
+    optimizer: OptimizerSpec = OptimizerSpec()
+    quiz_fraction: float = Field(0.1, ge=0, lt=1)
+    data_seed: int = 0
+    selection: Literal["final", "validation"] = "final"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resources: Resources = Resources()
+    trackers: list[str] = Field(default_factory=list)
+    references: list[Reference] = Field(default_factory=list)
+    baseline: str = "kd"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _student_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "student" in data:
+            if "students" in data:
+                raise ValueError("give either 'student' or 'students', not both")
+            data = {k: v for k, v in data.items() if k != "student"} | {"students": [data["student"]]}
+        return data
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be distinct")
+        return seeds
+
+
+class RunSpec(Frozen):
+    """One run, fully resolved: every plugin option with its default filled in."""
+
+    protocol: int = PROTOCOL_VERSION
+    task: TaskSpec
+    task_version: int
+    teacher: TeacherSpec | None
+    student: ModelSpec
+    method: str
+    params: dict[str, Any]
+    seed: int
+    data_seed: int
+    quiz_fraction: float
+    budget: Budget
+    optimizer: OptimizerSpec
+    selection: Literal["final", "validation"]
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.model_dump(mode="json", exclude={"student": {"label"}}))
+
+    @property
+    def teacher_hash(self) -> str | None:
+        return teacher_hash(self.task, self.task_version, self.teacher, self.data_seed, self.quiz_fraction)
+
+    @property
+    def student_label(self) -> str:
+        return self.student.label or describe_model(self.student)
+
+    @property
+    def method_label(self) -> str:
+        return self.method
+
+    def params_label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+
+
+def content_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def teacher_hash(task: TaskSpec, task_version: int, teacher: TeacherSpec | None, data_seed: int, quiz_fraction: float) -> str | None:
+    if teacher is None:
+        return None
+    return content_hash(
+        {
+            "protocol": PROTOCOL_VERSION,
+            "task": task.model_dump(mode="json"),
+            "task_version": task_version,
+            "teacher": teacher.model_dump(mode="json", exclude={"label"}),
+            "data_seed": data_seed,
+            "quiz_fraction": quiz_fraction,
+        }
+    )
+
+
+def describe_model(spec: ModelSpec) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()) if k not in {"pretrained", "path"})
+    return f"{spec.model}({opts})" if opts else spec.model
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _fmt_loc(prefix: str, loc: tuple) -> str:
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def _pydantic_problems(prefix: str, err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        msg = e["msg"]
+        ctx = e.get("ctx") or {}
+        if e["type"] == "literal_error" and "expected" in ctx:
+            msg = f"{msg} (allowed: {ctx['expected']})"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        out.append(f"{_fmt_loc(prefix, tuple(e['loc']))}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else ""))
+    return out
+
+
+def _allowed_fields(options_cls: type[BaseModel]) -> str:
+    return ", ".join(f"{n} (default {f.default!r})" if not f.is_required() else f"{n} (required)" for n, f in options_cls.model_fields.items()) or "none"
+
+
+def _check_options(prefix: str, options_cls: type[BaseModel], values: dict[str, Any], problems: list[str]) -> dict[str, Any] | None:
+    try:
+        return options_cls.model_validate(values).model_dump(mode="json")
+    except ValidationError as err:
+        found = _pydantic_problems(prefix, err)
+        if any(p.endswith("unknown field") or "unknown field (" in p for p in found):
+            found.append(f"{prefix}: allowed fields are {_allowed_fields(options_cls)}")
+        problems.extend(found)
+        return None
+
+
+def _is_list_field(options_cls: type[BaseModel], name: str) -> bool:
+    field = options_cls.model_fields.get(name)
+    if field is None:
+        return False
+    ann = field.annotation
+    origins = {typing.get_origin(a) for a in ([ann] + list(typing.get_args(ann)))}
+    return bool(origins & {list, tuple}) or ann in (list, tuple)
+
+
+def expand_grid(options_cls: type[BaseModel], params: dict[str, Any]) -> list[dict[str, Any]]:
+    """A list value (for a field that is not itself a list) is a sweep: the Cartesian
+    product of all swept fields, in the order written."""
+    keys, choices = [], []
+    for key, value in params.items():
+        keys.append(key)
+        swept = isinstance(value, list) and not _is_list_field(options_cls, key)
+        choices.append(value if swept else [value])
+    return [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
+
+
+class Suite:
+    """A validated suite and its expansion into run specs."""
+
+    def __init__(self, spec: SuiteSpec, runs: list[RunSpec], source: str):
+        self.spec = spec
+        self.runs = runs
+        self.source = source
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def results_dir(self, override: str | Path | None = None) -> Path:
+        return Path(override or self.spec.results or Path("results") / self.spec.name)
+
+
+def load_suite(path: str | Path, registry: Registry | None = None) -> Suite:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SuiteError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SuiteError(str(path), [f"not valid YAML: {exc}"]) from None
+    return build_suite(data, source=str(path), registry=registry)
+
+
+def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = None) -> Suite:
+    """Validate a parsed suite (a dict) and expand it. Raises :class:`SuiteError`."""
+    registry = registry or get_registry()
+    if not isinstance(data, dict):
+        raise SuiteError(source, [f"(top level): expected a mapping of suite fields, got {type(data).__name__}"])
+    try:
+        spec = SuiteSpec.model_validate(data)
+    except ValidationError as err:
+        raise SuiteError(source, _pydantic_problems("", err)) from None
+    except ValueError as err:  # raised by a 'before' validator
+        raise SuiteError(source, [f"(top level): {err}"]) from None
+
+    problems: list[str] = []
+
+    def lookup(kind: str, name: str, where: str) -> type | None:
+        entry = registry.entries[kind].get(name)
+        if entry is None:
+            problems.append(f"{where}: {registry.unknown_message(kind, name)}")
+            return None
+        return entry.cls
+
+    tasks: list[tuple[TaskSpec, int, str]] = []
+    for i, t in enumerate(spec.tasks):
+        cls = lookup("tasks", t.name, f"tasks[{i}].name")
+        if cls is not None:
+            opts = _check_options(f"tasks[{i}].options", cls.Options, t.options, problems)
+            if opts is not None:
+                tasks.append((TaskSpec(name=t.name, options=opts), cls.version, cls.modality))
+
+    def model_spec(m: ModelSpec, where: str) -> tuple[dict[str, Any], str] | None:
+        cls = lookup("models", m.model, f"{where}.model")
+        if cls is None:
+            return None
+        opts = _check_options(f"{where}.options", cls.Options, m.options, problems)
+        return (opts, cls.modality) if opts is not None else None
+
+    teacher: TeacherSpec | None = None
+    teacher_modality = None
+    if spec.teacher is not None:
+        resolved = model_spec(spec.teacher, "teacher")
+        if resolved:
+            teacher = spec.teacher.model_copy(update={"options": resolved[0]})
+            teacher_modality = resolved[1]
+    students: list[tuple[ModelSpec, str]] = []
+    for i, s in enumerate(spec.students):
+        resolved = model_spec(s, f"students[{i}]")
+        if resolved:
+            students.append((s.model_copy(update={"options": resolved[0]}), resolved[1]))
+
+    for task, _, modality in tasks:
+        for role, mod in [("teacher", teacher_modality)] + [(f"student {s.label or s.model}", m) for s, m in students]:
+            if mod is not None and mod != modality:
+                problems.append(f"tasks: task '{task.name}' is {modality} data but the {role} model is for {mod}")
+
+    methods: list[tuple[str, dict[str, Any]]] = []
+    for i, m in enumerate(spec.methods):
+        cls = lookup("methods", m.name, f"methods[{i}].name")
+        if cls is None:
+            continue
+        if cls.uses_teacher and spec.teacher is None:
+            problems.append(f"methods[{i}]: method '{m.name}' needs a teacher, but the suite has no 'teacher'")
+        for combo in expand_grid(cls.Params, m.params):
+            opts = _check_options(f"methods[{i}].params", cls.Params, combo, problems)
+            if opts is not None:
+                methods.append((m.name, opts))
+    if spec.baseline not in {m.name for m in spec.methods} and spec.baseline != "kd":
+        problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
+    for i, tracker in enumerate(spec.trackers):
+        if not any(getattr(p, "TRACKER_NAME", None) == tracker for p in registry.pm.get_plugins()):
+            known = sorted(getattr(p, "TRACKER_NAME") for p in registry.pm.get_plugins() if getattr(p, "TRACKER_NAME", None))
+            problems.append(f"trackers[{i}]: unknown tracker '{tracker}'.{did_you_mean(tracker, known)} Known trackers: {', '.join(known) or '(none)'}")
+
+    if problems:
+        raise SuiteError(source, sorted(dict.fromkeys(problems), key=problems.index))
+
+    runs: list[RunSpec] = []
+    seen: set[str] = set()
+    for (task, version, _), (student, _), (method, params), seed in itertools.product(tasks, students, methods, spec.seeds):
+        run = RunSpec(
+            task=task,
+            task_version=version,
+            teacher=teacher,
+            student=student,
+            method=method,
+            params=params,
+            seed=seed,
+            data_seed=spec.data_seed,
+            quiz_fraction=spec.quiz_fraction,
+            budget=spec.budget,
+            optimizer=spec.optimizer,
+            selection=spec.selection,
+        )
+        if run.hash not in seen:  # a grid can repeat a point (e.g. [1, 1.0])
+            seen.add(run.hash)
+            runs.append(run)
+    return Suite(spec, runs, source)

@@ -1,0 +1,28 @@
+"""``none``: the student trained on the labels only, the row every KD table needs.
+
+    L = CE(s, y)            (classification)
+    L = MSE(s, y)           (regression)
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from kdbench.api import Method, ModelOutput, StepContext, task_loss
+from kdbench.hookspecs import hookimpl
+
+
+class NoDistillation(Method):
+    """Labels only; no teacher is built or read."""
+
+    name = "none"
+    description = "No distillation: the student trained on the labels only (the baseline row)."
+    uses_teacher = False
+
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, labels: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        return task_loss(student.logits, labels, self.problem), {}
+
+
+@hookimpl
+def kdbench_methods() -> list[type[Method]]:
+    return [NoDistillation]

@@ -1,0 +1,143 @@
+"""``movie-sentiment``: binary sentiment of 10,568 Rotten Tomatoes review snippets.
+
+Source: the ICWSM-2014 ground-truth set of Hutto & Gilbert, "VADER: A Parsimonious
+Rule-based Model for Sentiment Analysis of Social Media Text" (ICWSM 2014), shipped inside
+the source archive of the PyPI package ``vaderSentiment==3.3.2`` (MIT). The snippets come
+from the same source as SST. Each line is ``id<TAB>mean rating (-4..4)<TAB>text``; the 37
+snippets rated exactly 0 are dropped and the label is the rating's sign (1 = positive).
+
+Fixed split (seed 0, independent of any run): 1,000 test, 1,000 validation, the rest
+(8,568) train. ``train_size`` subsamples the training split (seeded, for CPU budgets).
+The archive is fetched from the package registry with pip and checked against its sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from kdbench.api import DataError, Examples, Options, Problem, Task
+from kdbench.hookspecs import hookimpl
+
+SDIST = "vaderSentiment-3.3.2.tar.gz"
+SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+N_TEST, N_VALIDATION, SPLIT_SEED = 1000, 1000, 0
+
+
+class MovieOptions(Options):
+    train_size: int | None = Field(None, gt=0, description="subsample the training split to this many examples")
+    max_length: int = Field(64, gt=2, le=512)
+    source_file: str | None = Field(None, description="a local movieReviewSnippets_GroundTruth.txt (skips the download)")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist(cache_dir: Path) -> Path:
+    """Download the vaderSentiment source archive through pip (the package registry) once,
+    and verify its checksum every time it is used."""
+    path = cache_dir / SDIST
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(cache_dir), "vaderSentiment==3.3.2"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not path.exists():
+            raise DataError(f"movie-sentiment: could not fetch {SDIST} with pip ({proc.stderr.strip()[-300:]}); "
+                            f"put it in {cache_dir} or pass options.source_file")
+    digest = sha256(path)
+    if digest != SDIST_SHA256:
+        raise DataError(f"movie-sentiment: {path} has sha256 {digest}, expected {SDIST_SHA256}; delete it and retry")
+    return path
+
+
+def read_snippets_from_sdist(path: Path) -> bytes:
+    """The ground-truth file's bytes, read from the nested archives in memory (nothing is
+    extracted to disk, so no archive member can write anywhere)."""
+    with tarfile.open(path, "r:gz") as outer:
+        inner_bytes = outer.extractfile(INNER_ARCHIVE).read()  # type: ignore[union-attr]
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
+        return inner.extractfile(MEMBER).read()  # type: ignore[union-attr]
+
+
+def parse_snippets(raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
+    texts, labels = [], []
+    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise DataError(f"{source}:{lineno}: expected 3 tab-separated fields (id, rating, text), got {len(parts)}")
+        try:
+            rating = float(parts[1])
+        except ValueError:
+            raise DataError(f"{source}:{lineno}: rating {parts[1]!r} is not a number") from None
+        if rating == 0:
+            continue
+        texts.append(parts[2].strip())
+        labels.append(int(rating > 0))
+    if not texts:
+        raise DataError(f"{source}: no labelled snippets")
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+class MovieSentiment(Task):
+    name = "movie-sentiment"
+    description = "Rotten Tomatoes snippets (Hutto & Gilbert 2014), binary sentiment, offline via PyPI; accuracy."
+    version = 1
+    modality = "text"
+    Options = MovieOptions
+
+    def __init__(self, options: MovieOptions):
+        super().__init__(options)
+        self.max_length = options.max_length
+
+    @property
+    def problem(self) -> Problem:
+        return Problem("classification", 2)
+
+    @property
+    def main_metric(self) -> str:
+        return "accuracy"
+
+    def load(self, cache_dir: str) -> dict[str, Examples]:
+        if self.options.source_file:
+            src = Path(self.options.source_file)
+            if not src.is_file():
+                raise DataError(f"movie-sentiment: source_file {src} does not exist")
+            texts, labels = parse_snippets(src.read_bytes(), str(src))
+        else:
+            sdist = fetch_sdist(Path(cache_dir) / "movie-sentiment")
+            texts, labels = parse_snippets(read_snippets_from_sdist(sdist), f"{SDIST}:{MEMBER}")
+        n = len(texts)
+        if n < N_TEST + N_VALIDATION + 2:
+            # small local files (tests): keep the proportions of the real split
+            n_test = n_val = max(1, n // 10)
+        else:
+            n_test, n_val = N_TEST, N_VALIDATION
+        perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+        parts = {"test": perm[:n_test], "validation": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+        if self.options.train_size is not None and self.options.train_size < len(parts["train"]):
+            parts["train"] = parts["train"][: self.options.train_size]  # perm is already random
+        return {name: {"text": [texts[i] for i in idx], "label": labels[idx]} for name, idx in parts.items()}
+
+    def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(labels)))}
+
+
+@hookimpl
+def kdbench_tasks() -> list[type[Task]]:
+    return [MovieSentiment]

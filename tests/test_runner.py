@@ -1,0 +1,128 @@
+"""The runner: determinism, seeds, quiz split, teacher cache, shared teacher outputs,
+divergence and failure handling, validation-based selection."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from kdbench.data import QUIZ, TRAIN, load_task_data, quiz_split
+from kdbench.executor import open_store, run_local
+from kdbench.registry import Registry, make_plugin_manager
+from kdbench.runner import Runner, predict, select_metrics
+from kdbench.spec import build_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    pm, broken = make_plugin_manager(extra_plugins=["fault_methods"])
+    return Registry(pm, broken)
+
+
+def suite_data(**changes) -> dict:
+    data = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())
+    data["budget"] = {"steps": 12, "batch_size": 16, "eval_every": 6, "log_every": 3}
+    data.update(changes)
+    return data
+
+
+def test_quiz_split_is_fixed_disjoint_and_sized():
+    train, quiz = quiz_split(1000, 0.1, data_seed=0)
+    assert len(quiz) == 100 and len(train) == 900
+    assert not set(train) & set(quiz) and set(train) | set(quiz) == set(range(1000))
+    again, quiz_again = quiz_split(1000, 0.1, data_seed=0)
+    assert np.array_equal(quiz, quiz_again)
+    assert not np.array_equal(quiz, quiz_split(1000, 0.1, data_seed=1)[1])
+    assert len(quiz_split(1000, 0.0, 0)[1]) == 0
+
+
+def test_same_spec_same_metrics_other_seed_other_metrics(tmp_path, registry):
+    suite = build_suite(suite_data(methods=[{"name": "kd"}], seeds=[0, 1]), registry=registry)
+    runner = Runner(tmp_path, open_store(tmp_path), registry, device="cpu", progress=False)
+    a, b = suite.runs
+    first, again, other = runner.run(a), runner.run(a), runner.run(b)
+    assert first.status == again.status == other.status == "done", first.error
+    assert first.history == again.history
+    assert first.metrics == again.metrics
+    assert first.history != other.history
+    # evaluations at the fixed points and the end; budget counted in optimizer steps
+    assert [h["step"] for h in first.history] == [6, 12]
+    assert first.cost["steps"] == 12
+    assert set(first.history[0]) == {"step", "validation", "test"}
+
+
+def test_teacher_trained_once_and_reused(tmp_path, registry, monkeypatch):
+    suite = build_suite(suite_data(seeds=[0, 1]), registry=registry)
+    outcome = run_local(suite, tmp_path, registry=registry, progress=False)
+    assert sorted(outcome.statuses.values()) == ["done"] * 4
+    store = open_store(tmp_path)
+    (teacher,) = store.teachers()
+    assert Path(teacher["path"]).is_file() and teacher["path"].startswith(str(tmp_path))
+    assert teacher["metrics"]["test"]["accuracy"] > 0
+    monkeypatch.setattr(Runner, "_fine_tune_teacher", lambda *a: pytest.fail("teacher trained twice"))
+    again = build_suite(suite_data(seeds=[2], methods=[{"name": "kd"}]), registry=registry)
+    assert list(run_local(again, tmp_path, registry=registry, progress=False).statuses.values()) == ["done"]
+    # running the same suite again trains nothing
+    outcome = run_local(suite, tmp_path, registry=registry, progress=False)
+    assert outcome.trained == [] and len(outcome.skipped) == 4
+
+
+def test_shared_teacher_outputs_equal_live_teacher(tmp_path, registry):
+    data = suite_data(methods=[{"name": "kd"}, {"name": "kd-live"}], seeds=[3])
+    suite = build_suite(data, registry=registry)
+    runner = Runner(tmp_path, open_store(tmp_path), registry, device="cpu", progress=False)
+    shared_spec, live_spec = suite.runs
+    shared, live = runner.run(shared_spec), runner.run(live_spec)
+    assert shared.cost["shared_teacher_outputs"] and not live.cost["shared_teacher_outputs"]
+    for h_shared, h_live in zip(shared.history, live.history):
+        for split in ("validation", "test"):
+            assert h_shared[split]["accuracy"] == pytest.approx(h_live[split]["accuracy"], abs=1e-9)
+    # and the cached logits are the teacher's live logits
+    tdata = load_task_data(registry, shared_spec.task, shared_spec.quiz_fraction, shared_spec.data_seed)
+    teacher = runner.load_teacher(shared_spec, tdata)
+    cached = runner.shared_teacher_logits(shared_spec, tdata, teacher)
+    factory, encoded = runner._encoded(shared_spec, tdata, shared_spec.teacher, [TRAIN])
+    live_logits = predict(teacher, factory, encoded[TRAIN], 7, torch.device("cpu"))  # other batching
+    torch.testing.assert_close(cached, live_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_quiz_data_never_trains_any_method(tmp_path, registry):
+    suite = build_suite(suite_data(), registry=registry)
+    spec = suite.runs[0]
+    data = load_task_data(registry, spec.task, spec.quiz_fraction, spec.data_seed)
+    train_texts, quiz_texts = set(data.splits[TRAIN]["text"]), set(data.splits[QUIZ]["text"])
+    assert len(data.splits[QUIZ]["label"]) == round(0.1 * 400)
+    assert len(data.splits[TRAIN]["label"]) == 400 - 40
+    assert len(quiz_texts - train_texts) > 0.9 * len(quiz_texts)  # only duplicate snippets overlap
+
+
+def test_diverged_and_failed_runs_are_recorded_and_the_suite_goes_on(tmp_path, registry):
+    data = suite_data(methods=[{"name": "nan-at-3"}, {"name": "raises"}, {"name": "none"}], seeds=[0])
+    outcome = run_local(build_suite(data, registry=registry), tmp_path, registry=registry, progress=False)
+    rows = {r["method"]: r for r in open_store(tmp_path).runs()}
+    assert rows["nan-at-3"]["status"] == "diverged" and rows["nan-at-3"]["diverged_step"] == 3
+    assert "nan" in rows["nan-at-3"]["error"]
+    assert rows["raises"]["status"] == "failed"
+    assert "ValueError: deliberate failure in a method" in rows["raises"]["error"]
+    assert "Traceback" in rows["raises"]["error"]
+    assert rows["none"]["status"] == "done"
+    assert len(outcome.trained) == 3
+
+
+def test_selection_uses_validation_never_test():
+    history = [
+        {"step": 5, "validation": {"accuracy": 0.7}, "test": {"accuracy": 0.9}},
+        {"step": 10, "validation": {"accuracy": 0.8}, "test": {"accuracy": 0.6}},
+        {"step": 15, "validation": {"accuracy": 0.8}, "test": {"accuracy": 0.5}},
+    ]
+    final = select_metrics(history, "final", "accuracy")
+    assert final["step"] == 15 and final["test"]["accuracy"] == 0.5
+    chosen = select_metrics(history, "validation", "accuracy")
+    assert chosen["step"] == 10 and chosen["test"]["accuracy"] == 0.6  # earliest best validation
