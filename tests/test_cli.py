@@ -1,0 +1,132 @@
+"""The command line end to end: list, validation errors, run/skip, SIGKILL + resume,
+the report against the stored rows, and a third-party plugin package."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from kdbench.executor import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "benchmarks" / "smoke.yaml"
+KDBENCH = [sys.executable, "-m", "kdbench.cli"]
+
+
+def kdbench(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*KDBENCH, *args], capture_output=True, text=True, cwd=ROOT, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kdbench {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write_suite(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(changes)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_list_methods_shows_descriptions_and_plugins():
+    out = kdbench("list", "methods").stdout
+    assert "kd" in out and "Hinton KD" in out and "builtin-method-kd" in out
+    assert "none" in out and "labels only" in out
+
+
+def test_list_unknown_pattern_suggests():
+    proc = kdbench("list", "methods", "kdd", check=False)
+    assert proc.returncode == 2 and "Did you mean 'kd'" in proc.stderr
+
+
+def test_misspelt_method_exits_2_before_anything_is_written(tmp_path):
+    data = yaml.safe_load(SMOKE.read_text())
+    data["methods"][1]["name"] = "kdd"
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(yaml.safe_dump(data))
+    results = tmp_path / "results"
+    proc = kdbench("run", str(suite), "--results", str(results), check=False)
+    assert proc.returncode == 2
+    assert "methods[1].name: unknown method 'kdd'. Did you mean 'kd'" in proc.stderr
+    assert not results.exists()
+
+
+def test_run_twice_trains_nothing_the_second_time_and_report_matches_store(tmp_path):
+    results = tmp_path / "results"
+    first = kdbench("run", str(SMOKE), "--results", str(results))
+    assert "trained 4, skipped 0" in first.stderr
+    second = kdbench("run", str(SMOKE), "--results", str(results))
+    assert "trained 0, skipped 4" in second.stderr
+
+    kdbench("report", str(SMOKE), "--results", str(results), "--format", "json")
+    table = json.loads((results / "leaderboard.json").read_text())
+    rows = open_store(results).runs()
+    assert len(rows) == 4
+    column = next(k for k in table[0] if k.startswith("movie-sentiment"))
+    for method in ("none", "kd"):
+        scores = np.array([r["metrics"]["test"]["accuracy"] for r in rows if r["method"] == method]) * 100
+        cell = next(r[column] for r in table if r["method"] == method)
+        assert cell == f"{scores.mean():.2f} ± {scores.std(ddof=1):.2f} (n=2)"
+    (teacher,) = open_store(results).teachers()
+    cell = next(r[column] for r in table if r["method"] == "teacher")
+    assert cell == f"{teacher['metrics']['test']['accuracy'] * 100:.2f} (n=1)"
+
+
+def test_sigkill_mid_suite_then_resume_redoes_only_missing_runs(tmp_path):
+    suite = write_suite(tmp_path, seeds=[0, 1, 2, 3], budget={"steps": 60, "batch_size": 16, "eval_every": 30, "log_every": 5})
+    results = tmp_path / "results"
+    proc = subprocess.Popen([*KDBENCH, "run", str(suite), "--results", str(results), "--no-report"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store_path = results / "store.sqlite"
+    deadline = time.time() + 120
+    done_before: set[str] = set()
+    while time.time() < deadline:
+        if store_path.exists():
+            rows = open_store(results).runs()
+            done_before = {r["hash"] for r in rows if r["status"] == "done"}
+            if len(done_before) >= 2 and any(r["status"] == "running" for r in rows):
+                break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows = open_store(results).runs()
+    done_before = {r["hash"] for r in rows if r["status"] == "done"}
+    assert 2 <= len(done_before) < 8, "the kill should land mid-suite"
+    finished_at = {r["hash"]: r["finished_at"] for r in rows if r["status"] == "done"}
+
+    resumed = kdbench("run", str(suite), "--results", str(results), "--no-report")
+    assert f"trained {8 - len(done_before)}, skipped {len(done_before)}" in resumed.stderr
+    rows = open_store(results).runs()
+    assert len(rows) == 8 and all(r["status"] == "done" for r in rows)
+    assert {r["hash"]: r["finished_at"] for r in rows if r["hash"] in finished_at} == finished_at  # untouched
+    report = kdbench("report", str(suite), "--results", str(results)).stdout
+    assert report.count("(n=4)") == 2  # every run exactly once
+
+
+@pytest.fixture(scope="module")
+def external_plugin():
+    pkg = ROOT / "tests" / "external_plugin"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(pkg)]
+    subprocess.run(pip, check=True, capture_output=True, text=True)
+    yield
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "--quiet", "-y", "kdbench-example-plugin"], check=True, capture_output=True)
+
+
+def test_external_plugin_is_listed_and_runs(tmp_path, external_plugin):
+    out = kdbench("list", "methods").stdout
+    line = next(l for l in out.splitlines() if l.startswith("smoothed-kd"))
+    assert "label-smoothed teacher" in line and line.rstrip().endswith("example-methods")
+    suite = write_suite(tmp_path, methods=[{"name": "smoothed-kd", "params": {"epsilon": 0.2}}], seeds=[0])
+    results = tmp_path / "results"
+    kdbench("run", str(suite), "--results", str(results))
+    (row,) = open_store(results).runs()
+    assert row["method"] == "smoothed-kd" and row["status"] == "done" and row["params"]["epsilon"] == 0.2
