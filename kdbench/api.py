@@ -128,6 +128,10 @@ class ModelFactory(ABC):
     description: ClassVar[str]
     modality: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
+    #: What the built models can expose (mirrors ``KDModel.capabilities``), so a suite
+    #: pairing a method with a model that lacks what it needs fails at validation.
+    capabilities: ClassVar[frozenset[str]] = frozenset({LOGITS})
+    family: ClassVar[str] = "generic"
 
     @abstractmethod
     def build(self, options: Options, problem: Problem) -> KDModel:

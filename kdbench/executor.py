@@ -61,7 +61,9 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
     runner = Runner(results_dir, store, registry, device=suite.spec.device, trackers=tuple(suite.spec.trackers), progress=progress)
     outcome = SuiteOutcome()
     specs = [s for s in suite.runs if only is None or only(s)]
+    bar = suite_progress(len(specs), suite.name, runner.progress)
     for i, spec in enumerate(specs, 1):
+        bar.update(1)
         existing = store.get(spec.hash)
         if existing is not None and existing["status"] in FINISHED and not rerun:
             outcome.skipped.append(spec.hash)
@@ -81,4 +83,12 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
         outcome.trained.append(spec.hash)
         outcome.statuses[spec.hash] = result.status
         _say(f"    -> {describe_result(spec, result)} ({time.time() - t0:.0f} s in all)")
+    bar.close()
     return outcome
+
+
+def suite_progress(total: int, name: str, enabled: bool):
+    """The suite-level progress bar (silent when not writing to a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"suite {name}", position=0, disable=not enabled, dynamic_ncols=True)

@@ -44,9 +44,11 @@ def kdbench_models() -> list[type[ModelFactory]]:
 
 
 @hookspec
-def kdbench_run_start(spec: RunSpec, run_dir: str) -> None:
+def kdbench_run_start(spec: RunSpec, run_dir: str, trackers: list[str]) -> None:
     """A run is about to train. ``run_dir`` is a folder inside the results folder that
-    this run may write to (e.g. a tracker's event files)."""
+    this run may write to (e.g. a tracker's event files). ``trackers`` are the tracker
+    names the suite enabled (a tracker plugin stays silent unless its name is there; it
+    declares its name as a module attribute ``TRACKER_NAME``)."""
 
 
 @hookspec

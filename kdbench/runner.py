@@ -451,7 +451,7 @@ class Runner:
         """Train and evaluate one run; never raises for a failed or diverged run."""
         env = environment(self.device)
         run_dir = self.results_dir / "runs" / spec.hash
-        call_lifecycle(self.registry, "kdbench_run_start", spec=spec, run_dir=str(run_dir))
+        call_lifecycle(self.registry, "kdbench_run_start", spec=spec, run_dir=str(run_dir), trackers=list(self.trackers))
         try:
             with deterministic_cpu():
                 result = self._run(spec, env)

@@ -338,10 +338,13 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
             if opts is not None:
                 tasks.append((TaskSpec(name=t.name, options=opts), cls.version, cls.modality))
 
+    factories: dict[str, type] = {}
+
     def model_spec(m: ModelSpec, where: str) -> tuple[dict[str, Any], str] | None:
         cls = lookup("models", m.model, f"{where}.model")
         if cls is None:
             return None
+        factories[m.model] = cls
         opts = _check_options(f"{where}.options", cls.Options, m.options, problems)
         return (opts, cls.modality) if opts is not None else None
 
@@ -370,6 +373,15 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
             continue
         if cls.uses_teacher and spec.teacher is None:
             problems.append(f"methods[{i}]: method '{m.name}' needs a teacher, but the suite has no 'teacher'")
+        roles = [("student", s.model, cls.student_needs) for s in spec.students]
+        if cls.uses_teacher and spec.teacher is not None:
+            roles.append(("teacher", spec.teacher.model, cls.teacher_needs))
+        for role, model, needs in roles:
+            factory = factories.get(model)
+            missing = sorted(set(needs) - set(factory.capabilities)) if factory is not None else []
+            if missing:
+                problems.append(f"methods[{i}]: method '{m.name}' needs the {role} to expose {missing}, but model "
+                                f"'{model}' ({factory.family}) only exposes {sorted(factory.capabilities)}")
         for combo in expand_grid(cls.Params, m.params):
             opts = _check_options(f"methods[{i}].params", cls.Params, combo, problems)
             if opts is not None:

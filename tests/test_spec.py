@@ -154,3 +154,26 @@ def test_suite_name_cannot_escape_results_folder():
     data["name"] = "../../etc"
     (p,) = problems(data)
     assert p.startswith("name: String should match pattern")
+
+
+def test_method_needing_what_the_model_lacks_is_refused_at_validation():
+    from kdbench.api import FEATURES, Method
+    from kdbench.hookspecs import hookimpl
+    from kdbench.registry import Registry, make_plugin_manager
+    import types
+
+    class NeedsFeatures(Method):
+        name = "needs-features"
+        description = "reads CNN feature maps"
+        student_needs = frozenset({"logits", FEATURES})
+
+    pm, broken = make_plugin_manager()
+    pm.register(types.SimpleNamespace(kdbench_methods=hookimpl(lambda: [NeedsFeatures])), name="t")
+    data = smoke()
+    data["methods"] = [{"name": "needs-features"}]
+    with pytest.raises(SuiteError) as err:
+        build_suite(data, registry=Registry(pm, broken))
+    assert err.value.problems == [
+        "methods[0]: method 'needs-features' needs the student to expose ['features'], but model 'bert' "
+        "(transformer) only exposes ['attention_scores', 'embedding', 'hidden_states', 'logits']"
+    ]

@@ -204,6 +204,8 @@ class BertFactory(ModelFactory):
     description = "BERT-family classifier (HF transformers): pretrained folder/hub name, a subset of its layers, or a tiny random config."
     modality = "text"
     Options = BertOptions
+    capabilities = BertClassifier.capabilities
+    family = BertClassifier.family
 
     def build(self, options: BertOptions, problem: Problem) -> BertClassifier:
         from transformers import BertConfig, BertModel

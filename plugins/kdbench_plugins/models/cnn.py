@@ -72,6 +72,8 @@ class CNNFactory(ModelFactory):
     description = "Small conv net (conv-BN-ReLU-pool stages, global average pool) for image tasks on CPU."
     modality = "image"
     Options = CNNOptions
+    capabilities = SmallCNN.capabilities
+    family = SmallCNN.family
 
     def build(self, options: CNNOptions, problem: Problem) -> SmallCNN:
         return SmallCNN(options, 1 if problem.is_regression else problem.num_labels)
