@@ -140,7 +140,8 @@ def make_plugin_manager(extra_plugins: Iterable[Any] = ()) -> tuple[pluggy.Plugi
     for plugin in extra_plugins:
         if isinstance(plugin, str):
             plugin = importlib.import_module(plugin)
-        pm.register(plugin)
+        if not pm.is_registered(plugin):  # already found through its entry point
+            pm.register(plugin)
     return pm, broken
 
 
