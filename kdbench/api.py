@@ -76,8 +76,11 @@ class ModelOutput:
     ``attention_scores``: transformers only; pre-softmax scores per layer, (B, heads, L, L),
     with masked key positions set to 0 (TinyBERT's convention).
     ``attention_mask``: (B, L) mask of real tokens, for losses over token positions.
-    ``features``: CNNs only; feature maps after each stage (post-activation), (B, C, H, W).
-    ``preact_features``: CNNs only; the same maps before the last ReLU of each stage.
+    ``features``: CNNs only; the stem's output, then each stage's output, (B, C, H, W):
+    post-activation, except for pre-activation networks (WRN) whose stage outputs are raw
+    residual sums, as in RepDistiller (so FitNet/AT numbers stay comparable).
+    ``preact_features``: CNNs only; for each feature map, the tensor whose ReLU the network
+    takes next (ResNet/VGG: the map before its ReLU; WRN: the next BatchNorm's output).
     ``embedding``: the penultimate representation fed to the classifier, (B, D).
     Fields a forward pass was not asked for are ``None``.
     """
