@@ -41,6 +41,21 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def location(default: Any = None, description: str = "") -> Any:
+    """A field that says *where* something lives (a data folder, a local file), not *what*
+    it is: it is left out of run hashes, so the same run on two machines with different
+    paths has the same hash (and shares a results store)."""
+    from pydantic import Field
+
+    return Field(default, description=description, json_schema_extra={"kdbench_identity": False})
+
+
+def unhashed_fields(options_cls: type[BaseModel]) -> set[str]:
+    """Names of an options class's :func:`location` fields."""
+    return {name for name, f in options_cls.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("kdbench_identity") is False}
+
+
 # --------------------------------------------------------------------------- problems
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdbench.api import KDBenchError
+from kdbench.api import KDBenchError, unhashed_fields
 from kdbench.registry import Registry, did_you_mean, get_registry
 
 #: Bump when the runner's semantics change so that old results are not reused.
@@ -176,14 +176,24 @@ class RunSpec(Frozen):
     budget: Budget
     optimizer: OptimizerSpec
     selection: Literal["final", "validation"]
+    #: dotted paths of location options (data folders): not part of what the run *is*
+    unhashed: tuple[str, ...] = ()
+
+    def identity(self) -> dict[str, Any]:
+        """The spec as hashed: display labels and location options left out."""
+        return drop_paths(self.model_dump(mode="json", exclude={"student": {"label"}, "unhashed": True}), self.unhashed)
 
     @property
     def hash(self) -> str:
-        return content_hash(self.model_dump(mode="json", exclude={"student": {"label"}}))
+        return content_hash(self.identity())
 
     @property
     def teacher_hash(self) -> str | None:
-        return teacher_hash(self.task, self.task_version, self.teacher, self.data_seed, self.quiz_fraction)
+        if self.teacher is None:
+            return None
+        ident = self.identity()
+        return content_hash({"protocol": PROTOCOL_VERSION, "task": ident["task"], "task_version": self.task_version,
+                             "teacher": ident["teacher"], "data_seed": self.data_seed, "quiz_fraction": self.quiz_fraction})
 
     @property
     def student_label(self) -> str:
@@ -202,19 +212,15 @@ def content_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def teacher_hash(task: TaskSpec, task_version: int, teacher: TeacherSpec | None, data_seed: int, quiz_fraction: float) -> str | None:
-    if teacher is None:
-        return None
-    return content_hash(
-        {
-            "protocol": PROTOCOL_VERSION,
-            "task": task.model_dump(mode="json"),
-            "task_version": task_version,
-            "teacher": teacher.model_dump(mode="json", exclude={"label"}),
-            "data_seed": data_seed,
-            "quiz_fraction": quiz_fraction,
-        }
-    )
+def drop_paths(obj: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
+    for path in paths:
+        *parents, leaf = path.split(".")
+        node: Any = obj
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return obj
 
 
 def describe_model(spec: ModelSpec) -> str:
@@ -331,12 +337,14 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
         return entry.cls
 
     tasks: list[tuple[TaskSpec, int, str]] = []
+    unhashed: dict[str, tuple[str, ...]] = {}  # task name / model name -> location fields
     for i, t in enumerate(spec.tasks):
         cls = lookup("tasks", t.name, f"tasks[{i}].name")
         if cls is not None:
             opts = _check_options(f"tasks[{i}].options", cls.Options, t.options, problems)
             if opts is not None:
                 tasks.append((TaskSpec(name=t.name, options=opts), cls.version, cls.modality))
+                unhashed[f"task:{t.name}"] = tuple(f"task.options.{f}" for f in sorted(unhashed_fields(cls.Options)))
 
     factories: dict[str, type] = {}
 
@@ -345,6 +353,7 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
         if cls is None:
             return None
         factories[m.model] = cls
+        unhashed[f"model:{m.model}"] = tuple(sorted(unhashed_fields(cls.Options)))
         opts = _check_options(f"{where}.options", cls.Options, m.options, problems)
         return (opts, cls.modality) if opts is not None else None
 
@@ -412,6 +421,9 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
             budget=spec.budget,
             optimizer=spec.optimizer,
             selection=spec.selection,
+            unhashed=unhashed[f"task:{task.name}"]
+            + tuple(f"student.options.{f}" for f in unhashed[f"model:{student.model}"])
+            + (tuple(f"teacher.options.{f}" for f in unhashed[f"model:{teacher.model}"]) if teacher is not None else ()),
         )
         if run.hash not in seen:  # a grid can repeat a point (e.g. [1, 1.0])
             seen.add(run.hash)

@@ -177,3 +177,12 @@ def test_method_needing_what_the_model_lacks_is_refused_at_validation():
         "methods[0]: method 'needs-features' needs the student to expose ['features'], but model 'bert' "
         "(transformer) only exposes ['attention_scores', 'embedding', 'hidden_states', 'logits']"
     ]
+
+
+def test_data_locations_do_not_change_what_a_run_is(tmp_path):
+    data = smoke()
+    base = {r.hash: r.teacher_hash for r in build_suite(data).runs}
+    data["tasks"][0]["options"]["source_file"] = str(tmp_path / "snippets.txt")
+    moved = build_suite(data).runs
+    assert moved[0].task.options["source_file"] == str(tmp_path / "snippets.txt")  # still used to load
+    assert {r.hash: r.teacher_hash for r in moved} == base

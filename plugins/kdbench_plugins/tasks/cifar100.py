@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import DataError, Examples, Options, Problem, Task
+from kdbench.api import DataError, Examples, Options, Problem, Task, location
 from kdbench.hookspecs import hookimpl
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -59,7 +59,7 @@ NUM_CLASSES, IMAGE_SHAPE, SPLIT_SEED, PADDING = 100, (3, 32, 32), 0, 4
 
 
 class Cifar100Options(Options):
-    data_dir: str | None = Field(None, description="folder holding cifar-100-python/ (default: <cache>/data/cifar100)")
+    data_dir: str | None = location(description="folder holding cifar-100-python/ (default: <cache>/data/cifar100)")
     download: bool = Field(True, description="download the archive when the files are missing")
     validation_size: int = Field(5000, gt=0, description="training images held out for validation")
     train_size: int | None = Field(None, gt=0, description="use a seeded subset of the training split")

@@ -66,7 +66,7 @@ import numpy as np
 from pydantic import Field, model_validator
 from scipy import stats
 
-from kdbench.api import DataError, Examples, Options, Problem, Task
+from kdbench.api import DataError, Examples, Options, Problem, Task, location
 from kdbench.hookspecs import hookimpl
 
 HUB_DATASET = "nyu-mll/glue"
@@ -221,7 +221,7 @@ class GlueOptions(Options):
     source: Literal["hub", "local"] = Field(
         "hub", description="'local': GLUE TSV files under data_dir; 'hub': nyu-mll/glue via datasets. "
         "Default: local when data_dir is given, else hub")
-    data_dir: str | None = Field(None, description="GLUE root (<data_dir>/<TASK>/train.tsv) or the task folder itself")
+    data_dir: str | None = location(description="GLUE root (<data_dir>/<TASK>/train.tsv) or the task folder itself")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="part of official train held out as validation")
     validation_size: int | None = Field(None, gt=0, description="absolute validation size (instead of the fraction)")
     split_seed: int = Field(0, ge=0, description="seed of the validation carve-out and of all subsampling")

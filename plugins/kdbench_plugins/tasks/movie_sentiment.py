@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from kdbench.api import DataError, Examples, Options, Problem, Task
+from kdbench.api import DataError, Examples, Options, Problem, Task, location
 from kdbench.hookspecs import hookimpl
 
 SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -36,7 +36,7 @@ N_TEST, N_VALIDATION, SPLIT_SEED = 1000, 1000, 0
 class MovieOptions(Options):
     train_size: int | None = Field(None, gt=0, description="subsample the training split to this many examples")
     max_length: int = Field(64, gt=2, le=512)
-    source_file: str | None = Field(None, description="a local movieReviewSnippets_GroundTruth.txt (skips the download)")
+    source_file: str | None = location(description="a local movieReviewSnippets_GroundTruth.txt (skips the download)")
 
 
 def sha256(path: Path) -> str:
