@@ -272,11 +272,17 @@ class StepContext:
         return params
 
 
+def full_precision(x: Tensor) -> Tensor:
+    """Losses are computed in float32 under half-precision autocast; float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def task_loss(logits: Tensor, labels: Tensor, problem: Problem) -> Tensor:
     """Cross-entropy for classification, MSE on the single output for regression."""
+    logits = full_precision(logits)
     if problem.is_regression:
-        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
-    return nn.functional.cross_entropy(logits.float(), labels)
+        return nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+    return nn.functional.cross_entropy(logits, labels)
 
 
 class Method(ABC):

@@ -112,15 +112,20 @@ def environment(device: torch.device) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- cost
 
 
-def _rss_peak_mb() -> float:
+def _proc_status_mb(field: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def _rss_peak_mb() -> float:
+    peak = _proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _reset_rss_peak() -> None:
@@ -141,6 +146,7 @@ class CostMeter:
         self.train_time = 0.0
         self.eval_time = 0.0
         self.steps = 0
+        self.step_times: list[float] = []
 
     def __enter__(self) -> "CostMeter":
         if self.device.type == "cuda":
@@ -148,8 +154,10 @@ class CostMeter:
             self._ev0 = torch.cuda.Event(enable_timing=True)
             self._ev1 = torch.cuda.Event(enable_timing=True)
             self._ev0.record()
+            self._mem0 = torch.cuda.memory_allocated(self.device) / 2**20
         else:
             _reset_rss_peak()
+            self._mem0 = _proc_status_mb("VmRSS") or 0.0
         self._wall0 = time.perf_counter()
         self._cpu0 = time.process_time()
         return self
@@ -174,10 +182,12 @@ class CostMeter:
             "eval_s": self.eval_time,
             "steps": self.steps,
             "step_s": self.train_time / max(self.steps, 1),
+            "step_s_median": float(np.median(self.step_times)) if self.step_times else None,
             "data_wait_s": self.data_wait,
             "data_wait_fraction": self.data_wait / max(self.train_time, 1e-9),
             "peak_mem_mb": self.peak_mb,
             "peak_mem_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_rss",
+            "peak_mem_increase_mb": self.peak_mb - self._mem0,
         }
 
 
@@ -267,13 +277,15 @@ class Runner:
     beside them for methods that only read a fixed teacher's logits."""
 
     def __init__(self, results_dir: str | Path, store: ResultsStore, registry: Registry | None = None,
-                 device: str = "auto", trackers: tuple[str, ...] = (), progress: bool | None = None):
+                 device: str = "auto", trackers: tuple[str, ...] = (), progress: bool | None = None,
+                 share_teacher_outputs: bool = True):
         self.results_dir = Path(results_dir)
         self.store = store
         self.registry = registry or get_registry()
         self.device = pick_device(device)
         self.trackers = trackers
         self.progress = sys.stderr.isatty() if progress is None else progress
+        self.share_teacher_outputs = share_teacher_outputs
         self._teacher_logits: dict[str, torch.Tensor] = {}
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -329,8 +341,6 @@ class Runner:
             batch = next(batches)
             values = step_fn(batch, step - 1)
             pending.append(values["loss"])
-            meter.train_time += time.perf_counter() - t0
-            meter.steps += 1
             if step % budget.log_every == 0 or step in eval_points:
                 losses = torch.stack([p.float() for p in pending]).cpu()
                 bad = (~torch.isfinite(losses)).nonzero()
@@ -342,13 +352,17 @@ class Runner:
                 if heartbeat is not None and time.time() - last_beat > 30:
                     heartbeat()
                     last_beat = time.time()
+            bar.update(1)
+            elapsed = time.perf_counter() - t0
+            meter.train_time += elapsed
+            meter.step_times.append(elapsed)
+            meter.steps += 1
             if step in eval_points:
                 t1 = time.perf_counter()
                 metrics = evaluate_fn()
                 meter.eval_time += time.perf_counter() - t1
                 history.append({"step": step, **metrics})
                 on_eval(step, metrics)
-            bar.update(1)
         bar.close()
         return history
 
@@ -497,7 +511,7 @@ class Runner:
             return next(quiz_iter)
 
         shared = None
-        if teacher is not None and method.can_share_teacher_outputs and not augment:
+        if teacher is not None and self.share_teacher_outputs and method.can_share_teacher_outputs and not augment:
             shared = self.shared_teacher_logits(spec, data, teacher)
         if teacher is not None:
             t_factory, t_options = self._factory(spec.teacher)  # type: ignore[arg-type]

@@ -20,16 +20,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import Method, ModelOutput, Options, Problem, StepContext, task_loss
+from kdbench.api import Method, ModelOutput, Options, Problem, StepContext, full_precision, task_loss
 from kdbench.hookspecs import hookimpl
 
 
 def soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, problem: Problem) -> Tensor:
     """T^2 * KL(p_t || p_s) with softened distributions, batch-mean; MSE for regression."""
+    student_logits, teacher_logits = full_precision(student_logits), full_precision(teacher_logits)
     if problem.is_regression:
-        return F.mse_loss(student_logits.float(), teacher_logits.float())
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        return F.mse_loss(student_logits, teacher_logits.to(student_logits.dtype))
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.to(student_logits.dtype) / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 

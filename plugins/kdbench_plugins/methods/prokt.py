@@ -1,0 +1,142 @@
+"""``prokt``: Progressive Knowledge Transfer, the teacher trained along with the student.
+
+Shi, Zhou, Wang, Li. "Follow Your Path: a Progressive Method for Knowledge Distillation."
+ECML-PKDD 2021 (arXiv:2107.09305).
+
+Each step, on the same batch (``p = softmax(logits / T)``, ``sg`` = stop-gradient):
+
+1. teacher step on ``L_T = (1 - lambda) * CE(t, y) + lambda * T^2 * KL(sg(p_S) || p_T)``:
+   the teacher learns the task while staying reachable for the student;
+2. student step on ``L_S = alpha * T^2 * KL(p_T' || p_S) + (1 - alpha) * CE(s, y)``
+   against the just-updated teacher ``T'`` (``alpha = 1``: the paper's pure KL).
+
+Regression: ``L_T = (1 - lambda) * MSE(t, y) + lambda * MSE(t, sg(s))`` and
+``L_S = alpha * MSE(s, t') + (1 - alpha) * MSE(s, y)``.
+
+The run's teacher is a private trainable copy. Its update forward runs in train mode
+(dropout, BatchNorm statistics, as in fine-tuning; ``teacher_train_mode``); the targets
+for the student come from eval mode. The student forward is computed once and reused for
+both objectives (the student's weights do not change in between). The teacher optimizer
+(``teacher_optimizer``, ``teacher_lr``, ``teacher_weight_decay``, ``teacher_momentum``)
+keeps a constant learning rate unless ``follow_student_schedule`` scales it by the
+student's current lr / initial lr.
+
+Defaults (the paper's GLUE setting): lambda 0.4, T 1, teacher lr 3e-5 with AdamW
+(the student's lr 1e-4 is set in the suite's optimizer).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from kdbench.api import Batch, LOGITS, Method, ModelOutput, Options, Problem, StepContext, task_loss
+from kdbench.hookspecs import hookimpl
+from kdbench_plugins.methods.kd import soft_loss
+
+
+def build_teacher_optimizer(teacher: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    """The optimizer of a run's trainable teacher copy (ProKT, MetaDistil)."""
+    params = [p for p in teacher.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the teacher has no trainable parameters; the runner must call teacher.requires_grad_(True) for updates_teacher methods")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def schedule_ratio(ctx: StepContext) -> float:
+    """The student's current learning rate over its initial one (1.0 before any decay)."""
+    group = ctx.student_optimizer.param_groups[0]
+    initial = group.get("initial_lr") or ctx.state.get("student_initial_lr") or group["lr"]
+    return group["lr"] / initial if initial else 1.0
+
+
+def teacher_objective(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor, lam: float, temperature: float, problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
+    """(L_T, its task part, its KL(p_S || p_T) part); the student's logits are detached."""
+    s = student_logits.detach()
+    task = task_loss(teacher_logits, labels, problem)
+    if problem.is_regression:
+        pull = F.mse_loss(teacher_logits.float(), s.float())
+    else:  # KL(p_S || p_T): soft_loss(x, y) is KL(p_y || p_x)
+        pull = soft_loss(teacher_logits, s, temperature, problem)
+    return (1 - lam) * task + lam * pull, task, pull
+
+
+def student_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, temperature: float, problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
+    """(L_S, its soft part KL(p_T' || p_S), its task part)."""
+    soft = soft_loss(student_logits, teacher_logits.detach(), temperature, problem)
+    hard = task_loss(student_logits, labels, problem) if alpha < 1 else soft.new_zeros(())
+    return alpha * soft + (1 - alpha) * hard, soft, hard
+
+
+class ProKTParams(Options):
+    lam: float = Field(0.4, ge=0, le=1, description="lambda: weight of the teacher's pull toward the student")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T of both KL terms")
+    alpha: float = Field(1.0, ge=0, le=1, description="student: weight of KL(p_T'||p_S); 1 - alpha goes to CE")
+    teacher_lr: float = Field(3e-5, ge=0, description="teacher learning rate")
+    teacher_optimizer: Literal["adamw", "sgd"] = "adamw"
+    teacher_weight_decay: float = Field(0.0, ge=0)
+    teacher_momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of the teacher optimizer")
+    teacher_train_mode: bool = Field(True, description="run the teacher's update forward in train mode (dropout, BN statistics)")
+    follow_student_schedule: bool = Field(False, description="scale the teacher lr by the student's lr schedule")
+
+
+class ProKT(Method):
+    """ProKT: teacher and student updated in turn on each batch (see module doc)."""
+
+    name = "prokt"
+    description = "ProKT: the teacher steps on (1-lambda)*CE + lambda*KL(p_S||p_T), then the student on KL(p_T'||p_S)."
+    citation = "Shi, Zhou, Wang, Li 2021, ECML-PKDD, arXiv:2107.09305"
+    Params = ProKTParams
+    updates_teacher = True
+    student_needs = frozenset({LOGITS})
+    teacher_needs = frozenset({LOGITS})
+
+    def setup(self, ctx: StepContext) -> None:
+        assert ctx.teacher is not None
+        p = self.params
+        ctx.state["teacher_optimizer"] = build_teacher_optimizer(ctx.teacher, p.teacher_optimizer, p.teacher_lr, p.teacher_weight_decay, p.teacher_momentum)
+        ctx.state["student_initial_lr"] = ctx.student_optimizer.param_groups[0]["lr"]
+
+    def train_step(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
+        p, teacher = self.params, ctx.teacher
+        assert teacher is not None
+        t_opt: torch.optim.Optimizer = ctx.state["teacher_optimizer"]
+        if p.follow_student_schedule:
+            for group in t_opt.param_groups:
+                group["lr"] = p.teacher_lr * schedule_ratio(ctx)
+        with ctx.autocast():
+            s_out: ModelOutput = ctx.student(batch.inputs, need=self.student_needs)
+        # 1. teacher step, the student detached
+        was_training = teacher.training
+        teacher.train(p.teacher_train_mode)
+        try:
+            with ctx.autocast():
+                t_logits = teacher(batch.inputs, need=self.teacher_needs).logits
+                t_loss, t_task, t_pull = teacher_objective(t_logits, s_out.logits, batch.labels, p.lam, p.temperature, self.problem)
+            t_opt.zero_grad(set_to_none=True)
+            t_loss.backward()
+            t_opt.step()
+        finally:
+            teacher.train(was_training)
+        # 2. student step against the updated teacher (targets without grad, eval mode)
+        t_new = ctx.teacher_forward(batch, self.teacher_needs)
+        with ctx.autocast():
+            loss, soft, hard = student_objective(s_out.logits, t_new.logits, batch.labels, p.alpha, p.temperature, self.problem)
+        ctx.student_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.student_optimizer.step()
+        if ctx.scheduler is not None:
+            ctx.scheduler.step()
+        return {"loss": loss.detach(), "soft": soft.detach(), "hard": hard.detach(),
+                "teacher_loss": t_loss.detach(), "teacher_task": t_task.detach(), "teacher_pull": t_pull.detach()}
+
+
+@hookimpl
+def kdbench_methods() -> list[type[Method]]:
+    return [ProKT]
