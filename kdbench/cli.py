@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for status in outcome.statuses.values():
         counts[status] = counts.get(status, 0) + 1
-    print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} finished, {len(outcome.busy)} held by another process; "
+    print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} finished, {len(outcome.busy)} held by another process, {len(outcome.given_up)} given up; "
           f"statuses: {json.dumps(counts, sort_keys=True)}", file=sys.stderr)
     if not args.no_report:
         args.format, args.output = None, None
@@ -101,29 +101,38 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace, suite=None) -> int:
+    """Print the report and write it in the asked formats. Everything is recomputed from
+    the results store; ``--task/--method/--student/--where`` report on a subset."""
+    import yaml
+
     from kdbench.executor import open_store
-    from kdbench.report import render, suite_report
+    from kdbench.report import build_report, render_report, write_outputs
 
     suite = suite or _load(args)
     results = suite.results_dir(args.results)
     if not (Path(results) / "store.sqlite").exists():
         raise KDBenchError(f"no results store in {results}: run 'kdbench run {suite.source}' first")
+    where = {}
+    for item in getattr(args, "where", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KDBenchError(f"--where expects KEY=VALUE (a method parameter, student, seed or status), got {item!r}")
+        where[key.strip()] = yaml.safe_load(value)
     store = open_store(results)
     hashes = [r.hash for r in suite.runs]
     teacher_hashes = {r.teacher_hash for r in suite.runs if r.teacher_hash}
-    df, table = suite_report(store, hashes, teacher_hashes, tasks=args.task, methods=args.method)
-    missing = len(set(hashes)) - (0 if df.empty else len(df))
-    title = f"{suite.name}: test score x100, mean ± std over seeds (n = seeds), final evaluation" \
-            + (" selected on validation" if suite.spec.selection == "validation" else "")
-    print(render(table, "terminal", title))
-    if missing:
-        print(f"({missing} of {len(hashes)} runs not in the store yet)")
-    if args.format:
-        text = render(table, args.format, title)
-        out = Path(args.output) if args.output else Path(results) / f"leaderboard.{args.format}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-        print(f"wrote {out}", file=sys.stderr)
+    title = f"{suite.name}: test score x100, mean ± std over seeds (n = seeds), " \
+            + ("evaluation selected on validation" if suite.spec.selection == "validation" else "final evaluation")
+    report = build_report(store, hashes, teacher_hashes, suite_spec=suite.spec, title=title, tasks=args.task, methods=args.method,
+                          students=getattr(args, "student", None), where=where, baseline=getattr(args, "baseline", None))
+    print(render_report(report, "terminal"))
+    formats = list(dict.fromkeys(args.format or []))
+    if "all" in formats:
+        formats = ["md", "csv", "json", "latex", "html"]
+    if args.output and len(formats) > 1:
+        raise KDBenchError("--output names one file: give a single --format with it")
+    for path in write_outputs(report, formats, Path(results), args.output, plots=not getattr(args, "no_plots", False)):
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -173,11 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--task", action="append", help="only this task (repeatable)")
     r.add_argument("--no-report", action="store_true")
 
-    rep = suite_cmd("report", "print the leaderboard from the results store", cmd_report)
-    rep.add_argument("--format", choices=["md", "csv", "json"], help="also write the table in this format")
-    rep.add_argument("--output", help="file for --format (default <results>/leaderboard.<fmt>)")
+    rep = suite_cmd("report", "print the leaderboard, statistics, sweeps and cost from the results store", cmd_report)
+    rep.add_argument("--format", action="append", choices=["md", "csv", "json", "latex", "html", "all"],
+                     help="also write the report in this format (repeatable): md, latex and html hold every table "
+                          "(html: one self-contained file with plots); csv and json the statistics. Default files: "
+                          "<results>/leaderboard.{md,csv,json,tex}, <results>/report.html (json also report.json)")
+    rep.add_argument("--output", help="file for a single --format")
     rep.add_argument("--method", action="append", help="only this method (repeatable)")
     rep.add_argument("--task", action="append", help="only this task (repeatable)")
+    rep.add_argument("--student", action="append", help="only this student label (repeatable)")
+    rep.add_argument("--where", action="append", metavar="KEY=VALUE",
+                     help="only runs with this method parameter (or seed/status/student) value, e.g. temperature=4 (repeatable)")
+    rep.add_argument("--baseline", help="method to compare against (default: the suite's 'baseline', kd)")
+    rep.add_argument("--no-plots", action="store_true", help="skip the figures (faster)")
 
     sh = suite_cmd("show", "print one run's spec, metrics, cost and environment", cmd_show)
     sh.add_argument("hash")

@@ -1,0 +1,80 @@
+"""One self-contained HTML file per report: every table, the plots embedded as base64
+PNG, how the numbers were computed, the suite's configuration and the environment.
+Nothing is fetched when it is opened (no scripts, no external styles or images)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kdbench.report import Report
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1b1b1b;padding:0 1rem}
+h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.85rem}
+th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right;white-space:nowrap}
+th{background:#f0f3f7}td:first-child,th:first-child{text-align:left}
+td.win{background:#dff3e0}td.loss{background:#f8dddd}
+.legend li{margin:.15rem 0;font-size:.85rem}pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.8rem}
+img.plot{max-width:100%;border:1px solid #eee;margin:.5rem 0}
+"""
+
+
+def _table(df: pd.DataFrame, table_id: str, classes: dict[tuple[int, str], str] | None = None, raw: set[str] | None = None) -> str:
+    """An HTML table; ``raw`` columns hold trusted markup (the <b> of the best cell)."""
+    if df is None or df.empty:
+        return "<p><em>(no rows)</em></p>"
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = []
+    for i, row in enumerate(df.itertuples(index=False)):
+        cells = []
+        for col, v in zip(df.columns, row):
+            cls = (classes or {}).get((i, col))
+            text = str(v) if col in (raw or set()) else html.escape(str(v))
+            cells.append(f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def render_html(report: "Report", pngs: dict[str, bytes] | None = None) -> str:
+    from kdbench.report import LOSS, WIN, config_yaml, legend, sections
+
+    pngs = pngs or {}
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>",
+             f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(report.title)}</h1>"]
+    if report.subset:
+        parts.append(f"<p>Subset: {html.escape(report.subset)}</p>")
+    parts.append("<ul class='legend'>" + "".join(f"<li>{html.escape(x)}</li>" for x in legend(report)) + "</ul>")
+    for title, table, _ in sections(report):
+        slug = title.lower().split()[0]
+        parts.append(f"<h2 id='section-{slug}'>{html.escape(title)}</h2>")
+        if title == "Leaderboard":
+            wide = report.wide(marks=True, bold="html")
+            # the cells are escaped here, so <b> can be kept as markup
+            wide = wide.map(lambda v: html.escape(str(v)).replace("&lt;b&gt;", "<b>").replace("&lt;/b&gt;", "</b>"))
+            classes = {(i, c): ("win" if str(v).endswith(WIN) else "loss") for i, row in wide.iterrows() for c, v in row.items()
+                       if str(v).endswith(WIN) or str(v).endswith(LOSS)}
+            parts.append(_table(wide, "leaderboard", classes, raw=set(wide.columns)))
+        else:
+            classes = {}
+            if table is not None and "result" in table.columns:
+                classes = {(i, "result"): r.split()[0] for i, r in enumerate(table["result"]) if r.startswith(("win", "loss"))}
+            parts.append(_table(table, f"table-{slug}", classes))
+        for name, data in pngs.items():
+            if (title == "Sweeps" and name.startswith("sensitivity")) or (title == "Cost" and name.startswith("pareto")):
+                b64 = base64.b64encode(data).decode("ascii")
+                parts.append(f"<figure><img class='plot' id='plot-{html.escape(name)}' alt='{html.escape(name)}' "
+                             f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(name)}</figcaption></figure>")
+    if report.missing:
+        parts.append(f"<p>{report.missing} runs of the suite are not in the store yet.</p>")
+    cfg = config_yaml(report)
+    if cfg:
+        parts.append("<h2 id='section-configuration'>Suite configuration</h2>")
+        parts.append(f"<pre id='config'>{html.escape(cfg)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

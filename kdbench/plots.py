@@ -1,0 +1,90 @@
+"""Report figures (matplotlib, headless Agg backend), returned as PNG bytes.
+
+* ``sensitivity-<task>``: per swept factor, each method's mean score (x100) at every level
+  of the sweep, with ± one standard deviation over seeds as error bars.
+* ``pareto-<task>``: score against mean wall time per run, one point per method and
+  student; the Pareto front (nothing both cheaper and better) is joined and circled.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kdbench import stats  # noqa: E402
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from kdbench.report import Report
+
+
+def _png(fig: "plt.Figure") -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "task"
+
+
+def sensitivity_figure(levels: "pd.DataFrame", task: str) -> bytes:
+    sub = levels[levels["task"] == task]
+    factors = list(dict.fromkeys(sub["factor"]))
+    fig, axes = plt.subplots(1, len(factors), figsize=(4.2 * len(factors), 3.4), squeeze=False)
+    for ax, factor in zip(axes[0], factors):
+        g = sub[sub["factor"] == factor]
+        ticks = list(dict.fromkeys(str(v) for v in g["level"]))
+        for method, h in g.groupby("method", sort=True):
+            x = [ticks.index(str(v)) for v in h["level"]]
+            ax.errorbar(x, h["mean"], yerr=np.nan_to_num(h["std"].to_numpy(dtype=float)), marker="o", capsize=3, label=method)
+        ax.set_xticks(range(len(ticks)), ticks, rotation=20 if factor == "student" else 0)
+        ax.set_xlabel(factor)
+        ax.set_ylabel(f"score x100 ({task})")
+        ax.set_title(f"{factor}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Sensitivity on {task} (mean ± std over seeds)")
+    return _png(fig)
+
+
+def pareto_figure(cost: "pd.DataFrame", task: str, x: str = "wall_s") -> bytes:
+    sub = cost[(cost["task"] == task)].dropna(subset=[x, "score"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    front = stats.pareto_front(sub[x].tolist(), sub["score"].tolist())
+    labels = [f"{m} [{s}]" if sub["student"].nunique() > 1 else m for m, s in zip(sub["method"], sub["student"])]
+    ax.scatter(sub[x], sub["score"], color="tab:blue", zorder=3, label="method")
+    pts = sorted((c, s) for c, s, f in zip(sub[x], sub["score"], front) if f)
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="tab:red", zorder=2, label="Pareto front")
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=160, facecolors="none", edgecolors="tab:red", zorder=4)
+    for c, s, lab in zip(sub[x], sub["score"], labels):
+        ax.annotate(lab, (c, s), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("mean wall time per run (s)" if x == "wall_s" else x)
+    ax.set_ylabel(f"score x100 ({task})")
+    ax.set_title(f"Accuracy vs cost on {task}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def report_plots(report: "Report") -> dict[str, bytes]:
+    """Every figure of a report: name -> PNG bytes."""
+    out: dict[str, bytes] = {}
+    if not report.sens_levels.empty:
+        for task in dict.fromkeys(report.sens_levels["task"]):
+            out[f"sensitivity-{_slug(task)}"] = sensitivity_figure(report.sens_levels, task)
+    if not report.cost.empty:
+        for task in dict.fromkeys(report.cost["task"]):
+            if report.cost.loc[report.cost["task"] == task, "wall_s"].notna().any():
+                out[f"pareto-{_slug(task)}"] = pareto_figure(report.cost, task)
+    return out
