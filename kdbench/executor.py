@@ -2,7 +2,9 @@
 
 The local executor trains runs one after another in this process. Finished runs (done or
 diverged) are skipped, so a killed suite resumes where it stopped; failed runs and runs
-left ``running`` by a dead process are done again.
+left ``running`` by a dead process are done again, up to :data:`MAX_ATTEMPTS` starts in
+all for a run whose process keeps dying under it (then it is recorded as failed). The Ray
+executor (:mod:`kdbench.distributed`) shares the outcome type and the bound.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from typing import Callable
 from kdbench.registry import Registry, call_lifecycle, get_registry
 from kdbench.runner import RunResult, Runner
 from kdbench.spec import RunSpec, Suite
-from kdbench.store import FINISHED, ResultsStore
+from kdbench.store import FAILED, FINISHED, ResultsStore
 
 STORE_NAME = "store.sqlite"
+#: Starts of a run whose process died under it before it is recorded as failed.
+MAX_ATTEMPTS = 3
 
 
 @dataclass
@@ -26,6 +30,7 @@ class SuiteOutcome:
     trained: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)  # claimed by another live process
+    given_up: list[str] = field(default_factory=list)  # its process died MAX_ATTEMPTS times: recorded failed
     statuses: dict[str, str] = field(default_factory=dict)
 
 
@@ -39,6 +44,20 @@ def record(store: ResultsStore, registry: Registry, spec: RunSpec, result: RunRe
                  env=result.env, error=result.error, diverged_step=result.diverged_step)
     row = store.get(spec.hash) or {}
     call_lifecycle(registry, "kdbench_run_end", spec=spec, status=result.status, record=row)
+
+
+def note_unclaimed(store: ResultsStore, spec: RunSpec, outcome: SuiteOutcome) -> None:
+    """File a run that could not be claimed: finished, given up, or held by another process."""
+    status = (store.get(spec.hash) or {}).get("status")
+    if status in FINISHED:
+        outcome.skipped.append(spec.hash)
+        outcome.statuses[spec.hash] = status
+    elif status == FAILED:
+        outcome.given_up.append(spec.hash)
+        outcome.statuses[spec.hash] = status
+        _say(f"    {spec.hash}: {(store.get(spec.hash) or {}).get('error')}")
+    else:
+        outcome.busy.append(spec.hash)
 
 
 def _say(line: str) -> None:
@@ -55,7 +74,8 @@ def describe_result(spec: RunSpec, result: RunResult) -> str:
 
 
 def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, registry: Registry | None = None,
-              progress: bool | None = None, only: Callable[[RunSpec], bool] | None = None) -> SuiteOutcome:
+              progress: bool | None = None, only: Callable[[RunSpec], bool] | None = None,
+              max_attempts: int = MAX_ATTEMPTS) -> SuiteOutcome:
     registry = registry or get_registry()
     store = open_store(results_dir)
     runner = Runner(results_dir, store, registry, device=suite.spec.device, trackers=tuple(suite.spec.trackers), progress=progress)
@@ -69,8 +89,8 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
             outcome.skipped.append(spec.hash)
             outcome.statuses[spec.hash] = existing["status"]
             continue
-        if not store.claim(spec, rerun=rerun):
-            (outcome.skipped if (store.get(spec.hash) or {}).get("status") in FINISHED else outcome.busy).append(spec.hash)
+        if not store.claim(spec, rerun=rerun, max_crashes=max_attempts):
+            note_unclaimed(store, spec, outcome)
             continue
         _say(f"[{i}/{len(specs)}] {spec.method} {spec.params_label()} | {spec.task.name} | {spec.student_label} | seed {spec.seed} ({spec.hash})")
         t0 = time.time()

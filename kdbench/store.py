@@ -88,6 +88,14 @@ def owner_alive(owner: str | None, heartbeat: float | None) -> bool:
     return heartbeat is not None and time.time() - heartbeat < STALE_AFTER_S
 
 
+def crash_message(attempts: int, last_owner: str | None = None) -> str:
+    """The error recorded for a run whose process kept dying under it."""
+    who = f" (last: {last_owner})" if last_owner else ""
+    return (f"the process running this run died during each of its {attempts} attempts{who}: it was killed "
+            "(SIGKILL, the kernel's out-of-memory killer, a lost node) or crashed; not retried again "
+            "(use --rerun to try once more)")
+
+
 def _dumps(obj: Any) -> str | None:
     return None if obj is None else json.dumps(obj, sort_keys=True, default=str)
 
@@ -131,15 +139,26 @@ class ResultsStore:
                 raise
 
     # ------------------------------------------------------------------ runs
-    def claim(self, spec: RunSpec, rerun: bool = False, max_attempts: int | None = None) -> bool:
+    def claim(self, spec: RunSpec, rerun: bool = False, max_attempts: int | None = None,
+              max_crashes: int | None = None) -> bool:
         """Mark ``spec`` as running for this process. False if another live process holds
-        it, it is already finished (unless ``rerun``), or it failed ``max_attempts`` times."""
+        it, it is already finished (unless ``rerun``), or it failed ``max_attempts`` times.
+
+        ``max_crashes``: a run left ``running`` by a dead process that has already been
+        started that many times is not started again (a run that kills its process, e.g.
+        through the kernel's OOM killer, would otherwise kill every resume); it is recorded
+        as failed with a message saying so, and False is returned."""
         me = owner_id()
         now = time.time()
         with self.transaction() as con:
             row = con.execute("SELECT status, owner, heartbeat, attempts FROM runs WHERE hash=?", (spec.hash,)).fetchone()
             if row is not None:
                 if row["status"] == RUNNING and row["owner"] != me and owner_alive(row["owner"], row["heartbeat"]):
+                    return False
+                if (row["status"] == RUNNING and row["owner"] != me and max_crashes is not None
+                        and row["attempts"] >= max_crashes and not rerun):
+                    con.execute("UPDATE runs SET status=?, owner=NULL, error=?, finished_at=? WHERE hash=?",
+                                (FAILED, crash_message(row["attempts"], row["owner"]), now, spec.hash))
                     return False
                 if row["status"] in FINISHED and not rerun:
                     return False

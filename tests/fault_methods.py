@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+import os
+import signal
+from pathlib import Path
 
-from kdbench.api import EMBEDDING, LOGITS, Method, task_loss
+import torch
+from pydantic import Field
+
+from kdbench.api import EMBEDDING, LOGITS, Method, Options, task_loss
 from kdbench.hookspecs import hookimpl
 from kdbench_plugins.methods.kd import KD
 
@@ -40,3 +45,50 @@ class LiveKD(KD):
 @hookimpl
 def kdbench_methods():
     return [NanAtStep3, Raises, LiveKD]
+
+
+class OutOfMemory(Method):
+    name = "oom"
+    description = "raises torch.OutOfMemoryError at step 2, as CUDA does when an allocation fails"
+    uses_teacher = False
+
+    def loss(self, student, teacher, labels, ctx):
+        if ctx.step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+        return task_loss(student.logits, labels, self.problem), {}
+
+
+class MarkerParams(Options):
+    marker: str = Field("", description="a file: absent -> create it and die; present -> train normally")
+
+
+class DiesOnce(Method):
+    """Kills its own process (SIGKILL, like the OOM killer) on the first attempt only."""
+
+    name = "dies-once"
+    description = "SIGKILLs its process at step 2 unless the marker file exists (then trains)"
+    uses_teacher = False
+    Params = MarkerParams
+
+    def loss(self, student, teacher, labels, ctx):
+        marker = Path(self.params.marker)
+        if ctx.step == 1 and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return task_loss(student.logits, labels, self.problem), {}
+
+
+class DiesAlways(Method):
+    name = "dies-always"
+    description = "SIGKILLs its process at step 2, every time"
+    uses_teacher = False
+
+    def loss(self, student, teacher, labels, ctx):
+        if ctx.step == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return task_loss(student.logits, labels, self.problem), {}
+
+
+@hookimpl(specname="kdbench_methods")
+def more_methods():
+    return [OutOfMemory, DiesOnce, DiesAlways]

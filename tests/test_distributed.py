@@ -1,0 +1,159 @@
+"""The Ray executor on a local 2-CPU cluster: same rows as the local executor for a 12-run
+sweep, one teacher task for many students, worker deaths retried a bounded number of
+times, raise/NaN/OOM isolated, and SIGKILL of the driver followed by a resume that
+completes exactly the missing runs."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from kdbench.api import KDBenchError  # noqa: E402
+from kdbench.distributed import _check_reachable, plugins_for_workers, run_ray  # noqa: E402
+from kdbench.executor import open_store, run_local  # noqa: E402
+from kdbench.registry import Registry, make_plugin_manager  # noqa: E402
+from kdbench.spec import build_suite  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KDBENCH = [sys.executable, "-m", "kdbench.cli"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local cluster for the module (starting one costs ~5 s); the CLI tests reach it
+    through its address, as `kdbench run --executor ray --address` would reach any cluster."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    pm, broken = make_plugin_manager(extra_plugins=["fault_methods"])
+    return Registry(pm, broken)
+
+
+def suite_data(**changes) -> dict:
+    data = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())
+    data["budget"] = {"steps": 10, "batch_size": 16, "eval_every": 5, "log_every": 5}
+    data.update(changes)
+    return data
+
+
+COMPARED = ("task", "method", "student", "seed", "params", "teacher_hash", "spec", "status", "metrics", "history",
+            "error", "diverged_step", "attempts")
+
+
+def test_worker_plugins_are_shipped_by_module_name(registry):
+    modules, objects = plugins_for_workers(registry)
+    assert modules == [("fault_methods", str(ROOT / "tests"))] and objects == []
+
+
+def test_a_wrong_address_fails_fast_with_a_clear_message():
+    t0 = time.time()
+    with pytest.raises(KDBenchError, match=r"--address 127.0.0.1:1: no Ray cluster answers there"):
+        _check_reachable("127.0.0.1:1")
+    assert time.time() - t0 < 5
+
+
+def test_resources_no_node_has_are_refused_before_anything_is_claimed(tmp_path, cluster, registry):
+    suite = build_suite(suite_data(resources={"cpus": 1, "gpus": 1}), registry=registry)
+    with pytest.raises(KDBenchError, match=r"each run asks for 1.0 CPU\(s\) and 1.0 GPU\(s\), but no node .* 2 CPUs, 0 GPUs"):
+        run_ray(suite, tmp_path, registry=registry)
+    assert open_store(tmp_path).runs() == []
+
+
+def test_sweep_of_12_runs_on_ray_equals_local_executor(tmp_path, cluster, registry):
+    # 3 seeds x 2 alphas x 2 temperatures, one shared teacher
+    data = suite_data(methods=[{"name": "kd", "params": {"alpha": [0.5, 0.9], "temperature": [2.0, 4.0]}}], seeds=[0, 1, 2])
+    suite = build_suite(data, registry=registry)
+    assert len(suite.runs) == 12
+    local = run_local(suite, tmp_path / "local", registry=registry, progress=False)
+    remote = run_ray(suite, tmp_path / "ray", registry=registry)
+    assert sorted(remote.trained) == sorted(local.trained) == sorted(s.hash for s in suite.runs)
+    a = {r["hash"]: r for r in open_store(tmp_path / "local").runs()}
+    b = {r["hash"]: r for r in open_store(tmp_path / "ray").runs()}
+    assert a.keys() == b.keys() and len(a) == 12
+    for h in a:
+        assert b[h]["status"] == "done", b[h]["error"]
+        assert {k: b[h][k] for k in COMPARED} == {k: a[h][k] for k in COMPARED}, h
+        assert b[h]["owner"] is None and b[h]["finished_at"] >= b[h]["started_at"]
+    # the runs are not all alike: seeds give different test scores
+    assert len({r["metrics"]["test"]["accuracy"] for r in a.values()}) > 1
+    # one teacher, trained once, with the same metrics; its checkpoint in the results folder
+    (ta,), (tb,) = open_store(tmp_path / "local").teachers(), open_store(tmp_path / "ray").teachers()
+    assert ta["hash"] == tb["hash"] and ta["metrics"] == tb["metrics"]
+    assert Path(tb["path"]) == tmp_path / "ray" / "teachers" / tb["hash"] / "model.safetensors"
+    assert Path(tb["path"]).read_bytes() == Path(ta["path"]).read_bytes()
+    # a second pass trains nothing (every run skipped as finished)
+    again = run_ray(suite, tmp_path / "ray", registry=registry)
+    assert again.trained == [] and len(again.skipped) == 12
+
+
+def test_faults_on_ray_are_isolated_and_worker_deaths_retried_then_failed(tmp_path, cluster, registry):
+    marker = tmp_path / "died-once"
+    methods = [{"name": "nan-at-3"}, {"name": "raises"}, {"name": "oom"}, {"name": "dies-once", "params": {"marker": str(marker)}},
+               {"name": "dies-always"}, {"name": "none"}]
+    suite = build_suite(suite_data(methods=methods, seeds=[0], teacher=None, baseline="none"), registry=registry)
+    outcome = run_ray(suite, tmp_path / "r", registry=registry, max_attempts=2)
+    rows = {r["method"]: r for r in open_store(tmp_path / "r").runs()}
+    assert len(rows) == 6 and sorted(outcome.trained) == sorted(s.hash for s in suite.runs)
+    assert rows["nan-at-3"]["status"] == "diverged" and rows["nan-at-3"]["diverged_step"] == 3
+    assert rows["raises"]["status"] == "failed" and "Traceback" in rows["raises"]["error"]
+    assert "ValueError: deliberate failure in a method" in rows["raises"]["error"]
+    assert rows["oom"]["status"] == "failed" and rows["oom"]["error"].startswith("out of memory on cpu: CUDA out of memory")
+    # killed once: retried, then done (2 starts counted in the store)
+    assert marker.exists()
+    assert rows["dies-once"]["status"] == "done" and rows["dies-once"]["attempts"] == 2
+    # killed every time: 2 starts, then failed with a message that says so
+    assert rows["dies-always"]["status"] == "failed" and rows["dies-always"]["attempts"] == 2
+    assert "worker process running it died during each of its 2 attempt(s)" in rows["dies-always"]["error"]
+    assert rows["none"]["status"] == "done" and rows["none"]["attempts"] == 1
+
+
+def write_suite(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())
+    data.update(changes)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_sigkill_of_the_ray_driver_then_resume_completes_exactly_the_missing_runs(tmp_path, cluster):
+    suite = write_suite(tmp_path, seeds=[0, 1, 2, 3], budget={"steps": 60, "batch_size": 16, "eval_every": 30, "log_every": 5})
+    results = tmp_path / "results"
+    cmd = [*KDBENCH, "run", str(suite), "--results", str(results), "--no-report", "--executor", "ray", "--address", cluster]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store_path = results / "store.sqlite"
+    deadline = time.time() + 150
+    while time.time() < deadline and proc.poll() is None:
+        if store_path.exists():
+            rows = open_store(results).runs()
+            if sum(r["status"] == "done" for r in rows) >= 2 and any(r["status"] == "running" for r in rows):
+                break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows = open_store(results).runs()
+    done_before = {r["hash"]: r["finished_at"] for r in rows if r["status"] == "done"}
+    interrupted = {r["hash"] for r in rows if r["status"] == "running"}
+    assert 2 <= len(done_before) < 8 and interrupted, "the kill should land mid-suite"
+
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"trained {8 - len(done_before)}, skipped {len(done_before)}" in resumed.stderr
+    rows = open_store(results).runs()
+    assert len(rows) == 8 and all(r["status"] == "done" for r in rows)
+    assert {r["hash"]: r["finished_at"] for r in rows if r["hash"] in done_before} == done_before  # untouched
+    assert all(r["attempts"] == 2 for r in rows if r["hash"] in interrupted)  # taken over from the dead driver
+    assert len(open_store(results).teachers()) == 1

@@ -1,0 +1,131 @@
+"""Faults with the local executor: raise / NaN / out of memory isolated, a process that
+keeps dying under a run is given up after a bounded number of starts, and two
+`kdbench run` processes on one results folder neither lose nor duplicate a row."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdbench.executor import MAX_ATTEMPTS, open_store, run_local
+from kdbench.registry import Registry, make_plugin_manager
+from kdbench.spec import build_suite
+from kdbench.store import RUNNING, ResultsStore
+
+ROOT = Path(__file__).resolve().parents[1]
+KDBENCH = [sys.executable, "-m", "kdbench.cli"]
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    pm, broken = make_plugin_manager(extra_plugins=["fault_methods"])
+    return Registry(pm, broken)
+
+
+def suite_data(**changes) -> dict:
+    data = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())
+    data.update(teacher=None, baseline="none", seeds=[0], budget={"steps": 8, "batch_size": 16, "eval_every": 4, "log_every": 2})
+    data.update(changes)
+    return data
+
+
+def test_raise_nan_and_out_of_memory_are_recorded_and_the_suite_goes_on(tmp_path, registry):
+    methods = [{"name": "oom"}, {"name": "raises"}, {"name": "nan-at-3"}, {"name": "none"}]
+    outcome = run_local(build_suite(suite_data(methods=methods), registry=registry), tmp_path, registry=registry, progress=False)
+    rows = {r["method"]: r for r in open_store(tmp_path).runs()}
+    assert len(outcome.trained) == 4 and len(rows) == 4
+    assert rows["oom"]["status"] == "failed"
+    assert rows["oom"]["error"] == "out of memory on cpu: CUDA out of memory. Tried to allocate 20.00 GiB (simulated)"
+    assert rows["raises"]["status"] == "failed" and "Traceback (most recent call last)" in rows["raises"]["error"]
+    assert rows["raises"]["error"].rstrip().endswith("ValueError: deliberate failure in a method")
+    assert rows["nan-at-3"]["status"] == "diverged" and rows["nan-at-3"]["diverged_step"] == 3
+    assert rows["nan-at-3"]["error"] == "loss became nan at step 3"
+    assert rows["none"]["status"] == "done" and rows["none"]["metrics"]["test"]["accuracy"] > 0
+    # failed runs are tried again by the next run, finished ones are not
+    again = run_local(build_suite(suite_data(methods=methods), registry=registry), tmp_path, registry=registry, progress=False)
+    assert sorted(again.trained) == sorted([rows["oom"]["hash"], rows["raises"]["hash"]])
+    assert {r["method"]: r["attempts"] for r in open_store(tmp_path).runs()} == {"oom": 2, "raises": 2, "nan-at-3": 1, "none": 1}
+
+
+def test_a_run_left_running_by_dead_processes_is_retried_then_given_up(tmp_path, registry):
+    suite = build_suite(suite_data(methods=[{"name": "none"}], seeds=[0, 1]), registry=registry)
+    a, b = suite.runs
+    store = ResultsStore(tmp_path / "store.sqlite")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    for spec, attempts in ((a, MAX_ATTEMPTS), (b, MAX_ATTEMPTS - 1)):
+        assert store.claim(spec)
+        with store.transaction() as con:  # as left by a process that died during its last attempt
+            con.execute("UPDATE runs SET owner=?, attempts=? WHERE hash=?", (f"{os.uname().nodename}:{dead}", attempts, spec.hash))
+    outcome = run_local(suite, tmp_path, registry=registry, progress=False)
+    ra, rb = store.get(a.hash), store.get(b.hash)
+    assert outcome.given_up == [a.hash] and outcome.trained == [b.hash]
+    assert ra["status"] == "failed" and ra["attempts"] == MAX_ATTEMPTS and ra["owner"] is None
+    assert ra["error"].startswith(f"the process running this run died during each of its {MAX_ATTEMPTS} attempts")
+    assert rb["status"] == "done" and rb["attempts"] == MAX_ATTEMPTS  # the last allowed start
+    # --rerun gives a given-up run one more start
+    assert store.claim(a, rerun=True, max_crashes=MAX_ATTEMPTS) and store.get(a.hash)["status"] == RUNNING
+
+
+DRIVER = textwrap.dedent("""
+    import sys, yaml
+    sys.path.insert(0, {tests!r})
+    from kdbench.executor import run_local
+    from kdbench.registry import Registry, make_plugin_manager
+    from kdbench.spec import build_suite
+    reg = Registry(*make_plugin_manager(extra_plugins=["fault_methods"]))
+    out = run_local(build_suite(yaml.safe_load(open({suite!r})), registry=reg), {results!r}, registry=reg, progress=False,
+                    max_attempts=2)
+    print("trained", len(out.trained), "given up", len(out.given_up))
+""")
+
+
+def test_a_process_killed_by_its_run_is_restarted_a_bounded_number_of_times(tmp_path):
+    """The real thing: a method SIGKILLs its own process (as the kernel's OOM killer would)."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(suite_data(methods=[{"name": "none"}, {"name": "dies-always"}])))
+    results = tmp_path / "results"
+    script = DRIVER.format(tests=str(ROOT / "tests"), suite=str(suite), results=str(results))
+    codes = []
+    for _ in range(2 + 1):  # max_attempts=2: two starts killed, the third process gives up
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        codes.append(proc.returncode)
+    assert codes == [-9, -9, 0], proc.stderr
+    assert "trained 0 given up 1" in proc.stdout
+    rows = {r["method"]: r for r in open_store(results).runs()}
+    assert rows["none"]["status"] == "done" and rows["none"]["attempts"] == 1  # finished before the first kill, kept
+    assert rows["dies-always"]["status"] == "failed" and rows["dies-always"]["attempts"] == 2
+    assert "died during each of its 2 attempts" in rows["dies-always"]["error"]
+
+
+def test_two_kdbench_run_processes_on_one_folder_lose_and_duplicate_nothing(tmp_path):
+    data = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())
+    data.update(seeds=[0, 1, 2], budget={"steps": 6, "batch_size": 16, "eval_every": 6, "log_every": 3})
+    data["teacher"]["train"]["budget"] = {"steps": 10, "batch_size": 16}
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(data))
+    results = tmp_path / "results"
+    cmd = [*KDBENCH, "run", str(suite), "--results", str(results), "--no-report"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    counts = [re.search(r"trained (\d+), skipped (\d+) finished, (\d+) held by another process", err).groups() for _, err in outs]
+    trained = [int(c[0]) for c in counts]
+    assert sum(trained) == 6  # every run trained by exactly one of the two
+    assert min(trained) >= 1  # and they really ran at the same time
+    for t, s, h in counts:  # and each process accounted for all six
+        assert int(t) + int(s) + int(h) == 6
+    rows = open_store(results).runs()
+    assert len(rows) == 6 and len({r["hash"] for r in rows}) == 6
+    assert all(r["status"] == "done" and r["attempts"] == 1 and r["owner"] is None for r in rows)
+    (teacher,) = open_store(results).teachers()  # fine-tuned once, the other process waited
+    assert teacher["status"] == "done"
+    # the report sees each (method, seed) exactly once
+    report = subprocess.run([*KDBENCH, "report", str(suite), "--results", str(results)], cwd=ROOT, capture_output=True, text=True)
+    assert report.stdout.count("(n=3)") == 2, report.stdout
