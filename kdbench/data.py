@@ -86,7 +86,10 @@ def load_task_data(registry: Registry, spec: TaskSpec, quiz_fraction: float, dat
     if key not in _TASK_DATA:
         cls = registry.task(spec.name)
         task = cls(cls.Options(**spec.options))
-        splits = dict(task.load(str(cache_dir() / "data")))
+        loaded = task.load(str(cache_dir() / "data"))
+        if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
+            raise DataError(f"task '{spec.name}': load() returned {type(loaded).__name__}, expected a dict of splits (dicts of columns)")
+        splits = dict(loaded)
         _validate_splits(task, splits)
         keep, quiz = quiz_split(len(splits[TRAIN]["label"]), quiz_fraction, data_seed)
         train = splits[TRAIN]

@@ -377,8 +377,10 @@ class Runner:
         assert th is not None and spec.teacher is not None
         while True:
             row = self.store.teacher(th)
-            if row is not None and row["status"] == DONE and Path(row["path"]).exists():
-                return row
+            if row is not None and row["status"] == DONE:
+                if Path(row["path"]).exists():
+                    return row
+                self.store.finish_teacher(th, FAILED, error=f"checkpoint {row['path']} is missing; training it again")
             if self.store.claim_teacher(th, spec.task.name, spec.teacher.model_dump(mode="json")):
                 break
             time.sleep(wait_s)

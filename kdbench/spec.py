@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -34,8 +35,13 @@ class SuiteError(KDBenchError):
         super().__init__(f"{source}: invalid suite\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+#: Seeds reach torch.manual_seed and numpy, which refuse negative or wider values.
+MAX_SEED = 2**63
+
+
 class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/nan in a suite (an ``.inf`` learning rate, epochs, resources) can only fail later
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class OptimizerSpec(Frozen):
@@ -91,7 +97,7 @@ class TeacherTraining(Frozen):
 
     budget: Budget
     optimizer: OptimizerSpec = OptimizerSpec()
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=MAX_SEED)
 
 
 class TeacherSpec(ModelSpec):
@@ -99,11 +105,21 @@ class TeacherSpec(ModelSpec):
 
 
 class MethodEntry(Frozen):
-    """A method and its hyper-parameters; a list value sweeps over its items."""
+    """A method and its hyper-parameters; a list value sweeps over its items.
+    ``students`` (labels) restricts the entry to those students, so a suite can sweep one
+    factor at a time (e.g. temperature on one student, capacity at one temperature)."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+    students: list[str] | None = Field(None, min_length=1, description="only with these students (labels); default all")
+
+
+class PairSpec(Frozen):
+    """A teacher and the student distilled from it (suites whose pairs differ in both)."""
+
+    teacher: TeacherSpec
+    student: ModelSpec
 
 
 class Reference(Frozen):
@@ -129,13 +145,14 @@ class SuiteSpec(Frozen):
     results: str | None = Field(None, description="results folder; default results/<name>")
     tasks: list[TaskSpec] = Field(min_length=1)
     teacher: TeacherSpec | None = None
-    students: list[ModelSpec] = Field(min_length=1)
+    students: list[ModelSpec] = Field(default_factory=list)
+    pairs: list[PairSpec] = Field(default_factory=list, description="teacher/student pairs, instead of 'teacher' x 'students'")
     methods: list[MethodEntry] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
     budget: Budget
     optimizer: OptimizerSpec = OptimizerSpec()
     quiz_fraction: float = Field(0.1, ge=0, lt=1)
-    data_seed: int = 0
+    data_seed: int = Field(0, ge=0, lt=MAX_SEED)
     selection: Literal["final", "validation"] = "final"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resources: Resources = Resources()
@@ -152,12 +169,29 @@ class SuiteSpec(Frozen):
             data = {k: v for k, v in data.items() if k != "student"} | {"students": [data["student"]]}
         return data
 
+    @model_validator(mode="after")
+    def _models_given(self) -> "SuiteSpec":
+        if self.pairs and (self.teacher is not None or self.students):
+            raise ValueError("give either 'pairs' or 'teacher'/'students', not both")
+        if not self.pairs and not self.students:
+            raise ValueError("give 'students' (with an optional 'teacher'), or 'pairs'")
+        return self
+
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, seeds: list[int]) -> list[int]:
         if len(set(seeds)) != len(seeds):
             raise ValueError("seeds must be distinct")
+        if any(not 0 <= s < MAX_SEED for s in seeds):
+            raise ValueError("seeds must be between 0 and 2**63 - 1")
         return seeds
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_not_a_path(cls, name: str) -> str:
+        if set(name) == {"."}:  # results/<name> must stay below results/
+            raise ValueError(f"'{name}' is not a suite name (it would name a folder outside results/)")
+        return name
 
 
 class RunSpec(Frozen):
@@ -231,10 +265,18 @@ def describe_model(spec: ModelSpec) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
 def _fmt_loc(prefix: str, loc: tuple) -> str:
     path = prefix
     for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _PLAIN_KEY.fullmatch(str(part)):  # a key with spaces, dots, colons...: quote it
+            path += f"[{str(part)!r}]"
+        else:
+            path += f".{part}" if path else str(part)
     return path or "(top level)"
 
 
@@ -282,6 +324,8 @@ def expand_grid(options_cls: type[BaseModel], params: dict[str, Any]) -> list[di
     for key, value in params.items():
         keys.append(key)
         swept = isinstance(value, list) and not _is_list_field(options_cls, key)
+        if swept and not value:
+            raise ValueError(f"{key}: an empty list sweeps over nothing")
         choices.append(value if swept else [value])
     return [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
 
@@ -357,44 +401,61 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
         opts = _check_options(f"{where}.options", cls.Options, m.options, problems)
         return (opts, cls.modality) if opts is not None else None
 
-    teacher: TeacherSpec | None = None
-    teacher_modality = None
-    if spec.teacher is not None:
-        resolved = model_spec(spec.teacher, "teacher")
-        if resolved:
-            teacher = spec.teacher.model_copy(update={"options": resolved[0]})
-            teacher_modality = resolved[1]
-    students: list[tuple[ModelSpec, str]] = []
-    for i, s in enumerate(spec.students):
-        resolved = model_spec(s, f"students[{i}]")
-        if resolved:
-            students.append((s.model_copy(update={"options": resolved[0]}), resolved[1]))
+    # (teacher, its modality, student, its modality): the teacher x students grid, or pairs
+    pairs: list[tuple[TeacherSpec | None, str | None, ModelSpec, str]] = []
+    if spec.pairs:
+        for i, pair in enumerate(spec.pairs):
+            t, st = model_spec(pair.teacher, f"pairs[{i}].teacher"), model_spec(pair.student, f"pairs[{i}].student")
+            if t and st:
+                pairs.append((pair.teacher.model_copy(update={"options": t[0]}), t[1], pair.student.model_copy(update={"options": st[0]}), st[1]))
+    else:
+        teacher, teacher_modality = None, None
+        if spec.teacher is not None:
+            resolved = model_spec(spec.teacher, "teacher")
+            if resolved:
+                teacher, teacher_modality = spec.teacher.model_copy(update={"options": resolved[0]}), resolved[1]
+        for i, st_spec in enumerate(spec.students):
+            resolved = model_spec(st_spec, f"students[{i}]")
+            if resolved:
+                pairs.append((teacher, teacher_modality, st_spec.model_copy(update={"options": resolved[0]}), resolved[1]))
 
     for task, _, modality in tasks:
-        for role, mod in [("teacher", teacher_modality)] + [(f"student {s.label or s.model}", m) for s, m in students]:
-            if mod is not None and mod != modality:
-                problems.append(f"tasks: task '{task.name}' is {modality} data but the {role} model is for {mod}")
+        for t_spec, t_mod, st_spec, st_mod in pairs:
+            for role, mod in (("teacher", t_mod), (f"student {st_spec.label or st_spec.model}", st_mod)):
+                if mod is not None and mod != modality:
+                    problems.append(f"tasks: task '{task.name}' is {modality} data but the {role} model is for {mod}")
 
-    methods: list[tuple[str, dict[str, Any]]] = []
+    methods: list[tuple[str, dict[str, Any], frozenset[str] | None]] = []
+    student_labels = list(dict.fromkeys(st.label or describe_model(st) for _, _, st, _ in pairs))  # as reports show them
+    has_teacher = spec.teacher is not None or bool(spec.pairs)
     for i, m in enumerate(spec.methods):
+        for label in m.students or []:
+            if label not in student_labels:
+                problems.append(f"methods[{i}].students: no student labelled '{label}'.{did_you_mean(label, student_labels)} "
+                                f"Students: {', '.join(student_labels)}")
         cls = lookup("methods", m.name, f"methods[{i}].name")
         if cls is None:
             continue
-        if cls.uses_teacher and spec.teacher is None:
+        if cls.uses_teacher and not has_teacher:
             problems.append(f"methods[{i}]: method '{m.name}' needs a teacher, but the suite has no 'teacher'")
-        roles = [("student", s.model, cls.student_needs) for s in spec.students]
-        if cls.uses_teacher and spec.teacher is not None:
-            roles.append(("teacher", spec.teacher.model, cls.teacher_needs))
-        for role, model, needs in roles:
+        roles = {("student", st.model, cls.student_needs) for _, _, st, _ in pairs}
+        if cls.uses_teacher:
+            roles |= {("teacher", t.model, cls.teacher_needs) for t, _, _, _ in pairs if t is not None}
+        for role, model, needs in sorted(roles, key=lambda r: (r[0] != "student", r[1])):
             factory = factories.get(model)
             missing = sorted(set(needs) - set(factory.capabilities)) if factory is not None else []
             if missing:
                 problems.append(f"methods[{i}]: method '{m.name}' needs the {role} to expose {missing}, but model "
                                 f"'{model}' ({factory.family}) only exposes {sorted(factory.capabilities)}")
-        for combo in expand_grid(cls.Params, m.params):
+        try:
+            grid = expand_grid(cls.Params, m.params)
+        except ValueError as err:
+            problems.append(f"methods[{i}].params.{err}")
+            grid = []
+        for combo in grid:
             opts = _check_options(f"methods[{i}].params", cls.Params, combo, problems)
             if opts is not None:
-                methods.append((m.name, opts))
+                methods.append((m.name, opts, frozenset(m.students) if m.students else None))
     if spec.baseline not in {m.name for m in spec.methods} and spec.baseline != "kd":
         problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
     for i, tracker in enumerate(spec.trackers):
@@ -407,7 +468,9 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
 
     runs: list[RunSpec] = []
     seen: set[str] = set()
-    for (task, version, _), (student, _), (method, params), seed in itertools.product(tasks, students, methods, spec.seeds):
+    for (task, version, _), (teacher, _, student, _), (method, params, only), seed in itertools.product(tasks, pairs, methods, spec.seeds):
+        if only is not None and (student.label or describe_model(student)) not in only:
+            continue
         run = RunSpec(
             task=task,
             task_version=version,

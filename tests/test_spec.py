@@ -186,3 +186,16 @@ def test_data_locations_do_not_change_what_a_run_is(tmp_path):
     moved = build_suite(data).runs
     assert moved[0].task.options["source_file"] == str(tmp_path / "snippets.txt")  # still used to load
     assert {r.hash: r.teacher_hash for r in moved} == base
+
+
+def test_empty_sweep_is_an_error():
+    data = smoke()
+    data["methods"][1]["params"] = {"alpha": []}
+    assert problems(data) == ["methods[1].params.alpha: an empty list sweeps over nothing"]
+
+
+def test_tiny_bert_heads_must_divide_width():
+    data = smoke()
+    data["students"][0]["options"]["tiny"]["hidden"] = 17
+    (p,) = problems(data)
+    assert p.startswith("students[0].options.tiny: Value error, hidden (17) must be a multiple of heads (2)")

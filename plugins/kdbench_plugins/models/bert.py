@@ -52,6 +52,12 @@ class TinyConfig(Options):
     intermediate: int = Field(64, gt=0)
     vocab_size: int = Field(1000, gt=10)
 
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TinyConfig":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        return self
+
 
 class BertOptions(Options):
     pretrained: str | None = Field(None, description="local folder, hub name, or 'minilm'")

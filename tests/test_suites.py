@@ -1,0 +1,51 @@
+"""Every suite file in benchmarks/ validates and expands to the runs it promises."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kdbench.spec import SuiteError, build_suite, load_suite
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("path", sorted(BENCH.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_suite_validates(path):
+    suite = load_suite(path)
+    assert suite.runs and len({r.hash for r in suite.runs}) == len(suite.runs)
+
+
+def test_paper_glue_protocol():
+    suite = load_suite(BENCH / "paper-glue.yaml")
+    assert Counter(r.method for r in suite.runs) == {m: 8 * 5 for m in ("none", "kd", "pkd", "tinybert", "prokt", "metadistil")}
+    assert len({r.teacher_hash for r in suite.runs}) == 8  # one fine-tuned teacher per task
+    meta = next(r for r in suite.runs if r.method == "metadistil")
+    assert meta.params["inner"] == "pkd" and meta.params["beta"] == 100.0 and meta.params["temperature"] == 5.0
+    assert meta.student.options["num_layers"] == 6 and meta.teacher.options["pretrained"] == "bert-base-uncased"
+    assert meta.budget.batch_size == 8 and meta.budget.epochs == 3 and meta.optimizer.lr == 5e-5
+    assert meta.quiz_fraction == 0.1
+
+
+def test_paper_cifar_pairs_and_per_pair_dkd():
+    suite = load_suite(BENCH / "paper-cifar100.yaml")
+    assert len(suite.runs) == 5 * 7 * 5
+    pairs = {(r.teacher.options["arch"], r.student.options["arch"]) for r in suite.runs}
+    assert pairs == {("resnet56", "resnet20"), ("resnet110", "resnet32"), ("wrn_40_2", "wrn_16_2"),
+                     ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")}
+    assert len({r.teacher_hash for r in suite.runs}) == 5
+    dkd_beta = {r.student.options["arch"]: r.params["beta"] for r in suite.runs if r.method == "dkd"}
+    assert dkd_beta == {"resnet20": 2.0, "resnet32": 2.0, "wrn_16_2": 6.0, "vgg8": 6.0, "resnet8x4": 8.0}
+    r = suite.runs[0]
+    assert (r.optimizer.name, r.optimizer.lr, r.optimizer.milestones, r.budget.epochs, r.budget.batch_size) == ("sgd", 0.05, (150, 180, 210), 240, 64)
+    assert len(suite.spec.references) == 5 * 7 + 1
+
+
+def test_pairs_exclude_teacher_and_students():
+    data = {"name": "x", "tasks": [{"name": "mnist5k"}], "seeds": [0], "budget": {"steps": 1},
+            "methods": [{"name": "kd"}], "students": [{"model": "cnn"}],
+            "pairs": [{"teacher": {"model": "cnn"}, "student": {"model": "cnn"}}]}
+    with pytest.raises(SuiteError, match="either 'pairs' or 'teacher'/'students'"):
+        build_suite(data)
