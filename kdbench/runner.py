@@ -234,18 +234,29 @@ def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec, steps: int,
 
 
 def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], batch_size: int, device: torch.device, need: frozenset[str] = frozenset()) -> torch.Tensor:
-    """Logits for a whole split, batched, under inference mode, in eval mode."""
+    """Logits for a whole split, batched, under inference mode, in eval mode. On a GPU
+    that runs out of memory the batch is halved and the split predicted again, so the
+    largest batch that fits is used (``eval_batch_size`` is the first try)."""
     was_training = model.training
     model.eval()
     n = next(iter(encoded.values())).shape[0]
-    out = []
-    with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            index = torch.arange(start, min(start + batch_size, n))
-            inputs = {k: v.to(device, non_blocking=True) for k, v in factory.collate(encoded, index).items()}
-            out.append(model(inputs, need=need).logits.float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    try:
+        while True:
+            try:
+                out = []
+                with torch.inference_mode():
+                    for start in range(0, n, batch_size):
+                        index = torch.arange(start, min(start + batch_size, n))
+                        inputs = {k: v.to(device, non_blocking=True) for k, v in factory.collate(encoded, index).items()}
+                        out.append(model(inputs, need=need).logits.float().cpu())
+                return torch.cat(out)
+            except torch.OutOfMemoryError:
+                if batch_size == 1 or device.type != "cuda":
+                    raise
+                batch_size //= 2
+                torch.cuda.empty_cache()
+    finally:
+        model.train(was_training)
 
 
 def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device) -> dict[str, dict[str, float]]:
