@@ -8,6 +8,7 @@ to these interfaces; it never imports a plugin by name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Literal
@@ -264,12 +265,52 @@ class StepContext:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     step: int = 0
     state: dict[str, Any] = field(default_factory=dict)  # method-owned state (teacher optimizer, ...)
+    seed: int = 0  # the run's seed: every random stream of the run derives from it
+    #: Builds a fresh teacher from the suite's teacher model spec *without* kdbench's task
+    #: fine-tuning (its pretrained weights and a new head), on the device; None when the
+    #: run has no teacher. For methods whose paper starts the teacher there (ProKT).
+    build_teacher: Callable[[], KDModel] | None = None
+    _generators: dict[str, torch.Generator] = field(default_factory=dict, repr=False)
+
+    def generator(self, stream: str, device: torch.device | str | None = None) -> torch.Generator:
+        """The run's seeded random stream named ``stream`` (created on first use, then
+        shared), e.g. ``ctx.generator("crd-negatives")``. Streams are independent of each
+        other and of the global RNG; see :func:`stream_seed`."""
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        key = f"{stream}@{dev}"
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=dev).manual_seed(stream_seed(self.seed, stream))
+        return self._generators[key]
+
+    def student_step(self, loss: Tensor) -> None:
+        """The one student update: zero the gradients, backpropagate ``loss``, step the
+        student optimizer (gradient clipping, when the suite sets it, runs as the
+        optimizer's pre-step hook) and the learning-rate schedule."""
+        self.student_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.student_optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def student_params(self) -> list[nn.Parameter]:
         params = list(self.student.parameters())
         if self.extra is not None:
             params += list(self.extra.parameters())
         return params
+
+
+#: Streams whose seeds predate :func:`stream_seed`; kept so existing runs reproduce.
+_LEGACY_STREAMS = {"data": 0, "quiz": 1}
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """Seed of the random stream ``stream`` of a run with seed ``seed``: ``seed`` itself for
+    the data order and ``seed + 1`` for the quiz order (as before streams had names), and
+    for any other name a 63-bit value derived from (seed, name) by SHA-256."""
+    if stream in _LEGACY_STREAMS:
+        return seed + _LEGACY_STREAMS[stream]
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
 
 
 def full_precision(x: Tensor) -> Tensor:
@@ -354,11 +395,7 @@ class Method(ABC):
         with ctx.autocast():
             student_out = ctx.student(batch.inputs, need=self.student_needs)
             loss, parts = self.loss(student_out, teacher_out, batch.labels, ctx)
-        ctx.student_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.student_optimizer.step()
-        if ctx.scheduler is not None:
-            ctx.scheduler.step()
+        ctx.student_step(loss)
         return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
 
     @property

@@ -552,7 +552,8 @@ class Runner:
         optimizer, scheduler = build_optimizer(params, spec.optimizer, steps, per_epoch, spec.budget.epochs is not None)
         ctx = StepContext(student=student, teacher=teacher, extra=extra, student_optimizer=optimizer, scheduler=scheduler,
                           problem=problem, device=self.device, total_steps=steps, train_size=labels.shape[0],
-                          teacher_forward=teacher_forward, next_quiz_batch=next_quiz_batch, autocast=self._autocast())
+                          teacher_forward=teacher_forward, next_quiz_batch=next_quiz_batch, autocast=self._autocast(),
+                          seed=spec.seed)
         if teacher is not None:
             teacher.requires_grad_(method.updates_teacher)
         method.setup(ctx)
