@@ -50,6 +50,7 @@ from torch import Tensor
 
 from kdbench.api import DataError, Examples, Options, Problem, Task, location
 from kdbench.hookspecs import hookimpl
+from kdbench.metrics import accuracy, carve_splits
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE = "cifar-100-python.tar.gz"
@@ -267,11 +268,8 @@ class Cifar100(Task):
         n_val = self.options.validation_size
         if n_val >= len(train_y):
             raise DataError(f"cifar100: validation_size {n_val} leaves no training images (the train file has {len(train_y)})")
-        perm = np.random.default_rng(SPLIT_SEED).permutation(len(train_y))
-        val_idx, train_idx = perm[:n_val], perm[n_val:]
-        if self.options.train_size is not None:
-            train_idx = train_idx[: self.options.train_size]
-        val_idx, train_idx = np.sort(val_idx), np.sort(train_idx)
+        parts = carve_splits(len(train_y), SPLIT_SEED, {"validation": n_val}, limits={"train": self.options.train_size}, sort=True)
+        val_idx, train_idx = parts["validation"], parts["train"]
         return {
             "train": {"image": train_x[train_idx], "label": train_y[train_idx]},
             "validation": {"image": train_x[val_idx], "label": train_y[val_idx]},
@@ -279,7 +277,7 @@ class Cifar100(Task):
         }
 
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(labels)))}
+        return {"accuracy": accuracy(predictions, labels)}
 
     def augment(self, inputs: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
         if not self.options.augment:

@@ -56,17 +56,15 @@ Defaults: ``validation_fraction`` 0.1, ``split_seed`` 0, ``max_length`` 128, all
 from __future__ import annotations
 
 import csv
-import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping
 
 import numpy as np
 from pydantic import Field, model_validator
-from scipy import stats
 
 from kdbench.api import DataError, Examples, Options, Problem, Task, location
+from kdbench.metrics import METRICS, binary_f1, carve_splits, matthews_corrcoef, pearson, spearman  # noqa: F401 (re-exported)
 from kdbench.hookspecs import hookimpl
 
 HUB_DATASET = "nyu-mll/glue"
@@ -142,56 +140,6 @@ SPECS: dict[str, GlueSpec] = {
                  "sentence1", "sentence2", ("accuracy",), "accuracy"),
     ]
 }
-
-# --------------------------------------------------------------------------- metrics
-
-
-def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(np.asarray(predictions) == np.asarray(labels)))
-
-
-def binary_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """F1 of the positive class 1: 2TP / (2TP + FP + FN); 0 when there is no positive at all."""
-    p, y = np.asarray(predictions) == 1, np.asarray(labels) == 1
-    tp, fp, fn = int(np.sum(p & y)), int(np.sum(p & ~y)), int(np.sum(~p & y))
-    denom = 2 * tp + fp + fn
-    return 2 * tp / denom if denom else 0.0
-
-
-def matthews_corrcoef(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Matthews correlation from the confusion matrix C (rows true, columns predicted),
-    multi-class form (Gorodkin 2004); for two classes it is
-    (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)). 0 when undefined."""
-    y, p = np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
-    k = int(max(y.max(initial=0), p.max(initial=0))) + 1
-    conf = np.zeros((k, k), dtype=np.float64)  # float64: the products overflow int64 on big sets
-    np.add.at(conf, (y, p), 1.0)
-    n, correct = conf.sum(), np.trace(conf)
-    t, q = conf.sum(axis=1), conf.sum(axis=0)  # true and predicted class counts
-    denom = math.sqrt((n * n - q @ q) * (n * n - t @ t))
-    return float((correct * n - t @ q) / denom) if denom > 0 else 0.0
-
-
-def _correlation(fn: Any, predictions: np.ndarray, labels: np.ndarray) -> float:
-    x, y = np.asarray(predictions, dtype=np.float64), np.asarray(labels, dtype=np.float64)
-    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return 0.0  # undefined for a constant input: no skill
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = float(fn(x, y)[0])
-    return r if math.isfinite(r) else 0.0
-
-
-def pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
-    return _correlation(stats.pearsonr, predictions, labels)
-
-
-def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
-    return _correlation(stats.spearmanr, predictions, labels)
-
-
-METRICS = {"accuracy": accuracy, "f1": binary_f1, "mcc": matthews_corrcoef, "pearson": pearson, "spearman": spearman}
-
 
 def _spec_for(task_name: str) -> GlueSpec:
     key = task_name.lower().removeprefix("glue-").replace("-", "")
@@ -390,13 +338,8 @@ def make_splits(train: RawSplit, evals: dict[str, RawSplit], options: GlueOption
     n_val = max(n_val, 1)
     if n_val >= n:
         raise DataError(f"{name}: a validation split of {n_val} leaves no training examples (train has {n})")
-    perm = np.random.default_rng(options.split_seed).permutation(n)
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
-    if options.train_size is not None:
-        train_idx = train_idx[: options.train_size]  # a prefix of a random order: seeded and nested
-    if options.eval_size is not None:
-        val_idx = val_idx[: options.eval_size]
-    out = {"train": train.take(np.sort(train_idx)), "validation": train.take(np.sort(val_idx))}
+    parts = carve_splits(n, options.split_seed, {"validation": n_val}, limits={"train": options.train_size, "validation": options.eval_size}, sort=True)
+    out = {"train": train.take(parts["train"]), "validation": train.take(parts["validation"])}
     for stream, (split, raw) in enumerate(evals.items(), start=1):
         out[split] = raw.take(seeded_subset(len(raw), options.eval_size, options.split_seed, stream))
     return out

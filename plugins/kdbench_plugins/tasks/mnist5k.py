@@ -12,6 +12,7 @@ from pydantic import Field
 
 from kdbench.api import DataError, Examples, Options, Problem, Task
 from kdbench.hookspecs import hookimpl
+from kdbench.metrics import accuracy, carve_splits
 
 N_TEST, N_VALIDATION, SPLIT_SEED = 1000, 500, 0
 
@@ -46,14 +47,11 @@ class Mnist5k(Task):
 
     def load(self, cache_dir: str) -> dict[str, Examples]:
         images, labels = load_mnist5k()
-        perm = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
-        parts = {"test": perm[:N_TEST], "validation": perm[N_TEST : N_TEST + N_VALIDATION], "train": perm[N_TEST + N_VALIDATION :]}
-        if self.options.train_size is not None:
-            parts["train"] = parts["train"][: self.options.train_size]
+        parts = carve_splits(len(labels), SPLIT_SEED, {"test": N_TEST, "validation": N_VALIDATION}, limits={"train": self.options.train_size})
         return {name: {"image": images[idx], "label": labels[idx]} for name, idx in parts.items()}
 
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(labels)))}
+        return {"accuracy": accuracy(predictions, labels)}
 
 
 @hookimpl
