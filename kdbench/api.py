@@ -11,11 +11,11 @@ import contextlib
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 from torch import Tensor, nn
 
 # --------------------------------------------------------------------------- errors
@@ -37,9 +37,21 @@ class DataError(KDBenchError):
 
 
 class Options(BaseModel):
-    """Base for every plugin's options/hyper-parameters: unknown fields are errors."""
+    """Base for every plugin's options/hyper-parameters: unknown fields are errors, and so
+    are infinite or NaN numbers (``temperature: .inf`` would only fail, or silently train
+    on NaN, much later). A plugin that really wants them sets ``allow_inf_nan=True`` in its
+    own ``model_config`` (or on one field)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_serializer(mode="wrap")
+    def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name, f in type(self).model_fields.items():
+                if _is_added(f) and name in data and getattr(self, name) == f.default:
+                    del data[name]
+        return data
 
 
 def location(default: Any = None, description: str = "") -> Any:
@@ -49,6 +61,39 @@ def location(default: Any = None, description: str = "") -> Any:
     from pydantic import Field
 
     return Field(default, description=description, json_schema_extra={"kdbench_identity": False})
+
+
+def added(default: Any, description: str = "", **constraints: Any) -> Any:
+    """A field added to a plugin's options after runs were stored, whose default keeps the
+    old behaviour: while it has its default it is left out of the dumped options (and so
+    out of run hashes), so stored runs keep their hashes and are not run again. Any other
+    value is dumped and hashed like an ordinary field. For a new field whose default
+    *changes* what a run does, use an ordinary ``Field`` (the hash must change)."""
+    from pydantic import Field
+
+    return Field(default, description=description, json_schema_extra={"kdbench_added": True}, **constraints)
+
+
+def _is_added(f: Any) -> bool:
+    return isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("kdbench_added") is True
+
+
+def wrapped_options(extras: dict[str, Any], options_cls: type[Options], wrapper: str, inner: str, own_fields: Iterable[str]) -> Options:
+    """``extras`` (the fields a wrapping method, e.g. MetaDistil, does not declare itself)
+    validated as the options of its inner method ``inner`` (``options_cls``). ValueError
+    naming the wrapper, the inner method and every allowed field when a field is unknown
+    or a value is bad (raised from a validator, it becomes the wrapper's validation error)."""
+    from pydantic import ValidationError
+
+    unknown = sorted(set(extras) - set(options_cls.model_fields))
+    if unknown:
+        raise ValueError(f"unknown field {', '.join(repr(u) for u in unknown)} for {wrapper} with inner method '{inner}'; allowed: "
+                         f"{', '.join(own_fields)}, and the inner method's {', '.join(options_cls.model_fields) or '(none)'}")
+    try:
+        return options_cls(**extras)
+    except ValidationError as err:
+        why = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"inner method '{inner}' params: {why}") from None
 
 
 def unhashed_fields(options_cls: type[BaseModel]) -> set[str]:
@@ -270,6 +315,9 @@ class StepContext:
     #: fine-tuning (its pretrained weights and a new head), on the device; None when the
     #: run has no teacher. For methods whose paper starts the teacher there (ProKT).
     build_teacher: Callable[[], KDModel] | None = None
+    #: Examples in the quiz split (0: unknown or none), so a method can run one pass
+    #: over it (MetaDistil's ``quiz_batches: all``) with ``next_quiz_batch``.
+    quiz_size: int = 0
     _generators: dict[str, torch.Generator] = field(default_factory=dict, repr=False)
 
     def generator(self, stream: str, device: torch.device | str | None = None) -> torch.Generator:
@@ -292,6 +340,25 @@ class StepContext:
         if self.scheduler is not None:
             self.scheduler.step()
 
+    @contextlib.contextmanager
+    def rehearsal(self) -> Iterator[None]:
+        """Run a loss without lasting side effects: on exit the run's random streams and the
+        buffers of ``extra`` (e.g. CRD's memory banks) are as on entry, so the same loss on
+        the same batch afterwards draws and reads the same (MetaDistil's pilot step)."""
+        states = {k: g.get_state() for k, g in self._generators.items()}
+        buffers = {n: b.clone() for n, b in self.extra.named_buffers()} if self.extra is not None else {}
+        try:
+            yield
+        finally:
+            for k in list(self._generators):
+                if k in states:
+                    self._generators[k].set_state(states[k])
+                else:  # first drawn inside: the next use starts the stream afresh
+                    del self._generators[k]
+            for name, saved in buffers.items():  # swapped, not copied in place: the rehearsed graph may still read them
+                owner, _, leaf = name.rpartition(".")
+                self.extra.get_submodule(owner)._buffers[leaf] = saved  # type: ignore[union-attr]
+
     def student_params(self) -> list[nn.Parameter]:
         params = list(self.student.parameters())
         if self.extra is not None:
@@ -299,16 +366,19 @@ class StepContext:
         return params
 
 
-#: Streams whose seeds predate :func:`stream_seed`; kept so existing runs reproduce.
-_LEGACY_STREAMS = {"data": 0, "quiz": 1}
+#: Streams whose seeds predate :func:`stream_seed` (offsets from the run's seed); kept so
+#: existing runs reproduce. "crd-negatives" is where CRD seeded itself before streams had
+#: names (``torch.initial_seed() + 1_000_003``, the global seed being the run's seed).
+_LEGACY_STREAMS = {"data": 0, "quiz": 1, "crd-negatives": 1_000_003}
 
 
 def stream_seed(seed: int, stream: str) -> int:
     """Seed of the random stream ``stream`` of a run with seed ``seed``: ``seed`` itself for
-    the data order and ``seed + 1`` for the quiz order (as before streams had names), and
-    for any other name a 63-bit value derived from (seed, name) by SHA-256."""
+    the data order, ``seed + 1`` for the quiz order and ``seed + 1_000_003`` for CRD's
+    negatives (as before streams had names), and for any other name a 63-bit value
+    derived from (seed, name) by SHA-256."""
     if stream in _LEGACY_STREAMS:
-        return seed + _LEGACY_STREAMS[stream]
+        return (seed + _LEGACY_STREAMS[stream]) % 2**63
     digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 2**63
 
@@ -347,6 +417,9 @@ class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     citation: ClassVar[str] = ""
+    #: Bumped when what a run of this method computes changes under the same params
+    #: (a default's meaning, a loss's reduction); say in the docstring what changed.
+    version: ClassVar[int] = 1
     Params: ClassVar[type[Options]] = Options
     uses_teacher: ClassVar[bool] = True
     updates_teacher: ClassVar[bool] = False
@@ -384,9 +457,15 @@ class Method(ABC):
 
     # -- the step -----------------------------------------------------------------------
     def loss(
-        self, student: ModelOutput, teacher: ModelOutput | None, labels: Tensor, ctx: StepContext
+        self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The student's training loss and named parts (tensors, read lazily)."""
+        """The student's training loss on ``batch`` and its named parts (tensors, read lazily).
+
+        ``batch.labels`` are the targets; ``batch.index`` the examples' indices in the
+        training split (e.g. CRD's memory bank rows). Random draws use
+        ``ctx.generator(name)``. A loss must not step any optimizer: the caller does
+        (the default :meth:`train_step`, or a strategy such as MetaDistil that also
+        differentiates the loss with respect to the teacher)."""
         raise NotImplementedError(f"method '{self.name}' must implement loss() or train_step()")
 
     def train_step(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
@@ -394,14 +473,35 @@ class Method(ABC):
         teacher_out = ctx.teacher_forward(batch, self.teacher_needs) if self.uses_teacher else None
         with ctx.autocast():
             student_out = ctx.student(batch.inputs, need=self.student_needs)
-            loss, parts = self.loss(student_out, teacher_out, batch.labels, ctx)
+            loss, parts = self.loss(student_out, teacher_out, batch, ctx)
         ctx.student_step(loss)
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+        return step_values(loss, parts)
+
+    @classmethod
+    def is_loss_based(cls) -> bool:
+        """True for methods that only implement :meth:`loss` against a fixed teacher: the
+        ones a teacher-updating strategy (MetaDistil) can wrap."""
+        return cls.uses_teacher and not cls.updates_teacher and cls.train_step is Method.train_step
 
     @property
     def can_share_teacher_outputs(self) -> bool:
         """Fixed-teacher methods may read precomputed teacher outputs (logits only)."""
         return self.uses_teacher and not self.updates_teacher and set(self.teacher_needs) <= {LOGITS}
+
+
+def step_values(loss: Tensor, parts: dict[str, Tensor], **more: Tensor) -> dict[str, Tensor]:
+    """What a training step returns: ``loss`` first, then its parts and ``more``, detached."""
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in {**parts, **more}.items()}}
+
+
+def require_family(method: str, role: str, model: KDModel | None, family: str, why: str) -> None:
+    """Refuse a model of another family, before training: ``why`` says what the method
+    reads that only ``family`` models have (e.g. "convolutional feature maps (B, C, H, W)")."""
+    if model is not None and model.family != family:
+        raise IncompatibleModelError(
+            f"method '{method}' needs {why} from a {family} model, but the {role} "
+            f"model ({type(model).__name__}) is of family '{model.family}' and has none"
+        )
 
 
 def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:

@@ -553,7 +553,7 @@ class Runner:
         ctx = StepContext(student=student, teacher=teacher, extra=extra, student_optimizer=optimizer, scheduler=scheduler,
                           problem=problem, device=self.device, total_steps=steps, train_size=labels.shape[0],
                           teacher_forward=teacher_forward, next_quiz_batch=next_quiz_batch, autocast=self._autocast(),
-                          seed=spec.seed)
+                          seed=spec.seed, quiz_size=int(labels_tensor(data, QUIZ).shape[0]) if QUIZ in encoded else 0, build_teacher=(lambda: (lambda f, o: f.build(o, problem).to(self.device))(*self._factory(spec.teacher))) if teacher is not None else None)  # noqa: E501 (methods helper: one line until the train package lands)
         if teacher is not None:
             teacher.requires_grad_(method.updates_teacher)
         method.setup(ctx)

@@ -297,9 +297,10 @@ def _allowed_fields(options_cls: type[BaseModel]) -> str:
     return ", ".join(f"{n} (default {f.default!r})" if not f.is_required() else f"{n} (required)" for n, f in options_cls.model_fields.items()) or "none"
 
 
-def _check_options(prefix: str, options_cls: type[BaseModel], values: dict[str, Any], problems: list[str]) -> dict[str, Any] | None:
+def _check_options(prefix: str, options_cls: type[BaseModel], values: dict[str, Any], problems: list[str],
+                   context: dict[str, Any] | None = None) -> dict[str, Any] | None:
     try:
-        return options_cls.model_validate(values).model_dump(mode="json")
+        return options_cls.model_validate(values, context=context).model_dump(mode="json")
     except ValidationError as err:
         found = _pydantic_problems(prefix, err)
         if any(p.endswith("unknown field") or "unknown field (" in p for p in found):
@@ -453,7 +454,7 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
             problems.append(f"methods[{i}].params.{err}")
             grid = []
         for combo in grid:
-            opts = _check_options(f"methods[{i}].params", cls.Params, combo, problems)
+            opts = _check_options(f"methods[{i}].params", cls.Params, combo, problems, {"registry": registry})
             if opts is not None:
                 methods.append((m.name, opts, frozenset(m.students) if m.students else None))
     if spec.baseline not in {m.name for m in spec.methods} and spec.baseline != "kd":

@@ -27,12 +27,12 @@ class SmoothedKD(Method):
     description = "KD toward a label-smoothed teacher distribution (example third-party plugin)."
     Params = SmoothedKDParams
 
-    def loss(self, student, teacher, labels, ctx):
+    def loss(self, student, teacher, batch, ctx):
         p = self.params
         k = teacher.logits.shape[-1]
         target = (1 - p.epsilon) * F.softmax(teacher.logits / p.temperature, -1) + p.epsilon / k
         soft = F.kl_div(F.log_softmax(student.logits / p.temperature, -1), target, reduction="batchmean") * p.temperature**2
-        hard = task_loss(student.logits, labels, self.problem)
+        hard = task_loss(student.logits, batch.labels, self.problem)
         return p.alpha * soft + (1 - p.alpha) * hard, {"soft": soft.detach(), "hard": hard.detach()}
 
 
