@@ -8,7 +8,7 @@ import pytest
 import torch
 from vision_test_models import FakeTransformer, LogitsOnly, TinyCNN, fixed_batch, hand_ce, hand_kd, make_ctx
 
-from kdbench.api import IncompatibleModelError, ModelOutput, Problem
+from kdbench.api import Batch, IncompatibleModelError, ModelOutput, Problem
 from kdbench.registry import Registry, make_plugin_manager
 from kdbench_plugins.methods.at import ATParams, AttentionTransfer
 
@@ -50,7 +50,7 @@ def test_loss_matches_explicit_loops():
     s_logits, t_logits = r(2, 5), r(2, 5)
     labels = torch.tensor([4, 2])
     method = AttentionTransfer(ATParams(gamma=0.5, alpha=0.3, beta=7.0, temperature=3.0), PROBLEM)
-    total, parts = method.loss(ModelOutput(s_logits, features=feats_s), ModelOutput(t_logits, features=feats_t), labels, make_ctx(TinyCNN(), TinyCNN()))
+    total, parts = method.loss(ModelOutput(s_logits, features=feats_s), ModelOutput(t_logits, features=feats_t), as_batch(labels), make_ctx(TinyCNN(), TinyCNN()))
 
     at = hand_layer(feats_s[1], feats_t[1]) + hand_layer(hand_pool2(feats_s[2]), feats_t[2])  # the stem (index 0) is skipped
     ce, kd = hand_ce(s_logits, labels).item(), hand_kd(s_logits, t_logits, 3.0).item()
@@ -58,7 +58,7 @@ def test_loss_matches_explicit_loops():
     assert total.item() == pytest.approx(0.5 * ce + 0.3 * kd + 7.0 * at, rel=1e-5)
 
     # the teacher map is pooled when it is the larger one (roles swapped: same value)
-    swapped, _ = method.loss(ModelOutput(s_logits, features=feats_t), ModelOutput(t_logits, features=feats_s), labels, make_ctx(TinyCNN(), TinyCNN()))
+    swapped, _ = method.loss(ModelOutput(s_logits, features=feats_t), ModelOutput(t_logits, features=feats_s), as_batch(labels), make_ctx(TinyCNN(), TinyCNN()))
     assert (swapped.item() - 0.5 * ce - 0.3 * kd) == pytest.approx(7.0 * at, rel=1e-4)
 
 
@@ -68,11 +68,11 @@ def test_attention_maps_are_scale_free_and_zero_for_identical_maps():
     logits = torch.zeros(2, 5, dtype=torch.float64)
     stem = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
     ctx = make_ctx(TinyCNN(), TinyCNN())
-    same, _ = method.loss(ModelOutput(logits, features=(stem, f)), ModelOutput(logits, features=(stem, 3 * f)), torch.tensor([0, 1]), ctx)
+    same, _ = method.loss(ModelOutput(logits, features=(stem, f)), ModelOutput(logits, features=(stem, 3 * f)), as_batch(torch.tensor([0, 1])), ctx)
     assert same.item() == pytest.approx(0.0, abs=1e-12)
     g = f.clone()
     g[0, :, 0, 0] += 1.0
-    diff, _ = method.loss(ModelOutput(logits, features=(stem, f)), ModelOutput(logits, features=(stem, g)), torch.tensor([0, 1]), ctx)
+    diff, _ = method.loss(ModelOutput(logits, features=(stem, f)), ModelOutput(logits, features=(stem, g)), as_batch(torch.tensor([0, 1])), ctx)
     assert diff.item() == pytest.approx(hand_layer(f, g), rel=1e-5) and diff.item() > 1e-4
 
 
@@ -103,3 +103,8 @@ def test_registered_through_the_hook():
     pm, broken = make_plugin_manager(extra_plugins=["kdbench_plugins.methods.at"])
     assert Registry(pm, broken).method("at") is AttentionTransfer
     assert ATParams() == ATParams(gamma=1.0, alpha=0.0, beta=1000.0, temperature=4.0, p=2.0)
+
+
+def as_batch(labels: torch.Tensor) -> Batch:
+    """The batch a loss receives, reduced to what these losses read: labels (and indices)."""
+    return Batch(inputs={}, labels=labels, index=torch.arange(labels.shape[0]))

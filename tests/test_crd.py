@@ -9,9 +9,9 @@ import pytest
 import torch
 from vision_test_models import LogitsOnly, TinyCNN, fixed_batch, hand_ce, hand_kd, make_ctx
 
-from kdbench.api import IncompatibleModelError, ModelOutput, Problem, SetupInfo
+from kdbench.api import IncompatibleModelError, Method, stream_seed, ModelOutput, Problem, SetupInfo
 from kdbench.registry import Registry, make_plugin_manager
-from kdbench_plugins.methods.crd import _SEED_OFFSET, CRD, EPS, ContrastMemory, CRDParams, sample_contrast_index
+from kdbench_plugins.methods.crd import NEGATIVES, CRD, EPS, ContrastMemory, CRDParams, sample_contrast_index
 
 PROBLEM = Problem("classification", 5)
 
@@ -121,15 +121,17 @@ def test_method_loss_clips_k_and_draws_from_the_run_seeded_generator():
     assert isinstance(extra, ContrastMemory) and extra.memory_s.shape == (6, 8)
     assert extra.embed_s.in_features == 8 and extra.embed_t.in_features == 16
     ctx = make_ctx(student, teacher, extra, train_size=6)
+    ctx.seed = 11
     method.setup(ctx)
     reference = copy.deepcopy(extra)
     s_out = student(batch.inputs, need=method.student_needs)
     t_out = teacher(batch.inputs, need=method.teacher_needs)
-    ctx.state["crd_batch_index"] = batch.index
-    total, parts = method.loss(s_out, t_out, batch.labels, ctx)
+    total, parts = method.loss(s_out, t_out, batch, ctx)  # reads batch.index: no train_step of its own
 
-    # nce_k 16384 is clipped to N - 1 = 5; the generator is seeded from the run's torch seed
-    idx = sample_contrast_index(batch.index, 5, 6, torch.Generator().manual_seed(11 + _SEED_OFFSET))
+    # nce_k 16384 is clipped to N - 1 = 5; the negatives come from the run's stream
+    # "crd-negatives", seeded where CRD seeded itself before (torch.initial_seed() + 1_000_003)
+    assert stream_seed(11, NEGATIVES) == 11 + 1_000_003
+    idx = sample_contrast_index(batch.index, 5, 6, torch.Generator().manual_seed(11 + 1_000_003))
     crd = reference(s_out.embedding, t_out.embedding, idx)
     ce, kd = hand_ce(s_out.logits, batch.labels), hand_kd(s_out.logits, t_out.logits, 4.0)
     assert parts["crd"].item() == pytest.approx(crd.item(), rel=1e-6)
@@ -152,6 +154,10 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     assert parts[-1]["loss"].item() < 0.93 * parts[0]["loss"].item()
     assert parts[-1]["crd"].item() < parts[0]["crd"].item()
     assert not torch.equal(extra.memory_s, before)  # the banks moved by momentum, not by the optimizer
+
+
+def test_crd_is_loss_based_so_metadistil_can_wrap_it():
+    assert CRD.is_loss_based() and CRD.train_step is Method.train_step
 
 
 def test_refuses_models_without_embedding():

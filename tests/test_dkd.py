@@ -6,7 +6,7 @@ import pytest
 import torch
 from vision_test_models import LogitsOnly, TinyCNN, fixed_batch, hand_ce, hand_kd, make_ctx
 
-from kdbench.api import IncompatibleModelError, ModelOutput, Problem
+from kdbench.api import Batch, IncompatibleModelError, ModelOutput, Problem
 from kdbench.registry import Registry, make_plugin_manager
 from kdbench_plugins.methods.dkd import DKD, DKDParams
 
@@ -36,7 +36,7 @@ def hand_parts(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temp: float) -
 def test_loss_matches_explicit_probabilities_after_warmup():
     method = DKD(DKDParams(gamma=0.6, alpha=1.5, beta=8.0, temperature=4.0, warmup_fraction=0.1), PROBLEM)
     ctx = make_ctx(TinyCNN(num_classes=4), TinyCNN(num_classes=4), total_steps=100, step=50)
-    total, parts = method.loss(ModelOutput(S), ModelOutput(T_), Y, ctx)
+    total, parts = method.loss(ModelOutput(S), ModelOutput(T_), as_batch(Y), ctx)
     tckd, nckd = hand_parts(S, T_, Y, 4.0)
     ce = hand_ce(S, Y).item()
     assert parts["tckd"].item() == pytest.approx(tckd, rel=1e-5)
@@ -52,7 +52,7 @@ def test_kd_decomposes_into_tckd_plus_weighted_nckd():
         tckd, nckd = hand_parts(s, t, y, 2.0)
         p_t = ((t / 2.0).softmax(dim=1))[0, y[0]].item()
         method = DKD(DKDParams(gamma=0.0, alpha=1.0, beta=1 - p_t, temperature=2.0, warmup_fraction=0.0), PROBLEM)
-        total, _ = method.loss(ModelOutput(s), ModelOutput(t), y, make_ctx(TinyCNN(num_classes=4), None))
+        total, _ = method.loss(ModelOutput(s), ModelOutput(t), as_batch(y), make_ctx(TinyCNN(num_classes=4), None))
         assert total.item() == pytest.approx(hand_kd(s, t, 2.0).item(), rel=1e-5)
         assert total.item() == pytest.approx(tckd + (1 - p_t) * nckd, rel=1e-5)
 
@@ -62,7 +62,7 @@ def test_warmup_ramps_the_dkd_weight_linearly(step, weight):
     # 240 steps with warmup 20/240: the ramp lasts 20 steps, like mdistiller's 20 of 240 epochs
     method = DKD(DKDParams(gamma=1.0), PROBLEM)
     ctx = make_ctx(TinyCNN(num_classes=4), None, total_steps=240, step=step)
-    total, parts = method.loss(ModelOutput(S), ModelOutput(T_), Y, ctx)
+    total, parts = method.loss(ModelOutput(S), ModelOutput(T_), as_batch(Y), ctx)
     tckd, nckd = hand_parts(S, T_, Y, 4.0)
     assert parts["dkd_weight"].item() == pytest.approx(weight)
     assert total.item() == pytest.approx(hand_ce(S, Y).item() + weight * (1.0 * tckd + 8.0 * nckd), rel=1e-5)
@@ -90,3 +90,8 @@ def test_registered_through_the_hook():
     pm, broken = make_plugin_manager(extra_plugins=["kdbench_plugins.methods.dkd"])
     assert Registry(pm, broken).method("dkd") is DKD
     assert DKDParams() == DKDParams(gamma=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup_fraction=20 / 240)
+
+
+def as_batch(labels: torch.Tensor) -> Batch:
+    """The batch a loss receives, reduced to what these losses read: labels (and indices)."""
+    return Batch(inputs={}, labels=labels, index=torch.arange(labels.shape[0]))

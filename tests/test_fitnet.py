@@ -6,7 +6,7 @@ import pytest
 import torch
 from vision_test_models import FakeTransformer, LogitsOnly, TinyCNN, fixed_batch, hand_ce, hand_kd, make_ctx
 
-from kdbench.api import IncompatibleModelError, ModelOutput, Problem, SetupInfo
+from kdbench.api import Batch, IncompatibleModelError, ModelOutput, Problem, SetupInfo
 from kdbench.registry import Registry, make_plugin_manager
 from kdbench_plugins.methods.fitnet import FitNet, FitNetParams, HintRegressor
 
@@ -50,7 +50,7 @@ def test_loss_matches_hand_computation_with_a_fixed_regressor():
     feats_s = (torch.zeros(b, 1, 4, 4, dtype=torch.float64), f_s)  # index 0 must be ignored: hint_layer 1
     feats_t = (torch.ones(b, 1, 4, 4, dtype=torch.float64), f_t)
     ctx = make_ctx(TinyCNN(), TinyCNN(), reg)
-    total, parts = method.loss(ModelOutput(s_logits, features=feats_s), ModelOutput(t_logits, features=feats_t), labels, ctx)
+    total, parts = method.loss(ModelOutput(s_logits, features=feats_s), ModelOutput(t_logits, features=feats_t), as_batch(labels), ctx)
 
     # conv 1x1 by explicit sums, BatchNorm with batch statistics (biased variance, eps 1e-5), ReLU
     y = torch.zeros(b, c_t, hw, hw, dtype=torch.float64)
@@ -80,7 +80,7 @@ def test_hint_gradient_reaches_regressor_and_student_features():
     ctx = make_ctx(TinyCNN(), TinyCNN(), reg)
 
     def hint_of(x: torch.Tensor) -> torch.Tensor:
-        return method.loss(ModelOutput(logits, features=(x,)), ModelOutput(logits, features=(f_t,)), torch.tensor([0, 1]), ctx)[0]
+        return method.loss(ModelOutput(logits, features=(x,)), ModelOutput(logits, features=(f_t,)), as_batch(torch.tensor([0, 1])), ctx)[0]
 
     hint_of(f_s).backward()
     # central finite difference on one student activation (the loss runs in float32: loose step)
@@ -130,3 +130,8 @@ def test_registered_through_the_hook():
     reg = Registry(pm, broken)
     assert reg.method("fitnet") is FitNet
     assert FitNetParams() == FitNetParams(gamma=1.0, alpha=0.0, beta=100.0, temperature=4.0, hint_layer=2)
+
+
+def as_batch(labels: torch.Tensor) -> Batch:
+    """The batch a loss receives, reduced to what these losses read: labels (and indices)."""
+    return Batch(inputs={}, labels=labels, index=torch.arange(labels.shape[0]))

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from kdbench.api import ModelOutput, Problem
-from kdbench_plugins.methods.kd import KD, KDParams, soft_loss
+from kdbench.api import Batch, ModelOutput, Problem
+from kdbench.losses import soft_loss
+from kdbench_plugins.methods.kd import KD, KDParams
 
 S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 T = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
@@ -33,7 +34,7 @@ def hand_kd(alpha: float, temp: float) -> tuple[float, float]:
 @pytest.mark.parametrize("alpha,temp", [(0.5, 4.0), (0.9, 1.0), (0.0, 2.0)])
 def test_kd_classification_matches_hand_computation(alpha: float, temp: float) -> None:
     method = KD(KDParams(alpha=alpha, temperature=temp), Problem("classification", 3))
-    loss, parts = method.loss(_out(S), _out(T), torch.tensor(Y), None)  # type: ignore[arg-type]
+    loss, parts = method.loss(_out(S), _out(T), labels(Y), None)  # type: ignore[arg-type]
     expected, soft = hand_kd(alpha, temp)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert parts["soft"].item() == pytest.approx(soft, rel=1e-6)
@@ -42,7 +43,7 @@ def test_kd_classification_matches_hand_computation(alpha: float, temp: float) -
 def test_kd_regression_uses_mse_to_teacher_and_labels() -> None:
     s, t, y = [0.5, -1.0, 2.0], [1.0, 0.0, 2.5], [0.0, 0.5, 3.0]
     method = KD(KDParams(alpha=0.3, temperature=7.0), Problem("regression", 1))
-    loss, parts = method.loss(_out([[v] for v in s]), _out([[v] for v in t]), torch.tensor(y), None)  # type: ignore[arg-type]
+    loss, parts = method.loss(_out([[v] for v in s]), _out([[v] for v in t]), labels(y), None)  # type: ignore[arg-type]
     mse_t = sum((a - b) ** 2 for a, b in zip(s, t)) / 3  # 0.25 + 1 + 0.25 = 1.5 / 3
     mse_y = sum((a - b) ** 2 for a, b in zip(s, y)) / 3
     assert mse_t == pytest.approx(0.5)
@@ -62,3 +63,33 @@ def test_soft_loss_is_zero_for_equal_logits_and_scales_with_t_squared() -> None:
 
 def _out(rows: list[list[float]]) -> ModelOutput:
     return ModelOutput(logits=torch.tensor(rows))
+
+
+def labels(values: list) -> Batch:
+    """A batch that carries only what a loss reads: its labels (and indices)."""
+    return Batch(inputs={}, labels=torch.tensor(values), index=torch.arange(len(values)))
+
+
+def test_soft_loss_mse_is_the_softened_probability_mse_times_t_squared() -> None:
+    method = KD(KDParams(alpha=1.0, temperature=2.0, soft_loss="mse"), Problem("classification", 3))
+    loss, _ = method.loss(_out(S), _out(T), labels(Y), None)  # type: ignore[arg-type]
+    hand = sum((a - b) ** 2 for s, t in zip(S, T) for a, b in zip(softmax(s, 2.0), softmax(t, 2.0))) / 6 * 4.0
+    assert loss.item() == pytest.approx(hand, rel=1e-6)
+    kl, _ = KD(KDParams(alpha=1.0, temperature=2.0), Problem("classification", 3)).loss(_out(S), _out(T), labels(Y), None)  # type: ignore[arg-type]
+    assert kl.item() != pytest.approx(hand, rel=1e-3)  # the old (only) soft term differs
+
+
+def test_an_added_option_at_its_default_keeps_stored_kd_hashes() -> None:
+    stored = {"alpha": 0.9, "temperature": 4.0}  # a kd row's params in results/mnist-cpu/store.sqlite
+    assert KDParams.model_validate(stored).model_dump(mode="json") == stored
+    assert KDParams(soft_loss="kl").model_dump(mode="json") == {"alpha": 0.5, "temperature": 4.0}
+    assert KDParams(soft_loss="mse").model_dump(mode="json")["soft_loss"] == "mse"
+    assert KDParams(**KDParams(soft_loss="mse").model_dump(mode="json")).soft_loss == "mse"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_options_refuse_infinite_and_nan_values(value: float) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="finite number"):
+        KDParams(temperature=value)

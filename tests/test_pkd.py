@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdbench.api import IncompatibleModelError, ModelOutput, Problem
+from kdbench.api import Batch, IncompatibleModelError, ModelOutput, Problem
 from kdbench_plugins.methods.pkd import PKD, PKDParams, layer_map
 from helpers_models import text_batch, tiny_bert, tiny_cnn
 
@@ -47,18 +47,36 @@ def test_pkd_loss_six_to_three_layers_matches_hand_computation(kind: str, pairs:
     method = PKD(p, Problem("classification", 3))
     tensors = lambda xs: tuple(torch.tensor(x) for x in xs)  # noqa: E731
     loss, parts = method.loss(ModelOutput(logits=torch.tensor(s_logits), hidden_states=tensors(s_h)),
-                              ModelOutput(logits=torch.tensor(t_logits), hidden_states=tensors(t_h)), torch.tensor(labels), None)  # type: ignore[arg-type]
+                              ModelOutput(logits=torch.tensor(t_logits), hidden_states=tensors(t_h)), as_batch(torch.tensor(labels)), None)  # type: ignore[arg-type]
 
     terms = _hand_patience(s_h, t_h, pairs)
     pt = np.mean(terms) if reduction == "mean" else np.sum(terms)
     T = 10.0
     log_ps = s_logits / T - np.log(np.exp(s_logits / T).sum(1, keepdims=True))
     log_pt = t_logits / T - np.log(np.exp(t_logits / T).sum(1, keepdims=True))
-    soft = (np.exp(log_pt) * (log_pt - log_ps)).sum(1).mean() * T**2
+    soft = (np.exp(log_pt) * (log_pt - log_ps)).sum(1).mean() * T**2 / 3  # soft_reduction mean: / (batch x classes)
     log_p1 = s_logits - np.log(np.exp(s_logits).sum(1, keepdims=True))
     ce = -log_p1[np.arange(2), labels].mean()
     assert parts["patience"].item() == pytest.approx(pt, rel=1e-5)
     assert loss.item() == pytest.approx(0.7 * soft + 0.3 * ce + 500.0 * pt, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:reduction")  # torch's note that KLDivLoss "mean" is not the KL: that is the point
+@pytest.mark.parametrize("classes", [2, 3])
+def test_pkd_soft_term_is_the_official_kldivloss_mean_by_default(classes: int) -> None:
+    g = torch.Generator().manual_seed(classes)
+    s, t = torch.randn(5, classes, generator=g, dtype=torch.float64), torch.randn(5, classes, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (5,), generator=g)
+    T = 10.0
+    official = torch.nn.KLDivLoss(reduction="mean")(torch.log_softmax(s / T, 1), torch.softmax(t / T, 1)) * T * T
+    problem = Problem("classification", classes)
+    h = (torch.randn(5, 2, 4, generator=g, dtype=torch.float64),) * 3  # two layers; identical states: no patience term
+    s_out, t_out = ModelOutput(logits=s, hidden_states=h), ModelOutput(logits=t, hidden_states=h)
+    _, parts = PKD(PKDParams(), problem).loss(s_out, t_out, as_batch(y), None)  # type: ignore[arg-type]
+    assert parts["soft"].item() == pytest.approx(official.item(), rel=1e-5)
+    _, old = PKD(PKDParams(soft_reduction="batchmean"), problem).loss(s_out, t_out, as_batch(y), None)  # type: ignore[arg-type]
+    assert old["soft"].item() == pytest.approx(classes * official.item(), rel=1e-5)  # version 1: C times larger
+    assert PKD.version == 2
 
 
 def test_pkd_regression_and_identical_states_give_zero_patience() -> None:
@@ -67,7 +85,7 @@ def test_pkd_regression_and_identical_states_give_zero_patience() -> None:
     scaled = tuple(3.0 * x for x in h)  # normalisation removes the scale
     method = PKD(PKDParams(alpha=0.5, beta=10.0), Problem("regression", 1))
     s, t, y = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [2.0]]), torch.tensor([1.0, 4.0])
-    loss, parts = method.loss(ModelOutput(logits=s, hidden_states=h), ModelOutput(logits=t, hidden_states=scaled), y, None)  # type: ignore[arg-type]
+    loss, parts = method.loss(ModelOutput(logits=s, hidden_states=h), ModelOutput(logits=t, hidden_states=scaled), as_batch(y), None)  # type: ignore[arg-type]
     assert parts["patience"].item() == pytest.approx(0.0, abs=1e-7)
     assert loss.item() == pytest.approx(0.5 * 0.5 + 0.5 * 2.0, rel=1e-6)  # MSE(s,t) = 0.5, MSE(s,y) = 2
 
@@ -87,7 +105,7 @@ def test_pkd_on_real_bert_outputs_uses_cls_of_mapped_layers() -> None:
     need = PKD.student_needs
     s, t = student(batch.inputs, need=need), teacher(batch.inputs, need=need)
     method = PKD(PKDParams(layer_map="skip"), Problem("classification", 2))
-    _, parts = method.loss(s, t, batch.labels, None)  # type: ignore[arg-type]
+    _, parts = method.loss(s, t, batch, None)  # type: ignore[arg-type]
     expected = _hand_patience([x.detach().numpy() for x in s.hidden_states], [x.detach().numpy() for x in t.hidden_states], [(1, 2)])
     assert parts["patience"].item() == pytest.approx(expected[0], rel=1e-5)
 
@@ -97,3 +115,8 @@ def test_pkd_refuses_different_widths_unless_beta_is_zero() -> None:
     with pytest.raises(IncompatibleModelError, match="student is 8 wide and the teacher 16"):
         PKD(PKDParams(), Problem("classification", 2)).check_models(student, teacher)
     PKD(PKDParams(beta=0.0), Problem("classification", 2)).check_models(student, teacher)
+
+
+def as_batch(labels: torch.Tensor) -> Batch:
+    """The batch a loss receives, reduced to what these losses read: labels (and indices)."""
+    return Batch(inputs={}, labels=labels, index=torch.arange(labels.shape[0]))

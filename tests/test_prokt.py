@@ -69,7 +69,7 @@ def test_one_step_teacher_first_then_student_against_updated_teacher() -> None:
     teacher, student, batch = _toy()
     t0 = [p.detach().clone() for p in teacher.parameters()]
     s0 = [p.detach().clone() for p in student.parameters()]
-    p = ProKTParams(lam=0.4, temperature=2.0, alpha=1.0, teacher_lr=0.5, teacher_optimizer="sgd", teacher_momentum=0.0)
+    p = ProKTParams(lam=0.4, temperature=2.0, alpha=1.0, teacher_lr=0.5, teacher_optimizer="sgd", teacher_momentum=0.0, teacher_init="finetuned")
     method = ProKT(p, CLS3)
     ctx = make_ctx(student, teacher, torch.optim.SGD(student.parameters(), lr=0.3), problem=CLS3)
     teacher.requires_grad_(True)
@@ -102,10 +102,39 @@ def test_one_step_teacher_first_then_student_against_updated_teacher() -> None:
 
 def test_teacher_moves_toward_the_student() -> None:
     teacher, student, batch = _toy(seed=3)
-    method = ProKT(ProKTParams(lam=0.4, teacher_lr=0.05, teacher_optimizer="sgd", teacher_momentum=0.0), CLS3)
+    method = ProKT(ProKTParams(lam=0.4, teacher_lr=0.05, teacher_optimizer="sgd", teacher_momentum=0.0, teacher_init="finetuned"), CLS3)
     ctx = make_ctx(student, teacher, torch.optim.SGD(student.parameters(), lr=0.1), problem=CLS3)
     teacher.requires_grad_(True)
     method.setup(ctx)
     pulls = [method.train_step(ctx, batch)["teacher_pull"].item() for _ in range(40)]
     assert pulls[-1] < 0.5 * pulls[0]
     assert all(b <= a + 1e-12 for a, b in zip(pulls, pulls[1:]))  # monotone on this toy
+
+
+def test_teacher_starts_from_pretrained_weights_by_default() -> None:
+    teacher, student, batch = _toy(seed=4)
+    finetuned = [p.detach().clone() for p in teacher.parameters()]
+    torch.manual_seed(9)
+    pretrained = LinearNet(4, 3).double()  # what ctx.build_teacher gives: pretrained body, new head
+    assert ProKTParams().teacher_init == "pretrained" and ProKT.version == 2
+    method = ProKT(ProKTParams(teacher_lr=0.05, teacher_optimizer="sgd", teacher_momentum=0.0), CLS3)
+    ctx = make_ctx(student, teacher, torch.optim.SGD(student.parameters(), lr=0.1), problem=CLS3)
+    ctx.build_teacher = lambda: pretrained
+    teacher.requires_grad_(True)
+    method.setup(ctx)
+    assert ctx.teacher is teacher  # loaded in place: the run's teacher forward reads the same object
+    torch.testing.assert_close([p.detach() for p in teacher.parameters()], [p.detach() for p in pretrained.parameters()])
+    assert not torch.equal(finetuned[0], teacher.fc.weight.detach())  # not the fine-tuned start (version 1)
+    before = teacher.fc.weight.detach().clone()
+    method.train_step(ctx, batch)
+    assert not torch.equal(before, teacher.fc.weight.detach())  # and it trains from there
+
+
+def test_pretrained_start_without_a_teacher_builder_is_a_named_error() -> None:
+    from kdbench.api import KDBenchError
+
+    teacher, student, _ = _toy()
+    ctx = make_ctx(student, teacher, torch.optim.SGD(student.parameters(), lr=0.1), problem=CLS3)
+    teacher.requires_grad_(True)
+    with pytest.raises(KDBenchError, match="teacher_init: finetuned"):
+        ProKT(ProKTParams(), CLS3).setup(ctx)

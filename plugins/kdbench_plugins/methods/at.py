@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import FEATURES, LOGITS, IncompatibleModelError, KDModel, Method, ModelOutput, Options, StepContext, task_loss
+from kdbench.api import FEATURES, LOGITS, Batch, IncompatibleModelError, KDModel, Method, ModelOutput, Options, StepContext, require_family, task_loss
 from kdbench.hookspecs import hookimpl
-from kdbench_plugins.methods.fitnet import require_cnn
-from kdbench_plugins.methods.kd import soft_loss
+from kdbench.losses import soft_loss
 
 
 class ATParams(Options):
@@ -70,8 +69,8 @@ class AttentionTransfer(Method):
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
-        require_cnn(self.name, "student", student)
-        require_cnn(self.name, "teacher", teacher)
+        for role, model in (("student", student), ("teacher", teacher)):
+            require_family(self.name, role, model, "cnn", "convolutional feature maps (B, C, H, W)")
         if teacher is None:
             return
         n_s = len(student.describe().get("feature_channels", ()))
@@ -82,7 +81,7 @@ class AttentionTransfer(Method):
                 f"({type(student).__name__}) has {n_s} feature maps and the teacher ({type(teacher).__name__}) {n_t}"
             )
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput | None, labels: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None and student.features is not None and teacher.features is not None
         if len(student.features) != len(teacher.features) or len(student.features) < 2:
             raise IncompatibleModelError(
@@ -91,7 +90,7 @@ class AttentionTransfer(Method):
             )
         hp = self.params
         at = sum(at_layer_loss(f_s, f_t, hp.p) for f_s, f_t in zip(student.features[1:], teacher.features[1:]))
-        ce = task_loss(student.logits, labels, self.problem)
+        ce = task_loss(student.logits, batch.labels, self.problem)
         kd = soft_loss(student.logits, teacher.logits, hp.temperature, self.problem)
         total = hp.gamma * ce + hp.alpha * kd + hp.beta * at
         return total, {"ce": ce.detach(), "kd": kd.detach(), "at": at.detach()}

@@ -27,7 +27,7 @@ Defaults follow the CRD benchmark (RepDistiller ``train_student.py`` and
 nce_k 16384, nce_t 0.07, nce_m 0.5; ``-a 1`` gives "CRD+KD"). ``nce_k`` is clipped to
 ``N - 1``. One deviation: RepDistiller's default "exact" sampler draws negatives from
 examples of *other classes*; here they are uniform over all other examples (the paper's
-noise distribution P_n = 1/N), drawn from a generator seeded by the run.
+noise distribution P_n = 1/N), drawn from the run's seeded stream ``crd-negatives``.
 """
 
 from __future__ import annotations
@@ -41,12 +41,10 @@ from torch import Tensor, nn
 
 from kdbench.api import EMBEDDING, LOGITS, Batch, KDBenchError, KDModel, Method, ModelOutput, Options, SetupInfo, StepContext, task_loss
 from kdbench.hookspecs import hookimpl
-from kdbench_plugins.methods.kd import soft_loss
+from kdbench.losses import soft_loss
 
 EPS = 1e-7  # as the paper's code, keeps the NCE ratios finite
-_GENERATOR = "crd_generator"
-_INDEX = "crd_batch_index"
-_SEED_OFFSET = 1_000_003  # a stream apart from the data order's generator, which uses the run seed itself
+NEGATIVES = "crd-negatives"  # the run's random stream of negative indices (ctx.generator)
 
 
 class CRDParams(Options):
@@ -148,26 +146,16 @@ class CRD(Method):
             dims.append(emb.flatten(1).shape[1])
         return ContrastMemory(dims[0], dims[1], p.feat_dim, info.train_size, p.nce_t, p.nce_m)
 
-    def setup(self, ctx: StepContext) -> None:
-        device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
-        ctx.state[_GENERATOR] = torch.Generator(device=device).manual_seed((torch.initial_seed() + _SEED_OFFSET) % 2**63)
-
-    def train_step(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
-        # loss() does not receive the batch, but the memory banks are keyed by example index
-        ctx.state[_INDEX] = batch.index
-        return super().train_step(ctx, batch)
-
-    def loss(self, student: ModelOutput, teacher: ModelOutput | None, labels: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None and student.embedding is not None and teacher.embedding is not None
         assert isinstance(ctx.extra, ContrastMemory), "crd's memory comes from extra_modules()"
         p = self.params
         memory: ContrastMemory = ctx.extra
-        if _GENERATOR not in ctx.state:
-            self.setup(ctx)
         k = min(p.nce_k, memory.train_size - 1)
-        idx = sample_contrast_index(ctx.state[_INDEX], k, memory.train_size, ctx.state[_GENERATOR]).to(memory.memory_s.device)
+        generator = ctx.generator(NEGATIVES, ctx.device if ctx.device.type == "cuda" else None)
+        idx = sample_contrast_index(batch.index, k, memory.train_size, generator).to(memory.memory_s.device)
         crd = memory(student.embedding, teacher.embedding, idx)
-        ce = task_loss(student.logits, labels, self.problem)
+        ce = task_loss(student.logits, batch.labels, self.problem)
         kd = soft_loss(student.logits, teacher.logits, p.temperature, self.problem)
         total = p.gamma * ce + p.alpha * kd + p.beta * crd
         return total, {"ce": ce.detach(), "kd": kd.detach(), "crd": crd.detach()}

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import IncompatibleModelError, KDModel, Method, ModelOutput, Options, StepContext, task_loss
+from kdbench.api import Batch, IncompatibleModelError, KDModel, Method, ModelOutput, Options, StepContext, task_loss
 from kdbench.hookspecs import hookimpl
 
 #: what the paper's code subtracts from the target logit to drop it from the softmax
@@ -87,11 +87,11 @@ class DKD(Method):
         warm = self.params.warmup_fraction * total_steps
         return 1.0 if warm <= 0 else min((step + 1) / warm, 1.0)
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput | None, labels: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None
         p = self.params
-        tckd, nckd = dkd_parts(student.logits, teacher.logits, labels, p.temperature)
-        ce = task_loss(student.logits, labels, self.problem)
+        tckd, nckd = dkd_parts(student.logits, teacher.logits, batch.labels, p.temperature)
+        ce = task_loss(student.logits, batch.labels, self.problem)
         w = self.warmup_weight(ctx.step, ctx.total_steps)
         total = p.gamma * ce + w * (p.alpha * tckd + p.beta * nckd)
         return total, {"ce": ce.detach(), "tckd": tckd.detach(), "nckd": nckd.detach(), "dkd_weight": torch.tensor(w)}

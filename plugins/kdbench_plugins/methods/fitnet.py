@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from kdbench.api import (
     FEATURES,
     LOGITS,
+    Batch,
     IncompatibleModelError,
     KDModel,
     Method,
@@ -40,10 +41,11 @@ from kdbench.api import (
     Options,
     SetupInfo,
     StepContext,
+    require_family,
     task_loss,
 )
 from kdbench.hookspecs import hookimpl
-from kdbench_plugins.methods.kd import soft_loss
+from kdbench.losses import soft_loss
 
 
 class FitNetParams(Options):
@@ -89,15 +91,6 @@ def _feature_shapes(model: KDModel, info: SetupInfo) -> list[tuple[int, ...]]:
     return [tuple(f.shape) for f in out.features]
 
 
-def require_cnn(method: str, role: str, model: KDModel | None) -> None:
-    """Refuse non-CNN models: the loss reads spatial (B, C, H, W) feature maps."""
-    if model is not None and model.family != "cnn":
-        raise IncompatibleModelError(
-            f"method '{method}' needs convolutional feature maps (B, C, H, W) from a CNN, but the {role} "
-            f"model ({type(model).__name__}) is of family '{model.family}' and has none"
-        )
-
-
 class FitNet(Method):
     """Hint regression: ``gamma*CE + alpha*KD + beta*MSE(r(F_s[h]), F_t[h])`` (Romero et al. 2015)."""
 
@@ -112,7 +105,7 @@ class FitNet(Method):
         super().check_models(student, teacher)
         h = self.params.hint_layer
         for role, model in (("student", student), ("teacher", teacher)):
-            require_cnn(self.name, role, model)
+            require_family(self.name, role, model, "cnn", "convolutional feature maps (B, C, H, W)")
             n = len(model.describe().get("feature_channels", ())) if model is not None else 0
             if model is not None and n and h >= n:
                 raise IncompatibleModelError(
@@ -131,13 +124,13 @@ class FitNet(Method):
             )
         return HintRegressor(s_shapes[h], t_shapes[h])
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput | None, labels: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None and student.features is not None and teacher.features is not None
         assert ctx.extra is not None, "fitnet's regressor comes from extra_modules()"
         p = self.params
         h = p.hint_layer
         hint = F.mse_loss(ctx.extra(student.features[h]).float(), teacher.features[h].float())
-        ce = task_loss(student.logits, labels, self.problem)
+        ce = task_loss(student.logits, batch.labels, self.problem)
         kd = soft_loss(student.logits, teacher.logits, p.temperature, self.problem)
         total = p.gamma * ce + p.alpha * kd + p.beta * hint
         return total, {"ce": ce.detach(), "kd": kd.detach(), "hint": hint.detach()}

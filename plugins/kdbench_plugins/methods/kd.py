@@ -11,32 +11,28 @@ Regression (e.g. STS-B), where a temperature has no meaning::
 
     L = alpha * MSE(s, t) + (1 - alpha) * MSE(s, y)
 
-Defaults: alpha 0.5, T 4 (the CRD/RepDistiller CIFAR setting uses alpha 0.9, T 4).
+``soft_loss: mse`` replaces the KL by ``T^2 * mean_{b,c} (p_s - p_t)^2`` (the soft term of
+MetaDistil's official GLUE code; see :func:`kdbench.losses.probability_mse`).
+
+Defaults: alpha 0.5, T 4, KL (the CRD/RepDistiller CIFAR setting uses alpha 0.9, T 4).
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import Method, ModelOutput, Options, Problem, StepContext, full_precision, task_loss
+from kdbench.api import Batch, Method, ModelOutput, Options, StepContext, added, task_loss
 from kdbench.hookspecs import hookimpl
-
-
-def soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, problem: Problem) -> Tensor:
-    """T^2 * KL(p_t || p_s) with softened distributions, batch-mean; MSE for regression."""
-    student_logits, teacher_logits = full_precision(student_logits), full_precision(teacher_logits)
-    if problem.is_regression:
-        return F.mse_loss(student_logits, teacher_logits.to(student_logits.dtype))
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.to(student_logits.dtype) / temperature, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+from kdbench.losses import soft_loss
 
 
 class KDParams(Options):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft (teacher) term")
     temperature: float = Field(4.0, gt=0, description="softmax temperature T")
+    soft_loss: Literal["kl", "mse"] = added("kl", description="soft term: T^2*KL (Hinton) or T^2*MSE of softened probabilities (MetaDistil's GLUE code)")
 
 
 class KD(Method):
@@ -45,11 +41,11 @@ class KD(Method):
     citation = "Hinton, Vinyals, Dean 2015, arXiv:1503.02531"
     Params = KDParams
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput | None, labels: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None
         p = self.params
-        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem)
-        hard = task_loss(student.logits, labels, self.problem)
+        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss)
+        hard = task_loss(student.logits, batch.labels, self.problem)
         return p.alpha * soft + (1 - p.alpha) * hard, {"soft": soft.detach(), "hard": hard.detach()}
 
 

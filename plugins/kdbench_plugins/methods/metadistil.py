@@ -3,18 +3,17 @@
 Zhou, Xu, McAuley. "BERT Learns to Teach: Knowledge Distillation with Meta Learning."
 ACL 2022 (arXiv:2106.04570).
 
-A strategy that wraps any loss-based method (``inner``, default ``kd``) whose loss
-``L_inner(S, T; x, y)`` distils teacher ``T`` into student ``S``. Each step, on batch
-``(x, y)``:
+A strategy that wraps any loss-based method (``inner``, default ``kd``; also ``pkd``,
+``tinybert``, ``crd``, ...) whose loss ``L_inner(S, T; x, y)`` distils teacher ``T`` into
+student ``S``. Each step, on batch ``(x, y)``:
 
 1. **Pilot (virtual) step.** With the teacher in eval mode but with grad, one plain SGD
    step of the student on the inner loss, kept as a differentiable function of ``T``::
 
        S'(T) = S - eta * grad_S L_inner(S, T; x, y)          (eta = virtual_lr)
 
-2. **Teacher meta step.** The quiz loss of ``S'`` on ``quiz_batches`` quiz batches
-   ``(x_q, y_q)`` (task loss only: CE, or MSE for regression), with ``S'`` in eval mode (no
-   dropout; BatchNorm normalises with its running statistics and does not change them)::
+2. **Teacher meta step.** The quiz loss of ``S'`` on quiz batches ``(x_q, y_q)`` (task
+   loss only: CE, or MSE for regression)::
 
        g_T = d/dT  mean_q task_loss(S'(T)(x_q), y_q)
 
@@ -22,72 +21,81 @@ A strategy that wraps any loss-based method (``inner``, default ``kd``) whose lo
    clipped to norm ``teacher_grad_clip`` and the teacher's optimizer steps. The teacher has
    no loss of its own.
 3. **Real step.** The inner loss on the **same** batch against the updated teacher
-   (teacher outputs recomputed without grad), then the student's normal optimizer and
-   scheduler step.
+   (teacher outputs recomputed without grad), then ``ctx.student_step``.
+
+Options (besides ``teacher_lr``, ``teacher_optimizer`` and its weight decay / momentum):
+
+* ``quiz_batches``: quiz batches per teacher step, or ``all``: one pass over the whole
+  quiz split every teacher step (the official default, ``num_held_batches=0``; its last
+  partial batch is dropped as in training). Default 1 (cheaper; not the official one).
+* ``quiz_mode``: ``eval`` (default; no dropout, BatchNorm uses its running statistics) or
+  ``train`` (BatchNorm normalises with the quiz batch's statistics, as the official CIFAR
+  code's virtual student; the student's running statistics are never changed by it).
+* ``teacher_schedule`` with ``teacher_start`` (see :func:`kdbench.losses.teacher_lr_factor`):
+  the teacher is fixed for the first ``teacher_start`` of the steps (a step is then a plain
+  step of the inner method; the first step always is); from there its lr is ``constant``,
+  ``linear`` (to 0 at the end: official GLUE) or ``follow_student`` (the student's schedule
+  renormalised to 1 at the start: official CIFAR, with ``teacher_start`` 150/240).
+  The official CIFAR code switches at its 1-based epochs 150, 180, 210, i.e. one epoch
+  before the student's own decays; here the switches fall on the student's milestones.
+* ``virtual_schedule``: ``constant`` (official GLUE) or ``follow_student`` (eta times the
+  student's lr ratio, not renormalised: official CIFAR, x0.1 at each student decay).
+* ``follow_student_schedule: true`` (deprecated) means both schedules ``follow_student``.
+* The inner method's params as extra top-level fields (e.g. ``inner: pkd, alpha: 0.5,
+  beta: 100, temperature: 5, soft_loss: mse``), validated against its Params.
 
 Implementation: ``S'`` is a dict of tensors used through ``torch.func.functional_call``;
-no model or optimizer is copied and no functional model is hand-written, so any
-``nn.Module`` student works (BERT; CNNs with BatchNorm). The student's weights and
-optimizer state are never touched by the pilot step. The student's forward on ``(x, y)``
-(train mode) is computed once and shared by the pilot and the real step: the weights are
-the same in both, so the real step's loss is recomputed only against the updated teacher,
-and BatchNorm's running statistics are updated once per step, as in a plain step. The quiz
-gradient is taken w.r.t. ``S'`` batch by batch and pulled back to ``T`` in one
-second-order backward, so memory does not grow with ``quiz_batches``. The student's extra
-modules (e.g. TinyBERT's projection) are not moved by the pilot step: ``S'`` depends on
-them, but the quiz loss does not.
-
-Before ``teacher_start * total_steps`` steps the teacher is fixed and a step is a plain
-step of the inner method (the CIFAR recipe keeps the teacher lr at 0 for 150 of 240
-epochs). ``follow_student_schedule`` scales ``teacher_lr`` and ``virtual_lr`` by the
-student's current lr / initial lr (the CIFAR recipe decays them with the student's).
-
-Params: the wrapper's own fields below, plus the inner method's hyper-parameters as extra
-top-level fields (e.g. ``inner: pkd, alpha: 0.5, beta: 100, temperature: 5``), validated
-against the inner method's Params.
+no model or optimizer is copied, so any ``nn.Module`` student works. The student's forward
+on ``(x, y)`` (train mode) is computed once and shared by the pilot and the real step (the
+weights are the same in both), so BatchNorm statistics move once per step. The pilot loss
+runs under ``ctx.rehearsal()``: the inner method's random draws and extra buffers (CRD's
+negatives and memory banks) are the same in the real step. The quiz gradient is taken
+w.r.t. ``S'`` batch by batch and pulled back to ``T`` in one second-order backward, so
+memory does not grow with the quiz batches. Extra modules (e.g. TinyBERT's projection)
+are not moved by the pilot step. The teacher learns only through terms of the student's
+loss that read the teacher's current outputs: CRD's contrastive term reads the teacher
+through its memory bank (constants), so wrap CRD with ``alpha > 0`` (CRD+KD).
 
 Defaults (official GLUE code): virtual_lr 5e-5, teacher_lr 1e-5 with AdamW, clip 1.0,
-one quiz batch per step, teacher updated from the first step, inner ``kd`` with its own
-defaults (the official GLUE student loss is ``pkd`` with alpha 0.5, beta 100, T 5).
+constant schedules, inner ``kd`` with its defaults (the official GLUE student loss is
+``pkd`` with alpha 0.5, beta 100, T 5 and ``soft_loss: mse``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from kdbench.api import LOGITS, Batch, KDModel, Method, ModelOutput, Options, Problem, SetupInfo, StepContext, task_loss
+from kdbench.api import LOGITS, Batch, KDModel, Method, ModelOutput, Options, Problem, SetupInfo, StepContext, added, step_values, task_loss, wrapped_options
 from kdbench.hookspecs import hookimpl
-from kdbench.registry import UnknownNameError, did_you_mean, get_registry
-from kdbench_plugins.methods.prokt import build_teacher_optimizer, schedule_ratio
+from kdbench.losses import apply_teacher_gradient, build_teacher_optimizer, first_teacher_step, schedule_ratio, teacher_lr_factor
+from kdbench.registry import Registry, UnknownNameError, did_you_mean, get_registry
 
 
-def inner_method_class(name: str) -> type[Method]:
-    """The loss-based method MetaDistil wraps; ValueError for anything else."""
-    registry = get_registry()
+def inner_method_class(name: str, registry: Registry) -> type[Method]:
+    """The loss-based method MetaDistil wraps, from ``registry``; ValueError for anything else."""
     try:
         cls = registry.method(name)
     except UnknownNameError:
-        usable = [n for n in registry.names("methods") if _is_loss_based(registry.method(n))]
+        usable = [n for n in registry.names("methods") if registry.method(n).is_loss_based()]
         raise ValueError(f"unknown inner method '{name}'.{did_you_mean(name, usable)} Loss-based methods: {', '.join(usable) or '(none)'}") from None
     if not cls.uses_teacher:
         raise ValueError(f"inner method '{name}' does not use a teacher, so the teacher would get no meta-gradient")
-    if not _is_loss_based(cls):
+    if not cls.is_loss_based():
         raise ValueError(f"inner method '{name}' updates the teacher or runs its own training step; "
                          "metadistil needs a loss-based method (one that only implements loss())")
     return cls
 
 
-def _is_loss_based(cls: type[Method]) -> bool:
-    return cls.uses_teacher and not cls.updates_teacher and cls.train_step is Method.train_step
-
-
 class MetaDistilParams(Options):
-    """MetaDistil's own fields; any other field is a hyper-parameter of the inner method."""
+    """MetaDistil's own fields; any other field is a hyper-parameter of the inner method.
+    The inner method is looked up in the registry given as validation context
+    (``model_validate(data, context={"registry": r})``, as suites are validated), else in
+    the process registry."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -99,32 +107,32 @@ class MetaDistilParams(Options):
     teacher_momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of the teacher optimizer")
     teacher_grad_clip: float | None = Field(1.0, gt=0, description="max norm of the teacher's meta-gradient (null: no clipping)")
     teacher_start: float = Field(0.0, ge=0, lt=1, description="fraction of the steps before the teacher is first updated")
-    quiz_batches: int = Field(1, ge=1, le=64, description="quiz batches per teacher step")
-    follow_student_schedule: bool = Field(False, description="scale teacher_lr and virtual_lr by the student's lr schedule")
+    quiz_batches: Annotated[int, Field(ge=1, le=64)] | Literal["all"] = Field(1, description="quiz batches per teacher step, or all: one pass over the quiz split")
+    follow_student_schedule: bool = Field(False, description="deprecated: teacher_schedule and virtual_schedule follow_student")
+    teacher_schedule: Literal["constant", "linear", "follow_student"] = added("constant", description="teacher lr schedule from teacher_start")
+    virtual_schedule: Literal["constant", "follow_student"] = added("constant", description="virtual_lr constant or times the student's lr ratio")
+    quiz_mode: Literal["eval", "train"] = added("eval", description="student mode on quiz batches (train: BatchNorm batch statistics)")
+    _inner_cls: type[Method] | None = PrivateAttr(None)
+    _inner_params: Options | None = PrivateAttr(None)
 
     @model_validator(mode="before")
     @classmethod
-    def _validate_inner_params(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        name = data.get("inner", "kd")
-        if not isinstance(name, str):
-            return data  # the field's own type check reports it
-        inner = inner_method_class(name)
-        extras = {k: v for k, v in data.items() if k not in cls.model_fields}
-        allowed = inner.Params.model_fields
-        unknown = sorted(set(extras) - set(allowed))
-        if unknown:
-            own = ", ".join(cls.model_fields)
-            raise ValueError(f"unknown field {', '.join(repr(u) for u in unknown)} for metadistil with inner method '{name}'; "
-                             f"allowed: {own}, and the inner method's {', '.join(allowed) or '(none)'}")
-        try:
-            validated = inner.Params(**extras)
-        except ValidationError as err:
-            why = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
-            raise ValueError(f"inner method '{name}' params: {why}") from None
+    def _deprecated_follow(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("follow_student_schedule") is True:  # stored as false: its old meaning is gone
+            data = {"teacher_schedule": "follow_student", "virtual_schedule": "follow_student", **data, "follow_student_schedule": False}
+        return data
+
+    @model_validator(mode="after")
+    def _validate_inner_params(self, info: ValidationInfo) -> MetaDistilParams:
+        registry = (info.context or {}).get("registry") or get_registry()
+        inner = inner_method_class(self.inner, registry)
+        extras = dict(self.model_extra or {})
+        validated = wrapped_options(extras, inner.Params, "metadistil", self.inner, type(self).model_fields)
         # keep only the fields given, in their validated form (stable run hashes)
-        return {**{k: v for k, v in data.items() if k in cls.model_fields}, **validated.model_dump(mode="json", include=set(extras))}
+        self.__pydantic_extra__.clear()  # type: ignore[union-attr]
+        self.__pydantic_extra__.update(validated.model_dump(mode="json", include=set(extras)))  # type: ignore[union-attr]
+        self._inner_cls, self._inner_params = inner, validated
+        return self
 
 
 class MetaDistil(Method):
@@ -133,14 +141,15 @@ class MetaDistil(Method):
     name = "metadistil"
     description = "MetaDistil: the teacher is meta-updated from the virtual student's quiz loss (pilot update), around any loss-based method."
     citation = "Zhou, Xu, McAuley 2022, ACL, arXiv:2106.04570"
+    version = 2  # 2: follow_student_schedule renormalises the teacher lr to 1 at teacher_start (was x the student's ratio)
     Params = MetaDistilParams
     updates_teacher = True
     uses_quiz = True
 
     def __init__(self, params: MetaDistilParams, problem: Problem):
         super().__init__(params, problem)
-        inner_cls = inner_method_class(params.inner)
-        self.inner: Method = inner_cls(inner_cls.Params(**(params.model_extra or {})), problem)
+        assert params._inner_cls is not None and params._inner_params is not None
+        self.inner: Method = params._inner_cls(params._inner_params, problem)
         self.student_needs = self.inner.student_needs
         self.teacher_needs = self.inner.teacher_needs
 
@@ -158,7 +167,18 @@ class MetaDistil(Method):
         ctx.state["student_initial_lr"] = ctx.student_optimizer.param_groups[0]["lr"]
 
     def meta_active(self, ctx: StepContext) -> bool:
-        return self.params.teacher_lr > 0 and ctx.step > self.params.teacher_start * ctx.total_steps
+        return self.params.teacher_lr > 0 and ctx.step >= first_teacher_step(self.params.teacher_start, ctx.total_steps)
+
+    def virtual_step_size(self, ctx: StepContext) -> float:
+        """eta of the pilot step: ``virtual_lr``, times the student's lr ratio under ``follow_student``."""
+        return self.params.virtual_lr * (schedule_ratio(ctx) if self.params.virtual_schedule == "follow_student" else 1.0)
+
+    def n_quiz_batches(self, ctx: StepContext, batch_size: int) -> int:
+        if self.params.quiz_batches != "all":
+            return int(self.params.quiz_batches)
+        if ctx.quiz_size <= 0:
+            raise RuntimeError("metadistil quiz_batches 'all' needs the quiz split's size (ctx.quiz_size), which this run does not give")
+        return max(ctx.quiz_size // batch_size, 1)  # one pass; the batches drop the last partial one
 
     # -- steps 1 and 2 ------------------------------------------------------------------
     def meta_gradient(self, ctx: StepContext, batch: Batch) -> tuple[list[Tensor], ModelOutput, Tensor]:
@@ -169,43 +189,46 @@ class MetaDistil(Method):
         assert teacher is not None
         t_params = [q for q in teacher.parameters() if q.requires_grad]
         named = [(n, q) for n, q in student.named_parameters() if q.requires_grad]
-        eta = p.virtual_lr * (schedule_ratio(ctx) if p.follow_student_schedule else 1.0)
-
+        eta = self.virtual_step_size(ctx)
         was_training = teacher.training
         teacher.eval()
         try:
-            with torch.enable_grad(), ctx.autocast():
+            with torch.enable_grad(), ctx.autocast(), ctx.rehearsal():
                 t_out = teacher(batch.inputs, need=self.teacher_needs)
                 s_out = student(batch.inputs, need=self.student_needs)
-                inner_loss, _ = self.inner.loss(s_out, t_out, batch.labels, ctx)
+                inner_loss, _ = self.inner.loss(s_out, t_out, batch, ctx)
         finally:
             teacher.train(was_training)
         grads = torch.autograd.grad(inner_loss, [q for _, q in named], create_graph=True, allow_unused=True)
         moved = [(n, q - eta * g) for (n, q), g in zip(named, grads) if g is not None]  # S'(T), differentiable in T
+        grad_fast, quiz = self.quiz_gradient(ctx, {n: w.detach().requires_grad_() for n, w in moved}, batch.labels.shape[0])
+        # pull back to the teacher through the pilot step (second order); keep the graph:
+        # the real step backpropagates through the same student forward
+        t_grads = torch.autograd.grad([w for _, w in moved], t_params, grad_outputs=grad_fast, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(q) if g is None else g for q, g in zip(t_params, t_grads)], s_out, quiz
 
-        # quiz gradient w.r.t. S' (first order, one quiz graph alive at a time)
-        leaves = {n: w.detach().requires_grad_() for n, w in moved}
+    def quiz_gradient(self, ctx: StepContext, leaves: dict[str, Tensor], batch_size: int) -> tuple[list[Tensor], Tensor]:
+        """d/dS' of the mean quiz loss (first order, one quiz graph alive at a time), and that loss."""
+        student, n = ctx.student, self.n_quiz_batches(ctx, batch_size)
         grad_fast = [torch.zeros_like(w) for w in leaves.values()]
-        quiz = torch.zeros((), device=inner_loss.device)
+        quiz = torch.zeros((), device=next(iter(leaves.values())).device)
+        # train mode reads the batch's BatchNorm statistics; the copies keep the running ones unchanged
+        buffers = {k: b.clone() for k, b in student.named_buffers()} if self.params.quiz_mode == "train" else {}
         was_training = student.training
-        student.eval()  # no dropout; BatchNorm reads its running statistics and leaves them alone
+        student.train(self.params.quiz_mode == "train")
         try:
-            for _ in range(p.quiz_batches):
+            for _ in range(n):
                 qb = ctx.next_quiz_batch()
                 with torch.enable_grad(), ctx.autocast():
-                    out: ModelOutput = functional_call(student, leaves, (qb.inputs,), {"need": frozenset({LOGITS})})
-                    q_loss = task_loss(out.logits, qb.labels, self.problem) / p.quiz_batches
+                    out: ModelOutput = functional_call(student, {**leaves, **buffers}, (qb.inputs,), {"need": frozenset({LOGITS})})
+                    q_loss = task_loss(out.logits, qb.labels, self.problem) / n
                 for acc, g in zip(grad_fast, torch.autograd.grad(q_loss, list(leaves.values()), allow_unused=True)):
                     if g is not None:
                         acc += g
                 quiz = quiz + q_loss.detach()
         finally:
             student.train(was_training)
-
-        # pull back to the teacher through the pilot step (second order); keep the graph:
-        # the real step backpropagates through the same student forward
-        t_grads = torch.autograd.grad([w for _, w in moved], t_params, grad_outputs=grad_fast, retain_graph=True, allow_unused=True)
-        return [torch.zeros_like(q) if g is None else g for q, g in zip(t_params, t_grads)], s_out, quiz
+        return grad_fast, quiz
 
     # -- the whole step -----------------------------------------------------------------
     def train_step(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
@@ -214,32 +237,15 @@ class MetaDistil(Method):
         p, teacher = self.params, ctx.teacher
         assert teacher is not None
         t_grads, s_out, quiz = self.meta_gradient(ctx, batch)
-
+        lr = p.teacher_lr * teacher_lr_factor(ctx, p.teacher_schedule, p.teacher_start)
         t_params = [q for q in teacher.parameters() if q.requires_grad]
-        for q, g in zip(t_params, t_grads):
-            q.grad = g
-        if p.teacher_grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(t_params, p.teacher_grad_clip)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in t_grads]))
-        t_opt: torch.optim.Optimizer = ctx.state["teacher_optimizer"]
-        if p.follow_student_schedule:
-            for group in t_opt.param_groups:
-                group["lr"] = p.teacher_lr * schedule_ratio(ctx)
-        t_opt.step()
-        t_opt.zero_grad(set_to_none=True)
-
+        norm = apply_teacher_gradient(ctx.state["teacher_optimizer"], t_params, t_grads, lr, p.teacher_grad_clip)
         # 3. real step: the shared student forward against the updated teacher
         t_new = ctx.teacher_forward(batch, self.teacher_needs)
         with ctx.autocast():
-            loss, parts = self.inner.loss(s_out, t_new, batch.labels, ctx)
-        ctx.student_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.student_optimizer.step()
-        if ctx.scheduler is not None:
-            ctx.scheduler.step()
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()},
-                "quiz_loss": quiz, "teacher_grad_norm": norm.detach()}
+            loss, parts = self.inner.loss(s_out, t_new, batch, ctx)
+        ctx.student_step(loss)
+        return step_values(loss, parts, quiz_loss=quiz, teacher_grad_norm=norm, teacher_lr=torch.tensor(lr, dtype=torch.float64))
 
 
 @hookimpl

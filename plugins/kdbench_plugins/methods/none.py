@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kdbench.api import Method, ModelOutput, StepContext, task_loss
+from kdbench.api import Batch, Method, ModelOutput, StepContext, task_loss
 from kdbench.hookspecs import hookimpl
 
 
@@ -19,8 +19,8 @@ class NoDistillation(Method):
     description = "No distillation: the student trained on the labels only (the baseline row)."
     uses_teacher = False
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput | None, labels: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
-        return task_loss(student.logits, labels, self.problem), {}
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        return task_loss(student.logits, batch.labels, self.problem), {}
 
 
 @hookimpl

@@ -21,8 +21,15 @@ both objectives (the student's weights do not change in between). The teacher op
 keeps a constant learning rate unless ``follow_student_schedule`` scales it by the
 student's current lr / initial lr.
 
+Where the teacher starts (``teacher_init``): ``pretrained`` (default, the paper's premise
+that the student should follow the teacher's path from the start, not chase a converged
+teacher) takes the teacher model's pretrained weights with a new task head, as
+``ctx.build_teacher`` gives them (for a model without pretrained weights, a fresh
+initialisation); ``finetuned`` starts from kdbench's fine-tuned teacher (version 1's only
+behaviour).
+
 Defaults (the paper's GLUE setting): lambda 0.4, T 1, teacher lr 3e-5 with AdamW
-(the student's lr 1e-4 is set in the suite's optimizer).
+(the student's lr 1e-4 is set in the suite's optimizer), teacher from pretrained weights.
 """
 
 from __future__ import annotations
@@ -32,28 +39,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from kdbench.api import Batch, LOGITS, Method, ModelOutput, Options, Problem, StepContext, task_loss
+from kdbench.api import LOGITS, Batch, KDBenchError, Method, ModelOutput, Options, Problem, StepContext, step_values, task_loss
 from kdbench.hookspecs import hookimpl
-from kdbench_plugins.methods.kd import soft_loss
-
-
-def build_teacher_optimizer(teacher: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
-    """The optimizer of a run's trainable teacher copy (ProKT, MetaDistil)."""
-    params = [p for p in teacher.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError("the teacher has no trainable parameters; the runner must call teacher.requires_grad_(True) for updates_teacher methods")
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def schedule_ratio(ctx: StepContext) -> float:
-    """The student's current learning rate over its initial one (1.0 before any decay)."""
-    group = ctx.student_optimizer.param_groups[0]
-    initial = group.get("initial_lr") or ctx.state.get("student_initial_lr") or group["lr"]
-    return group["lr"] / initial if initial else 1.0
+from kdbench.losses import build_teacher_optimizer, schedule_ratio, soft_loss
 
 
 def teacher_objective(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor, lam: float, temperature: float, problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,12 +74,15 @@ class ProKTParams(Options):
     teacher_momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of the teacher optimizer")
     teacher_train_mode: bool = Field(True, description="run the teacher's update forward in train mode (dropout, BN statistics)")
     follow_student_schedule: bool = Field(False, description="scale the teacher lr by the student's lr schedule")
+    teacher_init: Literal["pretrained", "finetuned"] = Field(
+        "pretrained", description="start the teacher from its pretrained weights with a new head (paper) or from kdbench's fine-tuned teacher")
 
 
 class ProKT(Method):
     """ProKT: teacher and student updated in turn on each batch (see module doc)."""
 
     name = "prokt"
+    version = 2  # 2: the teacher starts from its pretrained weights by default (teacher_init), not the fine-tuned one
     description = "ProKT: the teacher steps on (1-lambda)*CE + lambda*KL(p_S||p_T), then the student on KL(p_T'||p_S)."
     citation = "Shi, Zhou, Wang, Li 2021, ECML-PKDD, arXiv:2107.09305"
     Params = ProKTParams
@@ -100,6 +93,11 @@ class ProKT(Method):
     def setup(self, ctx: StepContext) -> None:
         assert ctx.teacher is not None
         p = self.params
+        if p.teacher_init == "pretrained":
+            if ctx.build_teacher is None:
+                raise KDBenchError("prokt with teacher_init 'pretrained' needs the teacher's pretrained weights, but this run "
+                                   "gives no ctx.build_teacher; set teacher_init: finetuned to start from the fine-tuned teacher")
+            ctx.teacher.load_state_dict(ctx.build_teacher().state_dict())  # in place: the run's teacher stays the same object
         ctx.state["teacher_optimizer"] = build_teacher_optimizer(ctx.teacher, p.teacher_optimizer, p.teacher_lr, p.teacher_weight_decay, p.teacher_momentum)
         ctx.state["student_initial_lr"] = ctx.student_optimizer.param_groups[0]["lr"]
 
@@ -128,13 +126,8 @@ class ProKT(Method):
         t_new = ctx.teacher_forward(batch, self.teacher_needs)
         with ctx.autocast():
             loss, soft, hard = student_objective(s_out.logits, t_new.logits, batch.labels, p.alpha, p.temperature, self.problem)
-        ctx.student_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.student_optimizer.step()
-        if ctx.scheduler is not None:
-            ctx.scheduler.step()
-        return {"loss": loss.detach(), "soft": soft.detach(), "hard": hard.detach(),
-                "teacher_loss": t_loss.detach(), "teacher_task": t_task.detach(), "teacher_pull": t_pull.detach()}
+        ctx.student_step(loss)
+        return step_values(loss, {"soft": soft, "hard": hard}, teacher_loss=t_loss, teacher_task=t_task, teacher_pull=t_pull)
 
 
 @hookimpl

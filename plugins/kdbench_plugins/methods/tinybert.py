@@ -8,7 +8,7 @@ With ``M`` student and ``N`` teacher layers and the uniform map ``g(m) = floor(m
 
     L_att  = sum_{m=1..M} MSE(A_s^m, A_t^{g(m)})          pre-softmax scores, masked keys 0
     L_hid  = sum_{m=0..M} MSE(H_s^m W_h, H_t^{g(m)})       m = 0: embeddings, same W_h
-    L_pred = mean_b sum_c -softmax(t / T)_c * log_softmax(s / T)_c     (soft cross-entropy)
+    L_pred = mean_{b,c} -softmax(t / T)_c * log_softmax(s / T)_c       (soft cross-entropy)
     L      = w_att * L_att + w_hid * L_hid + w_pred * L_pred
 
 ``W_h`` (student width -> teacher width, with bias) is a learnable linear projection built
@@ -26,7 +26,11 @@ total budget and one learning-rate schedule (the official code runs two separate
 Attention maps are compared head by head, so teacher and student must have the same
 number of heads (refused before training otherwise), unless ``att_weight`` is 0.
 
-Defaults: T 1, all weights 1, joint schedule.
+``soft_reduction``: ``mean`` (default) averages the soft cross-entropy over batch x
+classes, as the official ``soft_cross_entropy`` (``(-p_t * log p_s).mean()``); ``sum`` sums
+over classes (version 1's only behaviour, C times larger, which matters in joint mode).
+
+Defaults: T 1, all weights 1, joint schedule, soft CE mean.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from kdbench.api import (
     ATTENTION_SCORES,
     HIDDEN_STATES,
     LOGITS,
+    Batch,
     IncompatibleModelError,
     KDModel,
     Method,
@@ -52,6 +57,7 @@ from kdbench.api import (
     StepContext,
 )
 from kdbench.hookspecs import hookimpl
+from kdbench.losses import soft_cross_entropy
 
 
 def uniform_map(student_layers: int, teacher_layers: int) -> list[int]:
@@ -74,12 +80,12 @@ def hidden_loss(student_hidden: tuple[Tensor, ...], teacher_hidden: tuple[Tensor
     return terms[0], sum(terms[2:], terms[1])
 
 
-def prediction_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, problem: Problem, regression_pred: str) -> Tensor:
+def prediction_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, problem: Problem,
+                    regression_pred: str, reduction: Literal["mean", "sum"] = "mean") -> Tensor:
     if problem.is_regression:
         target = teacher_logits if regression_pred == "teacher" else labels.view_as(student_logits)
         return F.mse_loss(student_logits.float(), target.float())
-    p_t = F.softmax(teacher_logits.float() / temperature, dim=-1)
-    return -(p_t * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(-1).mean()
+    return soft_cross_entropy(student_logits, teacher_logits, temperature, reduction)
 
 
 class TinyBERTParams(Options):
@@ -90,12 +96,14 @@ class TinyBERTParams(Options):
     two_stage: bool = Field(False, description="intermediate layers first, then prediction layer, in one budget")
     stage1_fraction: float = Field(0.5, ge=0, le=1, description="share of the steps spent in stage 1 when two_stage")
     regression_pred: Literal["teacher", "labels"] = Field("teacher", description="regression target of the prediction term")
+    soft_reduction: Literal["mean", "sum"] = Field("mean", description="soft CE averaged over batch x classes (official) or summed over classes")
 
 
 class TinyBERT(Method):
     """TinyBERT task distillation: attention + projected hidden-state + soft-CE terms (see module doc)."""
 
     name = "tinybert"
+    version = 2  # 2: the soft CE averages over batch x classes by default (soft_reduction), as the official code
     description = "TinyBERT-style: attention-score MSE + hidden MSE through a learned W_h (embeddings incl.) + soft CE; optional two stages."
     citation = "Jiao et al. 2020, Findings of EMNLP, arXiv:1909.10351"
     Params = TinyBERTParams
@@ -125,7 +133,7 @@ class TinyBERT(Method):
     def in_stage1(self, ctx: StepContext) -> bool:
         return self.params.two_stage and ctx.step <= int(self.params.stage1_fraction * ctx.total_steps)
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput | None, labels: Tensor, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None and ctx.extra is not None
         p = self.params
         zero = student.logits.new_zeros((), dtype=torch.float32)
@@ -138,7 +146,7 @@ class TinyBERT(Method):
             if p.hidden_weight > 0:
                 emb, hid = hidden_loss(student.hidden_states, teacher.hidden_states, ctx.extra)  # type: ignore[arg-type]
         if prediction:
-            pred = prediction_loss(student.logits, teacher.logits, labels, p.temperature, self.problem, p.regression_pred)
+            pred = prediction_loss(student.logits, teacher.logits, batch.labels, p.temperature, self.problem, p.regression_pred, p.soft_reduction)
         loss = p.att_weight * att + p.hidden_weight * (emb + hid) + p.pred_weight * pred
         return loss, {"att": att.detach(), "embedding": emb.detach(), "hidden": hid.detach(), "pred": pred.detach()}
 
