@@ -89,12 +89,15 @@ def test_glue_teacher_lr_decays_linearly_to_zero_and_virtual_lr_stays() -> None:
 
 
 def test_constant_schedule_is_the_default_and_keeps_stored_hashes() -> None:
-    stored = {"alpha": 0.5, "beta": 100.0, "follow_student_schedule": False, "inner": "pkd", "quiz_batches": 1, "teacher_grad_clip": 1.0,
+    stored = {"alpha": 0.5, "follow_student_schedule": False, "inner": "kd", "quiz_batches": 1, "teacher_grad_clip": 1.0,
               "teacher_lr": 1e-05, "teacher_momentum": 0.9, "teacher_optimizer": "adamw", "teacher_start": 0.0,
-              "teacher_weight_decay": 0.0, "temperature": 5.0, "virtual_lr": 0.0001}  # a row of results/glue-cpu/store.sqlite
+              "teacher_weight_decay": 0.0, "temperature": 4.0, "virtual_lr": 0.0001}  # a row of results/sensitivity-cpu/store.sqlite
     assert MetaDistilParams.model_validate(stored).model_dump(mode="json") == stored
     p = MetaDistilParams()
     assert (p.teacher_schedule, p.virtual_schedule, p.quiz_mode, p.quiz_batches) == ("constant", "constant", "eval", 1)
+    # a row of results/glue-cpu wraps pkd, whose soft term changed (version 2): that one must not keep its hash
+    with_pkd = {**stored, "inner": "pkd", "beta": 100.0, "temperature": 5.0}
+    assert MetaDistilParams.model_validate(with_pkd).model_dump(mode="json") == {**with_pkd, "inner_version": 2}
 
 
 # ------------------------------------------------------------------ quiz pass
@@ -139,6 +142,15 @@ def test_quiz_batches_all_runs_one_pass_over_the_quiz_split() -> None:
 
 
 # ------------------------------------------------------------------ params
+
+
+def test_a_new_inner_version_changes_the_dump_and_so_the_run_hash() -> None:
+    # pkd's soft term changed its default reduction (version 2): metadistil runs wrapping it must get new hashes
+    p = MetaDistilParams(inner="pkd", alpha=0.5, beta=100, temperature=5)
+    assert p.model_dump(mode="json")["inner_version"] == 2
+    assert MetaDistilParams.model_validate(p.model_dump(mode="json")).model_dump(mode="json") == p.model_dump(mode="json")
+    assert MetaDistilParams(inner="pkd", inner_version=7).inner_version == 2  # derived, not taken from input
+    assert "inner_version" not in MetaDistilParams(inner="kd").model_dump(mode="json")  # kd is at version 1
 
 
 def test_soft_loss_mse_reaches_the_inner_method() -> None:

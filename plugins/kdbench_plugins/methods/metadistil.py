@@ -112,6 +112,7 @@ class MetaDistilParams(Options):
     teacher_schedule: Literal["constant", "linear", "follow_student"] = added("constant", description="teacher lr schedule from teacher_start")
     virtual_schedule: Literal["constant", "follow_student"] = added("constant", description="virtual_lr constant or times the student's lr ratio")
     quiz_mode: Literal["eval", "train"] = added("eval", description="student mode on quiz batches (train: BatchNorm batch statistics)")
+    inner_version: int | None = added(None, description="set from the inner method: its version when above 1, so its changes change run hashes")
     _inner_cls: type[Method] | None = PrivateAttr(None)
     _inner_params: Options | None = PrivateAttr(None)
 
@@ -132,6 +133,7 @@ class MetaDistilParams(Options):
         self.__pydantic_extra__.clear()  # type: ignore[union-attr]
         self.__pydantic_extra__.update(validated.model_dump(mode="json", include=set(extras)))  # type: ignore[union-attr]
         self._inner_cls, self._inner_params = inner, validated
+        object.__setattr__(self, "inner_version", inner.version if inner.version > 1 else None)  # derived, never taken from input
         return self
 
 
