@@ -378,7 +378,7 @@ def stream_seed(seed: int, stream: str) -> int:
     negatives (as before streams had names), and for any other name a 63-bit value
     derived from (seed, name) by SHA-256."""
     if stream in _LEGACY_STREAMS:
-        return (seed + _LEGACY_STREAMS[stream]) % 2**63
+        return seed + _LEGACY_STREAMS[stream]  # CRD reduced mod 2**63 before: equal for every seed below 2**63 - 1_000_003
     digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 2**63
 
@@ -399,10 +399,14 @@ def task_loss(logits: Tensor, labels: Tensor, problem: Problem) -> Tensor:
 class Method(ABC):
     """A distillation method. Subclass, document the formula, set the class attributes.
 
-    Loss-based methods implement :meth:`loss` only; the default :meth:`train_step` runs
-    teacher (no grad) -> student -> loss -> optimizer step. Methods that change the
-    teacher (ProKT, MetaDistil) set ``updates_teacher = True`` and override
-    :meth:`train_step`.
+    Loss-based methods implement :meth:`loss` only (it receives the :class:`Batch`); the
+    default :meth:`train_step` runs teacher (no grad) -> student -> loss ->
+    ``ctx.student_step``, and a strategy such as MetaDistil can wrap them. Methods that
+    change the teacher (ProKT, MetaDistil) set ``updates_teacher = True``, override
+    :meth:`train_step` and still update the student through ``ctx.student_step``.
+    ``version`` is bumped when a default's meaning changes; the run hash changes through
+    the params (a new field is dumped with its default; see :func:`added` for one that
+    keeps the old behaviour).
 
     Class attributes:
       ``Params``: pydantic model of hyper-parameters with their defaults.
