@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdbench.api import KDBenchError, unhashed_fields
+from kdbench.recipes import expand_recipes
 from kdbench.registry import Registry, did_you_mean, get_registry
 
 #: Bump when the runner's semantics change so that old results are not reused.
@@ -364,6 +365,7 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
     registry = registry or get_registry()
     if not isinstance(data, dict):
         raise SuiteError(source, [f"(top level): expected a mapping of suite fields, got {type(data).__name__}"])
+    data = expand_recipes(data, source)  # `recipe:` method entries and `recipe_training` (kdbench/recipes.py)
     try:
         spec = SuiteSpec.model_validate(data)
     except ValidationError as err:
