@@ -46,6 +46,7 @@ must stay inside it. Files are read with ``yaml.safe_load``, at most 64 KiB, no 
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +55,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kdbench.api import KDBenchError
-from kdbench.registry import did_you_mean
 
 #: the recipes that ship with kdbench (present in a source checkout / editable install)
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes"
@@ -145,7 +145,9 @@ def resolve(ref: Any, source: str | None = None) -> Path:
             if (d / f"{ref}{suffix}").is_file():
                 return d / f"{ref}{suffix}"
     names = available(source)
-    raise RecipeError(f"unknown recipe {ref!r}.{did_you_mean(ref, names)} Available recipes: {', '.join(names) or '(none)'}")
+    close = difflib.get_close_matches(ref, names, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise RecipeError(f"unknown recipe {ref!r}.{hint} Available recipes: {', '.join(names) or '(none)'}")
 
 
 def _parse(path: Path) -> Any:
@@ -211,15 +213,15 @@ def expand_method(entry: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
     return {"name": recipe.method.name, "params": {**recipe.method.params, **params}, **rest}
 
 
-def expand_recipes(data: dict[str, Any], source: str | None = None) -> dict[str, Any]:
-    """Suite ``data`` with ``recipe:`` method entries and ``recipe_training`` written out.
-    Returns ``data`` itself when it uses no recipe. Raises ``SuiteError`` naming every
-    problem."""
+def expand_recipes(data: dict[str, Any], source: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """(suite ``data`` with ``recipe:`` method entries and ``recipe_training`` written out,
+    the problems found, one line each for the suite's error). ``data`` itself comes back
+    when it uses no recipe."""
     methods = data.get("methods")
     entries = list(enumerate(methods)) if isinstance(methods, list) else []
     uses = [i for i, m in entries if isinstance(m, dict) and "recipe" in m]
     if not uses and "recipe_training" not in data:
-        return data
+        return data, []
     problems: list[str] = []
     out = dict(data)
     if "recipe_training" in data:
@@ -236,8 +238,4 @@ def expand_recipes(data: dict[str, Any], source: str | None = None) -> dict[str,
             except RecipeError as err:
                 problems.append(f"methods[{i}].recipe: {err}")
         out["methods"] = new_methods
-    if problems:
-        from kdbench.spec import SuiteError  # spec imports this module
-
-        raise SuiteError(source or "<suite>", problems)
-    return out
+    return out, problems

@@ -365,7 +365,9 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
     registry = registry or get_registry()
     if not isinstance(data, dict):
         raise SuiteError(source, [f"(top level): expected a mapping of suite fields, got {type(data).__name__}"])
-    data = expand_recipes(data, source)  # `recipe:` method entries and `recipe_training` (kdbench/recipes.py)
+    data, recipe_problems = expand_recipes(data, source)  # `recipe:` method entries, `recipe_training`
+    if recipe_problems:
+        raise SuiteError(source, recipe_problems)
     try:
         spec = SuiteSpec.model_validate(data)
     except ValidationError as err:

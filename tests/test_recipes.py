@@ -390,7 +390,7 @@ def test_suites_without_recipes_are_untouched():
     data = cifar_suite(methods=[{"name": "kd"}])
     from kdbench.recipes import expand_recipes
 
-    assert expand_recipes(data) is data
+    assert expand_recipes(data) == (data, []) and expand_recipes(data)[0] is data
 
 
 # --------------------------------------------------------------------------- the paper suites
@@ -403,7 +403,9 @@ def raw(name: str) -> dict[str, Any]:
 def expanded(name: str) -> dict[str, Any]:
     from kdbench.recipes import expand_recipes
 
-    return expand_recipes(raw(name), str(BENCH / name))
+    data, problems = expand_recipes(raw(name), str(BENCH / name))
+    assert not problems
+    return data
 
 
 def test_paper_glue_uses_the_recipes():
