@@ -41,7 +41,8 @@ same suite written out by hand.
 Names resolve in ``recipes/`` next to the suite file, then in the built-in folder
 (``benchmarks/recipes`` of this repository). A value with a ``/`` or a ``.yaml`` suffix is a
 path relative to the suite's folder (the working directory for a suite given as data) and
-must stay inside it. Files are read with ``yaml.safe_load``, at most 64 KiB, no aliases.
+must stay inside it. Files are read with ``yaml.safe_load``: at most 64 KiB, 16 levels
+deep, no aliases.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from kdbench.api import KDBenchError
 #: the recipes that ship with kdbench (present in a source checkout / editable install)
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes"
 MAX_BYTES = 64 * 1024
+MAX_DEPTH = 16
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _SUFFIXES = (".yaml", ".yml")
 
@@ -142,8 +144,11 @@ def resolve(ref: Any, source: str | None = None) -> Path:
         raise RecipeError(f"{_short(ref)} is not a recipe name (letters, digits, '_', '-', '.')")
     for d in search_dirs(source):
         for suffix in _SUFFIXES:
-            if (d / f"{ref}{suffix}").is_file():
-                return d / f"{ref}{suffix}"
+            path = d / f"{ref}{suffix}"
+            if path.is_file():
+                if not path.resolve().is_relative_to(d.resolve()):  # a symlink out of the folder
+                    raise RecipeError(f"recipe {ref!r} in {d} links outside that folder")
+                return path
     names = available(source)
     close = difflib.get_close_matches(ref, names, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -159,8 +164,16 @@ def _parse(path: Path) -> Any:
         raise RecipeError(f"recipe {path} is {len(raw)} bytes; recipes are at most {MAX_BYTES}")
     try:
         text = raw.decode("utf-8")
-        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise RecipeError(f"recipe {path} uses a YAML alias; write values out")
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # before building anything
+            if isinstance(event, yaml.AliasEvent):
+                raise RecipeError(f"recipe {path} uses a YAML alias; write values out")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise RecipeError(f"recipe {path} is nested more than {MAX_DEPTH} levels deep")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
         return yaml.safe_load(text)
     except UnicodeDecodeError:
         raise RecipeError(f"recipe {path} is not UTF-8 text") from None

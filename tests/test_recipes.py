@@ -362,7 +362,8 @@ def test_recipes_next_to_the_suite_and_relative_paths(tmp_path):
     suite.write_text(yaml.safe_dump(cifar_suite(methods=[{"recipe": "mine"}, {"recipe": "sub/other.yaml"}, {"recipe": "kd-cifar"}])))
     alphas = sorted({r.params["alpha"] for r in load_suite(suite).runs})
     assert alphas == [0.25, 0.75, 0.9]
-    for bad, why in [("../outside.yaml", "leads outside the suite's folder"), ("/etc/passwd.yaml", "leads outside"),
+    (tmp_path / "recipes" / "sneaky.yaml").symlink_to(tmp_path / "sub" / "other.yaml")
+    for bad, why in [("sneaky", "links outside that folder"), ("../outside.yaml", "leads outside the suite's folder"), ("/etc/passwd.yaml", "leads outside"),
                      ("sub/missing.yaml", "no recipe file"), ("a b", "is not a recipe name"), (3, "named by a string")]:
         suite.write_text(yaml.safe_dump(cifar_suite(methods=[{"recipe": bad}])))
         with pytest.raises(SuiteError, match=why):
@@ -377,6 +378,7 @@ def test_recipes_next_to_the_suite_and_relative_paths(tmp_path):
     ("- a list\n", "expected a mapping"),
     ("name: [unclosed\n", "not valid YAML"),
     ("name: x\n" + "# pad\n" * 20000, "at most"),
+    ("name: x\nteacher: " + "[" * 500 + "]" * 500 + "\n", "nested more than 16 levels"),
 ])
 def test_bad_recipe_files_are_named(tmp_path, text, why):
     (tmp_path / "x.yaml").write_text(text)
