@@ -20,8 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdbench.api import KDBenchError, unhashed_fields
-from kdbench.recipes import expand_recipes
 from kdbench.registry import Registry, did_you_mean, get_registry
+from kdbench.recipes import expand_recipes
 
 #: Bump when the runner's semantics change so that old results are not reused.
 PROTOCOL_VERSION = 1
