@@ -165,7 +165,7 @@ def _parse(path: Path) -> Any:
     try:
         text = raw.decode("utf-8")
         depth = 0
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # before building anything
+        for event in yaml.parse(text, yaml.SafeLoader):  # before building anything
             if isinstance(event, yaml.AliasEvent):
                 raise RecipeError(f"recipe {path} uses a YAML alias; write values out")
             if isinstance(event, yaml.CollectionStartEvent):
