@@ -468,6 +468,29 @@ def test_paper_cifar100_runs_other_than_metadistil_are_unchanged():
     assert hashes(data) == hashes(before)
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="runner bug outside this branch: the grad-clip pre-step hook returns the norm "
+                          "(kdbench/runner.py build_optimizer; kdbench/train/optim.py on branch train), and torch "
+                          "refuses a hook that returns a value; paper-glue's official grad_clip 1.0 fails every run")
+def test_a_recipe_suite_with_gradient_clipping_trains(tmp_path):
+    """The paper suites clip gradients as the official code does: a run with the suite's
+    optimizer.grad_clip must train (one CIFAR pair, kd-cifar, two steps)."""
+    from kdbench.executor import open_store, run_local
+    from test_cifar100 import write_cifar
+
+    write_cifar(tmp_path / "data" / "cifar-100-python")
+    data = cifar_suite(methods=[{"recipe": "kd-cifar"}], recipe_training="kd-cifar", seeds=[0],
+                       budget={"steps": 2, "batch_size": 16, "eval_batch_size": 100}, optimizer={"grad_clip": 1.0})
+    data["tasks"] = [{"name": "cifar100", "options": {"data_dir": str(tmp_path / "data"), "validation_size": 40, "download": False}}]
+    tiny = {"model": "cifar", "options": {"arch": "resnet8"}}
+    data["pairs"] = [{"teacher": tiny, "student": tiny | {"label": "resnet8"}}]
+    suite = build_suite(data)
+    assert suite.runs[0].optimizer.grad_clip == 1.0
+    run_local(suite, tmp_path / "results", progress=False)
+    rows = open_store(tmp_path / "results").runs([r.hash for r in suite.runs])
+    assert [r["status"] for r in rows] == ["done"], [r["error"] for r in rows]
+
+
 def _plugins_know_new_options() -> str | None:
     registry = get_registry()
     fields = set(registry.method("metadistil").Params.model_fields) | set(registry.method("pkd").Params.model_fields)
