@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdbench.api import KDBenchError, unhashed_fields
 from kdbench.registry import Registry, did_you_mean, get_registry
+from kdbench.recipes import expand_recipes
 
 #: Bump when the runner's semantics change so that old results are not reused.
 PROTOCOL_VERSION = 1
@@ -365,6 +366,9 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
     registry = registry or get_registry()
     if not isinstance(data, dict):
         raise SuiteError(source, [f"(top level): expected a mapping of suite fields, got {type(data).__name__}"])
+    data, recipe_problems = expand_recipes(data, source)  # `recipe:` method entries, `recipe_training`
+    if recipe_problems:
+        raise SuiteError(source, recipe_problems)
     try:
         spec = SuiteSpec.model_validate(data)
     except ValidationError as err:
