@@ -131,3 +131,40 @@ def test_selection_uses_validation_never_test():
     assert final["step"] == 15 and final["test"]["accuracy"] == 0.5
     chosen = select_metrics(history, "validation", "accuracy")
     assert chosen["step"] == 10 and chosen["test"]["accuracy"] == 0.6  # earliest best validation
+
+
+def test_cost_records_the_runs_own_memory_and_the_new_fields(tmp_path, registry):
+    """Issue 11 item 3: two identical runs in a row report memory within 10% (the run's own
+    peak over its own baseline, not the process's high-water mark), plus preparation time,
+    the step-time spread, deployed vs training parameters and the data fingerprints."""
+    # a student large enough that its optimizer state and activations, not one-off
+    # allocations of the process, make up its memory
+    student = {"model": "bert", "options": {"tiny": {"layers": 2, "hidden": 128, "heads": 2, "intermediate": 256}}, "label": "wide"}
+    suite = build_suite(suite_data(methods=[{"name": "kd"}], seeds=[0], students=[student]), registry=registry)
+    (spec,) = suite.runs
+    runner, teacher = runner_and_teacher(tmp_path, registry, spec)
+    first, second = runner.run(spec, teacher), runner.run(spec, teacher)
+    a, b = first.cost, second.cost
+    assert a["mem_kind"] == "cpu_rss_increase" and a["mem_mb"] > 0
+    assert abs(a["mem_mb"] - b["mem_mb"]) <= 0.1 * max(a["mem_mb"], b["mem_mb"]), (a["mem_mb"], b["mem_mb"])
+    assert a["prep_s"] > 0 and a["step_s_q25"] <= a["step_s_median"] <= a["step_s_q75"]
+    assert a["params_deployed"] == sum(p.numel() for p in _student(registry, spec).parameters())
+    assert a["params_training"] == a["student_params"] >= a["params_deployed"]
+    assert first.env["data"] == getattr(load_task_data(registry, spec.task, spec.quiz_fraction, spec.data_seed), "fingerprints", None)
+
+
+def test_training_only_modules_count_in_params_training_not_params_deployed(tmp_path, registry):
+    """params_training includes the method's extra modules (TinyBERT's projections); params_deployed does not."""
+    suite = build_suite(suite_data(methods=[{"name": "tinybert"}], seeds=[0]), registry=registry)
+    (spec,) = suite.runs
+    runner, teacher = runner_and_teacher(tmp_path, registry, spec)
+    cost = runner.run(spec, teacher).cost
+    assert cost["params_training"] > cost["params_deployed"]
+
+
+def _student(registry, spec):
+    from kdbench.train.inputs import model_factory
+
+    factory, options = model_factory(registry, spec.student)
+    data = load_task_data(registry, spec.task, spec.quiz_fraction, spec.data_seed)
+    return factory.build(options, data.task.problem)
