@@ -60,7 +60,7 @@ from kdbench.protocols import Executor
 from kdbench.registry import ENTRY_POINT_GROUP, Registry, get_registry
 from kdbench.spec import RunSpec, Suite
 from kdbench.store import DONE, FAILED, ResultsStore
-from kdbench.train import artefacts
+import kdbench.train.artefacts as artefacts
 from kdbench.train.runner import RunResult
 from kdbench.train.teachers import (TeacherCheckpoint, TeacherFailed, TeacherOutcome, checkpoint_path, needs_teacher,
                                     ready_teacher, record_teacher)

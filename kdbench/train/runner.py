@@ -19,7 +19,7 @@ from kdbench.data import QUIZ, TRAIN, TaskData, labels_tensor, load_task_data
 from kdbench.registry import Registry, call_lifecycle, get_registry
 from kdbench.spec import RunSpec
 from kdbench.store import DIVERGED, DONE, FAILED
-from kdbench.train import teachers
+import kdbench.train.teachers as teachers
 from kdbench.train.cost import CostMeter
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
 from kdbench.train.evaluation import evaluate, select_metrics

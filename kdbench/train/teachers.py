@@ -25,7 +25,7 @@ from kdbench.data import TRAIN, TaskData, labels_tensor, load_task_data
 from kdbench.registry import Registry
 from kdbench.spec import RunSpec
 from kdbench.store import DONE, FAILED, ResultsStore
-from kdbench.train import artefacts
+import kdbench.train.artefacts as artefacts
 from kdbench.train.cost import CostMeter
 from kdbench.train.environment import deterministic_cpu, environment, seed_everything
 from kdbench.train.evaluation import evaluate, predict
