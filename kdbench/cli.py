@@ -24,12 +24,6 @@ def _registry():
     return get_registry()
 
 
-def _kinds():
-    from kdbench.registry import KINDS
-
-    return KINDS
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     from kdbench.registry import KINDS
     from tabulate import tabulate
@@ -162,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("list", help="list methods, tasks or models")
-    ls.add_argument("kind", nargs="?", choices=list(_kinds()))
+    from kdbench.registry import KINDS
+
+    ls.add_argument("kind", nargs="?", choices=list(KINDS))
     ls.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'glue-*'")
     ls.set_defaults(func=cmd_list)
 
@@ -200,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--student", action="append", help="only this student label (repeatable)")
     rep.add_argument("--where", action="append", metavar="KEY=VALUE",
                      help="only runs with this method parameter (or seed/status/student) value, e.g. temperature=4 (repeatable)")
-    rep.add_argument("--baseline", help="method to compare against (default: the suite's 'baseline', kd)")
+    rep.add_argument("--baseline", help="method to compare against (default: the suite's 'baseline', else its first method)")
     rep.add_argument("--no-plots", action="store_true", help="skip the figures (faster)")
 
     sh = suite_cmd("show", "print one run's spec, metrics, cost and environment", cmd_show)

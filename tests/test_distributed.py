@@ -43,12 +43,6 @@ def registry() -> Registry:
     return Registry(pm, broken)
 
 
-@pytest.fixture(scope="module")
-def faulty_teacher_registry() -> Registry:
-    pm, broken = make_plugin_manager(extra_plugins=["fault_methods", "support.fault_models"])
-    return Registry(pm, broken)
-
-
 def suite_data(**changes) -> dict:
     data = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())
     data["budget"] = {"steps": 10, "batch_size": 16, "eval_every": 5, "log_every": 5}
@@ -127,12 +121,12 @@ def test_faults_on_ray_are_isolated_and_worker_deaths_retried_then_failed(tmp_pa
     assert rows["none"]["status"] == "done" and rows["none"]["attempts"] == 1
 
 
-def test_a_teacher_that_diverges_on_ray_is_recorded_on_its_row_and_blocks_its_runs_uncharged(tmp_path, cluster, faulty_teacher_registry):
+def test_a_teacher_that_diverges_on_ray_is_recorded_on_its_row_and_blocks_its_runs_uncharged(tmp_path, cluster, fault_registry):
     """Case: teacher divergence under Ray (issue 15): teacher row failed, runs blocked, not diverged."""
     data = suite_data(seeds=[0, 1])
     data["teacher"] = {**data["teacher"], "model": "bert-faulty", "options": {**data["teacher"]["options"], "fault": "nan"}}
-    suite = build_suite(data, registry=faulty_teacher_registry)
-    outcome = run_ray(suite, tmp_path, registry=faulty_teacher_registry)
+    suite = build_suite(data, registry=fault_registry)
+    outcome = run_ray(suite, tmp_path, registry=fault_registry)
     store = open_store(tmp_path)
     (th,) = {s.teacher_hash for s in suite.runs}
     teacher = store.teacher(th)
