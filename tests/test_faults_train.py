@@ -30,7 +30,8 @@ TEACHER_BUDGET = {"budget": {"steps": 6, "batch_size": 16, "eval_every": 6}, "op
 
 def suite_data(fault: str | None = None, marker: str = "", **changes) -> dict:
     data = smoke_data(**{"seeds": [0], "budget": {"steps": 4, "batch_size": 16, "eval_every": 4, "log_every": 2}, **changes})
-    data["teacher"] = {**data["teacher"], "train": TEACHER_BUDGET}
+    if data["teacher"] is not None:
+        data["teacher"] = {**data["teacher"], "train": TEACHER_BUDGET}
     if fault is not None:
         data["teacher"] = {**data["teacher"], "model": "bert-faulty", "options": {**data["teacher"]["options"], "fault": fault, "marker": marker}}
     return data
@@ -199,3 +200,28 @@ def test_kdbench_run_exits_3_when_a_run_failed_or_diverged(tmp_path, fault_regis
             assert cli.main(["run", str(path), "--results", str(tmp_path / "r"), "--no-report"]) == code
     finally:
         set_registry(None)
+
+
+def test_the_executor_beats_a_claimed_runs_heart_while_it_trains(tmp_path, fault_registry):
+    """Case: claims and heartbeats belong to the executor (the runner never touches the store)."""
+    import time
+
+    from kdbench.executor import heartbeat
+
+    spec = build_suite(suite_data(teacher=None, methods=[{"name": "none"}], baseline="none"), registry=fault_registry).runs[0]
+    store = open_store(tmp_path)
+    assert store.claim(spec)
+    before = store.get(spec.hash)["heartbeat"]
+    with heartbeat(store, spec.hash, every_s=0.05):
+        time.sleep(0.3)
+    assert store.get(spec.hash)["heartbeat"] > before
+
+
+def test_a_run_without_its_teacher_checkpoint_fails_with_a_named_message(tmp_path, fault_registry):
+    """Case: a student run is handed its teacher by the executor; without it, it says so."""
+    from kdbench.train import Runner
+
+    spec = build_suite(suite_data(methods=[{"name": "kd"}]), registry=fault_registry).runs[0]
+    result = Runner(tmp_path, fault_registry, device="cpu", progress=False).run(spec)
+    assert result.status == FAILED and f"needs the checkpoint of teacher {spec.teacher_hash}" in result.error
+    assert not (tmp_path / "store.sqlite").exists()
