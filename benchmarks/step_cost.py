@@ -36,7 +36,8 @@ from kdbench.api import Examples, Options, Problem, Task, iter_batches  # noqa: 
 from kdbench.data import TRAIN, load_task_data  # noqa: E402
 from kdbench.hookspecs import hookimpl  # noqa: E402
 from kdbench.registry import Registry, make_plugin_manager  # noqa: E402
-from kdbench.runner import CostMeter, Runner, build_optimizer, seed_everything  # noqa: E402
+from kdbench.train import CostMeter, Runner, build_optimizer, encoded_splits, model_factory, seed_everything  # noqa: E402
+from kdbench.train.teachers import provide_teacher  # noqa: E402
 from kdbench.spec import build_suite  # noqa: E402
 from kdbench.store import ResultsStore  # noqa: E402
 from kdbench_plugins.methods.kd import soft_loss  # noqa: E402
@@ -115,8 +116,8 @@ def bare_loop(runner: Runner, spec, steps: int) -> dict:
     """The KD step in plain PyTorch on the same batches: teacher forward without grad,
     student forward/backward, KD loss, AdamW with the same linear schedule."""
     data = load_task_data(runner.registry, spec.task, spec.quiz_fraction, spec.data_seed)
-    factory, encoded = runner._encoded(spec, data, spec.student, [TRAIN])
-    t_factory, t_opts = runner._factory(spec.teacher)
+    factory, encoded = encoded_splits(runner.registry, spec, data, spec.student, [TRAIN])
+    t_factory, t_opts = model_factory(runner.registry, spec.teacher)
     teacher = t_factory.build(t_opts, data.task.problem).eval()
     seed_everything(spec.seed)
     student = factory.build(factory.Options(**spec.student.options), data.task.problem).train()
@@ -164,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = ResultsStore(Path(tmp) / "store.sqlite")
-        live = Runner(tmp, store, registry, device="cpu", progress=False, share_teacher_outputs=False)
-        shared = Runner(tmp, store, registry, device="cpu", progress=False, share_teacher_outputs=True)
+        live = Runner(tmp, registry, device="cpu", progress=False, share_teacher_outputs=False)
+        shared = Runner(tmp, registry, device="cpu", progress=False, share_teacher_outputs=True)
+        teacher = provide_teacher(suite.runs[0], Path(tmp), store, registry, live.device)  # the teachers-first phase
 
         def through_kdbench(runner: Runner, spec) -> dict:
             store.claim(spec, rerun=True)
-            result = runner.run(spec)
+            result = runner.run(spec, teacher)
             store.finish(spec, result.status, cost=result.cost, error=result.error)
             if result.status != "done":
                 raise SystemExit(f"{spec.method} {result.status}: {result.error}")

@@ -14,6 +14,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_USAGE = 2
+#: ``kdbench run``: every run was trained or skipped, but some run failed or diverged.
+EXIT_RUNS_FAILED = 3
 
 
 def _registry():
@@ -81,23 +83,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     only = None
     if args.method or args.task:
         only = lambda s: (not args.method or s.method in args.method) and (not args.task or s.task.name in args.task)  # noqa: E731
-    if args.executor == "ray":
-        from kdbench.distributed import run_ray
-
-        outcome = run_ray(suite, results, rerun=args.rerun, address=args.address, only=only)
-    else:
-        from kdbench.executor import run_local
-
-        outcome = run_local(suite, results, rerun=args.rerun, only=only)
+    executor = _registry().executor(args.executor)()
+    outcome = executor.run(suite, results, rerun=args.rerun, only=only, registry=_registry(), address=args.address)
     counts: dict[str, int] = {}
     for status in outcome.statuses.values():
         counts[status] = counts.get(status, 0) + 1
     print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} finished, {len(outcome.busy)} held by another process, {len(outcome.given_up)} given up; "
           f"statuses: {json.dumps(counts, sort_keys=True)}", file=sys.stderr)
+    code = 0
     if not args.no_report:
         args.format, args.output = None, None
-        return cmd_report(args, suite=suite)
-    return 0
+        code = cmd_report(args, suite=suite)
+    if code == 0 and getattr(outcome, "unsuccessful", False):
+        print(f"error: some runs failed or diverged (see above); exit code {EXIT_RUNS_FAILED}", file=sys.stderr)
+        return EXIT_RUNS_FAILED
+    return code
 
 
 def cmd_report(args: argparse.Namespace, suite=None) -> int:
@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("list", help="list methods, tasks or models")
-    ls.add_argument("kind", nargs="?", choices=["methods", "tasks", "models"])
+    from kdbench.registry import KINDS
+
+    ls.add_argument("kind", nargs="?", choices=list(KINDS))
     ls.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'glue-*'")
     ls.set_defaults(func=cmd_list)
 
@@ -176,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = suite_cmd("run", "run a suite (finished runs are skipped)", cmd_run)
     r.add_argument("--rerun", action="store_true", help="train finished runs again")
-    r.add_argument("--executor", choices=["local", "ray"], default="local")
-    r.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    r.add_argument("--executor", choices=_registry().names("executors"), default="local",
+                   help="how the runs are scheduled (executors come from plugins: kdbench list executors)")
+    r.add_argument("--address", help="cluster address for executors that use one, e.g. ray (default: start a local one)")
     r.add_argument("--method", action="append", help="only this method (repeatable)")
     r.add_argument("--task", action="append", help="only this task (repeatable)")
     r.add_argument("--no-report", action="store_true")
@@ -193,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--student", action="append", help="only this student label (repeatable)")
     rep.add_argument("--where", action="append", metavar="KEY=VALUE",
                      help="only runs with this method parameter (or seed/status/student) value, e.g. temperature=4 (repeatable)")
-    rep.add_argument("--baseline", help="method to compare against (default: the suite's 'baseline', kd)")
+    rep.add_argument("--baseline", help="method to compare against (default: the suite's 'baseline', else its first method)")
     rep.add_argument("--no-plots", action="store_true", help="skip the figures (faster)")
 
     sh = suite_cmd("show", "print one run's spec, metrics, cost and environment", cmd_show)

@@ -13,9 +13,12 @@ Design (why the driver is the only writer):
   driver killed with SIGKILL leaves claims owned by a dead pid that the next ``run``
   takes over: it completes exactly the missing runs.
 * **Teachers first.** Every distinct teacher the pending runs need is fine-tuned once, as
-  its own Ray task (claimed in the store, so a concurrent process waits rather than
-  trains it too); the driver writes its checkpoint atomically into
-  ``<results>/teachers/<hash>/`` and only then submits the student runs that need it.
+  its own Ray task running :func:`kdbench.train.teachers.fine_tune_teacher` (the same
+  function the local executor uses), claimed in the store so a concurrent process waits
+  rather than trains it too; the driver writes its checkpoint atomically, with its
+  checksum, into ``<results>/teachers/<hash>/`` and only then submits the student runs
+  that need it, each with the checkpoint. A teacher that fails is recorded on its row
+  and its runs are marked blocked by it, without an attempt.
   Runs without a teacher start at once. A worker whose filesystem lacks the checkpoint
   fetches its bytes from Ray's object store.
 * **Failure isolation.** A run that raises, diverges or runs out of memory comes back as a
@@ -50,11 +53,17 @@ from types import ModuleType
 from typing import Any, Callable
 
 from kdbench.api import KDBenchError
-from kdbench.executor import MAX_ATTEMPTS, SuiteOutcome, _say, describe_result, note_unclaimed, open_store, record
+from kdbench.executor import (MAX_ATTEMPTS, SuiteOutcome, _say, describe_result, note_blocked, note_unclaimed, open_store,
+                              pending_runs, record, teachers_needed)
+from kdbench.hookspecs import hookimpl
+from kdbench.protocols import Executor
 from kdbench.registry import ENTRY_POINT_GROUP, Registry, get_registry
-from kdbench.runner import RunResult
 from kdbench.spec import RunSpec, Suite
-from kdbench.store import DONE, FAILED, FINISHED, ResultsStore
+from kdbench.store import DONE, FAILED, ResultsStore
+import kdbench.train.artefacts as artefacts
+from kdbench.train.runner import RunResult
+from kdbench.train.teachers import (TeacherCheckpoint, TeacherFailed, TeacherOutcome, checkpoint_path, needs_teacher,
+                                    ready_teacher, record_teacher)
 
 #: Environment variables a worker needs to find the same data and stay offline.
 FORWARDED_ENV = ("KDBENCH_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -63,42 +72,7 @@ HEARTBEAT_S = 60.0
 POLL_S = 2.0
 
 
-def teacher_file(results_dir: Path, teacher_hash: str) -> Path:
-    """Where the teacher checkpoint lives (the same path as ``Runner.teacher_path``)."""
-    return results_dir / "teachers" / teacher_hash / "model.safetensors"
-
-
-def _atomic_write(path: Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
-
-
 # ============================================================================ worker side
-
-
-class _WorkerStore:
-    """The few store calls a worker's Runner makes, kept in memory: workers never touch the
-    SQLite file (the driver records everything). Teacher rows are handed in by the driver."""
-
-    def __init__(self) -> None:
-        self._teachers: dict[str, dict[str, Any]] = {}
-
-    def teacher(self, teacher_hash: str) -> dict[str, Any] | None:
-        return self._teachers.get(teacher_hash)
-
-    def claim_teacher(self, teacher_hash: str, task: str, spec: dict) -> bool:
-        return True  # the driver has claimed it in the real store
-
-    def finish_teacher(self, teacher_hash: str, status: str, **fields: Any) -> None:
-        self._teachers[teacher_hash] = {"hash": teacher_hash, "status": status, **fields}
-
-    def set_teacher(self, teacher_hash: str, path: str) -> None:
-        self._teachers[teacher_hash] = {"hash": teacher_hash, "status": DONE, "path": path}
-
-    def heartbeat(self, spec_hash: str) -> None:
-        pass  # the driver beats the heart of the claims it holds
 
 
 _WORKER_STATE: dict[tuple, Any] = {}
@@ -122,56 +96,57 @@ def _worker_registry(plugins: list[tuple[str, str | None]], objects: list[Any]) 
     return _WORKER_STATE[key]
 
 
-def _worker_setup(ctx: dict[str, Any]) -> tuple[Any, _WorkerStore]:
-    """A Runner (and its in-memory store) per worker process, reused across its tasks so
-    the encoded data and the teacher's cached logits are loaded once."""
+def _worker_runner(ctx: dict[str, Any]) -> Any:
+    """A Runner per worker process, reused across its tasks so the encoded data and the
+    teacher's cached logits are loaded once."""
     os.environ.update(ctx["env"])
     import torch
 
-    from kdbench.runner import Runner
+    from kdbench.train.runner import Runner
 
     torch.set_num_threads(ctx["threads"])
     registry = _worker_registry(ctx["plugins"], ctx["plugin_objects"])
     key = ("runner", ctx["results_dir"], ctx["device"], tuple(ctx["trackers"]), id(registry))
     if key not in _WORKER_STATE:
-        store = _WorkerStore()
-        runner = Runner(ctx["results_dir"], store, registry, device=ctx["device"], trackers=tuple(ctx["trackers"]), progress=False)  # type: ignore[arg-type]
-        _WORKER_STATE[key] = (runner, store)
+        _WORKER_STATE[key] = Runner(ctx["results_dir"], registry, device=ctx["device"], trackers=tuple(ctx["trackers"]), progress=False)
     return _WORKER_STATE[key]
 
 
 def train_teacher_task(ctx: dict[str, Any], spec_json: str) -> tuple[dict[str, Any], bytes]:
-    """Fine-tune one teacher in a scratch folder; return its row fields and checkpoint bytes."""
+    """Fine-tune one teacher (with the executors' one teacher function) in a scratch
+    folder; return its outcome's fields and the checkpoint's bytes."""
     try:
-        from kdbench.runner import Runner, deterministic_cpu
+        from kdbench.train.teachers import fine_tune_teacher
 
-        base, _ = _worker_setup(ctx)
+        runner = _worker_runner(ctx)
         spec = RunSpec.model_validate_json(spec_json)
         with tempfile.TemporaryDirectory(prefix="kdbench-teacher-") as scratch:
-            store = _WorkerStore()
-            runner = Runner(scratch, store, base.registry, device=ctx["device"], progress=False)  # type: ignore[arg-type]
-            with deterministic_cpu():  # as the local executor trains it (inside Runner.run)
-                row = runner.ensure_teacher(spec)
-            blob = Path(row["path"]).read_bytes()
-        return {"status": DONE, "metrics": row.get("metrics"), "cost": row.get("cost"), "env": row.get("env")}, blob
+            path = Path(scratch) / "model.safetensors"
+            outcome = fine_tune_teacher(spec, runner.registry, runner.device, path)
+            blob = path.read_bytes() if outcome.status == DONE else b""
+        return asdict(outcome), blob
     except Exception as exc:
-        return {"status": FAILED, "error": "".join(traceback.format_exception(exc))}, b""
+        return asdict(TeacherOutcome(FAILED, error="".join(traceback.format_exception(exc)))), b""
 
 
-def train_run_task(ctx: dict[str, Any], spec_json: str, teacher: list[Any] | None) -> dict[str, Any]:
+def train_run_task(ctx: dict[str, Any], spec_json: str, teacher: list[Any] | None, sha: str | None = None) -> dict[str, Any]:
     """Train one run; ``teacher`` is ``[ObjectRef of the checkpoint bytes]`` (wrapped in a
-    list so that Ray fetches the bytes only when this node's filesystem lacks the file)."""
+    list so that Ray fetches the bytes only when this node's file is missing or differs
+    from ``sha``)."""
     try:
-        runner, store = _worker_setup(ctx)
+        runner = _worker_runner(ctx)
         spec = RunSpec.model_validate_json(spec_json)
+        checkpoint = None
         if teacher is not None and spec.teacher_hash is not None:
-            path = teacher_file(Path(ctx["results_dir"]), spec.teacher_hash)
-            if not path.exists():
+            path = checkpoint_path(ctx["results_dir"], spec.teacher_hash)
+            try:
+                artefacts.verify(path, f"checkpoint of teacher {spec.teacher_hash}", sha)
+            except artefacts.ArtefactError:
                 import ray
 
-                _atomic_write(path, ray.get(teacher[0]))
-            store.set_teacher(spec.teacher_hash, str(path))
-        return asdict(runner.run(spec))
+                artefacts.write_bytes(path, ray.get(teacher[0]))
+            checkpoint = TeacherCheckpoint(spec.teacher_hash, path, sha)
+        return asdict(runner.run(spec, checkpoint))
     except Exception as exc:  # the runner catches run errors; this is the set-up around it
         return asdict(RunResult(FAILED, error="worker set-up failed:\n" + "".join(traceback.format_exception(exc))))
 
@@ -282,29 +257,21 @@ class _Driver:
         self.outcome = SuiteOutcome()
         self.inflight: dict[Any, tuple] = {}  # result ref -> ("run", spec) | ("teacher", hash, spec, bytes ref)
         self.crashes: dict[str, int] = {}
-        self.teacher_blob: dict[str, Any] = {}  # teacher hash -> ObjectRef of the checkpoint bytes
+        self.checkpoints: dict[str, tuple[Any, TeacherCheckpoint]] = {}  # hash -> (ObjectRef of the bytes, checkpoint)
         self.ready: deque[RunSpec] = deque()
         self.blocked: dict[str, list[RunSpec]] = {}  # teacher hash -> runs waiting for it
         self.waiting_teachers: dict[str, RunSpec] = {}  # trained by another live process
         self.n_done = 0
 
     # -- bookkeeping -------------------------------------------------------------------
-    def _needs_teacher(self, spec: RunSpec) -> bool:
-        return spec.teacher_hash is not None and self.registry.method(spec.method).uses_teacher
-
-    def _teacher_ready(self, th: str) -> bool:
-        row = self.store.teacher(th)
-        return row is not None and row["status"] == DONE and bool(row.get("path")) and Path(row["path"]).exists()
-
     def _release_blocked(self, th: str) -> None:
         self.ready.extend(self.blocked.pop(th, []))
 
-    def _fail_blocked(self, th: str, error: str) -> None:
+    def _fail_blocked(self, th: str, reason: str) -> None:
+        """The teacher failed: its runs are marked blocked by it (no attempt charged)."""
+        failure = TeacherFailed(th, (reason.strip().splitlines() or [""])[-1][:300])
         for spec in self.blocked.pop(th, []):
-            if self.store.claim(spec, rerun=self.rerun, max_crashes=self.max_attempts):
-                self._record(spec, RunResult(FAILED, error=f"its teacher {th} could not be trained:\n{error}"))
-            else:
-                note_unclaimed(self.store, spec, self.outcome)
+            note_blocked(self.store, spec, failure, self.outcome)
 
     def _record(self, spec: RunSpec, result: RunResult) -> None:
         record(self.store, self.registry, spec, result)
@@ -320,40 +287,34 @@ class _Driver:
         self.inflight[meta] = ("teacher", th, spec, blob)
 
     def _submit_run(self, spec: RunSpec) -> None:
-        teacher = None
-        if self._needs_teacher(spec):
-            th = spec.teacher_hash
-            assert th is not None
-            if th not in self.teacher_blob:  # trained before this session: ship the file's bytes
-                self.teacher_blob[th] = self.ray.put(Path(self.store.teacher(th)["path"]).read_bytes())  # type: ignore[index]
-            teacher = [self.teacher_blob[th]]
-        ref = self.run_task.remote(self.ctx, spec.model_dump_json(), teacher)
+        teacher, sha = None, None
+        if needs_teacher(self.registry, spec):
+            blob, checkpoint = self.checkpoints[spec.teacher_hash]  # type: ignore[index]
+            teacher, sha = [blob], checkpoint.sha256
+        ref = self.run_task.remote(self.ctx, spec.model_dump_json(), teacher, sha)
         self.inflight[ref] = ("run", spec)
 
     def _plan(self) -> None:
         """Skip finished runs; start (or wait for) each distinct teacher the rest need."""
-        teachers: dict[str, RunSpec] = {}
-        for spec in self.specs:
-            row = self.store.get(spec.hash)
-            if row is not None and row["status"] in FINISHED and not self.rerun:
-                self.outcome.skipped.append(spec.hash)
-                self.outcome.statuses[spec.hash] = row["status"]
-            elif self._needs_teacher(spec):
-                th = spec.teacher_hash
-                assert th is not None
-                teachers.setdefault(th, spec)
-                self.blocked.setdefault(th, []).append(spec)
+        pending = pending_runs(self.store, self.specs, self.rerun, self.outcome)
+        for spec in pending:
+            if needs_teacher(self.registry, spec):
+                self.blocked.setdefault(spec.teacher_hash, []).append(spec)  # type: ignore[arg-type]
             else:
                 self.ready.append(spec)
-        for th, spec in teachers.items():
+        for th, spec in teachers_needed(self.registry, pending).items():
             self._start_teacher(th, spec)
 
+    def _teacher_is_ready(self, th: str) -> bool:
+        checkpoint = ready_teacher(self.store, self.results_dir, th)  # verified; a damaged file is marked for rebuilding
+        if checkpoint is None:
+            return False
+        if th not in self.checkpoints:  # trained before this session: ship the file's bytes
+            self.checkpoints[th] = (self.ray.put(checkpoint.path.read_bytes()), checkpoint)
+        return True
+
     def _start_teacher(self, th: str, spec: RunSpec) -> None:
-        row = self.store.teacher(th)
-        if row is not None and row["status"] == DONE and not self._teacher_ready(th):
-            # recorded but its checkpoint is gone: train it again rather than wait forever
-            self.store.finish_teacher(th, FAILED, error=f"checkpoint {row.get('path')} is missing")
-        if self._teacher_ready(th):
+        if self._teacher_is_ready(th):
             self.waiting_teachers.pop(th, None)
             self._release_blocked(th)
         elif self.store.claim_teacher(th, spec.task.name, spec.teacher.model_dump(mode="json")):  # type: ignore[union-attr]
@@ -404,26 +365,35 @@ class _Driver:
             return
         _, th, spec, blob_ref = entry
         try:
-            meta = self.ray.get(ref)
+            outcome = TeacherOutcome(**self.ray.get(ref))
         except RayTaskError as exc:
-            meta = {"status": FAILED, "error": str(exc)}
+            outcome = TeacherOutcome(FAILED, error=str(exc))
         except RayError as exc:
             if self._crashed(f"teacher {th}", exc):
                 self._submit_teacher(th, spec)
                 return
-            meta = {"status": FAILED, "error": self._crash_error(f"teacher {th}", exc)}
-        if meta["status"] != DONE:
-            self.store.finish_teacher(th, FAILED, error=meta["error"])
-            _say(f"teacher {th} failed: {meta['error'].strip().splitlines()[-1][:200]}")
-            self._fail_blocked(th, meta["error"])
+            outcome = TeacherOutcome(FAILED, error=self._crash_error(f"teacher {th}", exc))
+        if outcome.status == DONE:
+            outcome = self._write_teacher(th, outcome, blob_ref)
+        record_teacher(self.store, th, outcome)
+        if outcome.status != DONE:
+            _say(f"teacher {th} failed: {(outcome.error or '').strip().splitlines()[-1][:200]}")
+            self._fail_blocked(th, outcome.error or "")
             return
-        path = teacher_file(self.results_dir, th)
-        _atomic_write(path, self.ray.get(blob_ref))
-        self.store.finish_teacher(th, DONE, path=str(path), metrics=meta["metrics"], cost=meta["cost"], env=meta["env"])
-        self.teacher_blob[th] = blob_ref
-        main = meta["metrics"].get("main_metric")
-        _say(f"teacher {th}: done, test {main} {meta['metrics'].get('test', {}).get(main, float('nan')):.4f}")
+        main = outcome.metrics["main_metric"]  # type: ignore[index]
+        _say(f"teacher {th}: done, test {main} {outcome.metrics.get('test', {}).get(main, float('nan')):.4f}")  # type: ignore[union-attr]
         self._release_blocked(th)
+
+    def _write_teacher(self, th: str, outcome: TeacherOutcome, blob_ref: Any) -> TeacherOutcome:
+        """Write the checkpoint the worker sent (the driver is the only writer) and check
+        it arrived intact."""
+        path = checkpoint_path(self.results_dir, th)
+        sha = artefacts.write_bytes(path, self.ray.get(blob_ref))
+        if sha != outcome.sha256:
+            return TeacherOutcome(FAILED, error=f"checkpoint of teacher {th}: {path} arrived with sha256 {sha[:12]}..., "
+                                                f"the worker wrote {str(outcome.sha256)[:12]}...")
+        self.checkpoints[th] = (blob_ref, TeacherCheckpoint(th, path, sha))
+        return outcome
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> SuiteOutcome:
@@ -477,3 +447,17 @@ def run_ray(suite: Suite, results_dir: str | Path, *, rerun: bool = False, addre
             import ray
 
             ray.shutdown()
+
+
+class RayExecutor(Executor):
+    name = "ray"
+    description = "each run a Ray task on a local or remote cluster (--address); teachers first, the driver writes the store"
+
+    def run(self, suite: Any, results_dir: str | Path, *, rerun: bool = False, only: Callable[[Any], bool] | None = None,
+            registry: Any = None, address: str | None = None) -> SuiteOutcome:
+        return run_ray(suite, results_dir, rerun=rerun, address=address, only=only, registry=registry)
+
+
+@hookimpl
+def kdbench_executors() -> list[type[Executor]]:
+    return [RayExecutor]

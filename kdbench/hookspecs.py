@@ -12,7 +12,11 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdbench.api import Method, ModelFactory, Task
-    from kdbench.spec import RunSpec
+    from kdbench.protocols import Executor, Tracker
+
+# ``RunSpec`` (kdbench.spec) is named, not imported: spec imports the registry, which
+# imports this module, and an import here (even for type checking) would close a loop.
+RunSpec = Any
 
 PROJECT = "kdbench"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -38,6 +42,20 @@ def kdbench_models() -> list[type[ModelFactory]]:
     """Return the model factory classes (:class:`kdbench.api.ModelFactory`) this plugin provides."""
 
 
+@hookspec
+def kdbench_executors() -> list[type[Executor]]:
+    """Return the executor classes (:class:`kdbench.protocols.Executor` subclasses, each
+    with a unique ``name``) this plugin provides; ``kdbench run --executor NAME`` picks one.
+    The built-in ``local`` and ``ray`` executors are registered through this hook too."""
+
+
+@hookspec
+def kdbench_trackers() -> list[type[Tracker]]:
+    """Return the tracker classes (:class:`kdbench.protocols.Tracker` subclasses, each
+    with a unique ``name``) this plugin provides. A suite enables them by name
+    (``trackers: [tensorboard]``); the runner creates one instance per run."""
+
+
 # --------------------------------------------------------------------- run lifecycle
 # Called in the process that trains the run. Implementations must not raise: an
 # exception is reported as a warning naming the plugin, and the run goes on.
@@ -46,9 +64,8 @@ def kdbench_models() -> list[type[ModelFactory]]:
 @hookspec
 def kdbench_run_start(spec: RunSpec, run_dir: str, trackers: list[str]) -> None:
     """A run is about to train. ``run_dir`` is a folder inside the results folder that
-    this run may write to (e.g. a tracker's event files). ``trackers`` are the tracker
-    names the suite enabled (a tracker plugin stays silent unless its name is there; it
-    declares its name as a module attribute ``TRACKER_NAME``)."""
+    this run may write to. ``trackers`` are the tracker names the suite enabled (trackers
+    themselves are contributed through ``kdbench_trackers``)."""
 
 
 @hookspec

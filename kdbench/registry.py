@@ -16,13 +16,21 @@ import pluggy
 
 from kdbench import hookspecs
 from kdbench.api import KDBenchError, Method, ModelFactory, Task
+from kdbench.protocols import Executor, Tracker
 
 ENTRY_POINT_GROUP = "kdbench"
-KINDS = {"methods": Method, "tasks": Task, "models": ModelFactory}
+KINDS = {"methods": Method, "tasks": Task, "models": ModelFactory, "executors": Executor, "trackers": Tracker}
+#: Names a plugin may not take, per kind, and why: ``teacher`` names the teacher's own rows
+#: in the store and the report.
+RESERVED = {"methods": {"teacher": "it names the teacher's rows in results and reports"}}
 
 
 class UnknownNameError(KDBenchError):
     """A method, task or model name that no plugin provides."""
+
+
+class ReservedNameError(KDBenchError):
+    """A plugin contribution that takes a name kdbench reserves (e.g. a method ``teacher``)."""
 
 
 class PluginError(KDBenchError):
@@ -75,6 +83,10 @@ class Registry:
                 if not (isinstance(cls, type) and issubclass(cls, base)) or not isinstance(getattr(cls, "name", None), str):
                     self._mark_broken(plugin, f"kdbench_{kind}() returned {cls!r}, which is not a named {base.__name__} subclass")
                     continue
+                if cls.name in RESERVED.get(kind, {}):
+                    self._mark_broken(plugin, str(ReservedNameError(
+                        f"{kind[:-1]} name '{cls.name}' is reserved ({RESERVED[kind][cls.name]}); rename the {kind[:-1]}")))
+                    continue
                 previous = self.entries[kind].get(cls.name)
                 if previous is not None and previous.cls is not cls:
                     self._mark_broken(plugin, f"{kind[:-1]} '{cls.name}' is already provided by plugin '{previous.plugin}'")
@@ -111,6 +123,12 @@ class Registry:
 
     def model(self, name: str) -> type[ModelFactory]:
         return self.get("models", name)
+
+    def executor(self, name: str) -> type[Executor]:
+        return self.get("executors", name)
+
+    def tracker(self, name: str) -> type[Tracker]:
+        return self.get("trackers", name)
 
     def listing(self, kind: str, pattern: str = "*") -> list[Entry]:
         return [self.entries[kind][n] for n in self.names(kind, pattern)]

@@ -159,7 +159,19 @@ class SuiteSpec(Frozen):
     resources: Resources = Resources()
     trackers: list[str] = Field(default_factory=list)
     references: list[Reference] = Field(default_factory=list)
-    baseline: str = "kd"
+    #: The method every other is compared against; default: the first method listed.
+    baseline: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_baseline(cls, data: Any) -> Any:
+        methods = data.get("methods") if isinstance(data, dict) else None
+        if isinstance(data, dict) and data.get("baseline") is None and isinstance(methods, list) and methods:
+            first = methods[0]
+            name = first.get("name") if isinstance(first, dict) else getattr(first, "name", None)
+            if isinstance(name, str):
+                data = {**data, "baseline": name}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -461,12 +473,11 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
             opts = _check_options(f"methods[{i}].params", cls.Params, combo, problems, {"registry": registry})
             if opts is not None:
                 methods.append((m.name, opts, frozenset(m.students) if m.students else None))
-    if spec.baseline not in {m.name for m in spec.methods} and spec.baseline != "kd":
+    if spec.baseline not in {m.name for m in spec.methods}:
         problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
     for i, tracker in enumerate(spec.trackers):
-        if not any(getattr(p, "TRACKER_NAME", None) == tracker for p in registry.pm.get_plugins()):
-            known = sorted(getattr(p, "TRACKER_NAME") for p in registry.pm.get_plugins() if getattr(p, "TRACKER_NAME", None))
-            problems.append(f"trackers[{i}]: unknown tracker '{tracker}'.{did_you_mean(tracker, known)} Known trackers: {', '.join(known) or '(none)'}")
+        if tracker not in registry.entries["trackers"]:
+            problems.append(f"trackers[{i}]: {registry.unknown_message('trackers', tracker)}")
 
     if problems:
         raise SuiteError(source, sorted(dict.fromkeys(problems), key=problems.index))

@@ -203,6 +203,26 @@ class ResultsStore:
             con.execute("UPDATE runs SET status=?, owner=NULL, error='interrupted' WHERE hash=? AND status=? AND owner=?",
                         (FAILED, spec_hash, RUNNING, owner_id()))
 
+    def block(self, spec: RunSpec, reason: str) -> bool:
+        """Record a run that cannot start (e.g. its teacher failed) as failed with
+        ``reason``, without charging it an attempt; the next claim starts it as usual.
+        False (nothing written) when it is finished or held by a live process."""
+        now = time.time()
+        with self.transaction() as con:
+            row = con.execute("SELECT status, owner, heartbeat FROM runs WHERE hash=?", (spec.hash,)).fetchone()
+            if row is None:
+                con.execute(
+                    "INSERT INTO runs (hash, task, method, student, seed, params, teacher_hash, spec, status, attempts, error, finished_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,0,?,?)",
+                    (spec.hash, spec.task.name, spec.method, spec.student_label, spec.seed, _dumps(spec.params), spec.teacher_hash,
+                     spec.model_dump_json(), FAILED, reason, now),
+                )
+                return True
+            if row["status"] in FINISHED or (row["status"] == RUNNING and owner_alive(row["owner"], row["heartbeat"])):
+                return False
+            con.execute("UPDATE runs SET status=?, owner=NULL, error=?, finished_at=? WHERE hash=?", (FAILED, reason, now, spec.hash))
+        return True
+
     def get(self, spec_hash: str) -> dict[str, Any] | None:
         with self._connect() as con:
             row = con.execute("SELECT * FROM runs WHERE hash=?", (spec_hash,)).fetchone()

@@ -1,4 +1,4 @@
-"""Shared test set-up: fast, deterministic, offline."""
+"""Shared test set-up: fast, deterministic, offline; the registries most tests use."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def fault_registry():
+    """The installed plugins plus the fault-injecting methods and teacher model."""
+    from kdbench.registry import Registry, make_plugin_manager
+
+    pm, broken = make_plugin_manager(extra_plugins=["fault_methods", "support.fault_models"])
+    return Registry(pm, broken)

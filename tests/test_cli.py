@@ -130,3 +130,24 @@ def test_external_plugin_is_listed_and_runs(tmp_path, external_plugin):
     kdbench("run", str(suite), "--results", str(results))
     (row,) = open_store(results).runs()
     assert row["method"] == "smoothed-kd" and row["status"] == "done" and row["params"]["epsilon"] == 0.2
+
+
+def test_external_tracker_and_executor_are_registered_and_run(tmp_path, external_plugin):
+    """The example package's tracker (jsonl) and executor (example-serial) come through their
+    hooks: listed, offered by --executor, and used by a real run."""
+    listed = kdbench("list", "executors").stdout + kdbench("list", "trackers").stdout
+    assert "example-serial" in listed and "example-executor" in listed and "jsonl" in listed and "example-tracker" in listed
+    suite = write_suite(tmp_path, methods=[{"name": "none"}, {"name": "kd"}], seeds=[0, 1], trackers=["jsonl"],
+                        budget={"steps": 4, "batch_size": 16, "eval_every": 2, "log_every": 2})
+    results = tmp_path / "results"
+    kdbench("run", str(suite), "--results", str(results), "--no-report", "--executor", "example-serial")
+    rows = open_store(results).runs()
+    assert len(rows) == 4 and all(r["status"] == "done" and r["attempts"] == 1 for r in rows)
+    for row in rows:
+        events = [json.loads(line) for line in (results / "runs" / row["hash"] / "events.jsonl").read_text().splitlines()]
+        evals = {(e["step"], e["split"]): e["metrics"] for e in events if e["kind"] == "eval"}
+        for entry in row["history"]:
+            assert evals[(entry["step"], "test")] == entry["test"]
+        assert events[-1] == {"kind": "end", "status": "done"}
+    assert kdbench("run", str(suite), "--results", str(results), "--no-report", "--executor", "nope", check=False).returncode == 2
+

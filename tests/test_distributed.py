@@ -93,8 +93,8 @@ def test_sweep_of_12_runs_on_ray_equals_local_executor(tmp_path, cluster, regist
     # one teacher, trained once, with the same metrics; its checkpoint in the results folder
     (ta,), (tb,) = open_store(tmp_path / "local").teachers(), open_store(tmp_path / "ray").teachers()
     assert ta["hash"] == tb["hash"] and ta["metrics"] == tb["metrics"]
-    assert Path(tb["path"]) == tmp_path / "ray" / "teachers" / tb["hash"] / "model.safetensors"
-    assert Path(tb["path"]).read_bytes() == Path(ta["path"]).read_bytes()
+    assert tb["path"] == ta["path"] == f"teachers/{tb['hash']}/model.safetensors"  # relative to the results folder
+    assert (tmp_path / "ray" / tb["path"]).read_bytes() == (tmp_path / "local" / ta["path"]).read_bytes()
     # a second pass trains nothing (every run skipped as finished)
     again = run_ray(suite, tmp_path / "ray", registry=registry)
     assert again.trained == [] and len(again.skipped) == 12
@@ -119,6 +119,25 @@ def test_faults_on_ray_are_isolated_and_worker_deaths_retried_then_failed(tmp_pa
     assert rows["dies-always"]["status"] == "failed" and rows["dies-always"]["attempts"] == 2
     assert "worker process running it died during each of its 2 attempt(s)" in rows["dies-always"]["error"]
     assert rows["none"]["status"] == "done" and rows["none"]["attempts"] == 1
+
+
+def test_a_teacher_that_diverges_on_ray_is_recorded_on_its_row_and_blocks_its_runs_uncharged(tmp_path, cluster, fault_registry):
+    """Case: teacher divergence under Ray (issue 15): teacher row failed, runs blocked, not diverged."""
+    data = suite_data(seeds=[0, 1])
+    data["teacher"] = {**data["teacher"], "model": "bert-faulty", "options": {**data["teacher"]["options"], "fault": "nan"}}
+    suite = build_suite(data, registry=fault_registry)
+    outcome = run_ray(suite, tmp_path, registry=fault_registry)
+    store = open_store(tmp_path)
+    (th,) = {s.teacher_hash for s in suite.runs}
+    teacher = store.teacher(th)
+    assert teacher["status"] == "failed" and "the teacher diverged during fine-tuning: loss became nan" in teacher["error"]
+    rows = {(r["method"], r["seed"]): r for r in store.runs()}
+    for seed in (0, 1):
+        assert rows[("none", seed)]["status"] == "done"
+        kd = rows[("kd", seed)]
+        assert kd["status"] == "failed" and kd["attempts"] == 0
+        assert kd["error"].startswith(f"blocked by teacher {th}: the teacher diverged during fine-tuning")
+    assert sorted(outcome.blocked) == sorted(s.hash for s in suite.runs if s.method == "kd") and outcome.unsuccessful
 
 
 def write_suite(tmp_path: Path, **changes) -> Path:

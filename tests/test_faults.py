@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from kdbench.executor import MAX_ATTEMPTS, open_store, run_local
-from kdbench.registry import Registry, make_plugin_manager
+from kdbench.registry import Registry
 from kdbench.spec import build_suite
 from kdbench.store import RUNNING, ResultsStore
 
@@ -24,9 +24,8 @@ KDBENCH = [sys.executable, "-m", "kdbench.cli"]
 
 
 @pytest.fixture(scope="module")
-def registry() -> Registry:
-    pm, broken = make_plugin_manager(extra_plugins=["fault_methods"])
-    return Registry(pm, broken)
+def registry(fault_registry) -> Registry:
+    return fault_registry
 
 
 def suite_data(**changes) -> dict:
@@ -77,7 +76,7 @@ DRIVER = textwrap.dedent("""
     import sys, yaml
     sys.path.insert(0, {tests!r})
     from kdbench.executor import run_local
-    from kdbench.registry import Registry, make_plugin_manager
+    from kdbench.registry import Registry
     from kdbench.spec import build_suite
     reg = Registry(*make_plugin_manager(extra_plugins=["fault_methods"]))
     out = run_local(build_suite(yaml.safe_load(open({suite!r})), registry=reg), {results!r}, registry=reg, progress=False,

@@ -91,3 +91,46 @@ def test_entry_point_that_fails_to_import_is_named(monkeypatch):
     assert "broken-thing" in broken
     assert "no_such_module_xyz" in broken["broken-thing"] and "ModuleNotFoundError" in broken["broken-thing"]
     assert pm.get_plugin("builtin-method-kd") is not None  # the others still load
+
+
+def test_a_method_named_teacher_is_refused_with_a_named_error():
+    class Teacher(Method):
+        name = "teacher"
+        description = "takes the teacher's row name"
+
+    reg = _registry_with(types.SimpleNamespace(kdbench_methods=hookimpl(lambda: [Teacher])))
+    assert "teacher" not in reg.names("methods")
+    assert "method name 'teacher' is reserved" in reg.broken["test-plugin-0"]
+
+
+def _builtin_entry_points():
+    from importlib.metadata import entry_points
+
+    return sorted((ep for ep in entry_points(group="kdbench") if ep.name.startswith("builtin-")), key=lambda ep: ep.name)
+
+
+@pytest.mark.parametrize("ep", _builtin_entry_points(), ids=lambda ep: ep.name)
+def test_every_builtin_entry_point_registers_its_contributions(ep):
+    """Each built-in plugin (methods, tasks, models, trackers, executors) loads through its
+    entry point, contributes at least one named class of its kind, and the registry
+    indexes every one of them under that entry point's name."""
+    kind = {"method": "methods", "task": "tasks", "model": "models", "logger": "trackers", "executor": "executors"}[ep.name.split("-")[1]]
+    module = ep.load()
+    contributed = getattr(module, f"kdbench_{kind}")()
+    assert contributed and all(isinstance(cls.name, str) for cls in contributed)
+    reg = get_registry()
+    for cls in contributed:
+        assert reg.get(kind, cls.name) is cls and reg.entries[kind][cls.name].plugin == ep.name
+    assert ep.name not in reg.broken
+
+
+def test_executors_come_from_the_registry_and_the_cli_offers_them():
+    from kdbench.cli import build_parser
+    from kdbench.distributed import RayExecutor
+    from kdbench.executor import LocalExecutor
+
+    reg = get_registry()
+    assert reg.executor("local") is LocalExecutor and reg.executor("ray") is RayExecutor
+    run = build_parser()._subparsers._group_actions[0].choices["run"]  # noqa: SLF001
+    (executor,) = [a for a in run._actions if a.dest == "executor"]  # noqa: SLF001
+    assert set(executor.choices) == set(reg.names("executors"))

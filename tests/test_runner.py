@@ -13,24 +13,28 @@ import yaml
 
 from kdbench.data import QUIZ, TRAIN, load_task_data, quiz_split
 from kdbench.executor import open_store, run_local
-from kdbench.registry import Registry, make_plugin_manager
-from kdbench.runner import Runner, predict, select_metrics
+from kdbench.registry import Registry
 from kdbench.spec import build_suite
-
-ROOT = Path(__file__).resolve().parents[1]
+from kdbench.train import Runner, predict, select_metrics
+from kdbench.train import teachers as teachers_mod
+from kdbench.train.inputs import encoded_splits
+from kdbench.train.teachers import provide_teacher
+from support.suites import smoke_data
 
 
 @pytest.fixture(scope="module")
-def registry() -> Registry:
-    pm, broken = make_plugin_manager(extra_plugins=["fault_methods"])
-    return Registry(pm, broken)
+def registry(fault_registry) -> Registry:
+    return fault_registry
 
 
 def suite_data(**changes) -> dict:
-    data = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())
-    data["budget"] = {"steps": 12, "batch_size": 16, "eval_every": 6, "log_every": 3}
-    data.update(changes)
-    return data
+    return smoke_data(budget={"steps": 12, "batch_size": 16, "eval_every": 6, "log_every": 3}, **changes)
+
+
+def runner_and_teacher(tmp_path, registry, spec):
+    """A runner and the teacher checkpoint of ``spec``'s suite (the teachers-first phase)."""
+    runner = Runner(tmp_path, registry, device="cpu", progress=False)
+    return runner, provide_teacher(spec, tmp_path, open_store(tmp_path), registry, runner.device)
 
 
 def test_quiz_split_is_fixed_disjoint_and_sized():
@@ -45,9 +49,9 @@ def test_quiz_split_is_fixed_disjoint_and_sized():
 
 def test_same_spec_same_metrics_other_seed_other_metrics(tmp_path, registry):
     suite = build_suite(suite_data(methods=[{"name": "kd"}], seeds=[0, 1]), registry=registry)
-    runner = Runner(tmp_path, open_store(tmp_path), registry, device="cpu", progress=False)
     a, b = suite.runs
-    first, again, other = runner.run(a), runner.run(a), runner.run(b)
+    runner, teacher = runner_and_teacher(tmp_path, registry, a)
+    first, again, other = runner.run(a, teacher), runner.run(a, teacher), runner.run(b, teacher)
     assert first.status == again.status == other.status == "done", first.error
     assert first.history == again.history
     assert first.metrics == again.metrics
@@ -64,9 +68,10 @@ def test_teacher_trained_once_and_reused(tmp_path, registry, monkeypatch):
     assert sorted(outcome.statuses.values()) == ["done"] * 4
     store = open_store(tmp_path)
     (teacher,) = store.teachers()
-    assert Path(teacher["path"]).is_file() and teacher["path"].startswith(str(tmp_path))
+    # stored relative to the results folder, so the folder can be moved
+    assert teacher["path"] == f"teachers/{teacher['hash']}/model.safetensors" and (tmp_path / teacher["path"]).is_file()
     assert teacher["metrics"]["test"]["accuracy"] > 0
-    monkeypatch.setattr(Runner, "_fine_tune_teacher", lambda *a: pytest.fail("teacher trained twice"))
+    monkeypatch.setattr(teachers_mod, "fine_tune_teacher", lambda *a: pytest.fail("teacher trained twice"))
     again = build_suite(suite_data(seeds=[2], methods=[{"name": "kd"}]), registry=registry)
     assert list(run_local(again, tmp_path, registry=registry, progress=False).statuses.values()) == ["done"]
     # running the same suite again trains nothing
@@ -77,18 +82,18 @@ def test_teacher_trained_once_and_reused(tmp_path, registry, monkeypatch):
 def test_shared_teacher_outputs_equal_live_teacher(tmp_path, registry):
     data = suite_data(methods=[{"name": "kd"}, {"name": "kd-live"}], seeds=[3])
     suite = build_suite(data, registry=registry)
-    runner = Runner(tmp_path, open_store(tmp_path), registry, device="cpu", progress=False)
     shared_spec, live_spec = suite.runs
-    shared, live = runner.run(shared_spec), runner.run(live_spec)
+    runner, checkpoint = runner_and_teacher(tmp_path, registry, shared_spec)
+    shared, live = runner.run(shared_spec, checkpoint), runner.run(live_spec, checkpoint)
     assert shared.cost["shared_teacher_outputs"] and not live.cost["shared_teacher_outputs"]
     for h_shared, h_live in zip(shared.history, live.history):
         for split in ("validation", "test"):
             assert h_shared[split]["accuracy"] == pytest.approx(h_live[split]["accuracy"], abs=1e-9)
     # and the cached logits are the teacher's live logits
     tdata = load_task_data(registry, shared_spec.task, shared_spec.quiz_fraction, shared_spec.data_seed)
-    teacher = runner.load_teacher(shared_spec, tdata)
-    cached = runner.shared_teacher_logits(shared_spec, tdata, teacher)
-    factory, encoded = runner._encoded(shared_spec, tdata, shared_spec.teacher, [TRAIN])
+    teacher = teachers_mod.load_teacher(checkpoint, shared_spec, registry, tdata, runner.device)
+    cached = teachers_mod.shared_train_logits(checkpoint, lambda: pytest.fail("logits computed twice"))
+    factory, encoded = encoded_splits(registry, shared_spec, tdata, shared_spec.teacher, [TRAIN])
     live_logits = predict(teacher, factory, encoded[TRAIN], 7, torch.device("cpu"))  # other batching
     torch.testing.assert_close(cached, live_logits, atol=1e-5, rtol=1e-5)
 
@@ -126,3 +131,40 @@ def test_selection_uses_validation_never_test():
     assert final["step"] == 15 and final["test"]["accuracy"] == 0.5
     chosen = select_metrics(history, "validation", "accuracy")
     assert chosen["step"] == 10 and chosen["test"]["accuracy"] == 0.6  # earliest best validation
+
+
+def test_cost_records_the_runs_own_memory_and_the_new_fields(tmp_path, registry):
+    """Issue 11 item 3: two identical runs in a row report memory within 10% (the run's own
+    peak over its own baseline, not the process's high-water mark), plus preparation time,
+    the step-time spread, deployed vs training parameters and the data fingerprints."""
+    # a student large enough that its optimizer state and activations, not one-off
+    # allocations of the process, make up its memory
+    student = {"model": "bert", "options": {"tiny": {"layers": 2, "hidden": 128, "heads": 2, "intermediate": 256}}, "label": "wide"}
+    suite = build_suite(suite_data(methods=[{"name": "kd"}], seeds=[0], students=[student]), registry=registry)
+    (spec,) = suite.runs
+    runner, teacher = runner_and_teacher(tmp_path, registry, spec)
+    first, second = runner.run(spec, teacher), runner.run(spec, teacher)
+    a, b = first.cost, second.cost
+    assert a["mem_kind"] == "cpu_rss_increase" and a["mem_mb"] > 0
+    assert abs(a["mem_mb"] - b["mem_mb"]) <= 0.1 * max(a["mem_mb"], b["mem_mb"]), (a["mem_mb"], b["mem_mb"])
+    assert a["prep_s"] > 0 and a["step_s_q25"] <= a["step_s_median"] <= a["step_s_q75"]
+    assert a["params_deployed"] == sum(p.numel() for p in _student(registry, spec).parameters())
+    assert a["params_training"] == a["student_params"] >= a["params_deployed"]
+    assert first.env["data"] == getattr(load_task_data(registry, spec.task, spec.quiz_fraction, spec.data_seed), "fingerprints", None)
+
+
+def test_training_only_modules_count_in_params_training_not_params_deployed(tmp_path, registry):
+    """params_training includes the method's extra modules (TinyBERT's projections); params_deployed does not."""
+    suite = build_suite(suite_data(methods=[{"name": "tinybert"}], seeds=[0]), registry=registry)
+    (spec,) = suite.runs
+    runner, teacher = runner_and_teacher(tmp_path, registry, spec)
+    cost = runner.run(spec, teacher).cost
+    assert cost["params_training"] > cost["params_deployed"]
+
+
+def _student(registry, spec):
+    from kdbench.train.inputs import model_factory
+
+    factory, options = model_factory(registry, spec.student)
+    data = load_task_data(registry, spec.task, spec.quiz_fraction, spec.data_seed)
+    return factory.build(options, data.task.problem)

@@ -11,8 +11,9 @@ import yaml
 
 from kdbench.api import KDBenchError
 from kdbench.executor import open_store, run_local
-from kdbench.registry import Registry, make_plugin_manager
+from kdbench.registry import Registry, get_registry, make_plugin_manager
 from kdbench.spec import build_suite
+from kdbench.train.trackers import RunTrackers
 from kdbench_plugins.loggers import tensorboard as tb_plugin
 
 SMOKE = Path(__file__).resolve().parents[1] / "benchmarks" / "smoke.yaml"
@@ -33,7 +34,7 @@ def registry() -> Registry:
 
 
 def test_tracker_name_is_known_to_the_validator(registry):
-    assert tb_plugin.TRACKER_NAME == "tensorboard"
+    assert registry.tracker("tensorboard") is tb_plugin.TensorBoardTracker  # through the kdbench_trackers hook
     build_suite(_suite_data(["tensorboard"]), registry=registry)  # validates
     with pytest.raises(Exception, match="unknown tracker 'tensorbord'"):
         build_suite(_suite_data(["tensorbord"]), registry=registry)
@@ -42,10 +43,12 @@ def test_tracker_name_is_known_to_the_validator(registry):
 def test_missing_package_gives_a_clear_error_only_when_enabled(tmp_path, monkeypatch):
     spec = build_suite(_suite_data([])).runs[0]
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # makes 'import tensorboard' fail
-    tb_plugin.kdbench_run_start(spec=spec, run_dir=str(tmp_path), trackers=[])  # not enabled: nothing happens
+    RunTrackers.start(get_registry(), (), spec, tmp_path)  # not enabled: nothing happens
     assert not (tmp_path / "tensorboard").exists()
     with pytest.raises(KDBenchError, match=r"pip install 'kdbench\[tensorboard\]'"):
-        tb_plugin.kdbench_run_start(spec=spec, run_dir=str(tmp_path), trackers=["tensorboard"])
+        tb_plugin.TensorBoardTracker(spec, tmp_path)
+    with pytest.warns(UserWarning, match="tracker 'tensorboard' raised in start.*pip install"):
+        assert RunTrackers.start(get_registry(), ("tensorboard",), spec, tmp_path).trackers == []  # the run goes on
 
 
 def test_event_files_hold_the_stored_metrics_and_cost(tmp_path, registry):
@@ -76,4 +79,3 @@ def test_event_files_hold_the_stored_metrics_and_cost(tmp_path, registry):
         assert wall.step == 10 and wall.value == pytest.approx(row["cost"]["wall_s"], rel=1e-6)
         (params,) = acc.Scalars("cost/student_params")
         assert params.value == row["cost"]["student_params"]
-        assert tb_plugin._writers == {}  # closed at run end

@@ -1,0 +1,110 @@
+"""Files kdbench writes and later trusts (teacher checkpoints, teacher logits): written
+atomically with a sha256 sidecar, verified when read, named when damaged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdbench.api import KDBenchError
+
+SIDECAR_SUFFIX = ".sha256"
+
+
+class ArtefactError(KDBenchError):
+    """A stored artefact that is missing, unreadable or does not match its checksum."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _temp(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def write_bytes(path: Path, blob: bytes) -> str:
+    """Write ``blob`` to ``path`` atomically (temp file + rename), then its checksum
+    sidecar; returns the sha256. A reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sha = hashlib.sha256(blob).hexdigest()
+    tmp = _temp(path)
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+    side = _temp(sidecar(path))
+    side.write_text(sha + "\n")
+    os.replace(side, sidecar(path))
+    return sha
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Save tensors as safetensors at ``path`` with a checksum; returns the sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp(path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    blob = tmp.read_bytes()
+    tmp.unlink()
+    return write_bytes(path, blob)
+
+
+def expected_sha(path: Path) -> str | None:
+    """The checksum recorded beside ``path`` (None for files written before checksums)."""
+    try:
+        return sidecar(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def verify(path: Path, what: str, sha: str | None = None) -> None:
+    """Raise :class:`ArtefactError` naming ``path`` and ``what`` it is when the file is
+    missing or its content does not match ``sha`` (default: its sidecar)."""
+    if not path.is_file():
+        raise ArtefactError(f"{what}: {path} is missing")
+    want = sha or expected_sha(path)
+    if want is not None and sha256_file(path) != want:
+        raise ArtefactError(f"{what}: {path} does not match its recorded sha256 {want[:12]}... (damaged or changed)")
+
+
+def read_tensors(path: Path, what: str, sha: str | None = None) -> dict[str, torch.Tensor]:
+    """Verify and load a safetensors artefact; any damage is an :class:`ArtefactError`
+    that names the file and what it belongs to."""
+    verify(path, what, sha)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own types for truncated files
+        raise ArtefactError(f"{what}: {path} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete temp files left in ``folder`` by a process killed between write and rename
+    (``<name>.<pid>.tmp`` whose pid no longer runs on this host, or a legacy ``*.tmp``)."""
+    removed = []
+    for tmp in folder.glob("*.tmp") if folder.is_dir() else []:
+        pid = tmp.suffixes[-2][1:] if len(tmp.suffixes) >= 2 else ""
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,84 @@
+"""Seeding, the device and the environment record stored with every run and teacher."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from kdbench.api import KDBenchError
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available), ``cuda`` (an error without it) or ``cpu``."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise KDBenchError("device: 'cuda' was asked for but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def deterministic_cpu() -> Iterator[None]:
+    """Deterministic kernels where PyTorch has them (warn rather than fail elsewhere)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+_GIT: str | None = None
+
+
+def git_commit() -> str:
+    """The commit of the kdbench checkout (``+dirty`` with uncommitted changes), once per process."""
+    global _GIT
+    if _GIT is None:
+        try:
+            here = Path(__file__).resolve().parent
+            _GIT = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
+            _GIT += "+dirty" if dirty else ""
+        except (OSError, subprocess.SubprocessError):
+            _GIT = "unknown"
+    return _GIT
+
+
+def environment(device: torch.device, data: Any = None) -> dict[str, Any]:
+    """Versions, hardware and data fingerprints a number came from (stored with every run
+    and teacher). ``data`` is the run's :class:`~kdbench.data.TaskData`; its
+    ``fingerprints`` (per split: sha256 and size of what was read) go to ``env["data"]``."""
+    import transformers
+
+    import kdbench
+
+    return {
+        "kdbench": kdbench.__version__,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}",
+        "data": getattr(data, "fingerprints", None),
+    }

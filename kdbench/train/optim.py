@@ -1,0 +1,48 @@
+"""The step budget, optimizers and per-step learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdbench.spec import Budget, OptimizerSpec
+
+
+def total_steps(budget: Budget, n_train: int) -> int:
+    """Optimizer steps of a budget given in steps or in epochs over ``n_train`` examples."""
+    if budget.steps is not None:
+        return budget.steps
+    per_epoch = max(n_train // budget.batch_size, 1)
+    return max(int(math.ceil(budget.epochs * per_epoch)), 1)
+
+
+def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec, steps: int, steps_per_epoch: int, epochs_budget: bool) -> tuple[torch.optim.Optimizer, Any]:
+    """Optimizer and a per-step LR schedule. Gradient clipping, when asked, runs as a
+    pre-step hook so every method's step gets it without repeating it."""
+    if spec.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.nesterov)
+    elif spec.name == "adam":
+        opt = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.grad_clip is not None:
+        clip = spec.grad_clip
+        opt.register_step_pre_hook(lambda o, a, k: nn.utils.clip_grad_norm_([p for g in o.param_groups for p in g["params"]], clip))
+    warmup = int(spec.warmup_ratio * steps)
+    milestones = [int(m * steps_per_epoch) if epochs_budget else int(m) for m in spec.milestones]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if spec.schedule == "linear":
+            return max(0.0, (steps - step) / max(steps - warmup, 1))
+        if spec.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+        if spec.schedule == "multistep":
+            return spec.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)

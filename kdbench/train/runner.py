@@ -1,0 +1,225 @@
+"""One student run: given a run spec and its teacher's checkpoint, train the student for
+the budget with the method's step, evaluate at fixed points and measure the cost. The
+runner never touches the results store: claims, heartbeats and records belong to the
+executor (:mod:`kdbench.executor`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from kdbench.api import LOGITS, Batch, KDBenchError, KDModel, Method, ModelOutput, SetupInfo, StepContext
+from kdbench.data import QUIZ, TRAIN, TaskData, labels_tensor, load_task_data
+from kdbench.registry import Registry, call_lifecycle, get_registry
+from kdbench.spec import RunSpec
+from kdbench.store import DIVERGED, DONE, FAILED
+import kdbench.train.teachers as teachers
+from kdbench.train.cost import CostMeter
+from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
+from kdbench.train.evaluation import evaluate, select_metrics
+from kdbench.train.inputs import encoded_splits, model_factory
+from kdbench.train.loop import Diverged, autocast_for, batches, train_loop
+from kdbench.train.optim import build_optimizer, total_steps
+from kdbench.train.teachers import TeacherCheckpoint
+from kdbench.train.trackers import RunTrackers
+
+
+@dataclass
+class RunResult:
+    status: str
+    metrics: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    cost: dict[str, Any] | None = None
+    env: dict[str, Any] | None = None
+    error: str | None = None
+    diverged_step: int | None = None
+
+
+@dataclass
+class _Prepared:
+    """What a run builds before its first step (timed as ``prep_s``)."""
+
+    method: Method
+    data: TaskData
+    factory: Any
+    encoded: dict[str, dict[str, torch.Tensor]]
+    teacher: KDModel | None
+    shared: torch.Tensor | None
+
+
+class Runner:
+    """Trains student runs of one results folder on one device."""
+
+    def __init__(self, results_dir: str | Path, registry: Registry | None = None, device: str = "auto",
+                 trackers: tuple[str, ...] = (), progress: bool | None = None, share_teacher_outputs: bool = True):
+        self.results_dir = Path(results_dir)
+        self.registry = registry or get_registry()
+        self.device = pick_device(device)
+        self.trackers = tuple(trackers)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.share_teacher_outputs = share_teacher_outputs
+        self._teacher_logits: dict[str, torch.Tensor] = {}
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def run(self, spec: RunSpec, teacher: TeacherCheckpoint | None = None) -> RunResult:
+        """Train and evaluate one run; never raises for a failed or diverged run.
+        ``teacher`` is the checkpoint from the teachers-first phase (needed when the
+        method uses a teacher)."""
+        env = environment(self.device)
+        run_dir = self.results_dir / "runs" / spec.hash
+        call_lifecycle(self.registry, "kdbench_run_start", spec=spec, run_dir=str(run_dir), trackers=list(self.trackers))
+        tracked = RunTrackers.start(self.registry, self.trackers, spec, run_dir)
+        try:
+            with deterministic_cpu():
+                result = self._run(spec, teacher, env, tracked)
+        except Diverged as exc:
+            result = RunResult(DIVERGED, error=str(exc), env=env, diverged_step=exc.step)
+        except torch.OutOfMemoryError as exc:
+            result = RunResult(FAILED, error=f"out of memory on {self.device}: {exc}", env=env)
+        except MemoryError:
+            result = RunResult(FAILED, error="out of host memory (MemoryError)", env=env)
+        except KeyboardInterrupt:
+            tracked.end("interrupted", {})
+            raise
+        except Exception as exc:
+            result = RunResult(FAILED, error="".join(traceback.format_exception(exc)), env=env)
+        tracked.end(result.status, {"status": result.status, "metrics": result.metrics, "cost": result.cost, "error": result.error})
+        return result
+
+    # -- preparation ------------------------------------------------------------------
+    def _prepare(self, spec: RunSpec, checkpoint: TeacherCheckpoint | None) -> _Prepared:
+        method_cls = self.registry.method(spec.method)
+        data = load_task_data(self.registry, spec.task, spec.quiz_fraction, spec.data_seed)
+        method: Method = method_cls(method_cls.Params(**spec.params), data.task.problem)
+        teacher = None
+        if method.uses_teacher and spec.teacher is not None:
+            if checkpoint is None:
+                raise KDBenchError(f"run {spec.hash} needs the checkpoint of teacher {spec.teacher_hash}: "
+                                   "the executor's teachers-first phase provides it (kdbench.train.teachers.provide_teacher)")
+            teacher = teachers.load_teacher(checkpoint, spec, self.registry, data, self.device)
+        factory, encoded = encoded_splits(self.registry, spec, data, spec.student, [TRAIN, QUIZ, *data.eval_splits])
+        shared = None
+        if teacher is not None and self.share_teacher_outputs and method.can_share_teacher_outputs and not data.task.has_augmentation:
+            shared = self._shared_logits(checkpoint, teacher, spec, data)  # type: ignore[arg-type]
+        if teacher is not None:
+            self._check_same_encoding(spec)
+        return _Prepared(method, data, factory, encoded, teacher, shared)
+
+    def _shared_logits(self, checkpoint: TeacherCheckpoint, teacher: KDModel, spec: RunSpec, data: TaskData) -> torch.Tensor:
+        key = f"{checkpoint.hash}:{checkpoint.sha256}"
+        if key not in self._teacher_logits:
+            logits = teachers.shared_train_logits(checkpoint, lambda: teachers.train_logits(teacher, spec, self.registry, data, self.device))
+            self._teacher_logits[key] = logits.to(self.device)
+        return self._teacher_logits[key]
+
+    def _check_same_encoding(self, spec: RunSpec) -> None:
+        t_factory, t_options = model_factory(self.registry, spec.teacher)  # type: ignore[arg-type]
+        s_factory, s_options = model_factory(self.registry, spec.student)
+        if t_factory.encoder_id(t_options) != s_factory.encoder_id(s_options):
+            raise KDBenchError(f"teacher ({t_factory.encoder_id(t_options)}) and student ({s_factory.encoder_id(s_options)}) "
+                               "encode inputs differently; kdbench feeds both the same batch, so they must share a tokenizer")
+
+    def _teacher_forward(self, teacher: KDModel | None, shared: torch.Tensor | None) -> Callable[[Batch, frozenset[str]], ModelOutput]:
+        def teacher_forward(batch: Batch, need: frozenset[str]) -> ModelOutput:
+            assert teacher is not None
+            if shared is not None and set(need) <= {LOGITS}:
+                return ModelOutput(logits=shared[batch.index.to(shared.device)])
+            was_training = teacher.training
+            teacher.eval()
+            with torch.no_grad():
+                out = teacher(batch.inputs, need=need)
+            teacher.train(was_training)
+            return out
+
+        return teacher_forward
+
+    def _quiz_batches(self, spec: RunSpec, p: _Prepared) -> Callable[[], Batch]:
+        quiz_iter: Iterator[Batch] | None = None
+
+        def next_quiz_batch() -> Batch:
+            nonlocal quiz_iter
+            if QUIZ not in p.encoded:
+                raise KDBenchError(f"method '{spec.method}' needs a quiz split; set quiz_fraction > 0")
+            if quiz_iter is None:
+                quiz_gen = torch.Generator().manual_seed(spec.seed + 1)
+                quiz_iter = batches(p.factory, p.encoded[QUIZ], labels_tensor(p.data, QUIZ), spec.budget.batch_size, quiz_gen, self.device)
+            return next(quiz_iter)
+
+        return next_quiz_batch
+
+    def _context(self, spec: RunSpec, p: _Prepared, student: KDModel) -> tuple[StepContext, int, int]:
+        """The step context (optimizer over student + the method's extra modules), the
+        step count and the deployed parameter count."""
+        labels = labels_tensor(p.data, TRAIN)
+        steps = total_steps(spec.budget, labels.shape[0])
+        sample = next(batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, torch.Generator().manual_seed(spec.seed), self.device))
+        extra = p.method.extra_modules(student, p.teacher, SetupInfo(sample=sample, train_size=labels.shape[0], device=self.device))
+        extra = extra.to(self.device) if extra is not None else None
+        params = list(student.parameters()) + (list(extra.parameters()) if extra is not None else [])
+        per_epoch = max(labels.shape[0] // spec.budget.batch_size, 1)
+        optimizer, scheduler = build_optimizer(params, spec.optimizer, steps, per_epoch, spec.budget.epochs is not None)
+        build_teacher = None
+        if spec.teacher is not None and p.teacher is not None:
+            build_teacher = lambda: teachers.pretrained_teacher(spec, self.registry, p.data, self.device)  # noqa: E731
+        ctx = StepContext(student=student, teacher=p.teacher, extra=extra, student_optimizer=optimizer, scheduler=scheduler,
+                          problem=p.data.task.problem, device=self.device, total_steps=steps, train_size=labels.shape[0],
+                          teacher_forward=self._teacher_forward(p.teacher, p.shared), next_quiz_batch=self._quiz_batches(spec, p),
+                          autocast=autocast_for(self.device), seed=spec.seed, build_teacher=build_teacher,
+                          quiz_size=int(labels_tensor(p.data, QUIZ).shape[0]) if QUIZ in p.encoded else 0)
+        return ctx, steps, sum(x.numel() for x in params)
+
+    # -- the run ------------------------------------------------------------------------
+    def _run(self, spec: RunSpec, checkpoint: TeacherCheckpoint | None, env: dict[str, Any], tracked: RunTrackers) -> RunResult:
+        t0 = time.perf_counter()
+        p = self._prepare(spec, checkpoint)
+        env["data"] = getattr(p.data, "fingerprints", None)
+        s_factory, s_options = model_factory(self.registry, spec.student)
+        seed_everything(spec.seed)
+        student = s_factory.build(s_options, p.data.task.problem).to(self.device)
+        p.method.check_models(student, p.teacher)
+        ctx, steps, n_training = self._context(spec, p, student)
+        if p.teacher is not None:
+            p.teacher.requires_grad_(p.method.updates_teacher)
+        p.method.setup(ctx)
+        meter = CostMeter(self.device)
+        labels = labels_tensor(p.data, TRAIN)
+        train_batches = batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, torch.Generator().manual_seed(spec.seed),
+                                self.device, p.data.task, p.data.task.has_augmentation, meter)
+
+        def step_fn(batch: Batch, step: int) -> dict[str, torch.Tensor]:
+            ctx.step = step
+            values = p.method.train_step(ctx, batch)
+            values.setdefault("lr", torch.tensor(ctx.student_optimizer.param_groups[0]["lr"]))
+            return values
+
+        meter.prep_s = time.perf_counter() - t0
+        with meter:
+            history = train_loop(
+                model=student, step_fn=step_fn, batches=train_batches, steps=steps, budget=spec.budget,
+                evaluate_fn=lambda: evaluate(student, p.factory, p.data, p.encoded, spec.budget.eval_batch_size, self.device),
+                meter=meter, on_log=lambda step, values: self._on_log(spec, tracked, step, values),
+                on_eval=lambda step, metrics: self._on_eval(spec, tracked, step, metrics),
+                desc=f"{spec.method} {spec.task.name} seed {spec.seed}", progress=self.progress)
+        cost = meter.summary()
+        cost["params_deployed"] = sum(x.numel() for x in student.parameters())
+        cost["params_training"] = cost["student_params"] = n_training
+        cost["shared_teacher_outputs"] = p.shared is not None
+        metrics = select_metrics(history, spec.selection, p.data.task.main_metric)
+        return RunResult(DONE, metrics=metrics, history=history, cost=cost, env=env)
+
+    def _on_log(self, spec: RunSpec, tracked: RunTrackers, step: int, values: dict[str, float]) -> None:
+        call_lifecycle(self.registry, "kdbench_train_log", spec=spec, step=step, values=values)
+        tracked.log(step, values)
+
+    def _on_eval(self, spec: RunSpec, tracked: RunTrackers, step: int, metrics: dict[str, dict[str, float]]) -> None:
+        for split, m in metrics.items():
+            call_lifecycle(self.registry, "kdbench_eval_result", spec=spec, step=step, split=split, metrics=m)
+            tracked.eval_result(step, split, m)

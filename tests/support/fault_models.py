@@ -1,0 +1,56 @@
+"""A teacher model plugin that misbehaves on purpose while it is fine-tuned: ``bert-faulty``
+is the tiny BERT with a ``fault`` option (``nan``: its logits become NaN in train mode, so
+the teacher diverges; ``die``: it SIGKILLs its process at the first train-mode forward
+unless the ``marker`` file exists). Students use plain ``bert``: the encodings match."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from kdbench.api import ModelOutput
+from kdbench.hookspecs import hookimpl
+from kdbench_plugins.models.bert import BertClassifier, BertFactory, BertOptions
+
+
+class FaultyOptions(BertOptions):
+    fault: Literal["none", "nan", "die"] = "none"
+    marker: str = ""
+
+
+class FaultyBert(BertClassifier):
+    fault = "none"
+    marker = ""
+
+    def forward(self, inputs, need=frozenset()) -> ModelOutput:
+        out = super().forward(inputs, need)
+        if self.training and self.fault == "nan":
+            out.logits = out.logits * torch.tensor(float("nan"))
+        if self.training and self.fault == "die" and not Path(self.marker).exists():
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+
+class FaultyBertFactory(BertFactory):
+    name = "bert-faulty"
+    description = "tiny BERT that diverges or kills its process while fine-tuned (tests only)"
+    Options = FaultyOptions
+
+    def build(self, options: FaultyOptions, problem):
+        model = super().build(options, problem)
+        model.__class__ = FaultyBert
+        model.fault, model.marker = options.fault, options.marker
+        return model
+
+    def encoder_id(self, options) -> str:
+        return BertFactory.encoder_id(self, options)
+
+
+@hookimpl
+def kdbench_models():
+    return [FaultyBertFactory]
