@@ -94,8 +94,10 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     teachers = [t for t in store.teachers() if teacher_hashes is None or t["hash"] in teacher_hashes]
     teachers = [t for t in teachers if (not tasks or t["task"] in tasks) and (not methods or "teacher" in methods)]
     baseline = baseline or getattr(suite_spec, "baseline", None) or (sorted(df["method_name"])[0] if not df.empty else "")
-    if chance is True:
+    if chance is True and (not methods or "chance" in methods):
         chance = chance_scores([r for r in rows if r["hash"] in kept and r["status"] == DONE])
+    elif chance is True:
+        chance = {}
     board = leaderboard(df, teachers, baseline=baseline, chance=chance or {}, correction=correction)
     refs = [r for r in getattr(suite_spec, "references", []) if (not tasks or r.task in tasks) and (not methods or r.method in methods)]
     levels, scores = sensitivity(df, [s.label or s.model for s in getattr(suite_spec, "students", [])], correction)

@@ -94,7 +94,7 @@ def _decorate(text: str, r: pd.Series, mark: str | None, marks: bool, bold: str 
         return text
     if mark == "best" and bold:
         text = {"md": f"**{text}**", "latex": f"\x01{text}\x02", "html": f"<b>{text}</b>"}[bold]
-    elif mark == "tie":
+    elif mark == "tie" and (marks or bold):
         text += f" {TIE}"
     if marks and isinstance(r.get("result"), str) and r.get("p_adj") == r.get("p_adj") and r.get("p_adj") is not None:
         text += f" p_adj={fmt_p(r['p_adj'])}" + {"win": f" {WIN}", "loss": f" {LOSS}"}.get(r["result"], "")
