@@ -8,11 +8,11 @@ from typing import Any
 
 import pandas as pd
 
-from kdbench.report import provenance
 from kdbench.report.aggregate import family, leaderboard
 from kdbench.report.chance import chance_scores
 from kdbench.report.cost import cost_table, teacher_cost
 from kdbench.report.frame import filter_runs, runs_frame
+from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
 from kdbench.report.sweeps import sensitivity
 from kdbench.store import DONE, ResultsStore
@@ -104,8 +104,8 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     return Report(
         title=title, baseline=baseline, runs=df, board=board, references=references_table(df, refs, teachers),
         sens_levels=levels, sens_scores=scores, cost=cost_table(df, baseline), cost_reference=baseline,
-        env=provenance.environments([r for r in rows if r["hash"] in kept]),
+        env=environments([r for r in rows if r["hash"] in kept]),
         config=suite_spec.model_dump(mode="json") if suite_spec is not None else None, subset=_subset(tasks, methods, students, where),
-        missing=(len(wanted) - len(rows)) if wanted is not None else 0, correction=correction, date=provenance.report_date(),
-        teacher_cost=teacher_cost(teachers, df), commits=provenance.commits(df), data=provenance.data_fingerprints(df),
-        outside=provenance.outside_runs(all_rows, hashes), chance=chance or {})
+        missing=(len(wanted) - len(rows)) if wanted is not None else 0, correction=correction, date=report_date(),
+        teacher_cost=teacher_cost(teachers, df), commits=commits(df), data=data_fingerprints(df),
+        outside=outside_runs(all_rows, hashes), chance=chance or {})
