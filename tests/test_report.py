@@ -290,3 +290,170 @@ def test_average_over_tasks_uses_main_metric_over_test_splits():
     assert wide.loc["kd", "glue-mnli test_mismatched (accuracy)"].startswith("72.00 ± ")
     # a task missing for a row: no average for it
     assert "avg over 2 tasks" not in wide_table(leaderboard(runs_frame(rows[:2]))).columns
+
+
+# ----------------------------------------------------------------- issue 11: known answers
+
+
+from report_fixtures import custom_store, small_suite_data  # noqa: E402
+
+KD = "kd"
+
+
+def _report(store, suite, **kw):
+    return build_report(store, [r.hash for r in suite.runs], {r.teacher_hash for r in suite.runs if r.teacher_hash},
+                        suite_spec=suite.spec, title="t", **kw)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_constant_gap_small_n_exact_p_and_flags(tmp_path, n):
+    """kd = none + 0.1 points on every seed: the exact test gives 2/2^n (never 0); n < 3 is
+    flagged with its smallest attainable p in every format; no 'win' below n = 6."""
+    suite, store = custom_store(tmp_path / "s.sqlite", small_suite_data(list(range(n))),
+                                lambda m, s, seed: 0.70 + 0.01 * seed + (0.001 if m == KD else 0.0))
+    rep = _report(store, suite, chance=False)
+    row = rep.board.set_index("method").loc[KD]
+    assert row["pairs"] == n and row["diff"] == pytest.approx(0.1)
+    if n == 1:
+        assert math.isnan(row["p"]) and row["result"] == "n/a" and rep.family == 0
+    else:
+        assert row["p"] == pytest.approx(2 / 2**n) and row["p_adj"] == row["p"] and row["result"] == "n.s." and rep.family == 1
+        assert row["sd"] == pytest.approx(0.0, abs=1e-9) and (math.isinf(row["mdd"]) if n < 6 else True)
+    assert bool(row["small_n"]) == (n < 3) and row["min_p"] == pytest.approx(min(1.0, 2 / 2**n))
+    files = write_outputs(rep, ["md", "csv", "json", "html", "latex"], tmp_path, plots=False)
+    text = {p.suffix: p.read_text() for p in files}
+    flag = f"n < 3: smallest attainable p {min(1.0, 2 / 2**n):.2f}"
+    assert (flag in text[".md"] and flag in __import__("html").unescape(text[".html"])) == (n < 3)
+    assert ("(n=%d) †" % n in render_report(rep, "terminal")) == (n < 3) and ("$\\dagger$" in text[".tex"]) == (n < 3)
+    assert pd.read_csv(tmp_path / "leaderboard.csv").set_index("method").loc[KD, "small_n"] == (n < 3)
+
+
+def test_every_teacher_its_own_row_and_references_matched(tmp_path):
+    data = small_suite_data([0, 1, 2, 3, 4], two_teachers=True)
+    data["references"] = [
+        {"task": "movie-sentiment", "method": "teacher", "teacher": "teacher-A", "value": 88.0, "citation": "A"},
+        {"task": "movie-sentiment", "method": "teacher", "teacher": "teacher-B", "value": 79.0, "citation": "B"},
+        {"task": "movie-sentiment", "method": "kd", "teacher": "teacher-B", "student": "tiny-2L", "value": 70.0, "std": 1.0,
+         "n": 5, "protocol": "last epoch", "citation": "C"}]
+    suite, store = custom_store(tmp_path / "s.sqlite", data, lambda m, s, seed: 0.70 + 0.01 * seed + (0.05 if s == "tiny-2L" else 0),
+                                teacher_scores={"teacher-A": 0.9, "teacher-B": 0.8})
+    rep = _report(store, suite, chance=False)
+    wide = rep.wide().set_index("method")
+    assert wide.loc["teacher [teacher-A]", "movie-sentiment (accuracy)"] == "90.00 (n=1)"
+    assert wide.loc["teacher [teacher-B]", "movie-sentiment (accuracy)"] == "80.00 (n=1)"
+    refs = rep.references
+    assert len(refs) == 3  # 2 teacher references x their own teacher, no cross join
+    t = refs[refs["method"] == "teacher"].set_index("teacher")
+    assert t.loc["teacher-A", "reproduced"] == pytest.approx(90.0) and t.loc["teacher-B", "reproduced"] == pytest.approx(80.0)
+    kd = refs[refs["method"] != "teacher"].iloc[0]
+    scores = [75.0 + s for s in range(5)]
+    lo, hi = (max(v, 0) for v in __import__("scipy").stats.t.interval(0.95, 4, loc=np.mean(scores), scale=np.std(scores, ddof=1) / math.sqrt(5)))
+    assert kd["student"] == "tiny-2L" and kd["reproduced"] == pytest.approx(77.0) and kd["n"] == 5
+    assert kd["inside_ci"] == ("yes" if lo <= 70.0 <= hi else "no") == "no"
+    shown = md_tables(render_report(rep, "md"))["Paper comparison"]
+    (row,) = [r for r in shown if r["method"] != "teacher"]
+    assert row["reference"] == "70.00 ± 1.00 (n=5)" and row["protocol"] == "last epoch" and row["reference in CI"] == "no"
+    tc = rep.teacher_cost.set_index("teacher")
+    rows = store.runs()
+    for t in store.teachers():
+        used = sum(r["teacher_hash"] == t["hash"] and r["status"] == "done" for r in rows)
+        label = t["spec"]["label"]
+        assert tc.loc[label, "runs"] == used and tc.loc[label, "amortised_train_s"] == pytest.approx(90.0 / used)
+
+
+def test_outside_runs_commits_and_data_fingerprints(tmp_path):
+    def env(method, student, seed):
+        fp = {"test": {"sha256": "aa" * 32, "n": 100}}
+        if method == KD and seed == 1:
+            fp = {"test": {"sha256": "bb" * 32, "n": 100}}  # kd's seed 1 read other data
+        return {"git_commit": "c1" if seed == 0 else "c2+dirty", "data": fp}
+
+    suite, store = custom_store(tmp_path / "s.sqlite", small_suite_data([0, 1, 2]), lambda m, s, seed: 0.7 + 0.01 * seed, env=env)
+    smaller = build_suite_from(small_suite_data([0, 1]))
+    rep = build_report(store, [r.hash for r in smaller.runs], suite_spec=smaller.spec, chance=False)
+    assert sorted(rep.outside["seed"]) == [2, 2] and set(rep.outside["method"]) == {"none", KD}  # listed ...
+    b = rep.board.set_index("method")
+    assert b.loc["none", "n"] == 2  # ... never averaged in
+    assert b.loc[KD, "data_flag"] == "mixed data" and b.loc[KD, "n"] == 0 and math.isnan(b.loc[KD, "mean"])
+    assert b.loc[KD, "result"] == "mixed data" and rep.family == 0
+    commits = rep.commits.set_index("commit")
+    assert commits.loc["c1", "dirty"] == "no" and commits.loc["c2", "dirty"] == "yes" and commits.loc["c2", "runs"] == 2
+    data = rep.data.set_index("sha256")
+    assert data.loc["aa" * 32, "runs"] == 3 and data.loc["bb" * 32, "runs"] == 1 and data.loc["aa" * 32, "size"] == "100"
+    md = render_report(rep, "md")
+    assert "Runs in the store outside this suite (not averaged)" in md and "Rows whose runs read different data" in md
+    assert "| c2       | yes     |" in md and "Report made" in md
+
+
+def build_suite_from(data):
+    from kdbench.spec import build_suite
+
+    return build_suite(data, source="custom")
+
+
+def test_old_store_says_not_recorded(synthetic):
+    _, _, report, _, _ = synthetic
+    assert report.data["sha256"].tolist() == ["not recorded"]
+
+
+def test_chance_row_is_the_test_majority_class(synthetic):
+    suite, _, report, _, _ = synthetic
+    from kdbench.data import load_task_data
+    from kdbench.registry import get_registry
+
+    run = suite.runs[0]
+    labels = load_task_data(get_registry(), run.task, run.quiz_fraction, run.data_seed).labels("test")
+    majority = np.bincount(labels).max() / len(labels) * 100
+    chance = report.board.set_index("method").loc["chance"]
+    assert chance["mean"] == pytest.approx(majority) and "chance" in report.wide().set_index("method").index
+
+
+def test_benjamini_hochberg_option_against_scipy(synthetic):
+    suite, store, holm, _, _ = synthetic
+    from scipy import stats as st
+
+    bh = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, correction="bh", chance=False)
+    tested = bh.board[bh.board["p"].notna()]
+    assert len(tested) == holm.family == 6
+    assert tested["p_adj"].tolist() == pytest.approx(list(st.false_discovery_control(tested["p"].tolist(), method="bh")))
+
+
+def test_sensitivity_anova_against_scipy(synthetic):
+    _, store, report, _, _ = synthetic
+    from scipy import stats as st
+
+    rows = [r for r in store.runs() if r["status"] == "done" and r["method"] == "kd" and r["student"] == "tiny-1L"]
+    groups = [[r["metrics"]["test"]["accuracy"] * 100 for r in rows if r["params"] == {"alpha": 0.5, "temperature": t}]
+              for t in (1.0, 2.0, 4.0)]
+    row = report.sens_scores.set_index(["method", "factor"]).loc[("kd", "temperature")]
+    ref = st.f_oneway(*groups)
+    assert row["anova_f"] == pytest.approx(ref.statistic) and row["anova_p"] == pytest.approx(ref.pvalue)
+    pooled = math.sqrt(sum(np.var(g, ddof=1) * (len(g) - 1) for g in groups) / sum(len(g) - 1 for g in groups))
+    assert row["seed_std"] == pytest.approx(pooled)
+    tested = report.sens_scores["anova_p"].notna()
+    from kdbench.stats import adjust
+
+    assert report.sens_scores.loc[tested, "anova_p_adj"].tolist() == pytest.approx(adjust(report.sens_scores.loc[tested, "anova_p"].tolist()))
+    assert ("beyond seed noise" in row["verdict"]) and ("no evidence" in row["verdict"]) == (row["anova_p_adj"] >= 0.05)
+
+
+def test_terminal_ends_with_the_leaderboard(synthetic, tmp_path, capsys):
+    suite, _, _, folder, _ = synthetic
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite_data()))
+    assert cli.main(["report", str(path), "--results", str(folder)]) == 0
+    out = capsys.readouterr().out.rstrip().splitlines()
+    last = max(i for i, line in enumerate(out) if line == "Leaderboard")
+    assert out[last + 1].startswith("method") and out[-1].startswith("▲/▼: Holm") and "family of 6 comparisons" in out[-1]
+    assert "chance" in "\n".join(out[last:]) and "p_adj=" in "\n".join(out[last:])
+    assert not any(line.startswith("95% CI:") for line in out)  # the legend is in the files and --verbose
+    assert cli.main(["report", str(path), "--results", str(folder), "--verbose"]) == 0
+    assert any(line.startswith("95% CI:") for line in capsys.readouterr().out.splitlines())
+
+
+def test_run_warns_on_a_dirty_tree(monkeypatch, capsys):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=" M kdbench/x.py\n"))
+    cli._warn_if_dirty()
+    assert "uncommitted changes" in capsys.readouterr().err

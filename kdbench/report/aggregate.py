@@ -17,7 +17,7 @@ from kdbench.store import DIVERGED, DONE, FAILED, RUNNING
 MIXED_DATA = "mixed data"
 BOARD_COLS = ["task", "split", "method", "method_name", "params", "student", "metric", "mean", "std", "n", "ci_low", "ci_high",
               "small_n", "min_p", "data_flag", "failed", "diverged", "running", "not_done", "time_per_run_s"]
-COMP_COLS = ["task", "split", "method", "student", "baseline_method", "pairs", "diff", "sd", "p", "p_adj", "min_p", "mdd", "result"]
+COMP_COLS = ["task", "split", "method", "student", "baseline_method", "pairs", "diff", "sd", "p", "p_adj", "mdd", "result"]
 
 
 def summ(values: Iterable[float], metric: Any = None) -> stats.Summary:
@@ -135,7 +135,7 @@ def pick_baseline_config(base: pd.DataFrame, params: str) -> tuple[str | None, s
 
 def _no_test(row: dict[str, Any], result: str, baseline_method: Any = None, pairs: float = 0) -> dict[str, Any]:
     return row | {"baseline_method": baseline_method, "pairs": pairs, "diff": np.nan, "sd": np.nan, "p": np.nan,
-                  "p_adj": np.nan, "min_p": np.nan, "mdd": np.nan, "result": result}
+                  "p_adj": np.nan, "mdd": np.nan, "result": result}
 
 
 def _compare(row: dict[str, Any], g: pd.DataFrame, base_all: pd.DataFrame, split: str) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def _compare(row: dict[str, Any], g: pd.DataFrame, base_all: pd.DataFrame, split
     b = {r.seed: r.splits[split] * SCALE for r in base.itertuples() if r.splits.get(split) is not None}
     res = stats.paired_test(a, b)
     return row | {"baseline_method": base["method"].iloc[0], "pairs": res.n, "diff": res.diff, "sd": res.sd, "p": res.p,
-                  "p_adj": np.nan, "min_p": res.min_p, "mdd": res.mdd, "result": res.result}
+                  "p_adj": np.nan, "mdd": res.mdd, "result": res.result}
 
 
 def comparisons(df: pd.DataFrame, baseline: str, correction: str = "holm") -> pd.DataFrame:
