@@ -51,7 +51,8 @@ def chance_scores(rows: Iterable[dict[str, Any]], registry: Any = None) -> dict[
             data = load_task_data(registry or get_registry(), TaskSpec(**spec["task"]), spec.get("quiz_fraction", 0.0),
                                   spec.get("data_seed", 0))
         except Exception as exc:  # data not at hand: no chance row, said in the report
-            out[r["task"]] = {"metric": metric, "splits": {}, "rule": "", "error": f"{type(exc).__name__}: {exc}"[:200]}
+            out[r["task"]] = {"metric": metric, "splits": {}, "rule": "no chance row, the task data is not at hand",
+                              "error": f"{type(exc).__name__}: {exc}"[:200]}
             continue
         splits = [s for s in data.eval_splits if s == TEST or s.startswith(TEST + "_")]
         train = data.labels("train")
