@@ -457,3 +457,40 @@ def test_run_warns_on_a_dirty_tree(monkeypatch, capsys):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=" M kdbench/x.py\n"))
     cli._warn_if_dirty()
     assert "uncommitted changes" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- a report format from a plugin
+
+
+@pytest.fixture(scope="module")
+def example_plugin():
+    """The example third-party package, installed the way tests/test_cli.py installs it."""
+    import subprocess
+    import sys
+
+    pkg = ROOT / "tests" / "external_plugin"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(pkg)]
+    subprocess.run(pip, check=True, capture_output=True, text=True)
+    yield
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "--quiet", "-y", "kdbench-example-plugin"], check=True, capture_output=True)
+
+
+def test_a_plugin_report_format_is_listed_and_written(synthetic, tmp_path, example_plugin):
+    import subprocess
+    import sys
+
+    suite, store, _, folder, _ = synthetic
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite_data()))
+    out = tmp_path / "board.tsv"
+    cmd = [sys.executable, "-m", "kdbench.cli", "report", str(path), "--results", str(folder), "--format", "tsv", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].split("\t")[:2] == ["method", "movie-sentiment (accuracy)"] and lines[-1].startswith("# 6 comparisons, holm")
+    exp = expected(store.runs())
+    row = next(line.split("\t") for line in lines if line.startswith("none [tiny-1L]"))
+    mean, std, n = parse_cell(row[1])
+    assert (mean, n) == (round(exp[("none", "tiny-1L")]["mean"], 2), exp[("none", "tiny-1L")]["n"])
+    bad = subprocess.run(cmd[:-4] + ["--format", "tsvv"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "tsv" in bad.stderr  # the choices come from the registry, the plugin's included
