@@ -64,13 +64,30 @@ def cost_table(df: pd.DataFrame, reference: str | None) -> pd.DataFrame:
     return pd.DataFrame.from_records(out, columns=COST_COLS)
 
 
-def teacher_cost(teachers: list[dict[str, Any]], df: pd.DataFrame) -> pd.DataFrame:
+def teacher_free_methods(names: set[str]) -> set[str]:
+    """The method names whose class declares ``uses_teacher = False`` (their runs carry a
+    teacher hash but never read the teacher); unknown names count as using it."""
+    from kdbench.registry import get_registry
+
+    out = set()
+    for name in names:
+        try:
+            if not getattr(get_registry().method(name), "uses_teacher", True):
+                out.add(name)
+        except Exception:  # a method no installed plugin provides: assume it used the teacher
+            continue
+    return out
+
+
+def teacher_cost(teachers: list[dict[str, Any]], df: pd.DataFrame, teacher_free: set[str] | None = None) -> pd.DataFrame:
     """Each teacher's fine-tuning cost, once, and its training time amortised over the
-    finished student runs that used it (what distillation cost in total per run)."""
+    finished student runs that used it (what distillation cost in total per run); runs of
+    ``teacher_free`` methods (labels only) do not count."""
     out = []
     for t in teachers:
         c = cost_fields(t.get("cost") or {})
-        runs = int(((df["teacher_hash"] == t["hash"]) & (df["status"] == DONE)).sum()) if not df.empty else 0
+        used = (df["teacher_hash"] == t["hash"]) & (df["status"] == DONE) & ~df["method_name"].isin(teacher_free or set()) if not df.empty else None
+        runs = int(used.sum()) if used is not None else 0
         train = c["train_s"] if c["train_s"] is not None else c["wall_s"]
         out.append({"task": t["task"], "teacher": teacher_label(t), "hash": t["hash"], "train_s": train, "prep_s": c["prep_s"],
                     "eval_s": c["eval_s"], "wall_s": c["wall_s"], "mem_mb": c["mem_mb"], "mem_kind": c["mem_kind"], "runs": runs,

@@ -10,7 +10,7 @@ import pandas as pd
 
 from kdbench.report.aggregate import family, leaderboard
 from kdbench.report.chance import chance_scores
-from kdbench.report.cost import cost_table, teacher_cost
+from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods
 from kdbench.report.frame import filter_runs, runs_frame
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
@@ -107,5 +107,5 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
         env=environments([r for r in rows if r["hash"] in kept]),
         config=suite_spec.model_dump(mode="json") if suite_spec is not None else None, subset=_subset(tasks, methods, students, where),
         missing=(len(wanted) - len(rows)) if wanted is not None else 0, correction=correction, date=report_date(),
-        teacher_cost=teacher_cost(teachers, df), commits=commits(df), data=data_fingerprints(df),
+        teacher_cost=teacher_cost(teachers, df, teacher_free_methods(set(df["method_name"]) if not df.empty else set())), commits=commits(df), data=data_fingerprints(df),
         outside=outside_runs(all_rows, hashes), chance=chance or {})

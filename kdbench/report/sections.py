@@ -58,7 +58,7 @@ def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
         "task": r.task, "method": r.method, "student": r.student, "runs": str(r.n), "score": fmt_num(r.score),
         "train (s)": spread_text(r.train_s, r.train_s_std), "prep (s)": spread_text(r.prep_s, r.prep_s_std),
         "eval (s)": spread_text(r.eval_s, r.eval_s_std), "wall (s)": fmt_num(r.wall_s),
-        "step (ms) median [IQR]": _step(r), "memory (MB)": spread_text(r.mem_mb, r.mem_mb_std, 0), "memory kind": r.mem_kind or "n/a",
+        "step (ms) median [IQR]": _step(r), "memory (MB)": spread_text(r.mem_mb, r.mem_mb_std, 1), "memory kind": r.mem_kind or "n/a",
         "cached teacher outputs": r.shared_teacher_outputs,
         "params deployed": fmt_num(r.params_deployed, 0).replace("-", "n/a"), "params training": fmt_num(r.params_training, 0).replace("-", "n/a"),
         f"train vs {reference}": _rel(r.train_rel), f"step vs {reference}": _rel(r.step_rel),
@@ -70,7 +70,7 @@ def teacher_cost_display(tc: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records([{
         "task": r.task, "teacher": r.teacher, "hash": r.hash, "fine-tuning train (s)": fmt_num(r.train_s).replace("-", "n/a"),
         "prep (s)": fmt_num(r.prep_s).replace("-", "n/a"), "eval (s)": fmt_num(r.eval_s).replace("-", "n/a"),
-        "memory (MB)": fmt_num(r.mem_mb, 0).replace("-", "n/a"), "student runs using it": str(r.runs),
+        "memory (MB)": fmt_num(r.mem_mb, 1).replace("-", "n/a"), "student runs using it": str(r.runs),
         "amortised train (s) per run": fmt_num(r.amortised_train_s).replace("-", "n/a")} for r in tc.itertuples()])
 
 

@@ -38,13 +38,12 @@ def spread_text(mean: Any, std: Any, digits: int = 2, scale: float = 1.0) -> str
 def cell(mean: float, std: float, n: int) -> str:
     if n == 0 or np.isnan(mean):
         return "-"
-    text = f"{mean:.2f} ± {std:.2f} (n={n})" if not np.isnan(std) else f"{mean:.2f} (n={n})"
-    return text + (f" {SMALL_N}" if n < 3 else "")
+    return f"{mean:.2f} ± {std:.2f} (n={n})" if not np.isnan(std) else f"{mean:.2f} (n={n})"
 
 
 def _cell_text(r: pd.Series) -> str:
     if r["method"] == "chance":
-        return "-" if np.isnan(r["mean"]) else f"{r['mean']:.2f} (chance)"
+        return "n/a (chance: undefined for a constant)" if np.isnan(r["mean"]) else f"{r['mean']:.2f} (chance)"
     if r["method"] == "teacher":
         return "-" if np.isnan(r["mean"]) else f"{r['mean']:.2f} (n=1)"
     if r.get("data_flag"):
@@ -92,6 +91,8 @@ def best_marks(board: pd.DataFrame) -> dict[int, str]:
 def _decorate(text: str, r: pd.Series, mark: str | None, marks: bool, bold: str | None) -> str:
     if text == "-":
         return text
+    if (marks or bold) and bool(r.get("small_n")):
+        text += f" {SMALL_N}"
     if mark == "best" and bold:
         text = {"md": f"**{text}**", "latex": f"\x01{text}\x02", "html": f"<b>{text}</b>"}[bold]
     elif mark == "tie" and (marks or bold):
@@ -103,11 +104,12 @@ def _decorate(text: str, r: pd.Series, mark: str | None, marks: bool, bold: str 
 
 def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None) -> pd.DataFrame:
     """Methods (and students), one row per teacher and a chance row; task (split) columns:
-    'mean ± std (n=k)' († when n < 3); an average over tasks when there are several; time
+    'mean ± std (n=k)'; an average over tasks when there are several; time
     per run; runs that did not finish.
 
-    ``marks``: the adjusted p-value of the comparison with the baseline, and ▲/▼ where it
-    is significant. ``bold``: 'md', 'latex' or 'html' to mark a column's best mean when its
+    ``marks``: † when n < 3, the adjusted p-value of the comparison with the baseline, and
+    ▲/▼ where it is significant (the plain table, without marks, is for programs: its
+    flags are columns of the board). ``bold``: 'md', 'latex' or 'html' to mark a column's best mean when its
     interval does not overlap the runner-up's (otherwise every tied cell gets ≈)."""
     if board.empty:
         return pd.DataFrame()
