@@ -42,6 +42,12 @@ def sweep_display(levels: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(list(rows.values())).fillna("-")
 
 
+def _na(v: Any, digits: int = 2) -> str:
+    """A number, or "n/a" where the store did not record it."""
+    text = fmt_num(v, digits)
+    return "n/a" if text == "-" else text
+
+
 def _rel(v: Any) -> str:
     return "n/a" if v is None or np.isnan(v) else f"{v:.2f}x"
 
@@ -60,7 +66,7 @@ def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
         "eval (s)": spread_text(r.eval_s, r.eval_s_std), "wall (s)": fmt_num(r.wall_s),
         "step (ms) median [IQR]": _step(r), "memory (MB)": spread_text(r.mem_mb, r.mem_mb_std, 1), "memory kind": r.mem_kind or "n/a",
         "cached teacher outputs": r.shared_teacher_outputs,
-        "params deployed": fmt_num(r.params_deployed, 0).replace("-", "n/a"), "params training": fmt_num(r.params_training, 0).replace("-", "n/a"),
+        "params deployed": _na(r.params_deployed, 0), "params training": _na(r.params_training, 0),
         f"train vs {reference}": _rel(r.train_rel), f"step vs {reference}": _rel(r.step_rel),
         f"memory vs {reference}": _rel(r.mem_rel), f"params vs {reference}": _rel(r.params_rel),
     } for r in cost.itertuples()])
@@ -68,10 +74,10 @@ def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
 
 def teacher_cost_display(tc: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records([{
-        "task": r.task, "teacher": r.teacher, "hash": r.hash, "fine-tuning train (s)": fmt_num(r.train_s).replace("-", "n/a"),
-        "prep (s)": fmt_num(r.prep_s).replace("-", "n/a"), "eval (s)": fmt_num(r.eval_s).replace("-", "n/a"),
-        "memory (MB)": fmt_num(r.mem_mb, 1).replace("-", "n/a"), "student runs using it": str(r.runs),
-        "amortised train (s) per run": fmt_num(r.amortised_train_s).replace("-", "n/a")} for r in tc.itertuples()])
+        "task": r.task, "teacher": r.teacher, "hash": r.hash, "fine-tuning train (s)": _na(r.train_s),
+        "prep (s)": _na(r.prep_s), "eval (s)": _na(r.eval_s),
+        "memory (MB)": _na(r.mem_mb, 1), "student runs using it": str(r.runs),
+        "amortised train (s) per run": _na(r.amortised_train_s)} for r in tc.itertuples()])
 
 
 def problems_display(problems: pd.DataFrame) -> pd.DataFrame:
