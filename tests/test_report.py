@@ -463,20 +463,10 @@ def test_run_warns_on_a_dirty_tree(monkeypatch, capsys):
 # ----------------------------------------------------------------- a report format from a plugin
 
 
-@pytest.fixture(scope="module")
-def example_plugin():
-    """The example third-party package, installed the way tests/test_cli.py installs it."""
-    import subprocess
-    import sys
-
-    pkg = ROOT / "tests" / "external_plugin"
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(pkg)]
-    subprocess.run(pip, check=True, capture_output=True, text=True)
-    yield
-    subprocess.run([sys.executable, "-m", "pip", "uninstall", "--quiet", "-y", "kdbench-example-plugin"], check=True, capture_output=True)
+from test_cli import external_plugin  # noqa: E402,F401  (installs tests/external_plugin; one fixture for both files)
 
 
-def test_a_plugin_report_format_is_listed_and_written(synthetic, tmp_path, example_plugin):
+def test_a_plugin_report_format_is_listed_and_written(synthetic, tmp_path, external_plugin):
     import subprocess
     import sys
 
