@@ -265,7 +265,8 @@ def test_a_real_tiny_run_reported_from_the_store(tmp_path):
     csv = csv[csv["method"] == "none"]
     assert csv["mean"].iloc[0] == pytest.approx(scores.mean(), rel=1e-12)
     cost = md_tables((results / "leaderboard.md").read_text())["Cost"][0]
-    assert float(cost["wall (s)"]) == pytest.approx(np.mean([r["cost"]["wall_s"] for r in rows]), abs=0.005)
+    walls = [r["cost"]["wall_s"] for r in rows]
+    assert cost["wall (s)"] == f"{np.mean(walls):.2f} ± {np.std(walls, ddof=1):.2f}"  # every cost figure with its spread
     result = pd.read_csv(results / "leaderboard.csv", keep_default_na=False).set_index("method").loc["none", "result"]
     assert math.isnan(csv["p"].iloc[0]) and result == "n/a"  # no kd in this suite: nothing to compare
     assert label("none", {}) == "none"
@@ -337,7 +338,7 @@ def test_every_teacher_its_own_row_and_references_matched(tmp_path):
         {"task": "movie-sentiment", "method": "kd", "teacher": "teacher-B", "student": "tiny-2L", "value": 70.0, "std": 1.0,
          "n": 5, "protocol": "last epoch", "citation": "C"}]
     suite, store = custom_store(tmp_path / "s.sqlite", data, lambda m, s, seed: 0.70 + 0.01 * seed + (0.05 if s == "tiny-2L" else 0),
-                                teacher_scores={"teacher-A": 0.9, "teacher-B": 0.8})
+                                cost=lambda *k: {"wall_s": 2.0, "train_s": 1.5}, teacher_scores={"teacher-A": 0.9, "teacher-B": 0.8})
     rep = _report(store, suite, chance=False)
     wide = rep.wide().set_index("method")
     assert wide.loc["teacher [teacher-A]", "movie-sentiment (accuracy)"] == "90.00 (n=1)"
@@ -360,6 +361,10 @@ def test_every_teacher_its_own_row_and_references_matched(tmp_path):
         used = sum(r["teacher_hash"] == t["hash"] and r["status"] == "done" and r["method"] != "none" for r in rows)  # none never reads it
         label = t["spec"]["label"]
         assert tc.loc[label, "runs"] == used and tc.loc[label, "amortised_train_s"] == pytest.approx(90.0 / used)
+        student = "tiny-1L" if label == "teacher-A" else "tiny-2L"
+        c = rep.cost.set_index(["method", "student"])
+        assert c.loc[(KD, student), "train_with_teacher_s"] == pytest.approx(1.5 + 90.0 / used)
+        assert c.loc[("none", student), "train_with_teacher_s"] == pytest.approx(1.5)  # labels only: no teacher share
 
 
 def test_outside_runs_commits_and_data_fingerprints(tmp_path):

@@ -93,3 +93,20 @@ def teacher_cost(teachers: list[dict[str, Any]], df: pd.DataFrame, teacher_free:
                     "eval_s": c["eval_s"], "wall_s": c["wall_s"], "mem_mb": c["mem_mb"], "mem_kind": c["mem_kind"], "runs": runs,
                     "amortised_train_s": train / runs if runs and train is not None else np.nan})
     return pd.DataFrame.from_records(out, columns=TEACHER_COLS)
+
+
+def with_teacher_share(cost: pd.DataFrame, df: pd.DataFrame, tc: pd.DataFrame, teacher_free: set[str]) -> pd.DataFrame:
+    """``cost`` plus ``train_with_teacher_s``: a run's training time plus its share of its
+    teacher's fine-tuning (the teacher's training time over the runs that used it); equal to
+    the training time for labels-only methods, NaN where the teacher's cost is unknown."""
+    cost = cost.copy()
+    share = dict(zip(tc["hash"], tc["amortised_train_s"])) if not tc.empty else {}
+    done = df[df["status"] == DONE] if not df.empty else df
+    totals = []
+    for r in cost.itertuples():
+        g = done[(done["task"] == r.task) & (done["method"] == r.method) & (done["student"] == r.student)]
+        free = g.empty or g["method_name"].iloc[0] in teacher_free or g["teacher_hash"].isna().all()
+        extra = 0.0 if free else float(np.mean([share.get(h, np.nan) for h in g["teacher_hash"]]))
+        totals.append(r.train_s + extra)
+    cost["train_with_teacher_s"] = totals
+    return cost

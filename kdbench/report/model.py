@@ -10,7 +10,7 @@ import pandas as pd
 
 from kdbench.report.aggregate import family, leaderboard
 from kdbench.report.chance import chance_scores
-from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods
+from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods, with_teacher_share
 from kdbench.report.frame import filter_runs, runs_frame
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
@@ -100,12 +100,14 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
         chance = {}
     board = leaderboard(df, teachers, baseline=baseline, chance=chance or {}, correction=correction)
     refs = [r for r in getattr(suite_spec, "references", []) if (not tasks or r.task in tasks) and (not methods or r.method in methods)]
+    free = teacher_free_methods(set(df["method_name"]) if not df.empty else set())
+    tcost = teacher_cost(teachers, df, free)
     levels, scores = sensitivity(df, [s.label or s.model for s in getattr(suite_spec, "students", [])], correction)
     return Report(
         title=title, baseline=baseline, runs=df, board=board, references=references_table(df, refs, teachers),
-        sens_levels=levels, sens_scores=scores, cost=cost_table(df, baseline), cost_reference=baseline,
+        sens_levels=levels, sens_scores=scores, cost=with_teacher_share(cost_table(df, baseline), df, tcost, free), cost_reference=baseline,
         env=environments([r for r in rows if r["hash"] in kept]),
         config=suite_spec.model_dump(mode="json") if suite_spec is not None else None, subset=_subset(tasks, methods, students, where),
         missing=(len(wanted) - len(rows)) if wanted is not None else 0, correction=correction, date=report_date(),
-        teacher_cost=teacher_cost(teachers, df, teacher_free_methods(set(df["method_name"]) if not df.empty else set())), commits=commits(df), data=data_fingerprints(df),
+        teacher_cost=tcost, commits=commits(df), data=data_fingerprints(df),
         outside=outside_runs(all_rows, hashes), chance=chance or {})

@@ -62,8 +62,9 @@ def _step(r: Any) -> str:
 def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.DataFrame.from_records([{
         "task": r.task, "method": r.method, "student": r.student, "runs": str(r.n), "score": fmt_num(r.score),
-        "train (s)": spread_text(r.train_s, r.train_s_std), "prep (s)": spread_text(r.prep_s, r.prep_s_std),
-        "eval (s)": spread_text(r.eval_s, r.eval_s_std), "wall (s)": fmt_num(r.wall_s),
+        "train (s)": spread_text(r.train_s, r.train_s_std), "train + teacher share (s)": _na(getattr(r, "train_with_teacher_s", np.nan)),
+        "prep (s)": spread_text(r.prep_s, r.prep_s_std),
+        "eval (s)": spread_text(r.eval_s, r.eval_s_std), "wall (s)": spread_text(r.wall_s, r.wall_s_std),
         "step (ms) median [IQR]": _step(r), "memory (MB)": spread_text(r.mem_mb, r.mem_mb_std, 1), "memory kind": r.mem_kind or "n/a",
         "cached teacher outputs": r.shared_teacher_outputs,
         "params deployed": _na(r.params_deployed, 0), "params training": _na(r.params_training, 0),
@@ -130,7 +131,8 @@ def legend(report: Any) -> list[str]:
         f"Cost: mean ± std over finished runs; train = training steps only (no evaluation, no one-off preparation, shown "
         f"as prep); step = median of the runs' median step time [their quartiles]; memory = the run's own figure "
         f"(its kind beside it); relative columns divide by the baseline '{report.cost_reference}' on the same task (and "
-        "student); n/a = not recorded by this store's version.",
+        "student); 'train + teacher share' adds the teacher's fine-tuning time divided by the runs that used it "
+        "(labels-only runs add nothing); n/a = not recorded by this store's version.",
         "Chance: a constant prediction scored with the task's metric (majority class of the test split; regression: the "
         "training mean).",
         "Reference values are compared on the leaderboard's x100 scale.",
