@@ -27,7 +27,7 @@ def commits(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     out = []
     for commit, g in df.groupby("git_commit", sort=True):
-        out.append({"commit": commit.removesuffix(DIRTY), "dirty": "n/a" if commit == NOT_RECORDED else ("yes" if commit.endswith(DIRTY) else "no"),
+        out.append({"commit": commit.removesuffix(DIRTY), "dirty": "n/a" if commit in (NOT_RECORDED, "unknown") else ("yes" if commit.endswith(DIRTY) else "no"),
                     "runs": len(g), "methods": ", ".join(sorted(g["method"].unique()))})
     return pd.DataFrame.from_records(out, columns=cols)
 
