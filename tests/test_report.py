@@ -384,6 +384,7 @@ def test_outside_runs_commits_and_data_fingerprints(tmp_path):
     assert b.loc[KD, "result"] == "mixed data" and rep.family == 0
     commits = rep.commits.set_index("commit")
     assert commits.loc["c1", "dirty"] == "no" and commits.loc["c2", "dirty"] == "yes" and commits.loc["c2", "runs"] == 2
+    assert commits.loc["c1", "which runs"] == "kd: seeds 0; none: seeds 0" and commits.loc["c2", "which runs"] == "kd: seeds 1; none: seeds 1"
     data = rep.data.set_index("sha256")
     assert data.loc["aa" * 32, "runs"] == 3 and data.loc["bb" * 32, "runs"] == 1 and data.loc["aa" * 32, "size"] == "100"
     md = render_report(rep, "md")

@@ -21,15 +21,25 @@ def report_date() -> str:
 
 
 def commits(df: pd.DataFrame) -> pd.DataFrame:
-    """Per commit: whether the tree was dirty, and how many runs (finished or not) used it."""
-    cols = ["commit", "dirty", "runs", "methods"]
+    """Per commit: whether the tree was dirty, how many runs (finished or not) used it, and
+    which: each method (label and student) with its seeds."""
+    cols = ["commit", "dirty", "runs", "which runs"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     out = []
     for commit, g in df.groupby("git_commit", sort=True):
         out.append({"commit": commit.removesuffix(DIRTY), "dirty": "n/a" if commit in (NOT_RECORDED, "unknown") else ("yes" if commit.endswith(DIRTY) else "no"),
-                    "runs": len(g), "methods": ", ".join(sorted(g["method"].unique()))})
+                    "runs": len(g), "which runs": _which(g)})
     return pd.DataFrame.from_records(out, columns=cols)
+
+
+def _which(g: pd.DataFrame) -> str:
+    multi = g["student"].nunique() > 1
+    parts = []
+    for (method, student), h in g.groupby(["method", "student"], sort=True):
+        name = f"{method} [{student}]" if multi else method
+        parts.append(f"{name}: seeds {', '.join(str(s) for s in sorted(h['seed']))}")
+    return "; ".join(parts)
 
 
 def data_fingerprints(df: pd.DataFrame) -> pd.DataFrame:
