@@ -77,8 +77,39 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_dirty() -> None:
+    """Runs record the commit they came from; a dirty tree makes that commit not the code."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return
+    if dirty:
+        print("warning: the kdbench source tree has uncommitted changes; runs will record their commit as '+dirty' "
+              "and cannot be reproduced from it. Commit first for a publishable table.", file=sys.stderr)
+
+
+class _ReportFormatNames:
+    """``--format`` choices, read from the report-format registry when first needed."""
+
+    def _names(self) -> list[str]:
+        from kdbench.report import report_formats
+
+        return [*report_formats(_registry()), "all"]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     suite = _load(args)  # validated before anything is trained or written
+    _warn_if_dirty()
     results = suite.results_dir(args.results)
     only = None
     if args.method or args.task:
@@ -107,6 +138,7 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
 
     from kdbench.executor import open_store
     from kdbench.report import build_report, render_report, write_outputs
+    from kdbench.report.formats import BUILTIN
 
     suite = suite or _load(args)
     results = suite.results_dir(args.results)
@@ -124,11 +156,12 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
     title = f"{suite.name}: test score x100, mean ± std over seeds (n = seeds), " \
             + ("evaluation selected on validation" if suite.spec.selection == "validation" else "final evaluation")
     report = build_report(store, hashes, teacher_hashes, suite_spec=suite.spec, title=title, tasks=args.task, methods=args.method,
-                          students=getattr(args, "student", None), where=where, baseline=getattr(args, "baseline", None))
-    print(render_report(report, "terminal"))
+                          students=getattr(args, "student", None), where=where, baseline=getattr(args, "baseline", None),
+                          correction=getattr(args, "correction", None) or "holm")
+    print(render_report(report, "terminal", verbose=getattr(args, "verbose", False)))
     formats = list(dict.fromkeys(args.format or []))
     if "all" in formats:
-        formats = ["md", "csv", "json", "latex", "html"]
+        formats = list(BUILTIN)
     if args.output and len(formats) > 1:
         raise KDBenchError("--output names one file: give a single --format with it")
     for path in write_outputs(report, formats, Path(results), args.output, plots=not getattr(args, "no_plots", False)):
@@ -186,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", action="store_true")
 
     rep = suite_cmd("report", "print the leaderboard, statistics, sweeps and cost from the results store", cmd_report)
-    rep.add_argument("--format", action="append", choices=["md", "csv", "json", "latex", "html", "all"],
-                     help="also write the report in this format (repeatable): md, latex and html hold every table "
+    rep.add_argument("--format", action="append", choices=_ReportFormatNames(), metavar="FORMAT",
+                     help="also write the report in this format (repeatable; built-in md, csv, json, latex, html, all, "
+                          "and any a plugin adds): md, latex and html hold every table "
                           "(html: one self-contained file with plots); csv and json the statistics. Default files: "
                           "<results>/leaderboard.{md,csv,json,tex}, <results>/report.html (json also report.json)")
     rep.add_argument("--output", help="file for a single --format")
@@ -196,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--student", action="append", help="only this student label (repeatable)")
     rep.add_argument("--where", action="append", metavar="KEY=VALUE",
                      help="only runs with this method parameter (or seed/status/student) value, e.g. temperature=4 (repeatable)")
-    rep.add_argument("--baseline", help="method to compare against (default: the suite's 'baseline', else its first method)")
+    rep.add_argument("--baseline", help="method to compare against and cost reference (default: the suite's 'baseline', else its first method)")
     rep.add_argument("--no-plots", action="store_true", help="skip the figures (faster)")
+    rep.add_argument("--correction", choices=["holm", "bh"], default="holm",
+                     help="multiple-comparison correction over the report's comparisons: holm (family-wise, default) or bh")
+    rep.add_argument("-v", "--verbose", action="store_true", help="also print the legend and the environment")
 
     sh = suite_cmd("show", "print one run's spec, metrics, cost and environment", cmd_show)
     sh.add_argument("hash")

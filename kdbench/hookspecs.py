@@ -82,3 +82,13 @@ def kdbench_eval_result(spec: RunSpec, step: int, split: str, metrics: dict[str,
 def kdbench_run_end(spec: RunSpec, status: str, record: dict[str, Any]) -> None:
     """A run finished with ``status`` (done, failed or diverged); ``record`` is the row
     written to the results store (metrics, cost, environment, error)."""
+
+
+# --------------------------------------------------------------------- report formats
+
+
+@hookspec
+def kdbench_report_formats() -> list[Any]:
+    """Return the report formats this plugin provides: :class:`kdbench.report.ReportFormat`
+    objects (a name, a description, a default file name and ``write(report, path, plots)``
+    returning the files written). ``kdbench report --format NAME`` then accepts them."""

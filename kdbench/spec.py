@@ -133,6 +133,9 @@ class Reference(Frozen):
     student: str | None = None
     teacher: str | None = None
     citation: str
+    std: float | None = Field(None, ge=0, description="the published spread over seeds, where given")
+    n: int | None = Field(None, ge=1, description="the published number of seeds, where given")
+    protocol: str | None = Field(None, description="how the number was obtained, e.g. 'best test epoch' or 'last epoch'")
 
 
 class Resources(Frozen):

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING
+from typing import Any
 
 import pandas as pd
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kdbench.report import Report
+from kdbench.report.frame import LOSS, WIN
+from kdbench.report.sections import legend, sections
+from kdbench.report.text import config_yaml
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1b1b1b;padding:0 1rem}
@@ -41,35 +42,46 @@ def _table(df: pd.DataFrame, table_id: str, classes: dict[tuple[int, str], str] 
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def render_html(report: "Report", pngs: dict[str, bytes] | None = None) -> str:
-    from kdbench.report import LOSS, WIN, config_yaml, legend, sections
+def _leaderboard(report: Any) -> str:
+    wide = report.wide(marks=True, bold="html")
+    # the cells are escaped here, so <b> can be kept as markup
+    wide = wide.map(lambda v: html.escape(str(v)).replace("&lt;b&gt;", "<b>").replace("&lt;/b&gt;", "</b>"))
+    classes = {(i, c): ("win" if str(v).endswith(WIN) else "loss") for i, row in wide.iterrows() for c, v in row.items()
+               if str(v).endswith(WIN) or str(v).endswith(LOSS)}
+    return _table(wide, "leaderboard", classes, raw=set(wide.columns))
 
+
+def _figures(title: str, pngs: dict[str, bytes]) -> list[str]:
+    out = []
+    for name, data in pngs.items():
+        if (title == "Sweeps" and name.startswith("sensitivity")) or (title == "Cost" and name.startswith("pareto")):
+            b64 = base64.b64encode(data).decode("ascii")
+            out.append(f"<figure><img class='plot' id='plot-{html.escape(name)}' alt='{html.escape(name)}' "
+                       f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(name)}</figcaption></figure>")
+    return out
+
+
+def render_html(report: Any, pngs: dict[str, bytes] | None = None) -> str:
+    """The whole report as one self-contained HTML page."""
     pngs = pngs or {}
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(report.title)}</h1>"]
     if report.subset:
         parts.append(f"<p>Subset: {html.escape(report.subset)}</p>")
     parts.append("<ul class='legend'>" + "".join(f"<li>{html.escape(x)}</li>" for x in legend(report)) + "</ul>")
-    for title, table, _ in sections(report):
+    for title, table, note in sections(report):
         slug = title.lower().split()[0]
         parts.append(f"<h2 id='section-{slug}'>{html.escape(title)}</h2>")
         if title == "Leaderboard":
-            wide = report.wide(marks=True, bold="html")
-            # the cells are escaped here, so <b> can be kept as markup
-            wide = wide.map(lambda v: html.escape(str(v)).replace("&lt;b&gt;", "<b>").replace("&lt;/b&gt;", "</b>"))
-            classes = {(i, c): ("win" if str(v).endswith(WIN) else "loss") for i, row in wide.iterrows() for c, v in row.items()
-                       if str(v).endswith(WIN) or str(v).endswith(LOSS)}
-            parts.append(_table(wide, "leaderboard", classes, raw=set(wide.columns)))
+            parts.append(_leaderboard(report))
         else:
             classes = {}
             if table is not None and "result" in table.columns:
                 classes = {(i, "result"): r.split()[0] for i, r in enumerate(table["result"]) if r.startswith(("win", "loss"))}
             parts.append(_table(table, f"table-{slug}", classes))
-        for name, data in pngs.items():
-            if (title == "Sweeps" and name.startswith("sensitivity")) or (title == "Cost" and name.startswith("pareto")):
-                b64 = base64.b64encode(data).decode("ascii")
-                parts.append(f"<figure><img class='plot' id='plot-{html.escape(name)}' alt='{html.escape(name)}' "
-                             f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(name)}</figcaption></figure>")
+        if note:
+            parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        parts += _figures(title, pngs)
     if report.missing:
         parts.append(f"<p>{report.missing} runs of the suite are not in the store yet.</p>")
     cfg = config_yaml(report)

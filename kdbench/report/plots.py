@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -22,8 +22,6 @@ from kdbench import stats  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
-
-    from kdbench.report import Report
 
 
 def _png(fig: "plt.Figure") -> bytes:
@@ -77,7 +75,7 @@ def pareto_figure(cost: "pd.DataFrame", task: str, x: str = "wall_s") -> bytes:
     return _png(fig)
 
 
-def report_plots(report: "Report") -> dict[str, bytes]:
+def report_plots(report: Any) -> dict[str, bytes]:
     """Every figure of a report: name -> PNG bytes."""
     out: dict[str, bytes] = {}
     if not report.sens_levels.empty:

@@ -1,0 +1,184 @@
+"""Aggregation over seeds: the leaderboard (students, every teacher in its own row, a
+chance row per task) and the paired comparisons with the baseline, corrected as one
+family per report."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from kdbench import stats
+from kdbench.report.frame import SCALE, TEST, metric_bounds, same, test_splits
+from kdbench.store import DIVERGED, DONE, FAILED, RUNNING
+
+MIXED_DATA = "mixed data"
+BOARD_COLS = ["task", "split", "method", "method_name", "params", "student", "metric", "mean", "std", "n", "ci_low", "ci_high",
+              "small_n", "min_p", "data_flag", "failed", "diverged", "running", "not_done", "time_per_run_s"]
+COMP_COLS = ["task", "split", "method", "student", "baseline_method", "pairs", "diff", "sd", "p", "p_adj", "mdd", "result"]
+
+
+def summ(values: Iterable[float], metric: Any = None) -> stats.Summary:
+    bounds = metric_bounds(metric)
+    return stats.summarize([float(v) * SCALE for v in values], bounds=bounds)
+
+
+def mixed_data(runs: pd.DataFrame) -> bool:
+    """True when the finished runs of one row read data with different fingerprints."""
+    return runs["data"].dropna().nunique() > 1 if "data" in runs else False
+
+
+def _splits(ok: pd.DataFrame) -> list[str]:
+    return sorted({s for d in ok["splits"] for s in d}, key=lambda s: (s != TEST, s)) or [TEST]
+
+
+def _student_rows(task: str, method: str, student: str, g: pd.DataFrame) -> list[dict[str, Any]]:
+    ok = g[g["status"] == DONE]
+    metric = ok["metric"].iloc[0] if len(ok) else g["metric"].iloc[0]
+    flag = MIXED_DATA if mixed_data(ok) else ""
+    rows = []
+    for split in _splits(ok):
+        vals = [] if flag else [d.get(split) for d in ok["splits"] if d.get(split) is not None]
+        s = summ(vals, metric)
+        rows.append({
+            "task": task, "split": split, "method": method, "method_name": g["method_name"].iloc[0], "params": g["params"].iloc[0],
+            "student": student, "metric": metric, "mean": s.mean, "std": s.std, "n": s.n, "ci_low": s.ci_low, "ci_high": s.ci_high,
+            "small_n": 0 < s.n < 3, "min_p": stats.min_p(s.n), "data_flag": flag,
+            "failed": int((g["status"] == FAILED).sum()), "diverged": int((g["status"] == DIVERGED).sum()),
+            "running": int((g["status"] == RUNNING).sum()), "not_done": int(len(g) - len(ok)),
+            "time_per_run_s": ok["wall_s"].mean() if len(ok) else np.nan,
+        })
+    return rows
+
+
+def teacher_label(t: dict[str, Any]) -> str:
+    """A teacher's display name: its label, else its model (and pretrained checkpoint)."""
+    spec = t.get("spec") or {}
+    if spec.get("label"):
+        return str(spec["label"])
+    opts = spec.get("options") or {}
+    pre = opts.get("arch") or opts.get("pretrained")
+    return f"{spec.get('model', 'teacher')}({pre})" if pre else str(spec.get("model", "teacher"))
+
+
+def teacher_names(t: dict[str, Any]) -> set[str]:
+    """Every name a reference may use for a teacher: its label, model, and option values
+    such as the architecture or pretrained checkpoint."""
+    spec = t.get("spec") or {}
+    opts = spec.get("options") or {}
+    return {teacher_label(t), str(spec.get("model"))} | {str(v) for v in opts.values() if isinstance(v, str)}
+
+
+def _fixed_row(task: str, split: str, method: str, student: str, metric: Any, value: float, time_s: float = np.nan) -> dict[str, Any]:
+    return {"task": task, "split": split, "method": method, "method_name": method, "params": "{}", "student": student,
+            "metric": metric, "mean": value, "std": np.nan, "n": 1 if method == "teacher" else 0, "ci_low": np.nan,
+            "ci_high": np.nan, "small_n": False, "min_p": np.nan, "data_flag": "", "failed": 0, "diverged": 0, "running": 0,
+            "not_done": 0, "time_per_run_s": time_s}
+
+
+def teacher_rows(teachers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per fine-tuned teacher (never merged: a suite may have several per task)."""
+    out = []
+    for t in teachers:
+        m = t["metrics"] or {}
+        main = m.get("main_metric")
+        for split in test_splits(m) or [TEST]:
+            value = m.get(split, {}).get(main, np.nan)
+            out.append(_fixed_row(t["task"], split, "teacher", teacher_label(t), main, float(value) * SCALE,
+                                  (t["cost"] or {}).get("wall_s", np.nan)))
+    return out
+
+
+def chance_rows(chance: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chance row per task and test split (see :mod:`kdbench.report.chance`)."""
+    out = []
+    for task, c in (chance or {}).items():
+        for split, value in (c.get("splits") or {}).items():
+            out.append(_fixed_row(task, split, "chance", "-", c.get("metric"), value * SCALE if value == value else np.nan))
+    return out
+
+
+def leaderboard(df: pd.DataFrame, teachers: list[dict[str, Any]] | None = None, baseline: str | None = None,
+                chance: dict[str, dict[str, Any]] | None = None, correction: str = "holm") -> pd.DataFrame:
+    """Aggregate finished runs per (task, split, method, student): mean, std (ddof=1), n,
+    95% t interval clipped to the metric's range, the n < 3 flag and the smallest p any
+    test can reach at that n; counts of failed / diverged / running runs; mean wall time
+    per run. Rows whose runs read different data (fingerprints differ) are flagged and not
+    averaged. Teachers and chance get rows of their own. With ``baseline``, the paired
+    comparison against it, corrected over the whole table (see :func:`comparisons`)."""
+    out = []
+    if not df.empty:
+        for (task, method, student), g in df.groupby(["task", "method", "student"], sort=True):
+            out += _student_rows(task, method, student, g)
+    out += teacher_rows(teachers or []) + chance_rows(chance or {})
+    board = pd.DataFrame.from_records(out, columns=BOARD_COLS)
+    if baseline is not None and not board.empty:
+        board = board.merge(comparisons(df, baseline, correction), on=["task", "split", "method", "student"], how="left")
+    return board
+
+
+def pick_baseline_config(base: pd.DataFrame, params: str) -> tuple[str | None, str]:
+    """Which baseline configuration a method is paired with: the only one, else the one
+    that agrees on every parameter the two share (e.g. alpha, temperature)."""
+    configs = sorted(base["params"].unique())
+    if len(configs) == 1:
+        return configs[0], ""
+    mine = json.loads(params)
+    matches = [c for c in configs if all(same(mine[k], v) for k, v in json.loads(c).items() if k in mine)
+               and any(k in mine for k in json.loads(c))]
+    if len(matches) == 1:
+        return matches[0], ""
+    return None, f"{len(configs)} baseline configurations and {len(matches)} agree on the shared parameters"
+
+
+def _no_test(row: dict[str, Any], result: str, baseline_method: Any = None, pairs: float = 0) -> dict[str, Any]:
+    return row | {"baseline_method": baseline_method, "pairs": pairs, "diff": np.nan, "sd": np.nan, "p": np.nan,
+                  "p_adj": np.nan, "mdd": np.nan, "result": result}
+
+
+def _compare(row: dict[str, Any], g: pd.DataFrame, base_all: pd.DataFrame, split: str) -> dict[str, Any]:
+    if base_all.empty:
+        return _no_test(row, "n/a")
+    cfg, _ = pick_baseline_config(base_all, g["params"].iloc[0])
+    if cfg is None:
+        return _no_test(row, "n/a")
+    base = base_all[base_all["params"] == cfg]
+    if mixed_data(g) or mixed_data(base) or (g["data"].dropna().nunique() == 1 == base["data"].dropna().nunique()
+                                              and set(g["data"].dropna()) != set(base["data"].dropna())):
+        return _no_test(row, MIXED_DATA, base["method"].iloc[0])
+    a = {r.seed: r.splits[split] * SCALE for r in g.itertuples() if r.splits.get(split) is not None}
+    b = {r.seed: r.splits[split] * SCALE for r in base.itertuples() if r.splits.get(split) is not None}
+    res = stats.paired_test(a, b)
+    return row | {"baseline_method": base["method"].iloc[0], "pairs": res.n, "diff": res.diff, "sd": res.sd, "p": res.p,
+                  "p_adj": np.nan, "mdd": res.mdd, "result": res.result}
+
+
+def comparisons(df: pd.DataFrame, baseline: str, correction: str = "holm") -> pd.DataFrame:
+    """Per (task, split, method, student): the exact paired sign-flip test against
+    ``baseline`` (a method name) on the same task, student and seed, done runs only. Every
+    test of the table is one family: ``p_adj`` is the ``correction`` (holm or bh) of ``p``
+    and the result (win / loss / n.s.) is decided on ``p_adj``."""
+    out = []
+    if df.empty:
+        return pd.DataFrame(columns=COMP_COLS)
+    done = df[df["status"] == DONE]
+    for (task, method, student), g in done.groupby(["task", "method", "student"], sort=True):
+        base_all = done[(done["task"] == task) & (done["student"] == student) & (done["method_name"] == baseline)]
+        for split in _splits(g):
+            row = {"task": task, "split": split, "method": method, "student": student}
+            if g["method_name"].iloc[0] == baseline:
+                out.append(_no_test(row, "baseline", method, np.nan))
+            else:
+                out.append(_compare(row, g, base_all, split))
+    comp = pd.DataFrame.from_records(out, columns=COMP_COLS)
+    tested = comp["p"].notna()
+    comp.loc[tested, "p_adj"] = stats.adjust(comp.loc[tested, "p"].tolist(), correction)
+    comp.loc[tested, "result"] = [stats.verdict(p, d) for p, d in zip(comp.loc[tested, "p_adj"], comp.loc[tested, "diff"])]
+    return comp
+
+
+def family(board: pd.DataFrame) -> int:
+    """How many tests the report's correction counts."""
+    return int(board["p"].notna().sum()) if "p" in board else 0

@@ -1,0 +1,133 @@
+"""Report formats: one writer per format, in one table. Built-ins are listed here; a
+plugin adds its own through the ``kdbench_report_formats`` hook (returning
+:class:`ReportFormat` objects), and ``kdbench report --format`` accepts every name the
+table holds."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from kdbench.api import KDBenchError
+from kdbench.report.html import render_html
+from kdbench.report.text import render, render_report, report_json
+
+Writer = Callable[[Any, Path, dict[str, bytes]], list[Path]]
+
+
+@dataclass(frozen=True)
+class ReportFormat:
+    """``write(report, path, plots)`` writes ``report`` (a :class:`kdbench.report.Report`)
+    to ``path`` (the default file under the results folder, or ``--output``) and returns
+    every file it wrote; ``plots`` maps figure names to PNG bytes (empty unless
+    ``uses_plots``)."""
+
+    name: str
+    description: str
+    default_file: str
+    write: Writer
+    uses_plots: bool = False
+
+
+def _write_md(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
+    written, links = [], {}
+    for name, data in pngs.items():
+        p = out.parent / "plots" / f"{name}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        written.append(p)
+        links[name] = f"plots/{name}.png"
+    out.write_text(render_report(report, "md", links), encoding="utf-8")
+    return written + [out]
+
+
+def _write_latex(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
+    out.write_text(render_report(report, "latex"), encoding="utf-8")
+    return [out]
+
+
+def _write_csv(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
+    """The per (task, split, method, student) statistics at full precision, and side files
+    for cost, teacher cost, sensitivity and references."""
+    report.board.to_csv(out, index=False)
+    written = []
+    for name, df in (("cost", report.cost), ("teacher_cost", report.teacher_cost), ("sensitivity", report.sens_levels),
+                     ("sensitivity_tests", report.sens_scores), ("references", report.references)):
+        if not df.empty:
+            side = out.with_name(f"{out.stem}.{name}.csv")
+            df.to_csv(side, index=False)
+            written.append(side)
+    return written + [out]
+
+
+def _write_json(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
+    """The leaderboard rows (as before) and report.json with everything."""
+    out.write_text(render(report.wide(marks=False), "json"), encoding="utf-8")
+    full = out.with_name("report.json")
+    full.write_text(json.dumps(report_json(report), indent=2, default=str), encoding="utf-8")
+    return [full, out]
+
+
+def _write_html(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
+    out.write_text(render_html(report, pngs), encoding="utf-8")
+    return [out]
+
+
+BUILTIN = {f.name: f for f in (
+    ReportFormat("md", "every table in Markdown, figures under plots/", "leaderboard.md", _write_md, uses_plots=True),
+    ReportFormat("csv", "the statistics at full precision, side files for cost, sweeps, references", "leaderboard.csv", _write_csv),
+    ReportFormat("json", "the leaderboard rows; report.json holds everything", "leaderboard.json", _write_json),
+    ReportFormat("latex", "booktabs tables", "leaderboard.tex", _write_latex),
+    ReportFormat("html", "one self-contained page with the figures", "report.html", _write_html, uses_plots=True),
+)}
+
+
+def _contributed(registry: Any) -> dict[str, ReportFormat]:
+    out: dict[str, ReportFormat] = {}
+    for impl in registry.pm.hook.kdbench_report_formats.get_hookimpls():
+        try:
+            formats = impl.function()
+        except Exception as exc:  # one broken plugin must not hide the other formats
+            warnings.warn(f"plugin {impl.plugin_name}: kdbench_report_formats() raised {type(exc).__name__}: {exc}", stacklevel=2)
+            continue
+        for f in formats or []:
+            if not isinstance(f, ReportFormat) or f.name in BUILTIN or f.name in out or f.name == "all":
+                warnings.warn(f"plugin {impl.plugin_name}: report format {getattr(f, 'name', f)!r} ignored "
+                              "(not a ReportFormat, or its name is taken)", stacklevel=2)
+                continue
+            out[f.name] = f
+    return out
+
+
+def report_formats(registry: Any = None) -> dict[str, ReportFormat]:
+    """Every report format: the built-ins, then those plugins contribute."""
+    if registry is None:
+        from kdbench.registry import get_registry
+
+        registry = get_registry()
+    return BUILTIN | _contributed(registry)
+
+
+def write_outputs(report: Any, formats: list[str], results_dir: Path, output: str | None = None, plots: bool = True,
+                  registry: Any = None) -> list[Path]:
+    """Write the report in each format under ``results_dir`` (or ``output`` when one
+    format is asked for). Returns the files written."""
+    known = BUILTIN if all(f in BUILTIN for f in formats) else report_formats(registry)
+    unknown = [f for f in formats if f not in known]
+    if unknown:
+        raise KDBenchError(f"unknown report format {unknown[0]!r}; known: {', '.join(known)}")
+    pngs: dict[str, bytes] = {}
+    if plots and any(known[f].uses_plots for f in formats):
+        from kdbench.report.plots import report_plots
+
+        pngs = report_plots(report)
+    written: list[Path] = []
+    for name in formats:
+        fmt = known[name]
+        target = Path(output) if output and len(formats) == 1 else Path(results_dir) / fmt.default_file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written += fmt.write(report, target, pngs if fmt.uses_plots else {})
+    return written

@@ -1,0 +1,148 @@
+"""The runs frame: one row per stored run (identity, status, scores, cost, provenance),
+and the subsets a report can be asked for. Everything downstream reads this frame."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+SCALE = 100.0  # scores are shown x100, as KD papers report them
+TEST = "test"
+WIN, LOSS = "▲", "▼"
+NOT_RECORDED = "not recorded"
+
+# Metrics on a known scale (x100): intervals are clipped to it. Others are not clipped.
+_PROPORTIONS = ("accuracy", "f1", "precision", "recall", "exact_match", "auc")
+_CORRELATIONS = ("mcc", "matthews", "pearson", "spearman", "corr", "score")
+
+
+def metric_bounds(metric: Any) -> tuple[float, float] | None:
+    """The range of a metric on the x100 scale: [0, 100] for proportions, [-100, 100] for
+    correlations (and combined "score" metrics, which may average one), else unbounded."""
+    name = str(metric or "").lower()
+    if any(name == p or name.startswith(p + "_") for p in _PROPORTIONS):
+        return (0.0, SCALE)
+    if any(c in name for c in _CORRELATIONS):
+        return (-SCALE, SCALE)
+    return None
+
+
+def label(method: str, params: dict[str, Any], varying: set[str]) -> str:
+    shown = {k: v for k, v in sorted(params.items()) if k in varying}
+    return method if not shown else f"{method}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+
+
+def test_splits(metrics: dict[str, Any]) -> list[str]:
+    """The test split first, then any further test splits (``test_*``), sorted."""
+    extra = sorted(k for k in metrics if k.startswith(TEST + "_") and isinstance(metrics[k], dict))
+    return ([TEST] if isinstance(metrics.get(TEST), dict) else []) + extra
+
+
+def task_score(metrics: dict[str, Any] | None) -> float:
+    """The number a task contributes to the average over tasks: its main metric on the
+    test split, averaged with the same metric on further ``test_*`` splits."""
+    if not metrics or not metrics.get("main_metric"):
+        return np.nan
+    main = metrics["main_metric"]
+    vals = [metrics[s].get(main) for s in test_splits(metrics)]
+    vals = [float(v) for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else np.nan
+
+
+def _varying(rows: list[dict[str, Any]]) -> dict[str, set[str]]:
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r["params"])
+    out = {}
+    for method, plist in by_method.items():
+        keys = set().union(*(p.keys() for p in plist))
+        out[method] = {k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in plist}) > 1}
+    return out
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def cost_fields(cost: dict[str, Any]) -> dict[str, Any]:
+    """A run's cost figures, new fields first, falling back on what older stores recorded:
+    memory = ``mem_mb`` (this run's own), else ``peak_mem_increase_mb``; training
+    parameters = ``params_training``, else ``student_params``. Missing ones are None."""
+    mem = _first(cost.get("mem_mb"), cost.get("peak_mem_increase_mb"))
+    kind = cost.get("mem_kind") or (f"{cost.get('peak_mem_kind') or 'rss'} increase" if mem is not None else None)
+    return {
+        "wall_s": cost.get("wall_s"), "train_s": cost.get("train_s"), "eval_s": cost.get("eval_s"), "prep_s": cost.get("prep_s"),
+        "device_s": cost.get("device_s"), "step_s": cost.get("step_s"), "step_s_median": cost.get("step_s_median"),
+        "step_s_q25": cost.get("step_s_q25"), "step_s_q75": cost.get("step_s_q75"), "mem_mb": mem, "mem_kind": kind,
+        "peak_mem_mb": cost.get("peak_mem_mb"), "steps": cost.get("steps"),
+        "params_deployed": cost.get("params_deployed"), "params_training": _first(cost.get("params_training"), cost.get("student_params")),
+        "student_params": cost.get("student_params"), "shared_teacher_outputs": cost.get("shared_teacher_outputs"),
+        "device_time_kind": cost.get("device_time_kind"), "peak_mem_kind": cost.get("peak_mem_kind"),
+    }
+
+
+NUMERIC = ("test", "validation", "score", "wall_s", "train_s", "eval_s", "prep_s", "device_s", "step_s", "step_s_median",
+           "step_s_q25", "step_s_q75", "mem_mb", "peak_mem_mb", "steps", "params_deployed", "params_training", "student_params")
+
+
+def _record(r: dict[str, Any], varying: set[str]) -> dict[str, Any]:
+    m = r["metrics"] or {}
+    main = m.get("main_metric")
+    env = r.get("env") or {}
+    data = env.get("data")
+    return {
+        "hash": r["hash"], "task": r["task"], "method": label(r["method"], r["params"], varying),
+        "method_name": r["method"], "params": json.dumps(r["params"], sort_keys=True), "student": r["student"],
+        "seed": r["seed"], "status": r["status"], "metric": main, "teacher_hash": r.get("teacher_hash"),
+        "test": m.get(TEST, {}).get(main) if main else np.nan,
+        "validation": m.get("validation", {}).get(main) if main else np.nan,
+        "score": task_score(m), "splits": {s: m[s].get(main) for s in test_splits(m)} if main else {},
+        "step": m.get("step"), **cost_fields(r["cost"] or {}),
+        "device_name": env.get("device_name"), "git_commit": env.get("git_commit") or NOT_RECORDED,
+        "data": json.dumps(data, sort_keys=True) if data else None, "_metrics": m,
+        "diverged_step": r.get("diverged_step"), "error": ((r.get("error") or "").strip().splitlines() or [None])[-1],
+    }
+
+
+def runs_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: identity, status, the reported test/validation scores, cost and
+    provenance (commit, data fingerprints as JSON or None when not recorded)."""
+    rows = list(rows)
+    varying = _varying(rows)
+    df = pd.DataFrame.from_records([_record(r, varying[r["method"]]) for r in rows])
+    if not df.empty:
+        for col in NUMERIC:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    return df
+
+
+def filter_runs(df: pd.DataFrame, tasks: list[str] | None = None, methods: list[str] | None = None,
+                students: list[str] | None = None, where: dict[str, Any] | None = None) -> pd.DataFrame:
+    """A subset of the runs: tasks, method names (or labels), students, and ``where``
+    (parameter or ``seed``/``status`` = value). Runs of a method that has no such parameter
+    are kept, so ``temperature=4`` keeps the label-only baseline beside kd at T = 4."""
+    if df.empty:
+        return df
+    keep = pd.Series(True, index=df.index)
+    if tasks:
+        keep &= df["task"].isin(tasks)
+    if methods:
+        keep &= df["method_name"].isin(methods) | df["method"].isin(methods)
+    if students:
+        keep &= df["student"].isin(students)
+    for key, value in (where or {}).items():
+        if key in ("seed", "status", "student", "task"):
+            keep &= df[key].map(lambda v: same(v, value))
+        else:
+            keep &= df["params"].map(lambda p: key not in json.loads(p) or same(json.loads(p)[key], value))
+    return df[keep]
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return str(a) == str(b)

@@ -1,0 +1,113 @@
+"""The report model: every table of a suite's report, numeric (scores x100), built from
+the results store alone (plus the task data for the chance row)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from kdbench.report.aggregate import family, leaderboard
+from kdbench.report.chance import chance_scores
+from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods, with_teacher_share
+from kdbench.report.frame import filter_runs, runs_frame
+from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
+from kdbench.report.references import references_table
+from kdbench.report.sweeps import sensitivity
+from kdbench.store import DONE, ResultsStore
+
+PROBLEM_COLS = ["hash", "task", "method", "student", "seed", "status", "diverged_step", "error"]
+
+
+@dataclass
+class Report:
+    """Every table of a suite's report, numeric (scores x100), before formatting."""
+
+    title: str
+    baseline: str
+    runs: pd.DataFrame
+    board: pd.DataFrame
+    references: pd.DataFrame
+    sens_levels: pd.DataFrame
+    sens_scores: pd.DataFrame
+    cost: pd.DataFrame
+    cost_reference: str
+    env: dict[str, list[str]]
+    config: dict[str, Any] | None = None
+    subset: str = ""
+    missing: int = 0
+    notes: list[str] = field(default_factory=list)
+    correction: str = "holm"
+    date: str = ""
+    teacher_cost: pd.DataFrame = field(default_factory=pd.DataFrame)
+    commits: pd.DataFrame = field(default_factory=pd.DataFrame)
+    data: pd.DataFrame = field(default_factory=pd.DataFrame)
+    outside: pd.DataFrame = field(default_factory=pd.DataFrame)
+    chance: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def family(self) -> int:
+        """How many comparisons the correction counts (every test of the report)."""
+        return family(self.board)
+
+    @property
+    def problems(self) -> pd.DataFrame:
+        """Runs that did not finish: shown, never averaged."""
+        if self.runs.empty:
+            return pd.DataFrame(columns=PROBLEM_COLS)
+        return self.runs[self.runs["status"] != DONE][PROBLEM_COLS].reset_index(drop=True)
+
+    @property
+    def mixed(self) -> pd.DataFrame:
+        """Rows whose runs read different data: flagged, not averaged."""
+        if self.board.empty:
+            return self.board
+        return self.board[self.board["data_flag"] != ""][["task", "split", "method", "student", "data_flag"]]
+
+    def wide(self, marks: bool = True, bold: str | None = None) -> pd.DataFrame:
+        from kdbench.report.tables import wide_table
+
+        return wide_table(self.board, marks=marks, bold=bold)
+
+
+def _subset(tasks, methods, students, where) -> str:
+    return "; ".join(x for x in [f"tasks {tasks}" if tasks else "", f"methods {methods}" if methods else "",
+                                 f"students {students}" if students else "", f"where {where}" if where else ""] if x)
+
+
+def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_hashes: set[str] | None = None, *,
+                 suite_spec: Any = None, title: str = "", tasks: list[str] | None = None, methods: list[str] | None = None,
+                 students: list[str] | None = None, where: dict[str, Any] | None = None, baseline: str | None = None,
+                 correction: str = "holm", chance: bool | dict[str, dict[str, Any]] = True) -> Report:
+    """Collect and compute every table for the runs ``hashes`` (a suite, or the store).
+
+    ``baseline``: the method compared with and the cost reference; default the suite's
+    ``baseline`` (else the first method of the store). ``correction``: holm or bh over
+    every comparison of the report. ``chance``: True computes the chance rows from the
+    runs' task data, a dict gives them, False leaves them out."""
+    all_rows = store.runs()
+    wanted = set(hashes) if hashes is not None else None
+    rows = [r for r in all_rows if wanted is None or r["hash"] in wanted]
+    df = filter_runs(runs_frame(rows), tasks, methods, students, where)
+    kept = set(df["hash"]) if not df.empty else set()
+    teachers = [t for t in store.teachers() if teacher_hashes is None or t["hash"] in teacher_hashes]
+    teachers = [t for t in teachers if (not tasks or t["task"] in tasks) and (not methods or "teacher" in methods)]
+    baseline = baseline or getattr(suite_spec, "baseline", None) or (sorted(df["method_name"])[0] if not df.empty else "")
+    if chance is True and (not methods or "chance" in methods):
+        chance = chance_scores([r for r in rows if r["hash"] in kept and r["status"] == DONE])
+    elif chance is True:
+        chance = {}
+    board = leaderboard(df, teachers, baseline=baseline, chance=chance or {}, correction=correction)
+    refs = [r for r in getattr(suite_spec, "references", []) if (not tasks or r.task in tasks) and (not methods or r.method in methods)]
+    free = teacher_free_methods(set(df["method_name"]) if not df.empty else set())
+    tcost = teacher_cost(teachers, df, free)
+    levels, scores = sensitivity(df, [s.label or s.model for s in getattr(suite_spec, "students", [])], correction)
+    return Report(
+        title=title, baseline=baseline, runs=df, board=board, references=references_table(df, refs, teachers),
+        sens_levels=levels, sens_scores=scores, cost=with_teacher_share(cost_table(df, baseline), df, tcost, free), cost_reference=baseline,
+        env=environments([r for r in rows if r["hash"] in kept]),
+        config=suite_spec.model_dump(mode="json") if suite_spec is not None else None, subset=_subset(tasks, methods, students, where),
+        missing=(len(wanted) - len(rows)) if wanted is not None else 0, correction=correction, date=report_date(),
+        teacher_cost=tcost, commits=commits(df), data=data_fingerprints(df),
+        outside=outside_runs(all_rows, hashes), chance=chance or {})

@@ -1,0 +1,172 @@
+"""The report's sections in order, each a display table (text cells) and a note, and the
+legend that says how every number was computed. Shared by every format."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kdbench import stats
+from kdbench.report.frame import LOSS, WIN
+from kdbench.report.tables import SMALL_N, TIE, cell, comparison_display, fmt_num, fmt_p, spread_text
+
+
+def references_display(refs: pd.DataFrame) -> pd.DataFrame:
+    def published(r: Any) -> str:
+        text = fmt_num(r.reference) + (f" ± {r.ref_std:.2f}" if r.ref_std is not None and r.ref_std == r.ref_std else "")
+        return text + (f" (n={int(r.ref_n)})" if r.ref_n is not None and r.ref_n == r.ref_n else "")
+
+    return pd.DataFrame.from_records([{
+        "task": r.task, "method": r.method, "teacher": r.teacher, "student": r.student, "metric": r.metric, "reference": published(r),
+        "reproduced": fmt_num(r.reproduced), "difference": fmt_num(r.difference), "seeds": str(r.n),
+        "95% CI": "-" if np.isnan(r.ci_low) else f"[{r.ci_low:.2f}, {r.ci_high:.2f}]", "reference in CI": r.inside_ci,
+        "protocol": r.protocol or "-", "citation": r.citation} for r in refs.itertuples()])
+
+
+def sensitivity_display(scores: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame.from_records([{
+        "task": r.task, "method": r.method, "factor": r.factor, "levels": str(r.levels), "held at": r.at or "-",
+        "std": fmt_num(r.std), "max - min": fmt_num(r.range), "drop from best": fmt_num(r.drop_from_best),
+        "seed std within setting": fmt_num(r.seed_std), "ANOVA F": fmt_num(r.anova_f), "ANOVA p": fmt_p(r.anova_p),
+        "ANOVA p adj": fmt_p(r.anova_p_adj), "best": str(r.best_level), "worst": str(r.worst_level)} for r in scores.itertuples()])
+
+
+def sweep_display(levels: pd.DataFrame) -> pd.DataFrame:
+    """Per task, factor and level (rows), each method's mean ± std (n) (columns)."""
+    rows: dict[tuple, dict[str, str]] = {}
+    for r in levels.itertuples():
+        row = rows.setdefault((r.task, r.factor, str(r.level)), {"task": r.task, "factor": r.factor, "level": str(r.level)})
+        row[r.method] = cell(r.mean, r.std, r.n)
+    return pd.DataFrame.from_records(list(rows.values())).fillna("-")
+
+
+def _na(v: Any, digits: int = 2) -> str:
+    """A number, or "n/a" where the store did not record it."""
+    text = fmt_num(v, digits)
+    return "n/a" if text == "-" else text
+
+
+def _rel(v: Any) -> str:
+    return "n/a" if v is None or np.isnan(v) else f"{v:.2f}x"
+
+
+def _step(r: Any) -> str:
+    if r.step_s_median != r.step_s_median:
+        return "n/a"
+    iqr = f" [{r.step_s_q25 * 1000:.1f}, {r.step_s_q75 * 1000:.1f}]" if r.step_s_q25 == r.step_s_q25 and r.step_s_q75 == r.step_s_q75 else " [IQR n/a]"
+    return f"{r.step_s_median * 1000:.1f}{iqr}"
+
+
+def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
+    return pd.DataFrame.from_records([{
+        "task": r.task, "method": r.method, "student": r.student, "runs": str(r.n), "score": fmt_num(r.score),
+        "train (s)": spread_text(r.train_s, r.train_s_std), "train + teacher share (s)": _na(getattr(r, "train_with_teacher_s", np.nan)),
+        "prep (s)": spread_text(r.prep_s, r.prep_s_std),
+        "eval (s)": spread_text(r.eval_s, r.eval_s_std), "wall (s)": spread_text(r.wall_s, r.wall_s_std),
+        "step (ms) median [IQR]": _step(r), "memory (MB)": spread_text(r.mem_mb, r.mem_mb_std, 1), "memory kind": r.mem_kind or "n/a",
+        "cached teacher outputs": r.shared_teacher_outputs,
+        "params deployed": _na(r.params_deployed, 0), "params training": _na(r.params_training, 0),
+        f"train vs {reference}": _rel(r.train_rel), f"step vs {reference}": _rel(r.step_rel),
+        f"memory vs {reference}": _rel(r.mem_rel), f"params vs {reference}": _rel(r.params_rel),
+    } for r in cost.itertuples()])
+
+
+def teacher_cost_display(tc: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame.from_records([{
+        "task": r.task, "teacher": r.teacher, "hash": r.hash, "fine-tuning train (s)": _na(r.train_s),
+        "prep (s)": _na(r.prep_s), "eval (s)": _na(r.eval_s),
+        "memory (MB)": _na(r.mem_mb, 1), "student runs using it": str(r.runs),
+        "amortised train (s) per run": _na(r.amortised_train_s)} for r in tc.itertuples()])
+
+
+def problems_display(problems: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame.from_records([{
+        "hash": r.hash, "task": r.task, "method": r.method, "student": r.student, "seed": str(r.seed), "status": r.status,
+        "diverged at step": fmt_num(r.diverged_step, 0) if r.diverged_step == r.diverged_step and r.diverged_step is not None else "-",
+        "error": (r.error or "")[:160]} for r in problems.itertuples()])
+
+
+def env_display(env: dict[str, list[str]]) -> pd.DataFrame:
+    return pd.DataFrame({"field": list(env), "value": [", ".join(v) for v in env.values()]})
+
+
+def chance_note(report: Any) -> str:
+    parts = [f"{task}: {c['rule']}" + (f" ({c['error']})" if c.get("error") else "") for task, c in report.chance.items()]
+    missing = sorted(set(report.board["task"]) - set(report.chance)) if not report.board.empty else []
+    parts += [f"{t}: no chance row (no finished run with its data spec)" for t in missing]
+    return "Chance rows: " + "; ".join(parts) if parts else ""
+
+
+def family_line(report: Any) -> str:
+    """The one line under the leaderboard that says what its marks mean (all formats)."""
+    corr = stats.CORRECTION_METHOD[report.correction].split(" (")[0]
+    return (f"{WIN}/{LOSS}: {corr}-adjusted p < {stats.ALPHA} against '{report.baseline}' (exact sign-flip test), "
+            f"family of {report.family} comparisons; p_adj shown per cell. {SMALL_N} n < 3 (smallest attainable p: "
+            f"{stats.min_p(2):.2f} at n = 2, {stats.min_p(1):.0f} at n = 1). {TIE} best within overlapping 95% intervals (a tie).")
+
+
+def legend(report: Any) -> list[str]:
+    """The sentences that say how every number was computed (in every file, and --verbose)."""
+    return [
+        f"Report made {report.date}. Scores are test-split values x100 of each task's main metric; cells are mean ± std "
+        "(ddof=1) over seeds, n = finished seeds.",
+        f"95% CI: {stats.CI_METHOD}.",
+        f"Comparison with the baseline '{report.baseline}': {stats.TEST_METHOD} on the same task, student and seed. "
+        f"Every comparison of the report is one family ({report.family} tests), corrected by "
+        f"{stats.CORRECTION_METHOD[report.correction]}; {WIN} / {LOSS} mark a significant win / loss at adjusted "
+        f"p < {stats.ALPHA}; 'n/a' when fewer than 2 matched seeds.",
+        f"{SMALL_N}: n < 3; with n pairs the exact test cannot go below p = 2/2^n (0.50 at 2, 0.25 at 3, 0.0625 at 5).",
+        "MDD 80%: the smallest true difference detected with 80% power at p < 0.05 from the observed std of the paired "
+        "differences (paired t approximation); inf when n is too small for any test to reach 0.05.",
+        f"Best: bold only when its interval does not overlap the runner-up's; otherwise the tied cells carry {TIE}.",
+        "Failed, diverged and running runs are listed and counted, never averaged; so are runs of one row whose data "
+        "fingerprints differ ('mixed data'), and runs in the store outside the suite.",
+        "Average over tasks: the unweighted mean of the per-task mean score; a task's score is its main metric "
+        "averaged over its test splits (e.g. MNLI matched and mismatched); shown only for rows with every task.",
+        "Sensitivity: spread of the per-level mean scores across a sweep (std ddof=1; max - min; drop from best = best - "
+        "mean of the levels) beside the pooled within-setting seed std and a one-way ANOVA (scipy.stats.f_oneway) of the "
+        "seed scores across levels, corrected over the report's sweeps; only the ANOVA says whether a factor matters.",
+        f"Cost: mean ± std over finished runs; train = training steps only (no evaluation, no one-off preparation, shown "
+        f"as prep); step = median of the runs' median step time [their quartiles]; memory = the run's own figure "
+        f"(its kind beside it); relative columns divide by the baseline '{report.cost_reference}' on the same task (and "
+        "student); 'train + teacher share' adds the teacher's fine-tuning time divided by the runs that used it "
+        "(labels-only runs add nothing); n/a = not recorded by this store's version.",
+        "Chance: a constant prediction scored with the task's metric (majority class of the test split; regression: the "
+        "training mean).",
+        "Reference values are compared on the leaderboard's x100 scale.",
+    ]
+
+
+def provenance_sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
+    out: list[tuple[str, pd.DataFrame | None, str]] = [("Commits of the runs", report.commits, f"Report made {report.date}.")]
+    out.append(("Data fingerprints", report.data, ""))
+    if not report.mixed.empty:
+        out.append(("Rows whose runs read different data (not averaged)", report.mixed.reset_index(drop=True), ""))
+    if not report.outside.empty:
+        out.append(("Runs in the store outside this suite (not averaged)", report.outside, ""))
+    return out
+
+
+def sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
+    """(title, table, note) in file order; a None table is a text-only note."""
+    out: list[tuple[str, pd.DataFrame | None, str]] = [("Leaderboard", report.wide(), family_line(report) + " " + chance_note(report))]
+    out.append((f"Statistics and paired comparison vs {report.baseline}",
+                comparison_display(report.board, report.baseline, report.correction), ""))
+    if not report.references.empty:
+        out.append(("Paper comparison", references_display(report.references), ""))
+    if not report.sens_scores.empty:
+        verdicts = " ".join(f"{r.task}: {r.verdict}." for r in report.sens_scores.itertuples())
+        out.append(("Sensitivity", sensitivity_display(report.sens_scores), verdicts))
+        out.append(("Sweeps", sweep_display(report.sens_levels), ""))
+    if not report.cost.empty:
+        out.append(("Cost", cost_display(report.cost, report.cost_reference), ""))
+    if not report.teacher_cost.empty:
+        out.append(("Teacher fine-tuning cost", teacher_cost_display(report.teacher_cost), ""))
+    if not report.problems.empty:
+        out.append(("Runs that did not finish", problems_display(report.problems), ""))
+    out += provenance_sections(report)
+    if report.env:
+        out.append(("Environment", env_display(report.env), ""))
+    return out

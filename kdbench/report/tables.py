@@ -1,0 +1,175 @@
+"""Display tables: the numeric report turned into columns of text, shared by every format."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kdbench import stats
+from kdbench.report.frame import LOSS, TEST, WIN
+
+SMALL_N, TIE = "†", "≈"
+SPECIAL_ROWS = ("teacher", "chance")
+
+
+def fmt_num(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"
+    if isinstance(v, (float, np.floating)):
+        return "inf" if math.isinf(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def fmt_p(v: Any) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "n/a"
+    return f"{v:.4f}" if v >= 1e-4 else f"{v:.1e}"
+
+
+def spread_text(mean: Any, std: Any, digits: int = 2, scale: float = 1.0) -> str:
+    if mean is None or mean != mean:
+        return "n/a"
+    return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if std == std and std is not None else "")
+
+
+def cell(mean: float, std: float, n: int) -> str:
+    if n == 0 or np.isnan(mean):
+        return "-"
+    return f"{mean:.2f} ± {std:.2f} (n={n})" if not np.isnan(std) else f"{mean:.2f} (n={n})"
+
+
+def _cell_text(r: pd.Series) -> str:
+    if r["method"] == "chance":
+        return "n/a (chance: undefined for a constant)" if np.isnan(r["mean"]) else f"{r['mean']:.2f} (chance)"
+    if r["method"] == "teacher":
+        return "-" if np.isnan(r["mean"]) else f"{r['mean']:.2f} (n=1)"
+    if r.get("data_flag"):
+        return r["data_flag"]
+    return cell(r["mean"], r["std"], r["n"])
+
+
+def column_name(task: str, split: str, metric: Any) -> str:
+    return f"{task} ({metric})" if split == TEST else f"{task} {split} ({metric})"
+
+
+def row_names(board: pd.DataFrame) -> list[str]:
+    """Method (with the student when several), one row per teacher, and the chance row."""
+    students = board.loc[~board["method"].isin(SPECIAL_ROWS), "student"].nunique() > 1
+    teachers = board.loc[board["method"] == "teacher", "student"].nunique() > 1
+    out = []
+    for m, s in zip(board["method"], board["student"]):
+        if m == "teacher":
+            out.append(f"teacher [{s}]" if teachers else "teacher")
+        else:
+            out.append(f"{m} [{s}]" if students and m != "chance" else m)
+    return out
+
+
+def best_marks(board: pd.DataFrame) -> dict[int, str]:
+    """Per board index: "best" when the column's best mean has an interval that does not
+    overlap the runner-up's, else "tie" for the best and every row whose interval overlaps it."""
+    out: dict[int, str] = {}
+    rows = board[~board["method"].isin(SPECIAL_ROWS) & board["mean"].notna() & (board["data_flag"] == "")]
+    for _, g in rows.groupby("col"):
+        g = g.sort_values("mean", ascending=False)
+        top = g.iloc[0]
+        if len(g) == 1:
+            out[g.index[0]] = "best"
+            continue
+        overlap = [i for i, r in g.iloc[1:].iterrows()
+                   if np.isnan(top["ci_low"]) or np.isnan(r["ci_high"]) or r["ci_high"] >= top["ci_low"]]
+        if not overlap:
+            out[g.index[0]] = "best"
+        else:
+            out.update({i: "tie" for i in [g.index[0], *overlap]})
+    return out
+
+
+def _decorate(text: str, r: pd.Series, mark: str | None, marks: bool, bold: str | None) -> str:
+    if text == "-":
+        return text
+    if (marks or bold) and bool(r.get("small_n")):
+        text += f" {SMALL_N}"
+    if mark == "best" and bold:
+        text = {"md": f"**{text}**", "latex": f"\x01{text}\x02", "html": f"<b>{text}</b>"}[bold]
+    elif mark == "tie" and (marks or bold):
+        text += f" {TIE}"
+    if marks and isinstance(r.get("result"), str) and r.get("p_adj") == r.get("p_adj") and r.get("p_adj") is not None:
+        text += f" p_adj={fmt_p(r['p_adj'])}" + {"win": f" {WIN}", "loss": f" {LOSS}"}.get(r["result"], "")
+    return text
+
+
+def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None) -> pd.DataFrame:
+    """Methods (and students), one row per teacher and a chance row; task (split) columns:
+    'mean ± std (n=k)'; an average over tasks when there are several; time
+    per run; runs that did not finish.
+
+    ``marks``: † when n < 3, the adjusted p-value of the comparison with the baseline, and
+    ▲/▼ where it is significant (the plain table, without marks, is for programs: its
+    flags are columns of the board). ``bold``: 'md', 'latex' or 'html' to mark a column's best mean when its
+    interval does not overlap the runner-up's (otherwise every tied cell gets ≈)."""
+    if board.empty:
+        return pd.DataFrame()
+    board = board.copy()
+    board["row"] = row_names(board)
+    board["col"] = [column_name(t, s, m) for t, s, m in zip(board["task"], board["split"], board["metric"])]
+    best = best_marks(board)
+    board["cell"] = [_decorate(_cell_text(r), r, best.get(i), marks, bold) for i, r in board.iterrows()]
+    order_key = board.drop_duplicates("col").set_index("col")
+    cols = sorted(board["col"].unique(), key=lambda c: (order_key.loc[c, "task"], order_key.loc[c, "split"] != TEST, c))
+    wide = board.pivot_table(index="row", columns="col", values="cell", aggfunc="first").reindex(columns=cols)
+    students = board[~board["method"].isin(SPECIAL_ROWS)]
+    avgs = averages(students)
+    if avgs:
+        wide[f"avg over {next(iter(avgs.values()))[1]} tasks"] = pd.Series({r: f"{v:.2f}" for r, (v, _) in avgs.items()})
+    wide["time/run (s)"] = board.groupby("row")["time_per_run_s"].mean().map(lambda v: "-" if np.isnan(v) else f"{v:.1f}")
+    nd = students[students["split"] == TEST].groupby("row")[["failed", "diverged", "running"]].sum()
+    wide["not done"] = nd.apply(lambda r: ", ".join(f"{int(r[k])} {k}" for k in ("failed", "diverged", "running") if r[k]) or "0", axis=1)
+    order = sorted(wide.index, key=lambda r: (0 if r.startswith("teacher") else 1 if r == "chance" else 2, r))
+    return wide.reindex(order).fillna("-").rename_axis("method").reset_index()
+
+
+def averages(board: pd.DataFrame) -> dict[str, tuple[float, int]]:
+    """Per leaderboard row: mean over tasks of the per-task mean score (a task's score
+    averages its test splits), only for rows with a score on every task."""
+    tasks = sorted(board["task"].unique())
+    out = {}
+    for row, g in board.groupby("row"):
+        per_task = g.groupby("task")["mean"].mean()
+        if len(tasks) > 1 and all(t in per_task.index and not np.isnan(per_task[t]) for t in tasks):
+            out[row] = (float(per_task[tasks].mean()), len(tasks))
+    return out
+
+
+def small_n_note(n: Any) -> str:
+    if n is None or n != n or n >= 3:
+        return ""
+    return f"n < 3: smallest attainable p {stats.min_p(int(n)):.2f}" if n >= 1 else ""
+
+
+def comparison_display(board: pd.DataFrame, baseline: str, correction: str = "holm") -> pd.DataFrame:
+    """The statistics table: each task (split), method and student with its interval and
+    the paired comparison with the baseline (raw and adjusted p, detectable difference)."""
+    b = board[~board["method"].isin(SPECIAL_ROWS)] if not board.empty else board
+    rows = []
+    for r in b.itertuples():
+        result = getattr(r, "result", "n/a")
+        result = result if isinstance(result, str) else "n/a"
+        tested = result != "baseline"
+        rows.append({
+            "task": r.task if r.split == TEST else f"{r.task} {r.split}", "method": r.method, "student": r.student,
+            "mean": fmt_num(r.mean), "std": fmt_num(r.std), "n": str(r.n),
+            "95% CI": "-" if np.isnan(r.ci_low) else f"[{r.ci_low:.2f}, {r.ci_high:.2f}]",
+            f"Δ vs {baseline}": fmt_num(getattr(r, "diff", np.nan)) if tested else "-",
+            "p": fmt_p(getattr(r, "p", np.nan)) if tested else "-",
+            f"p ({correction})": fmt_p(getattr(r, "p_adj", np.nan)) if tested else "-",
+            "pairs": fmt_num(getattr(r, "pairs", np.nan), 0) if tested else "-",
+            "MDD 80%": fmt_num(getattr(r, "mdd", np.nan)) if tested else "-",
+            "result": {"win": f"win {WIN}", "loss": f"loss {LOSS}"}.get(result, result),
+            "flags": "; ".join(x for x in (small_n_note(r.n), r.data_flag) if x),
+            "failed": str(r.failed), "diverged": str(r.diverged),
+        })
+    return pd.DataFrame.from_records(rows)

@@ -1,0 +1,121 @@
+"""Text renderers: one table in terminal, Markdown, CSV, JSON or LaTeX, and the whole
+report as terminal, Markdown or LaTeX text."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+import yaml
+from tabulate import tabulate
+
+from kdbench.report.frame import LOSS, WIN
+from kdbench.report.sections import family_line, legend, sections
+
+
+def render(table: pd.DataFrame, fmt: str = "terminal", title: str | None = None) -> str:
+    """One table in one format (terminal, md, csv, json, latex)."""
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(table.to_dict(orient="records"), indent=2, default=float)
+    if fmt == "latex":
+        return latex_table(table, title)
+    body = tabulate(table, headers="keys", tablefmt="github" if fmt == "md" else "simple", showindex=False, disable_numparse=True)
+    return (f"## {title}\n\n" if fmt == "md" and title else (f"{title}\n" if title else "")) + body + "\n"
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", WIN: r"$\blacktriangle$",
+                  LOSS: r"$\blacktriangledown$", "Δ": r"$\Delta$", "×": r"$\times$", "†": r"$\dagger$", "≈": r"$\approx$"}
+
+
+def latex_escape(text: str) -> str:
+    """Escape for LaTeX; the best-cell markers of ``wide_table(bold='latex')`` become \\textbf."""
+    out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+    return out.replace("\x01", "\\textbf{").replace("\x02", "}")
+
+
+def latex_table(table: pd.DataFrame, caption: str | None = None) -> str:
+    """A booktabs table (needs \\usepackage{booktabs} and amssymb for the win/loss marks)."""
+    if table.empty:
+        return f"% {caption}: empty\n"
+    cols = list(table.columns)
+    lines = ["\\begin{table}[t]", "\\centering", "\\small"]
+    if caption:
+        lines.append(f"\\caption{{{latex_escape(caption)}}}")
+    lines += [f"\\begin{{tabular}}{{l{'r' * (len(cols) - 1)}}}", "\\toprule", " & ".join(latex_escape(str(c)) for c in cols) + " \\\\",
+              "\\midrule"]
+    for row in table.itertuples(index=False):
+        lines.append(" & ".join(latex_escape(str(v)) for v in row) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(lines)
+
+
+def plot_links_for(title: str, plot_links: dict[str, str] | None) -> list[str]:
+    return [f"![{name}]({path})\n" for name, path in (plot_links or {}).items()
+            if (title == "Sweeps" and name.startswith("sensitivity")) or (title == "Cost" and name.startswith("pareto"))]
+
+
+def _file_report(report: Any, fmt: str, plot_links: dict[str, str] | None) -> list[str]:
+    if fmt == "md":
+        parts = [f"# {report.title}\n"] + ([f"Subset: {report.subset}\n"] if report.subset else [])
+        parts.append("\n".join(f"- {line}" for line in legend(report)) + "\n")
+    else:
+        parts = [f"% {report.title}\n% Requires \\usepackage{{booktabs,amssymb}}.\n% " + "\n% ".join(legend(report)) + "\n"]
+    for title, table, note in sections(report):
+        if title == "Leaderboard":
+            table = report.wide(marks=True, bold=fmt)
+        if fmt == "latex" and title in ("Environment", "Runs that did not finish"):
+            continue
+        parts.append(render(table, fmt, title))
+        if note:
+            parts.append(note + "\n" if fmt == "md" else "% " + note + "\n")
+        parts += plot_links_for(title, plot_links) if fmt == "md" else []
+    return parts
+
+
+def render_report(report: Any, fmt: str, plot_links: dict[str, str] | None = None, verbose: bool = False) -> str:
+    """The whole report as text: terminal, md or latex. ``plot_links`` (md): name -> path.
+    The terminal ends with the leaderboard (its marks explained in one line); the legend
+    is printed only when ``verbose``."""
+    if fmt in ("md", "latex"):
+        parts = _file_report(report, fmt, plot_links)
+        if report.missing:
+            parts.append(f"({report.missing} runs of the suite not in the store yet)\n")
+        return "\n".join(parts)
+    parts = [report.title + (f"  [subset: {report.subset}]" if report.subset else "") + "\n"]
+    if verbose:
+        parts.append("\n".join(legend(report)) + "\n")
+    board = None
+    for title, table, note in sections(report):
+        if title == "Leaderboard":
+            board = (title, note)
+            continue
+        if title == "Environment" and not verbose:
+            continue
+        parts.append(f"\n{title}\n" + render(table, "terminal") + (f"{note}\n" if note else ""))
+    if report.missing:
+        parts.append(f"({report.missing} runs of the suite not in the store yet)\n")
+    title, note = board or ("Leaderboard", family_line(report))
+    parts.append(f"\n{title}\n" + render(report.wide(marks=True), "terminal") + note + "\n")
+    return "\n".join(parts)
+
+
+def report_json(report: Any) -> dict[str, Any]:
+    """Everything, numeric, for programs."""
+    def rec(df: pd.DataFrame) -> list[dict[str, Any]]:
+        return json.loads(df.drop(columns=[c for c in ("_metrics", "splits") if c in df.columns]).to_json(orient="records"))
+
+    return {"title": report.title, "date": report.date, "baseline": report.baseline, "subset": report.subset,
+            "correction": report.correction, "family": report.family, "legend": legend(report),
+            "leaderboard": rec(report.board), "references": rec(report.references), "sensitivity_levels": rec(report.sens_levels),
+            "sensitivity_scores": rec(report.sens_scores), "cost": rec(report.cost), "cost_reference": report.cost_reference,
+            "teacher_cost": rec(report.teacher_cost), "commits": rec(report.commits), "data": rec(report.data),
+            "outside_runs": rec(report.outside), "chance": report.chance, "runs": rec(report.runs),
+            "environment": report.env, "config": report.config}
+
+
+def config_yaml(report: Any) -> str:
+    return yaml.safe_dump(report.config, sort_keys=False) if report.config else ""
