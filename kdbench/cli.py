@@ -53,7 +53,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.verbose:
         for r in suite.runs:
             print(f"  {r.hash}  {r.task.name}  {r.method} {r.params_label()}  {r.student_label}  seed {r.seed}")
+    for line in _estimate(suite, args):
+        print(line)
     return 0
+
+
+def _read_only_store(results: Path | str):
+    """The suite's store opened read-only (report, show, validate): never created or changed."""
+    from kdbench.executor import STORE_NAME
+    from kdbench.store import ResultsStore
+
+    return ResultsStore(Path(results) / STORE_NAME, readonly=True)
+
+
+def _estimate(suite, args: argparse.Namespace) -> list[str]:
+    from kdbench.integrity import estimate
+    from kdbench.store import StoreError
+
+    store = None
+    try:
+        store = _read_only_store(suite.results_dir(args.results))
+        return estimate(suite, store)
+    except StoreError as exc:
+        return estimate(suite, None) + ([f"(no cost estimate: {exc})"] if store is None and "no such file" not in str(exc) else [])
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -81,6 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     only = None
     if args.method or args.task:
         only = lambda s: (not args.method or s.method in args.method) and (not args.task or s.task.name in args.task)  # noqa: E731
+    _preflight(suite, results, args, only)
     if args.executor == "ray":
         from kdbench.distributed import run_ray
 
@@ -100,12 +123,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(suite, results: Path, args: argparse.Namespace, only) -> None:
+    """Refuse before training: an unwritable results folder or a symlink out of it, runs
+    finished on other data (see kdbench.integrity); adopt old-hash rows, requeue corrupt ones."""
+    from kdbench.executor import open_store
+    from kdbench.integrity import check_results_folder, preflight
+
+    check_results_folder(Path(results))
+    specs = [s for s in suite.runs if only is None or only(s)]
+    preflight(suite, open_store(results), specs, rerun=args.rerun)
+
+
 def cmd_report(args: argparse.Namespace, suite=None) -> int:
     """Print the report and write it in the asked formats. Everything is recomputed from
     the results store; ``--task/--method/--student/--where`` report on a subset."""
     import yaml
 
-    from kdbench.executor import open_store
     from kdbench.report import build_report, render_report, write_outputs
 
     suite = suite or _load(args)
@@ -118,7 +151,8 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
         if not sep or not key:
             raise KDBenchError(f"--where expects KEY=VALUE (a method parameter, student, seed or status), got {item!r}")
         where[key.strip()] = yaml.safe_load(value)
-    store = open_store(results)
+    store = _read_only_store(results)  # a read-only store can be reported on
+    store.alias_legacy(suite.runs)
     hashes = [r.hash for r in suite.runs]
     teacher_hashes = {r.teacher_hash for r in suite.runs if r.teacher_hash}
     title = f"{suite.name}: test score x100, mean ± std over seeds (n = seeds), " \
@@ -137,10 +171,9 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from kdbench.executor import open_store
-
     suite = _load(args)
-    store = open_store(suite.results_dir(args.results))
+    store = _read_only_store(suite.results_dir(args.results))  # never creates a store
+    store.alias_legacy(suite.runs)
     row = store.get(args.hash)
     if row is None:
         known = [r.hash for r in suite.runs]

@@ -391,6 +391,23 @@ class ResultsStore:
         """Rows whose content no longer matches their checksum (quietly: the caller reports)."""
         return [r for r in self.runs(hashes, include_corrupt=True) if r["integrity"] == CORRUPT]
 
+    def retrain_corrupt(self, hashes: list[str]) -> int:
+        """Set runs whose row failed its checksum to be trained again (status failed, with
+        the reason); returns how many."""
+        n = 0
+        with self.transaction() as con:
+            for h in hashes:
+                n += con.execute("UPDATE runs SET status=?, owner=NULL, checksum=NULL, error=? WHERE hash=? AND status!=?",
+                                 (FAILED, "its stored result failed its checksum (changed since it was written); trained again",
+                                  h, RUNNING)).rowcount
+        return n
+
+    def invalidate_teacher(self, teacher_hash: str, why: str) -> None:
+        """Mark a finished teacher as failed (``why``), so the next run trains it again."""
+        with self.transaction() as con:
+            con.execute("UPDATE teachers SET status=?, error=?, checksum=NULL WHERE hash=? AND status=?",
+                        (FAILED, why, teacher_hash, DONE))
+
     def _warn_corrupt(self, rows: list[dict[str, Any]]) -> None:
         hashes = ", ".join(r["hash"] for r in rows[:20]) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
         message = (f"results store {self.path}: {len(rows)} run row(s) changed since they were written "
