@@ -59,6 +59,8 @@ MAX_SEED = 2**63
 MAX_STEPS = 10**7
 MAX_EPOCHS = 10**4
 MAX_BATCH = 2**20
+#: A suite (tasks x students x method settings x seeds) expands to at most this many runs.
+MAX_RUNS = 100_000
 
 
 def budget_limit(name: str, default: int) -> int:
@@ -427,6 +429,11 @@ def expand_grid(options_cls: type[BaseModel], params: dict[str, Any]) -> list[di
         if swept and not value:
             raise ValueError(f"{key}: an empty list sweeps over nothing")
         choices.append(value if swept else [value])
+    size = 1
+    for c in choices:
+        size *= len(c)
+    if size > MAX_RUNS:  # refuse before building it: 10 swept fields of 10 values are 10^10 runs
+        raise ValueError(f"(sweep): the sweep has {size:,} points, more than the bound of {MAX_RUNS:,} runs")
     return [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
 
 
@@ -566,6 +573,9 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
             known = sorted(getattr(p, "TRACKER_NAME") for p in registry.pm.get_plugins() if getattr(p, "TRACKER_NAME", None))
             problems.append(f"trackers[{i}]: unknown tracker '{tracker}'.{did_you_mean(tracker, known)} Known trackers: {', '.join(known) or '(none)'}")
 
+    n_runs = len(tasks) * len(pairs) * len(methods) * len(spec.seeds)
+    if n_runs > MAX_RUNS:
+        problems.append(f"(top level): the suite expands to {n_runs:,} runs, more than the bound of {MAX_RUNS:,}")
     if problems:
         raise SuiteError(source, sorted(dict.fromkeys(problems), key=problems.index))
 

@@ -564,3 +564,12 @@ def test_loader_limits_are_the_documented_ones():
     assert (spec.MAX_STEPS, spec.MAX_EPOCHS) == (10**7, 10**4)
     with pytest.raises(LoadError):
         parse_yaml(b"a: \xff")
+
+
+def test_a_sweep_of_billions_of_runs_is_refused_before_it_is_built():
+    """case: a grid explosion (10 swept fields of 10 values = 10^10 runs)."""
+    t0 = time.perf_counter()
+    params = {"alpha": [i / 10 for i in range(10)], "temperature": list(range(1, 11))}
+    with pytest.raises(SuiteError, match="more than the bound"):
+        build_suite(smoke(methods=[{"name": "kd", "params": params}], seeds=list(range(1001))))
+    assert time.perf_counter() - t0 < 5
