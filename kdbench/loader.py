@@ -12,7 +12,7 @@ of the input.
 from __future__ import annotations
 
 import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 #: A suite file larger than this is not a suite (the largest shipped one is ~5 KB).
 MAX_BYTES = 1_000_000

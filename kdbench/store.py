@@ -27,7 +27,6 @@ import json
 import os
 import socket
 import sqlite3
-import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -206,8 +205,8 @@ class ResultsStore:
             if not self.path.is_file():
                 raise StoreError(f"results store {self.path}: there is no such file. Fix: run 'kdbench run' first, "
                                  "or give the right folder with --results")
-            with self._connect() as con:
-                self._columns = {t: {r[1] for r in con.execute(f"PRAGMA table_info({t})")} for t in ("runs", "teachers")}
+            with self._connect() as con:  # fails here, with the fix, if it is not a usable database
+                con.execute("SELECT count(*) FROM runs").fetchone()
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +222,6 @@ class ResultsStore:
             con.execute("INSERT OR IGNORE INTO meta VALUES ('checksums_since', ?)", (repr(time.time()),))
             con.execute("UPDATE meta SET value=? WHERE key='schema_version' AND CAST(value AS INTEGER) < ?",
                         (str(SCHEMA_VERSION), SCHEMA_VERSION))
-        self._columns = {"runs": {"checksum"}, "teachers": {"checksum"}}
 
     def _open(self) -> sqlite3.Connection:
         if not self.readonly:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import kdbench.data as data_module
 from kdbench import cli
 from kdbench.api import DataError
-from kdbench.data import ENCODED_CHECKSUM, TaskData, encode_split, load_task_data, read_encoded, tensors_sha256
+from kdbench.data import ENCODED_CHECKSUM, encode_split, load_task_data, read_encoded, tensors_sha256
 from kdbench.integrity import DataChangedError, check_results_folder, estimate, inside, preflight
 from kdbench.loader import LoadError, parse_yaml
 from kdbench.spec import HASH_SCHEME, SuiteError, build_suite, load_suite
