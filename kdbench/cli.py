@@ -165,7 +165,12 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
         formats = ["md", "csv", "json", "latex", "html"]
     if args.output and len(formats) > 1:
         raise KDBenchError("--output names one file: give a single --format with it")
-    for path in write_outputs(report, formats, Path(results), args.output, plots=not getattr(args, "no_plots", False)):
+    try:
+        written = write_outputs(report, formats, Path(results), args.output, plots=not getattr(args, "no_plots", False))
+    except OSError as exc:  # a read-only results folder, a full disk, a name too long
+        raise KDBenchError(f"cannot write the report to {exc.filename or results}: {exc.strerror or exc}; "
+                           "give a writable place with --output (one --format)") from None
+    for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -117,7 +117,8 @@ def test_corrupt_teacher_row_is_retrained_not_used(tmp_path, specs):
         con.execute("UPDATE teachers SET metrics=replace(metrics, '0.9', '0.1')")
     with pytest.warns(StoreIntegrityWarning, match=th):
         assert store.teacher(th)["status"] == FAILED
-    assert store.teachers() == []
+    with pytest.warns(StoreIntegrityWarning):
+        assert store.teachers() == []
     assert store.claim_teacher(th, "movie-sentiment", {})  # trained again
 
 
@@ -573,3 +574,14 @@ def test_a_sweep_of_billions_of_runs_is_refused_before_it_is_built():
     with pytest.raises(SuiteError, match="more than the bound"):
         build_suite(smoke(methods=[{"name": "kd", "params": params}], seeds=list(range(1001))))
     assert time.perf_counter() - t0 < 5
+
+
+def test_report_into_a_folder_it_cannot_write_is_a_named_error(tmp_path, capsys):
+    """case: kdbench report --format md where the results folder cannot take the file."""
+    import shutil
+
+    shutil.copytree(ROOT / "results" / "mnist-cpu", tmp_path / "m", ignore=shutil.ignore_patterns("*.sqlite-*", "plots", "*.html", "*.md"))
+    (tmp_path / "m" / "leaderboard.md").mkdir()  # in the way of the file (a read-only folder, as root)
+    argv = ["report", str(ROOT / "benchmarks" / "mnist-cpu.yaml"), "--results", str(tmp_path / "m"), "--no-plots", "--format", "md"]
+    assert cli.main(argv) == 2
+    assert "cannot write the report" in capsys.readouterr().err
