@@ -113,7 +113,10 @@ def preflight(suite: Suite, store: ResultsStore, specs: list[RunSpec], *, rerun:
             continue
         key = spec.task.model_dump_json() + f"|{spec.quiz_fraction}|{spec.data_seed}"
         if key not in checked:
-            checked[key] = getattr(load_data(spec), "fingerprints", None) or {}
+            try:
+                checked[key] = getattr(load_data(spec), "fingerprints", None) or {}
+            except KDBenchError:  # missing or malformed data: its runs fail naming the culprit
+                checked[key] = {}
         current = checked[key]
         problems += _fingerprint_problems(f"run {spec.hash} ({spec.task.name}, {spec.method}, seed {spec.seed})", recorded_run, current)
         teacher_problems = _fingerprint_problems(f"teacher {spec.teacher_hash} ({spec.task.name})", recorded_teacher, current)

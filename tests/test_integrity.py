@@ -585,3 +585,13 @@ def test_report_into_a_folder_it_cannot_write_is_a_named_error(tmp_path, capsys)
     argv = ["report", str(ROOT / "benchmarks" / "mnist-cpu.yaml"), "--results", str(tmp_path / "m"), "--no-plots", "--format", "md"]
     assert cli.main(argv) == 2
     assert "cannot write the report" in capsys.readouterr().err
+
+
+def test_preflight_leaves_missing_data_to_the_runs(tmp_path, specs):
+    """case: the data of finished runs cannot be read at all (the runs fail naming it, the suite goes on)."""
+    store = finished_store(tmp_path / "store.sqlite", specs[:1], env={"data": {"train": {"sha256": "a", "n": 1}}})
+
+    def missing(spec):
+        raise DataError("movie-sentiment: source_file /nowhere does not exist")
+
+    assert preflight(build_suite(smoke()), store, specs, rerun=False, load_data=missing).changed == []
