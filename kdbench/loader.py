@@ -36,8 +36,14 @@ class LoadError(ValueError):
 
 def snippet(value: object, limit: int = SNIPPET) -> str:
     """``repr(value)`` cut to ``limit`` characters, so messages never grow with the input."""
-    text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
-    return text if len(text) <= limit else text[:limit] + f"... ({len(str(value))} characters)"
+    if isinstance(value, int) and value.bit_length() > 4 * limit:  # repr() of a huge int is slow or refused
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+        size = len(value) if isinstance(value, str) else len(text)
+    except (ValueError, RecursionError):
+        return f"<a {type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit] + f"... ({size} characters)"
 
 
 class _BoundedLoader(yaml.SafeLoader):

@@ -128,14 +128,14 @@ class Budget(Frozen):
             raise ValueError("give exactly one of 'steps' or 'epochs'")
         max_steps, max_epochs = budget_limit("KDBENCH_MAX_STEPS", MAX_STEPS), budget_limit("KDBENCH_MAX_EPOCHS", MAX_EPOCHS)
         if self.steps is not None and self.steps > max_steps:
-            raise ValueError(f"steps={self.steps} is above the bound of {max_steps} (a typo?); "
+            raise ValueError(f"steps={snippet(self.steps, 30)} is above the bound of {max_steps} (a typo?); "
                              "set KDBENCH_MAX_STEPS to allow more")
         if self.epochs is not None and self.epochs > max_epochs:
-            raise ValueError(f"epochs={self.epochs} is above the bound of {max_epochs} (a typo?); "
+            raise ValueError(f"epochs={snippet(self.epochs, 30)} is above the bound of {max_epochs} (a typo?); "
                              "set KDBENCH_MAX_EPOCHS to allow more")
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) > MAX_BATCH:
-                raise ValueError(f"{name}={getattr(self, name)} is above the bound of {MAX_BATCH}")
+                raise ValueError(f"{name}={snippet(getattr(self, name), 30)} is above the bound of {MAX_BATCH}")
         return self
 
 

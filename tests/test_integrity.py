@@ -503,7 +503,9 @@ def test_empty_train_split_after_the_quiz_carve_out_is_named(tmp_path, monkeypat
         load_task_data(get_registry(), run.task, 0.1, 0)
 
 
-@pytest.mark.parametrize("text", ["seeds: [" + "1" * 4400 + "]", "budget: {steps: 1" + "0" * 4400 + "}", "name: [unclosed"])
+@pytest.mark.parametrize("text", ["seeds: [" + "1" * 4400 + "]", "budget: {steps: 1" + "0" * 4400 + "}", "name: [unclosed",
+                                  "seeds: [0x" + "f" * 4000 + "]", "budget: {steps: 0x" + "f" * 4000 + "}",
+                                  'seeds: ["' + "9" * 4400 + '"]'])
 def test_yaml_and_int_conversion_errors_exit_2(tmp_path, capsys, text):
     """case: suite files the YAML parser or Python's int conversion reject."""
     assert cli.main(["validate", str(write_suite(tmp_path, text))]) == 2
