@@ -55,7 +55,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.verbose:
         for r in suite.runs:
             print(f"  {r.hash}  {r.task.name}  {r.method} {r.params_label()}  {r.student_label}  seed {r.seed}")
+    for line in _estimate(suite, args):
+        print(line)
     return 0
+
+
+def _read_only_store(results: Path | str):
+    """The suite's store opened read-only (report, show, validate): never created or changed."""
+    from kdbench.executor import STORE_NAME
+    from kdbench.store import ResultsStore
+
+    return ResultsStore(Path(results) / STORE_NAME, readonly=True)
+
+
+def _estimate(suite, args: argparse.Namespace) -> list[str]:
+    from kdbench.integrity import estimate
+    from kdbench.store import StoreError
+
+    store = None
+    try:
+        store = _read_only_store(suite.results_dir(args.results))
+        return estimate(suite, store)
+    except StoreError as exc:
+        return estimate(suite, None) + ([f"(no cost estimate: {exc})"] if store is None and "no such file" not in str(exc) else [])
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -114,6 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     only = None
     if args.method or args.task:
         only = lambda s: (not args.method or s.method in args.method) and (not args.task or s.task.name in args.task)  # noqa: E731
+    _preflight(suite, results, args, only)
     executor = _registry().executor(args.executor)()
     outcome = executor.run(suite, results, rerun=args.rerun, only=only, registry=_registry(), address=args.address)
     counts: dict[str, int] = {}
@@ -131,12 +154,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def _preflight(suite, results: Path, args: argparse.Namespace, only) -> None:
+    """Refuse before training: an unwritable results folder or a symlink out of it, runs
+    finished on other data (see kdbench.integrity); adopt old-hash rows, requeue corrupt ones."""
+    from kdbench.executor import open_store
+    from kdbench.integrity import check_results_folder, preflight
+
+    check_results_folder(Path(results))
+    specs = [s for s in suite.runs if only is None or only(s)]
+    preflight(suite, open_store(results), specs, rerun=args.rerun)
+
+
 def cmd_report(args: argparse.Namespace, suite=None) -> int:
     """Print the report and write it in the asked formats. Everything is recomputed from
     the results store; ``--task/--method/--student/--where`` report on a subset."""
     import yaml
 
-    from kdbench.executor import open_store
     from kdbench.report import build_report, render_report, write_outputs
     from kdbench.report.formats import BUILTIN
 
@@ -150,7 +183,8 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
         if not sep or not key:
             raise KDBenchError(f"--where expects KEY=VALUE (a method parameter, student, seed or status), got {item!r}")
         where[key.strip()] = yaml.safe_load(value)
-    store = open_store(results)
+    store = _read_only_store(results)  # a read-only store can be reported on
+    store.alias_legacy(suite.runs)
     hashes = [r.hash for r in suite.runs]
     teacher_hashes = {r.teacher_hash for r in suite.runs if r.teacher_hash}
     title = f"{suite.name}: test score x100, mean ± std over seeds (n = seeds), " \
@@ -164,16 +198,20 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
         formats = list(BUILTIN)
     if args.output and len(formats) > 1:
         raise KDBenchError("--output names one file: give a single --format with it")
-    for path in write_outputs(report, formats, Path(results), args.output, plots=not getattr(args, "no_plots", False)):
+    try:
+        written = write_outputs(report, formats, Path(results), args.output, plots=not getattr(args, "no_plots", False))
+    except OSError as exc:  # a read-only results folder, a full disk, a name too long
+        raise KDBenchError(f"cannot write the report to {exc.filename or results}: {exc.strerror or exc}; "
+                           "give a writable place with --output (one --format)") from None
+    for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from kdbench.executor import open_store
-
     suite = _load(args)
-    store = open_store(suite.results_dir(args.results))
+    store = _read_only_store(suite.results_dir(args.results))  # never creates a store
+    store.alias_legacy(suite.runs)
     row = store.get(args.hash)
     if row is None:
         known = [r.hash for r in suite.runs]

@@ -1,14 +1,23 @@
-"""Task data for runs: fixed splits, the quiz split, and encoded tensors cached across runs."""
+"""Task data for runs: fixed splits, the quiz split, and encoded tensors cached across runs.
+
+Integrity: :attr:`TaskData.fingerprints` hashes the examples actually read (so a changed
+local data file is noticed even though its *path* is not part of a run's hash), and every
+encoded split on disk carries a sha256 of its tensors in its safetensors metadata, checked
+when it is read; a file that fails the check is rebuilt with a warning naming it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from kdbench.api import DataError, Encoded, Examples, ModelFactory, Options, Task
 from kdbench.registry import Registry
@@ -46,6 +55,16 @@ class TaskData:
 
     task: Task
     splits: dict[str, Examples]
+    _fingerprints: dict[str, dict[str, object]] | None = field(default=None, repr=False)
+
+    @property
+    def fingerprints(self) -> dict[str, dict[str, object]]:
+        """``{split: {"sha256": ..., "n": examples}}`` of the examples as read (after the
+        quiz carve-out). Runs record it in ``env["data"]``; a finished run whose recorded
+        fingerprint differs from the current data was trained on other data."""
+        if self._fingerprints is None:
+            self._fingerprints = {name: {"sha256": examples_sha256(ex), "n": len(ex["label"])} for name, ex in self.splits.items()}
+        return self._fingerprints
 
     @property
     def eval_splits(self) -> list[str]:
@@ -53,6 +72,35 @@ class TaskData:
 
     def labels(self, split: str) -> np.ndarray:
         return np.asarray(self.splits[split]["label"])
+
+
+def examples_sha256(examples: Examples) -> str:
+    """A content hash of a split's columns (names, dtypes, shapes and values), independent
+    of where the data came from."""
+    digest = hashlib.sha256()
+    for key in sorted(examples):
+        col = examples[key]
+        digest.update(f"\0col:{key}\0".encode())
+        if isinstance(col, np.ndarray):
+            arr = np.ascontiguousarray(col)
+            digest.update(f"{arr.dtype.str}{arr.shape}".encode())
+            digest.update(arr.tobytes() if arr.dtype != object else repr(arr.tolist()).encode())
+        else:
+            for item in col:
+                text = item if isinstance(item, str) else repr(item)
+                raw = text.encode("utf-8", "surrogatepass")
+                digest.update(len(raw).to_bytes(8, "little") + raw)
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over an encoded split's tensors (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        digest.update(f"\0{key}\0{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _validate_splits(task: Task, splits: dict[str, Examples]) -> None:
@@ -92,6 +140,10 @@ def load_task_data(registry: Registry, spec: TaskSpec, quiz_fraction: float, dat
         splits = dict(loaded)
         _validate_splits(task, splits)
         keep, quiz = quiz_split(len(splits[TRAIN]["label"]), quiz_fraction, data_seed)
+        if keep.size == 0:
+            raise DataError(f"task '{spec.name}': the train split has {len(splits[TRAIN]['label'])} example(s) and "
+                            f"quiz_fraction {quiz_fraction} carves {quiz.size} out for the quiz, leaving none to train on: "
+                            "use more training data or a smaller quiz_fraction")
         train = splits[TRAIN]
         splits[TRAIN] = _take(train, keep)
         if quiz.size:
@@ -112,20 +164,37 @@ def encode_split(
     if key in _ENCODED:
         return _ENCODED[key]
     path = cache_dir() / "encoded" / f"{key}.safetensors"
-    if path.exists():
-        try:
-            enc = load_file(str(path))
-        except Exception:  # a torn write from a killed process: rebuild it
-            enc = None
-    else:
-        enc = None
+    enc = read_encoded(path) if path.exists() else None
     if enc is None:
         enc = {k: v.contiguous() for k, v in factory.encode(options, data.splits[split], data.task.max_length).items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(enc, str(tmp))
+        save_file(enc, str(tmp), metadata={ENCODED_CHECKSUM: tensors_sha256(enc)})
         os.replace(tmp, path)  # atomic: concurrent writers produce the same bytes
     _ENCODED[key] = enc
+    return enc
+
+
+#: safetensors metadata key holding the sha256 of an encoded split's tensors.
+ENCODED_CHECKSUM = "kdbench_sha256"
+
+
+def read_encoded(path: Path) -> Encoded | None:
+    """An encoded split from the cache if it is intact; None (rebuild it) otherwise: a torn
+    write from a killed process, a file from before checksums, or one whose tensors no
+    longer match their recorded sha256 (warned about, naming the file)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            recorded = (fh.metadata() or {}).get(ENCODED_CHECKSUM)
+            enc = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is rebuilt
+        warnings.warn(f"encoded split {path} cannot be read ({type(exc).__name__}); rebuilding it", stacklevel=3)
+        return None
+    if recorded is None:
+        return None  # written before checksums: rebuilt once, quietly
+    if recorded != tensors_sha256(enc):
+        warnings.warn(f"encoded split {path} does not match its checksum (changed on disk); rebuilding it", stacklevel=3)
+        return None
     return enc
 
 

@@ -16,15 +16,22 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdbench.api import KDBenchError, unhashed_fields
+from kdbench.loader import MAX_BYTES, LoadError, parse_yaml, snippet
 from kdbench.registry import Registry, did_you_mean, get_registry
 from kdbench.recipes import expand_recipes
 
 #: Bump when the runner's semantics change so that old results are not reused.
 PROTOCOL_VERSION = 1
+#: How run hashes are computed. 2: the teacher is left out of the hash of a run whose
+#: method uses no teacher (changing only the teacher no longer "changes" a ``none`` run).
+#: Stores written under scheme 1 stay readable: :meth:`RunSpec.legacy_hash` is the old
+#: hash, and the store adopts such rows (see ``ResultsStore.adopt_legacy``).
+HASH_SCHEME = 2
+#: Added to ``RunSpec.unhashed`` for runs whose method uses no teacher.
+TEACHER_FREE = ("teacher",)
 
 
 class SuiteError(KDBenchError):
@@ -33,11 +40,55 @@ class SuiteError(KDBenchError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        super().__init__(f"{source}: invalid suite\n" + "\n".join(f"  - {p}" for p in problems))
+        # bounded: a hostile suite must not make the message (or the terminal) huge
+        shown = [p if len(p) <= 500 else p[:500] + "..." for p in problems[:MAX_PROBLEMS_SHOWN]]
+        more = len(problems) - len(shown)
+        super().__init__(f"{source[:300]}: invalid suite\n" + "\n".join(f"  - {p}" for p in shown)
+                         + (f"\n  ... and {more} more problems" if more > 0 else ""))
+
+
+#: A SuiteError lists at most this many problems (the rest are counted).
+MAX_PROBLEMS_SHOWN = 50
 
 
 #: Seeds reach torch.manual_seed and numpy, which refuse negative or wider values.
 MAX_SEED = 2**63
+
+#: Budget bounds: a typo (``steps: 1e12``) must fail at validation, not train forever or
+#: run out of memory building its evaluation schedule. Raise them for one command with
+#: the environment variables KDBENCH_MAX_STEPS / KDBENCH_MAX_EPOCHS.
+MAX_STEPS = 10**7
+MAX_EPOCHS = 10**4
+MAX_BATCH = 2**20
+#: A suite (tasks x students x method settings x seeds) expands to at most this many runs.
+MAX_RUNS = 100_000
+
+
+def budget_limit(name: str, default: int) -> int:
+    """A budget bound, overridden by the environment variable ``name`` (a positive integer)."""
+    import os
+
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw[:40]!r} is not an integer") from None
+    if value <= 0:
+        raise ValueError(f"environment variable {name} must be positive, got {value}")
+    return value
+
+
+def check_results_setting(results: str) -> str:
+    """A suite's ``results:`` is a relative folder below the working directory: a suite
+    file (perhaps from someone else) must not make kdbench write elsewhere. ``--results``
+    on the command line may point anywhere (that is the user's own choice)."""
+    path = Path(results)
+    if not results.strip() or path.is_absolute() or results.startswith("~") or ".." in path.parts:
+        raise ValueError("must be a relative folder below the working directory, without '..' "
+                         "(use --results on the command line for another place)")
+    return results
 
 
 class Frozen(BaseModel):
@@ -76,6 +127,16 @@ class Budget(Frozen):
     def _one_length(self) -> "Budget":
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of 'steps' or 'epochs'")
+        max_steps, max_epochs = budget_limit("KDBENCH_MAX_STEPS", MAX_STEPS), budget_limit("KDBENCH_MAX_EPOCHS", MAX_EPOCHS)
+        if self.steps is not None and self.steps > max_steps:
+            raise ValueError(f"steps={snippet(self.steps, 30)} is above the bound of {max_steps} (a typo?); "
+                             "set KDBENCH_MAX_STEPS to allow more")
+        if self.epochs is not None and self.epochs > max_epochs:
+            raise ValueError(f"epochs={snippet(self.epochs, 30)} is above the bound of {max_epochs} (a typo?); "
+                             "set KDBENCH_MAX_EPOCHS to allow more")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) > MAX_BATCH:
+                raise ValueError(f"{name}={snippet(getattr(self, name), 30)} is above the bound of {MAX_BATCH}")
         return self
 
 
@@ -193,6 +254,19 @@ class SuiteSpec(Frozen):
             raise ValueError("give 'students' (with an optional 'teacher'), or 'pairs'")
         return self
 
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _no_bool_seeds(cls, seeds: Any) -> Any:
+        # YAML's true/false would otherwise become seeds 1/0 (``[true, 0]`` is not two seeds)
+        if isinstance(seeds, list) and any(isinstance(s, bool) for s in seeds):
+            raise ValueError("seeds must be integers, not true/false")
+        return seeds
+
+    @field_validator("results")
+    @classmethod
+    def _results_inside(cls, results: str | None) -> str | None:
+        return None if results is None else check_results_setting(results)
+
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, seeds: list[int]) -> list[int]:
@@ -237,11 +311,23 @@ class RunSpec(Frozen):
     def hash(self) -> str:
         return content_hash(self.identity())
 
+    def _identity_with_teacher(self) -> dict[str, Any]:
+        kept = tuple(p for p in self.unhashed if p not in TEACHER_FREE)
+        return drop_paths(self.model_dump(mode="json", exclude={"student": {"label"}, "unhashed": True}), kept)
+
+    @property
+    def legacy_hash(self) -> str | None:
+        """The hash under scheme 1 (teacher always hashed), where it differs from ``hash``."""
+        if not set(TEACHER_FREE) <= set(self.unhashed):
+            return None
+        return content_hash(self._identity_with_teacher())
+
     @property
     def teacher_hash(self) -> str | None:
         if self.teacher is None:
             return None
-        ident = self.identity()
+        # the suite's teacher (also for a run whose method uses none, so reports still find it)
+        ident = self._identity_with_teacher()
         return content_hash({"protocol": PROTOCOL_VERSION, "task": ident["task"], "task_version": self.task_version,
                              "teacher": ident["teacher"], "data_seed": self.data_seed, "quiz_fraction": self.quiz_fraction})
 
@@ -271,6 +357,21 @@ def drop_paths(obj: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
         if isinstance(node, dict):
             node.pop(leaf, None)
     return obj
+
+
+def _label_clashes(pairs: list[tuple[TeacherSpec | None, str | None, ModelSpec, str]]) -> list[str]:
+    """Reports group runs by student label: two different students (or pairs) under one
+    label would be averaged together as if they were seeds of one."""
+    seen: dict[str, str] = {}
+    problems = []
+    for teacher, _, student, _ in pairs:
+        label = student.label or describe_model(student)
+        what = json.dumps([teacher.model_dump(mode="json") if teacher else None,
+                           student.model_dump(mode="json", exclude={"label"})], sort_keys=True)
+        if seen.setdefault(label, what) != what:
+            problems.append(f"students: two different students (or teacher/student pairs) have the label '{label[:100]}'; "
+                            "labels must be unique in a suite (reports would average them together)")
+    return list(dict.fromkeys(problems))
 
 
 def describe_model(spec: ModelSpec) -> str:
@@ -305,7 +406,8 @@ def _pydantic_problems(prefix: str, err: ValidationError) -> list[str]:
             msg = f"{msg} (allowed: {ctx['expected']})"
         elif e["type"] == "extra_forbidden":
             msg = "unknown field"
-        out.append(f"{_fmt_loc(prefix, tuple(e['loc']))}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else ""))
+        got = f" (got {snippet(e['input'])})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else ""
+        out.append(f"{_fmt_loc(prefix, tuple(e['loc']))[:200]}: {msg[:300]}{got}")
     return out
 
 
@@ -344,6 +446,11 @@ def expand_grid(options_cls: type[BaseModel], params: dict[str, Any]) -> list[di
         if swept and not value:
             raise ValueError(f"{key}: an empty list sweeps over nothing")
         choices.append(value if swept else [value])
+    size = 1
+    for c in choices:
+        size *= len(c)
+    if size > MAX_RUNS:  # refuse before building it: 10 swept fields of 10 values are 10^10 runs
+        raise ValueError(f"(sweep): the sweep has {size:,} points, more than the bound of {MAX_RUNS:,} runs")
     return [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
 
 
@@ -364,15 +471,17 @@ class Suite:
 
 
 def load_suite(path: str | Path, registry: Registry | None = None) -> Suite:
+    """Read, parse (bounded: see :mod:`kdbench.loader`), validate and expand a suite file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_BYTES + 1)
     except OSError as exc:
         raise SuiteError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SuiteError(str(path), [f"not valid YAML: {exc}"]) from None
+        data = parse_yaml(raw)
+    except LoadError as exc:
+        raise SuiteError(str(path), [exc.problem]) from None
     return build_suite(data, source=str(path), registry=registry)
 
 
@@ -445,7 +554,8 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
                 if mod is not None and mod != modality:
                     problems.append(f"tasks: task '{task.name}' is {modality} data but the {role} model is for {mod}")
 
-    methods: list[tuple[str, dict[str, Any], frozenset[str] | None]] = []
+    problems.extend(_label_clashes(pairs))
+    methods: list[tuple[str, dict[str, Any], frozenset[str] | None, bool]] = []
     student_labels = list(dict.fromkeys(st.label or describe_model(st) for _, _, st, _ in pairs))  # as reports show them
     has_teacher = spec.teacher is not None or bool(spec.pairs)
     for i, m in enumerate(spec.methods):
@@ -475,19 +585,22 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
         for combo in grid:
             opts = _check_options(f"methods[{i}].params", cls.Params, combo, problems, {"registry": registry})
             if opts is not None:
-                methods.append((m.name, opts, frozenset(m.students) if m.students else None))
+                methods.append((m.name, opts, frozenset(m.students) if m.students else None, cls.uses_teacher))
     if spec.baseline not in {m.name for m in spec.methods}:
         problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
     for i, tracker in enumerate(spec.trackers):
         if tracker not in registry.entries["trackers"]:
             problems.append(f"trackers[{i}]: {registry.unknown_message('trackers', tracker)}")
 
+    n_runs = len(tasks) * len(pairs) * len(methods) * len(spec.seeds)
+    if n_runs > MAX_RUNS:
+        problems.append(f"(top level): the suite expands to {n_runs:,} runs, more than the bound of {MAX_RUNS:,}")
     if problems:
         raise SuiteError(source, sorted(dict.fromkeys(problems), key=problems.index))
 
     runs: list[RunSpec] = []
     seen: set[str] = set()
-    for (task, version, _), (teacher, _, student, _), (method, params, only), seed in itertools.product(tasks, pairs, methods, spec.seeds):
+    for (task, version, _), (teacher, _, student, _), (method, params, only, uses_teacher), seed in itertools.product(tasks, pairs, methods, spec.seeds):
         if only is not None and (student.label or describe_model(student)) not in only:
             continue
         run = RunSpec(
@@ -505,7 +618,8 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
             selection=spec.selection,
             unhashed=unhashed[f"task:{task.name}"]
             + tuple(f"student.options.{f}" for f in unhashed[f"model:{student.model}"])
-            + (tuple(f"teacher.options.{f}" for f in unhashed[f"model:{teacher.model}"]) if teacher is not None else ()),
+            + (tuple(f"teacher.options.{f}" for f in unhashed[f"model:{teacher.model}"]) if teacher is not None else ())
+            + (TEACHER_FREE if teacher is not None and not uses_teacher else ()),
         )
         if run.hash not in seen:  # a grid can repeat a point (e.g. [1, 1.0])
             seen.add(run.hash)

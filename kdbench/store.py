@@ -4,25 +4,47 @@ One row per run, keyed by the run spec's hash, with its status (running, done, f
 diverged), metrics, cost, environment and error text; one row per fine-tuned teacher.
 Every write is a transaction; a run is *claimed* atomically before it trains, so two
 processes on the same folder never train (or record) the same run twice. A run left
-``running`` by a process that died is taken over by the next claim.
+``running`` by a process that died is taken over by the next claim (on the same host the
+owner is identified by PID *and* process start time, so a reused PID does not keep a dead
+claim alive).
+
+Integrity: every finished run row and teacher row carries a ``checksum`` (sha256 over its
+stored content) written with it and verified whenever it is read. A row whose content no
+longer matches (a flipped digit, a bit flip SQLite's own check does not see) is never
+used: :meth:`ResultsStore.runs` leaves it out with a warning naming the store file and the
+run hash, and :meth:`ResultsStore.get` returns it with ``integrity = "corrupt"``. Rows
+written before checksums existed read as ``integrity = "unverified"``.
+
+Every SQLite or file-system problem (corrupt file, not a database, unreadable, read-only,
+disk full, locked) becomes one :class:`StoreError` naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import socket
 import sqlite3
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from kdbench.api import KDBenchError
 from kdbench.spec import RunSpec
 
 DONE, FAILED, DIVERGED, RUNNING = "done", "failed", "diverged", "running"
 FINISHED = (DONE, DIVERGED)
-SCHEMA_VERSION = 1
+#: 2: ``checksum`` columns on runs and teachers (added to older stores when opened writable).
+SCHEMA_VERSION = 2
+#: Run-row columns covered by its checksum (everything that says what happened; not the
+#: claim bookkeeping: owner, heartbeat, attempts, times).
+RUN_CHECKED = ("hash", "spec", "status", "metrics", "history", "cost", "env", "error", "diverged_step")
+TEACHER_CHECKED = ("hash", "spec", "status", "path", "metrics", "cost", "env", "error")
+VERIFIED, UNVERIFIED, CORRUPT = "verified", "unverified", "corrupt"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -69,23 +91,72 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 STALE_AFTER_S = 15 * 60
 
 
+class StoreError(KDBenchError):
+    """The results store cannot be used; the message names the file, what is wrong and the fix."""
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, from /proc), or None where unknown.
+    With the PID it identifies a process: a PID reused by a new process has a new start."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+        return stat.rpartition(")")[2].split()[19]  # field 22 of stat, after the command name
+    except (OSError, IndexError):
+        return None
+
+
 def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid/start`` (``host:pid`` where the start time is unknown)."""
+    start = process_start(os.getpid())
+    return f"{socket.gethostname()}:{os.getpid()}" + (f"/{start}" if start else "")
 
 
 def owner_alive(owner: str | None, heartbeat: float | None) -> bool:
     if not owner:
         return False
-    host, _, pid = owner.rpartition(":")
+    host, _, rest = owner.rpartition(":")
+    pid, _, start = rest.partition("/")
     if host == socket.gethostname():
         try:
             os.kill(int(pid), 0)
         except (ProcessLookupError, ValueError):
             return False
         except PermissionError:
-            return True
-        return True
+            pass
+        # the PID is in use: by the same process only if it started at the same time
+        return not start or process_start(int(pid)) in (None, start)
     return heartbeat is not None and time.time() - heartbeat < STALE_AFTER_S
+
+
+def row_checksum(values: dict[str, Any], columns: tuple[str, ...]) -> str:
+    """sha256 over the row's stored text (exactly what is in the file, so no float round trip)."""
+    blob = json.dumps([values.get(c) for c in columns], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _store_problem(path: Path, exc: BaseException) -> StoreError:
+    """One message per kind of failure, with the fix."""
+    text = str(exc)
+    low = text.lower()
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "disk is full" in low or "disk i/o" in low and "full" in low:
+        why, fix = "the disk is full", "free space on that disk (or use --results on another disk) and run the same command again"
+    elif "readonly" in low or "read-only" in low:
+        why, fix = ("it is read-only", "make the file and its folder writable (chmod u+w), or copy the results folder; "
+                    "'kdbench report' and 'show' work on a read-only store")
+    elif "not a database" in low or "malformed" in low or "corrupt" in low:
+        why, fix = (f"it is damaged ({text})", "restore it from a backup, or move it away and run again "
+                    "(finished runs are then trained again)")
+    elif "unable to open" in low or isinstance(exc, PermissionError) or "permission" in low:
+        why, fix = (f"it cannot be opened ({text})", "check that the file and its folder exist and are readable "
+                    "(and writable for 'kdbench run')")
+    elif "locked" in low or "busy" in low:
+        why, fix = "another process has held its lock for over a minute", "wait for the other kdbench process, or stop it"
+    elif isinstance(exc, OSError):
+        why, fix = f"a file-system error ({exc.strerror or text})", "check the results folder's path and permissions"
+    else:
+        why, fix = f"SQLite error: {text}", "check the file; if it is damaged, restore it from a backup or move it away"
+    return StoreError(f"results store {path}: {why}. Fix: {fix}")
 
 
 def crash_message(attempts: int, last_owner: str | None = None) -> str:
@@ -94,6 +165,19 @@ def crash_message(attempts: int, last_owner: str | None = None) -> str:
     return (f"the process running this run died during each of its {attempts} attempts{who}: it was killed "
             "(SIGKILL, the kernel's out-of-memory killer, a lost node) or crashed; not retried again "
             "(use --rerun to try once more)")
+
+
+class StoreIntegrityWarning(UserWarning):
+    """A store row failed its checksum and is not used."""
+
+
+def _integrity(row: dict[str, Any], columns: tuple[str, ...], since: float | None) -> str:
+    checksum = row.get("checksum")
+    if checksum is None:
+        # a finished row written after checksums began must have one: a NULLed checksum is damage
+        late = since is not None and row.get("status") in FINISHED and (row.get("finished_at") or 0) > since
+        return CORRUPT if late else UNVERIFIED
+    return VERIFIED if checksum == row_checksum(row, columns) else CORRUPT
 
 
 def _dumps(obj: Any) -> str | None:
@@ -105,23 +189,72 @@ def _loads(text: str | None) -> Any:
 
 
 class ResultsStore:
-    """SQLite-backed store of runs and teachers. Safe for several processes at once."""
+    """SQLite-backed store of runs and teachers. Safe for several processes at once.
 
-    def __init__(self, path: str | Path):
+    ``readonly=True`` (report, show) never creates or changes the file: a missing store is
+    a :class:`StoreError`, and a store on a read-only file system or without write
+    permission can still be read."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        #: legacy run hash -> current hash (see :meth:`alias_legacy`)
+        self.aliases: dict[str, str] = {}
+        self._immutable = False
+        if readonly:
+            if not self.path.is_file():
+                raise StoreError(f"results store {self.path}: there is no such file. Fix: run 'kdbench run' first, "
+                                 "or give the right folder with --results")
+            with self._connect() as con:  # fails here, with the fix, if it is not a usable database
+                con.execute("SELECT count(*) FROM runs").fetchone()
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _store_problem(self.path, exc) from None
         with self._connect() as con:
             con.executescript(_SCHEMA)
+            for table in ("runs", "teachers"):  # stores from before checksums
+                if "checksum" not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN checksum TEXT")
             con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            # rows finished after this moment must carry a checksum (a NULLed one is tampering)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('checksums_since', ?)", (repr(time.time()),))
+            con.execute("UPDATE meta SET value=? WHERE key='schema_version' AND CAST(value AS INTEGER) < ?",
+                        (str(SCHEMA_VERSION), SCHEMA_VERSION))
+
+    def _open(self) -> sqlite3.Connection:
+        if not self.readonly:
+            con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")
+            return con
+        # read-only: no journal change, nothing created; a WAL store in a folder we cannot
+        # write (no -shm file possible) is opened as immutable
+        mode = "immutable=1" if self._immutable else "mode=ro"
+        con = sqlite3.connect(f"{self.path.resolve().as_uri()}?{mode}", uri=True, timeout=60, isolation_level=None)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:
+            con.close()
+            if self._immutable or not ("readonly" in str(exc).lower() or "unable to open" in str(exc).lower()):
+                raise
+            self._immutable = True
+            return self._open()
+        return con
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        """A connection; any SQLite or OS error inside becomes a :class:`StoreError`."""
         try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=NORMAL")
+            con = self._open()
+        except (sqlite3.Error, OSError) as exc:
+            raise _store_problem(self.path, exc) from None
+        try:
             con.row_factory = sqlite3.Row
             yield con
+        except (sqlite3.Error, OSError) as exc:
+            raise _store_problem(self.path, exc) from None
         finally:
             con.close()
 
@@ -129,13 +262,21 @@ class ResultsStore:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE``: the write lock is taken up front, so read-then-write
         sequences (claims) are atomic across processes."""
+        if self.readonly:
+            raise StoreError(f"results store {self.path}: opened read-only (report/show); nothing can be written")
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             try:
                 yield con
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                # SQLite may already have rolled back (disk full): never let "cannot
+                # rollback - no transaction is active" hide the first error
+                try:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
                 raise
 
     # ------------------------------------------------------------------ runs
@@ -157,7 +298,7 @@ class ResultsStore:
                     return False
                 if (row["status"] == RUNNING and row["owner"] != me and max_crashes is not None
                         and row["attempts"] >= max_crashes and not rerun):
-                    con.execute("UPDATE runs SET status=?, owner=NULL, error=?, finished_at=? WHERE hash=?",
+                    con.execute("UPDATE runs SET status=?, owner=NULL, error=?, finished_at=?, checksum=NULL WHERE hash=?",
                                 (FAILED, crash_message(row["attempts"], row["owner"]), now, spec.hash))
                     return False
                 if row["status"] in FINISHED and not rerun:
@@ -166,7 +307,7 @@ class ResultsStore:
                     return False
                 con.execute(
                     "UPDATE runs SET status=?, owner=?, heartbeat=?, attempts=attempts+1, started_at=?, error=NULL, "
-                    "metrics=NULL, history=NULL, cost=NULL, diverged_step=NULL, finished_at=NULL WHERE hash=?",
+                    "metrics=NULL, history=NULL, cost=NULL, diverged_step=NULL, finished_at=NULL, checksum=NULL WHERE hash=?",
                     (RUNNING, me, now, now, spec.hash),
                 )
             else:
@@ -188,11 +329,15 @@ class ResultsStore:
         """Record the outcome. Only the owner of the claim may finish it (a run taken over
         by another process after this one was presumed dead is not overwritten)."""
         with self.transaction() as con:
+            row = con.execute("SELECT spec FROM runs WHERE hash=?", (spec.hash,)).fetchone()
+            values = {"hash": spec.hash, "spec": row["spec"] if row else None, "status": status, "metrics": _dumps(metrics),
+                      "history": _dumps(history), "cost": _dumps(cost), "env": _dumps(env), "error": error,
+                      "diverged_step": diverged_step}
             cur = con.execute(
-                "UPDATE runs SET status=?, metrics=?, history=?, cost=?, env=?, error=?, diverged_step=?, finished_at=?, owner=NULL "
-                "WHERE hash=? AND status=? AND owner=?",
-                (status, _dumps(metrics), _dumps(history), _dumps(cost), _dumps(env), error, diverged_step, time.time(),
-                 spec.hash, RUNNING, owner or owner_id()),
+                "UPDATE runs SET status=?, metrics=?, history=?, cost=?, env=?, error=?, diverged_step=?, finished_at=?, owner=NULL, "
+                "checksum=? WHERE hash=? AND status=? AND owner=?",
+                (status, values["metrics"], values["history"], values["cost"], values["env"], error, diverged_step, time.time(),
+                 row_checksum(values, RUN_CHECKED), spec.hash, RUNNING, owner or owner_id()),
             )
             if cur.rowcount != 1:
                 raise RuntimeError(f"run {spec.hash} is no longer claimed by this process; its result was not recorded")
@@ -200,7 +345,7 @@ class ResultsStore:
     def release(self, spec_hash: str) -> None:
         """Give a claim back without a result (e.g. interrupted by the user)."""
         with self.transaction() as con:
-            con.execute("UPDATE runs SET status=?, owner=NULL, error='interrupted' WHERE hash=? AND status=? AND owner=?",
+            con.execute("UPDATE runs SET status=?, owner=NULL, error='interrupted', checksum=NULL WHERE hash=? AND status=? AND owner=?",
                         (FAILED, spec_hash, RUNNING, owner_id()))
 
     def block(self, spec: RunSpec, reason: str) -> bool:
@@ -224,18 +369,101 @@ class ResultsStore:
         return True
 
     def get(self, spec_hash: str) -> dict[str, Any] | None:
+        """One run row, with ``integrity`` (verified, unverified or corrupt: see the module
+        docstring); a corrupt row is also warned about."""
+        legacy = [old for old, new in self.aliases.items() if new == spec_hash]
         with self._connect() as con:
-            row = con.execute("SELECT * FROM runs WHERE hash=?", (spec_hash,)).fetchone()
-        return self._row(row) if row is not None else None
+            since = self._checksums_since(con)
+            rows = [con.execute("SELECT * FROM runs WHERE hash=?", (h,)).fetchone() for h in [spec_hash, *legacy]]
+        row = next((r for r in rows if r is not None), None)
+        if row is None:
+            return None
+        out = self._row(row, since)
+        if out["integrity"] == CORRUPT:
+            self._warn_corrupt([out])
+        out["hash"] = self.aliases.get(out["hash"], out["hash"])
+        return out
 
-    def runs(self, hashes: list[str] | None = None) -> list[dict[str, Any]]:
+    def runs(self, hashes: list[str] | None = None, *, include_corrupt: bool = False) -> list[dict[str, Any]]:
+        """Run rows (of ``hashes``, or all). Rows whose checksum does not match their content
+        are left out with a warning naming the store and the runs (``include_corrupt`` keeps
+        them, marked, for tools that list problems)."""
         with self._connect() as con:
+            since = self._checksums_since(con)
             rows = con.execute("SELECT * FROM runs ORDER BY task, method, student, seed").fetchall()
-        out = [self._row(r) for r in rows]
+        out = [self._row(r, since) for r in rows]
+        present = {r["hash"] for r in out}
+        for r in out:  # rows stored under a run's scheme-1 hash stand for the run
+            if r["hash"] in self.aliases and self.aliases[r["hash"]] not in present:
+                r["hash"] = self.aliases[r["hash"]]
         if hashes is not None:
             wanted = set(hashes)
             out = [r for r in out if r["hash"] in wanted]
+        corrupt = [r for r in out if r["integrity"] == CORRUPT]
+        if corrupt and not include_corrupt:
+            self._warn_corrupt(corrupt)
+            out = [r for r in out if r["integrity"] != CORRUPT]
         return out
+
+    def corrupt_runs(self, hashes: list[str] | None = None) -> list[dict[str, Any]]:
+        """Rows whose content no longer matches their checksum (quietly: the caller reports)."""
+        return [r for r in self.runs(hashes, include_corrupt=True) if r["integrity"] == CORRUPT]
+
+    def retrain_corrupt(self, hashes: list[str]) -> int:
+        """Set runs whose row failed its checksum to be trained again (status failed, with
+        the reason); returns how many."""
+        n = 0
+        with self.transaction() as con:
+            for h in hashes:
+                n += con.execute("UPDATE runs SET status=?, owner=NULL, checksum=NULL, error=? WHERE hash=? AND status!=?",
+                                 (FAILED, "its stored result failed its checksum (changed since it was written); trained again",
+                                  h, RUNNING)).rowcount
+        return n
+
+    def invalidate_teacher(self, teacher_hash: str, why: str) -> None:
+        """Mark a finished teacher as failed (``why``), so the next run trains it again."""
+        with self.transaction() as con:
+            con.execute("UPDATE teachers SET status=?, error=?, checksum=NULL WHERE hash=? AND status=?",
+                        (FAILED, why, teacher_hash, DONE))
+
+    def _warn_corrupt(self, rows: list[dict[str, Any]]) -> None:
+        hashes = ", ".join(r["hash"] for r in rows[:20]) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+        message = (f"results store {self.path}: {len(rows)} run row(s) changed since they were written "
+                   f"(checksum mismatch): {hashes}. They are left out; 'kdbench run --rerun' trains them again")
+        warnings.warn(message, StoreIntegrityWarning, stacklevel=3)
+
+    def _checksums_since(self, con: sqlite3.Connection) -> float | None:
+        row = con.execute("SELECT value FROM meta WHERE key='checksums_since'").fetchone()
+        try:
+            return float(row[0]) if row is not None else None
+        except ValueError:
+            return None
+
+    def alias_legacy(self, specs: list[RunSpec]) -> None:
+        """Read rows stored under a run's scheme-1 hash (``RunSpec.legacy_hash``: before
+        teacher-free runs left the teacher out of their hash) as that run's rows."""
+        self.aliases.update({s.legacy_hash: s.hash for s in specs if s.legacy_hash})
+
+    def adopt_legacy(self, specs: list[RunSpec]) -> int:
+        """Move rows stored under a run's scheme-1 hash to its current hash (when the
+        current one has no row), re-checksummed after verifying the old checksum. Returns
+        how many rows moved."""
+        moved = 0
+        for spec in specs:
+            old = spec.legacy_hash
+            if not old:
+                continue
+            with self.transaction() as con:
+                row = con.execute("SELECT * FROM runs WHERE hash=?", (old,)).fetchone()
+                if row is None or con.execute("SELECT 1 FROM runs WHERE hash=?", (spec.hash,)).fetchone():
+                    continue
+                if self._row(row, self._checksums_since(con))["integrity"] == CORRUPT:
+                    continue  # left for the corrupt-row check to name
+                values = dict(row) | {"hash": spec.hash}
+                checksum = row_checksum(values, RUN_CHECKED) if row["checksum"] else None
+                con.execute("UPDATE runs SET hash=?, checksum=? WHERE hash=?", (spec.hash, checksum, old))
+                moved += 1
+        return moved
 
     def status_counts(self, hashes: list[str]) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -244,41 +472,55 @@ class ResultsStore:
         counts["missing"] = len(set(hashes)) - sum(counts.values())
         return counts
 
-    @staticmethod
-    def _row(row: sqlite3.Row) -> dict[str, Any]:
+    def _row(self, row: sqlite3.Row, since: float | None = None) -> dict[str, Any]:
         d = dict(row)
+        d["integrity"] = _integrity(d, RUN_CHECKED, since)
         for key in ("params", "spec", "metrics", "history", "cost", "env"):
-            d[key] = _loads(d[key])
+            try:
+                d[key] = _loads(d[key])
+            except ValueError:  # damaged text: the checksum (when there is one) already says so
+                d[key], d["integrity"] = None, CORRUPT
         return d
 
     # ------------------------------------------------------------------ teachers
     def teacher(self, teacher_hash: str) -> dict[str, Any] | None:
+        """A teacher row with ``integrity`` like a run row's. A corrupt done row is reported
+        as failed (with the reason), so the runner trains the teacher again."""
         with self._connect() as con:
+            since = self._checksums_since(con)
             row = con.execute("SELECT * FROM teachers WHERE hash=?", (teacher_hash,)).fetchone()
         if row is None:
             return None
         d = dict(row)
+        d["integrity"] = _integrity(d, TEACHER_CHECKED, since)
         for key in ("spec", "metrics", "cost", "env"):
-            d[key] = _loads(d[key])
+            try:
+                d[key] = _loads(d[key])
+            except ValueError:
+                d[key], d["integrity"] = None, CORRUPT
+        if d["integrity"] == CORRUPT and d["status"] == DONE:
+            warnings.warn(f"results store {self.path}: teacher row {teacher_hash} changed since it was written "
+                          "(checksum mismatch); it is not used and will be trained again", StoreIntegrityWarning, stacklevel=2)
+            d["status"], d["error"] = FAILED, "its store row failed its checksum: trained again"
         return d
 
     def teachers(self) -> list[dict[str, Any]]:
         with self._connect() as con:
             hashes = [r[0] for r in con.execute("SELECT hash FROM teachers WHERE status=?", (DONE,))]
-        return [t for h in hashes if (t := self.teacher(h)) is not None]
+        return [t for h in hashes if (t := self.teacher(h)) is not None and t["status"] == DONE]
 
     def claim_teacher(self, teacher_hash: str, task: str, spec: dict) -> bool:
         """True if this process should train the teacher now; False if it is done or a
         live process is training it (wait and look again)."""
         me, now = owner_id(), time.time()
         with self.transaction() as con:
-            row = con.execute("SELECT status, owner, heartbeat FROM teachers WHERE hash=?", (teacher_hash,)).fetchone()
+            row = con.execute("SELECT * FROM teachers WHERE hash=?", (teacher_hash,)).fetchone()
             if row is not None:
-                if row["status"] == DONE:
+                if row["status"] == DONE and _integrity(dict(row), TEACHER_CHECKED, self._checksums_since(con)) != CORRUPT:
                     return False
                 if row["status"] == RUNNING and row["owner"] != me and owner_alive(row["owner"], row["heartbeat"]):
                     return False
-                con.execute("UPDATE teachers SET status=?, owner=?, heartbeat=?, error=NULL WHERE hash=?", (RUNNING, me, now, teacher_hash))
+                con.execute("UPDATE teachers SET status=?, owner=?, heartbeat=?, error=NULL, checksum=NULL WHERE hash=?", (RUNNING, me, now, teacher_hash))
             else:
                 con.execute("INSERT INTO teachers (hash, task, spec, status, owner, heartbeat) VALUES (?,?,?,?,?,?)",
                             (teacher_hash, task, _dumps(spec), RUNNING, me, now))
@@ -287,5 +529,10 @@ class ResultsStore:
     def finish_teacher(self, teacher_hash: str, status: str, *, path: str | None = None, metrics: dict | None = None,
                        cost: dict | None = None, env: dict | None = None, error: str | None = None) -> None:
         with self.transaction() as con:
-            con.execute("UPDATE teachers SET status=?, path=?, metrics=?, cost=?, env=?, error=?, finished_at=?, owner=NULL WHERE hash=?",
-                        (status, path, _dumps(metrics), _dumps(cost), _dumps(env), error, time.time(), teacher_hash))
+            row = con.execute("SELECT spec FROM teachers WHERE hash=?", (teacher_hash,)).fetchone()
+            values = {"hash": teacher_hash, "spec": row["spec"] if row else None, "status": status, "path": path,
+                      "metrics": _dumps(metrics), "cost": _dumps(cost), "env": _dumps(env), "error": error}
+            con.execute("UPDATE teachers SET status=?, path=?, metrics=?, cost=?, env=?, error=?, finished_at=?, owner=NULL, "
+                        "checksum=? WHERE hash=?",
+                        (status, path, values["metrics"], values["cost"], values["env"], error, time.time(),
+                         row_checksum(values, TEACHER_CHECKED), teacher_hash))
