@@ -84,8 +84,10 @@ def test_glue_teacher_lr_decays_linearly_to_zero_and_virtual_lr_stays() -> None:
         ctx.step = step
         factors.append(teacher_lr_factor(ctx, "linear", 0.0))
         assert method.virtual_step_size(ctx) == 5e-5
-    # step 0 is a plain step; from step 1, get_linear_schedule_with_warmup(0 warm-up) over the 9 teacher steps
-    assert factors == pytest.approx([0.0] + [(10 - k) / 9 for k in range(1, 10)])
+    # official: get_linear_schedule_with_warmup(t_optimizer, 0, t_total) stepped once per step: (T - k) / T at step k;
+    # step 0 is a plain step here
+    assert factors == pytest.approx([0.0] + [(10 - k) / 10 for k in range(1, 10)])
+    assert teacher_lr_factor(ctx, "linear", 0.5) == pytest.approx((10 - 9) / 5)  # from a later start: 1 there, 0 at the end
 
 
 def test_constant_schedule_is_the_default_and_keeps_stored_hashes() -> None:
