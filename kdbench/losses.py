@@ -100,9 +100,10 @@ def teacher_lr_factor(ctx: StepContext, schedule: Literal["constant", "linear", 
     ``ctx.total_steps``: 0 before :func:`first_teacher_step`; from there
 
     * ``constant``: 1;
-    * ``linear``: from 1 at the first active step down toward 0 at the end of the run, one
-      decrement per step (``get_linear_schedule_with_warmup`` without warm-up, counted
-      from the first active step; MetaDistil's official GLUE teacher);
+    * ``linear``: ``(total - step) / (total - start * total)``: from 1 at the start down
+      toward 0 at the end of the run, one decrement per step. With ``start`` 0 this is, step
+      for step, ``get_linear_schedule_with_warmup`` without warm-up over the run
+      (MetaDistil's official GLUE teacher; its first step, step 0, is a plain step here);
     * ``follow_student``: the student's :func:`schedule_ratio` divided by its value at the
       first active step, so the teacher starts at its full rate and then decays with the
       student (MetaDistil's official CIFAR teacher: full from epoch 150, x0.1 at 180 and
@@ -113,7 +114,8 @@ def teacher_lr_factor(ctx: StepContext, schedule: Literal["constant", "linear", 
     if ctx.step < first:
         return 0.0
     if schedule == "linear":
-        return max(0.0, (ctx.total_steps - ctx.step) / max(ctx.total_steps - first, 1))
+        start_step = int(start * ctx.total_steps)
+        return max(0.0, (ctx.total_steps - ctx.step) / max(ctx.total_steps - start_step, 1))
     if schedule == "follow_student":
         at_start = ctx.state.setdefault("teacher_ratio_at_start", schedule_ratio(ctx))
         return schedule_ratio(ctx) / at_start if at_start else 0.0

