@@ -241,3 +241,9 @@ def test_an_unreadable_checkpoint_from_before_checksums_is_named_and_rebuilt(tra
         _, again = _rerun(suite, results, fault_registry)
     assert again["status"] == DONE and again["metrics"] == row["metrics"]
     assert artefacts.expected_sha(path) == artefacts.sha256_file(path)
+
+
+def test_the_teacher_path_rule_exists_once():
+    """Case: one place says where a teacher's files live (executors and workers ask it)."""
+    holders = [p.relative_to(ROOT).as_posix() for p in (ROOT / "kdbench").rglob("*.py") if '"model.safetensors"' in p.read_text()]
+    assert holders == ["kdbench/train/teachers.py"]
