@@ -18,7 +18,6 @@ Nothing here asserts a speed: targets are read off the printed ratios.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys

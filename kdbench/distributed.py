@@ -62,7 +62,7 @@ from kdbench.spec import RunSpec, Suite
 from kdbench.store import DONE, FAILED, ResultsStore
 import kdbench.train.artefacts as artefacts
 from kdbench.train.runner import RunResult
-from kdbench.train.teachers import (TeacherCheckpoint, TeacherFailed, TeacherOutcome, checkpoint_path, needs_teacher,
+from kdbench.train.teachers import (CHECKPOINT, TeacherCheckpoint, TeacherFailed, TeacherOutcome, checkpoint_path, needs_teacher,
                                     ready_teacher, record_teacher)
 
 #: Environment variables a worker needs to find the same data and stay offline.
@@ -121,7 +121,7 @@ def train_teacher_task(ctx: dict[str, Any], spec_json: str) -> tuple[dict[str, A
         runner = _worker_runner(ctx)
         spec = RunSpec.model_validate_json(spec_json)
         with tempfile.TemporaryDirectory(prefix="kdbench-teacher-") as scratch:
-            path = Path(scratch) / "model.safetensors"
+            path = Path(scratch) / CHECKPOINT
             outcome = fine_tune_teacher(spec, runner.registry, runner.device, path)
             blob = path.read_bytes() if outcome.status == DONE else b""
         return asdict(outcome), blob

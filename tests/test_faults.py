@@ -76,7 +76,7 @@ DRIVER = textwrap.dedent("""
     import sys, yaml
     sys.path.insert(0, {tests!r})
     from kdbench.executor import run_local
-    from kdbench.registry import Registry
+    from kdbench.registry import Registry, make_plugin_manager
     from kdbench.spec import build_suite
     reg = Registry(*make_plugin_manager(extra_plugins=["fault_methods"]))
     out = run_local(build_suite(yaml.safe_load(open({suite!r})), registry=reg), {results!r}, registry=reg, progress=False,

@@ -225,3 +225,25 @@ def test_a_run_without_its_teacher_checkpoint_fails_with_a_named_message(tmp_pat
     result = Runner(tmp_path, fault_registry, device="cpu", progress=False).run(spec)
     assert result.status == FAILED and f"needs the checkpoint of teacher {spec.teacher_hash}" in result.error
     assert not (tmp_path / "store.sqlite").exists()
+
+
+def test_an_unreadable_checkpoint_from_before_checksums_is_named_and_rebuilt(trained, fault_registry):
+    """Case: a truncated teacher checkpoint with no recorded checksum (older kdbench): named, rebuilt."""
+    suite, results, row = trained
+    th = only_teacher_hash(suite)
+    path = checkpoint_path(results, th)
+    artefacts.sidecar(path).unlink()
+    store = open_store(results)
+    with store.transaction() as con:  # as an older kdbench wrote the row: no checksum in its env
+        con.execute("UPDATE teachers SET env='{}' WHERE hash=?", (th,))
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.warns(UserWarning, match=rf"checkpoint of teacher {th}: {path} cannot be read"):
+        _, again = _rerun(suite, results, fault_registry)
+    assert again["status"] == DONE and again["metrics"] == row["metrics"]
+    assert artefacts.expected_sha(path) == artefacts.sha256_file(path)
+
+
+def test_the_teacher_path_rule_exists_once():
+    """Case: one place says where a teacher's files live (executors and workers ask it)."""
+    holders = [p.relative_to(ROOT).as_posix() for p in (ROOT / "kdbench").rglob("*.py") if '"model.safetensors"' in p.read_text()]
+    assert holders == ["kdbench/train/teachers.py"]

@@ -268,7 +268,7 @@ def test_a_real_tiny_run_reported_from_the_store(tmp_path):
     walls = [r["cost"]["wall_s"] for r in rows]
     assert cost["wall (s)"] == f"{np.mean(walls):.2f} ± {np.std(walls, ddof=1):.2f}"  # every cost figure with its spread
     result = pd.read_csv(results / "leaderboard.csv", keep_default_na=False).set_index("method").loc["none", "result"]
-    assert math.isnan(csv["p"].iloc[0]) and result == "n/a"  # no kd in this suite: nothing to compare
+    assert math.isnan(csv["p"].iloc[0]) and result == "baseline"  # the suite's only method is its default baseline
     assert label("none", {}) == "none"
 
 

@@ -3,13 +3,9 @@ divergence and failure handling, validation-based selection."""
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from kdbench.data import QUIZ, TRAIN, load_task_data, quiz_split
 from kdbench.executor import open_store, run_local

@@ -43,6 +43,13 @@ def write_bytes(path: Path, blob: bytes) -> str:
     tmp = _temp(path)
     tmp.write_bytes(blob)
     os.replace(tmp, path)
+    return write_sidecar(path, sha)
+
+
+def write_sidecar(path: Path, sha: str | None = None) -> str:
+    """Record the checksum of ``path`` beside it (``sha`` when the writer knows it; else
+    computed, e.g. for a file an older kdbench wrote, checked readable first)."""
+    sha = sha or sha256_file(path)
     side = _temp(sidecar(path))
     side.write_text(sha + "\n")
     os.replace(side, sidecar(path))
