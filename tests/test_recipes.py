@@ -468,10 +468,6 @@ def test_paper_cifar100_runs_other_than_metadistil_are_unchanged():
     assert hashes(data) == hashes(before)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="runner bug outside this branch: the grad-clip pre-step hook returns the norm "
-                          "(kdbench/runner.py build_optimizer; kdbench/train/optim.py on branch train), and torch "
-                          "refuses a hook that returns a value; paper-glue's official grad_clip 1.0 fails every run")
 def test_a_recipe_suite_with_gradient_clipping_trains(tmp_path):
     """The paper suites clip gradients as the official code does: a run with the suite's
     optimizer.grad_clip must train (one CIFAR pair, kd-cifar, two steps)."""

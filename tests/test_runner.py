@@ -164,3 +164,16 @@ def _student(registry, spec):
     factory, options = model_factory(registry, spec.student)
     data = load_task_data(registry, spec.task, spec.quiz_fraction, spec.data_seed)
     return factory.build(options, data.task.problem)
+
+
+def test_grad_clip_scales_the_step_to_the_clipped_norm():
+    """optimizer.grad_clip: a plain SGD step (lr 1, no momentum) moves the weights by the
+    gradient rescaled to norm ``grad_clip`` (gradient of norm 5 -> step of norm 0.5)."""
+    from kdbench.spec import OptimizerSpec
+    from kdbench.train.optim import build_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt, _ = build_optimizer([w], OptimizerSpec(name="sgd", lr=1.0, momentum=0.0, schedule="constant", grad_clip=0.5), 1, 1, False)
+    w.grad = torch.tensor([3.0, 4.0])
+    opt.step()
+    assert torch.allclose(w.detach(), torch.tensor([-0.3, -0.4]), atol=1e-6)

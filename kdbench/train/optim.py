@@ -30,7 +30,12 @@ def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec, steps: int,
         opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     if spec.grad_clip is not None:
         clip = spec.grad_clip
-        opt.register_step_pre_hook(lambda o, a, k: nn.utils.clip_grad_norm_([p for g in o.param_groups for p in g["params"]], clip))
+
+        def clip_before_step(o: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            # A pre-step hook must return None (torch refuses a returned norm).
+            nn.utils.clip_grad_norm_([p for g in o.param_groups for p in g["params"]], clip)
+
+        opt.register_step_pre_hook(clip_before_step)
     warmup = int(spec.warmup_ratio * steps)
     milestones = [int(m * steps_per_epoch) if epochs_budget else int(m) for m in spec.milestones]
 
