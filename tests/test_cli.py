@@ -151,3 +151,22 @@ def test_external_tracker_and_executor_are_registered_and_run(tmp_path, external
         assert events[-1] == {"kind": "end", "status": "done"}
     assert kdbench("run", str(suite), "--results", str(results), "--no-report", "--executor", "nope", check=False).returncode == 2
 
+
+
+def test_external_task_is_listed_generated_and_trained(tmp_path, external_plugin):
+    """The example package's task (word-votes) comes through kdbench_tasks: listed, its
+    labels follow its rule on every example, and a suite trains and reports on it."""
+    from kdbench_example_plugin.task import DOWN, UP, WordVotes
+
+    assert "word-votes" in kdbench("list", "tasks").stdout
+    splits = WordVotes(WordVotes.Options(size=120)).load("")
+    assert {k: len(v["label"]) for k, v in splits.items()} == {"test": 20, "validation": 20, "train": 80}
+    for split in splits.values():
+        for text, label in zip(split["text"], split["label"]):
+            words = text.split()
+            assert label == int(sum(w in UP for w in words) > sum(w in DOWN for w in words))
+    suite = write_suite(tmp_path, tasks=[{"name": "word-votes", "options": {"size": 240}}], methods=[{"name": "none"}], seeds=[0])
+    results = tmp_path / "results"
+    kdbench("run", str(suite), "--results", str(results), "--no-report")
+    (row,) = open_store(results).runs()
+    assert row["status"] == "done" and row["task"] == "word-votes" and set(row["env"]["data"]) >= {"train", "validation", "test"}
