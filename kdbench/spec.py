@@ -499,129 +499,147 @@ def build_suite(data: Any, source: str = "<suite>", registry: Registry | None = 
         raise SuiteError(source, _pydantic_problems("", err)) from None
     except ValueError as err:  # raised by a 'before' validator
         raise SuiteError(source, [f"(top level): {err}"]) from None
+    builder = _SuiteBuilder(spec, registry)
+    builder.check()
+    if builder.problems:
+        raise SuiteError(source, sorted(dict.fromkeys(builder.problems), key=builder.problems.index))
+    return Suite(spec, builder.runs(), source)
 
-    problems: list[str] = []
 
-    def lookup(kind: str, name: str, where: str) -> type | None:
-        entry = registry.entries[kind].get(name)
+#: (teacher, its modality, student, its modality): one teacher/student pair of a suite
+_Pair = tuple["TeacherSpec | None", "str | None", "ModelSpec", str]
+
+
+class _SuiteBuilder:
+    """Checks a validated :class:`SuiteSpec` against the registry (collecting every problem
+    with its field path) and expands it into run specs."""
+
+    def __init__(self, spec: SuiteSpec, registry: Registry):
+        self.spec, self.registry = spec, registry
+        self.problems: list[str] = []
+        self.tasks: list[tuple[TaskSpec, int, str]] = []
+        self.unhashed: dict[str, tuple[str, ...]] = {}  # task name / model name -> location fields
+        self.factories: dict[str, type] = {}
+        self.pairs: list[_Pair] = []
+        self.methods: list[tuple[str, dict[str, Any], frozenset[str] | None, bool]] = []
+
+    def check(self) -> None:
+        spec = self.spec
+        self._check_tasks()
+        self._check_pairs()
+        self._check_modalities()
+        self.problems.extend(_label_clashes(self.pairs))
+        student_labels = list(dict.fromkeys(st.label or describe_model(st) for _, _, st, _ in self.pairs))  # as reports show them
+        for i, m in enumerate(spec.methods):
+            self._check_method(i, m, student_labels)
+        if spec.baseline not in {m.name for m in spec.methods}:
+            self.problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
+        for i, tracker in enumerate(spec.trackers):
+            if tracker not in self.registry.entries["trackers"]:
+                self.problems.append(f"trackers[{i}]: {self.registry.unknown_message('trackers', tracker)}")
+        n_runs = len(self.tasks) * len(self.pairs) * len(self.methods) * len(spec.seeds)
+        if n_runs > MAX_RUNS:
+            self.problems.append(f"(top level): the suite expands to {n_runs:,} runs, more than the bound of {MAX_RUNS:,}")
+
+    def _lookup(self, kind: str, name: str, where: str) -> type | None:
+        entry = self.registry.entries[kind].get(name)
         if entry is None:
-            problems.append(f"{where}: {registry.unknown_message(kind, name)}")
+            self.problems.append(f"{where}: {self.registry.unknown_message(kind, name)}")
             return None
         return entry.cls
 
-    tasks: list[tuple[TaskSpec, int, str]] = []
-    unhashed: dict[str, tuple[str, ...]] = {}  # task name / model name -> location fields
-    for i, t in enumerate(spec.tasks):
-        cls = lookup("tasks", t.name, f"tasks[{i}].name")
-        if cls is not None:
-            opts = _check_options(f"tasks[{i}].options", cls.Options, t.options, problems)
-            if opts is not None:
-                tasks.append((TaskSpec(name=t.name, options=opts), cls.version, cls.modality))
-                unhashed[f"task:{t.name}"] = tuple(f"task.options.{f}" for f in sorted(unhashed_fields(cls.Options)))
+    def _check_tasks(self) -> None:
+        for i, t in enumerate(self.spec.tasks):
+            cls = self._lookup("tasks", t.name, f"tasks[{i}].name")
+            if cls is not None:
+                opts = _check_options(f"tasks[{i}].options", cls.Options, t.options, self.problems)
+                if opts is not None:
+                    self.tasks.append((TaskSpec(name=t.name, options=opts), cls.version, cls.modality))
+                    self.unhashed[f"task:{t.name}"] = tuple(f"task.options.{f}" for f in sorted(unhashed_fields(cls.Options)))
 
-    factories: dict[str, type] = {}
-
-    def model_spec(m: ModelSpec, where: str) -> tuple[dict[str, Any], str] | None:
-        cls = lookup("models", m.model, f"{where}.model")
+    def _model(self, m: ModelSpec, where: str) -> tuple[Any, str] | None:
+        """``m`` with its options filled in and checked, and its model's modality."""
+        cls = self._lookup("models", m.model, f"{where}.model")
         if cls is None:
             return None
-        factories[m.model] = cls
-        unhashed[f"model:{m.model}"] = tuple(sorted(unhashed_fields(cls.Options)))
-        opts = _check_options(f"{where}.options", cls.Options, m.options, problems)
-        return (opts, cls.modality) if opts is not None else None
+        self.factories[m.model] = cls
+        self.unhashed[f"model:{m.model}"] = tuple(sorted(unhashed_fields(cls.Options)))
+        opts = _check_options(f"{where}.options", cls.Options, m.options, self.problems)
+        return (m.model_copy(update={"options": opts}), cls.modality) if opts is not None else None
 
-    # (teacher, its modality, student, its modality): the teacher x students grid, or pairs
-    pairs: list[tuple[TeacherSpec | None, str | None, ModelSpec, str]] = []
-    if spec.pairs:
-        for i, pair in enumerate(spec.pairs):
-            t, st = model_spec(pair.teacher, f"pairs[{i}].teacher"), model_spec(pair.student, f"pairs[{i}].student")
-            if t and st:
-                pairs.append((pair.teacher.model_copy(update={"options": t[0]}), t[1], pair.student.model_copy(update={"options": st[0]}), st[1]))
-    else:
-        teacher, teacher_modality = None, None
-        if spec.teacher is not None:
-            resolved = model_spec(spec.teacher, "teacher")
-            if resolved:
-                teacher, teacher_modality = spec.teacher.model_copy(update={"options": resolved[0]}), resolved[1]
+    def _check_pairs(self) -> None:
+        """The teacher x students grid, or the suite's explicit pairs."""
+        spec = self.spec
+        if spec.pairs:
+            for i, pair in enumerate(spec.pairs):
+                t, st = self._model(pair.teacher, f"pairs[{i}].teacher"), self._model(pair.student, f"pairs[{i}].student")
+                if t and st:
+                    self.pairs.append((t[0], t[1], st[0], st[1]))
+            return
+        teacher = self._model(spec.teacher, "teacher") if spec.teacher is not None else None
         for i, st_spec in enumerate(spec.students):
-            resolved = model_spec(st_spec, f"students[{i}]")
-            if resolved:
-                pairs.append((teacher, teacher_modality, st_spec.model_copy(update={"options": resolved[0]}), resolved[1]))
+            st = self._model(st_spec, f"students[{i}]")
+            if st:
+                self.pairs.append((teacher[0] if teacher else None, teacher[1] if teacher else None, st[0], st[1]))
 
-    for task, _, modality in tasks:
-        for t_spec, t_mod, st_spec, st_mod in pairs:
-            for role, mod in (("teacher", t_mod), (f"student {st_spec.label or st_spec.model}", st_mod)):
-                if mod is not None and mod != modality:
-                    problems.append(f"tasks: task '{task.name}' is {modality} data but the {role} model is for {mod}")
+    def _check_modalities(self) -> None:
+        for task, _, modality in self.tasks:
+            for _, t_mod, st_spec, st_mod in self.pairs:
+                for role, mod in (("teacher", t_mod), (f"student {st_spec.label or st_spec.model}", st_mod)):
+                    if mod is not None and mod != modality:
+                        self.problems.append(f"tasks: task '{task.name}' is {modality} data but the {role} model is for {mod}")
 
-    problems.extend(_label_clashes(pairs))
-    methods: list[tuple[str, dict[str, Any], frozenset[str] | None, bool]] = []
-    student_labels = list(dict.fromkeys(st.label or describe_model(st) for _, _, st, _ in pairs))  # as reports show them
-    has_teacher = spec.teacher is not None or bool(spec.pairs)
-    for i, m in enumerate(spec.methods):
+    def _check_method(self, i: int, m: Any, student_labels: list[str]) -> None:
         for label in m.students or []:
             if label not in student_labels:
-                problems.append(f"methods[{i}].students: no student labelled '{label}'.{did_you_mean(label, student_labels)} "
-                                f"Students: {', '.join(student_labels)}")
-        cls = lookup("methods", m.name, f"methods[{i}].name")
+                self.problems.append(f"methods[{i}].students: no student labelled '{label}'.{did_you_mean(label, student_labels)} "
+                                     f"Students: {', '.join(student_labels)}")
+        cls = self._lookup("methods", m.name, f"methods[{i}].name")
         if cls is None:
-            continue
-        if cls.uses_teacher and not has_teacher:
-            problems.append(f"methods[{i}]: method '{m.name}' needs a teacher, but the suite has no 'teacher'")
-        roles = {("student", st.model, cls.student_needs) for _, _, st, _ in pairs}
-        if cls.uses_teacher:
-            roles |= {("teacher", t.model, cls.teacher_needs) for t, _, _, _ in pairs if t is not None}
-        for role, model, needs in sorted(roles, key=lambda r: (r[0] != "student", r[1])):
-            factory = factories.get(model)
-            missing = sorted(set(needs) - set(factory.capabilities)) if factory is not None else []
-            if missing:
-                problems.append(f"methods[{i}]: method '{m.name}' needs the {role} to expose {missing}, but model "
-                                f"'{model}' ({factory.family}) only exposes {sorted(factory.capabilities)}")
+            return
+        if cls.uses_teacher and not (self.spec.teacher is not None or self.spec.pairs):
+            self.problems.append(f"methods[{i}]: method '{m.name}' needs a teacher, but the suite has no 'teacher'")
+        self._check_capabilities(i, m.name, cls)
         try:
             grid = expand_grid(cls.Params, m.params)
         except ValueError as err:
-            problems.append(f"methods[{i}].params.{err}")
+            self.problems.append(f"methods[{i}].params.{err}")
             grid = []
         for combo in grid:
-            opts = _check_options(f"methods[{i}].params", cls.Params, combo, problems, {"registry": registry})
+            opts = _check_options(f"methods[{i}].params", cls.Params, combo, self.problems, {"registry": self.registry})
             if opts is not None:
-                methods.append((m.name, opts, frozenset(m.students) if m.students else None, cls.uses_teacher))
-    if spec.baseline not in {m.name for m in spec.methods}:
-        problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
-    for i, tracker in enumerate(spec.trackers):
-        if tracker not in registry.entries["trackers"]:
-            problems.append(f"trackers[{i}]: {registry.unknown_message('trackers', tracker)}")
+                self.methods.append((m.name, opts, frozenset(m.students) if m.students else None, cls.uses_teacher))
 
-    n_runs = len(tasks) * len(pairs) * len(methods) * len(spec.seeds)
-    if n_runs > MAX_RUNS:
-        problems.append(f"(top level): the suite expands to {n_runs:,} runs, more than the bound of {MAX_RUNS:,}")
-    if problems:
-        raise SuiteError(source, sorted(dict.fromkeys(problems), key=problems.index))
+    def _check_capabilities(self, i: int, name: str, cls: type) -> None:
+        roles = {("student", st.model, cls.student_needs) for _, _, st, _ in self.pairs}
+        if cls.uses_teacher:
+            roles |= {("teacher", t.model, cls.teacher_needs) for t, _, _, _ in self.pairs if t is not None}
+        for role, model, needs in sorted(roles, key=lambda r: (r[0] != "student", r[1])):
+            factory = self.factories.get(model)
+            missing = sorted(set(needs) - set(factory.capabilities)) if factory is not None else []
+            if missing:
+                self.problems.append(f"methods[{i}]: method '{name}' needs the {role} to expose {missing}, but model "
+                                     f"'{model}' ({factory.family}) only exposes {sorted(factory.capabilities)}")
 
-    runs: list[RunSpec] = []
-    seen: set[str] = set()
-    for (task, version, _), (teacher, _, student, _), (method, params, only, uses_teacher), seed in itertools.product(tasks, pairs, methods, spec.seeds):
-        if only is not None and (student.label or describe_model(student)) not in only:
-            continue
-        run = RunSpec(
-            task=task,
-            task_version=version,
-            teacher=teacher,
-            student=student,
-            method=method,
-            params=params,
-            seed=seed,
-            data_seed=spec.data_seed,
-            quiz_fraction=spec.quiz_fraction,
-            budget=spec.budget,
-            optimizer=spec.optimizer,
-            selection=spec.selection,
-            unhashed=unhashed[f"task:{task.name}"]
-            + tuple(f"student.options.{f}" for f in unhashed[f"model:{student.model}"])
-            + (tuple(f"teacher.options.{f}" for f in unhashed[f"model:{teacher.model}"]) if teacher is not None else ())
-            + (TEACHER_FREE if teacher is not None and not uses_teacher else ()),
-        )
-        if run.hash not in seen:  # a grid can repeat a point (e.g. [1, 1.0])
-            seen.add(run.hash)
-            runs.append(run)
-    return Suite(spec, runs, source)
+    def _unhashed(self, task: TaskSpec, teacher: TeacherSpec | None, student: ModelSpec, uses_teacher: bool) -> tuple[str, ...]:
+        return (self.unhashed[f"task:{task.name}"]
+                + tuple(f"student.options.{f}" for f in self.unhashed[f"model:{student.model}"])
+                + (tuple(f"teacher.options.{f}" for f in self.unhashed[f"model:{teacher.model}"]) if teacher is not None else ())
+                + (TEACHER_FREE if teacher is not None and not uses_teacher else ()))
+
+    def runs(self) -> list[RunSpec]:
+        spec = self.spec
+        runs: list[RunSpec] = []
+        seen: set[str] = set()
+        for (task, version, _), (teacher, _, student, _), (method, params, only, uses_teacher), seed in itertools.product(
+                self.tasks, self.pairs, self.methods, spec.seeds):
+            if only is not None and (student.label or describe_model(student)) not in only:
+                continue
+            run = RunSpec(task=task, task_version=version, teacher=teacher, student=student, method=method, params=params,
+                          seed=seed, data_seed=spec.data_seed, quiz_fraction=spec.quiz_fraction, budget=spec.budget,
+                          optimizer=spec.optimizer, selection=spec.selection,
+                          unhashed=self._unhashed(task, teacher, student, uses_teacher))
+            if run.hash not in seen:  # a grid can repeat a point (e.g. [1, 1.0])
+                seen.add(run.hash)
+                runs.append(run)
+        return runs
