@@ -20,5 +20,5 @@ def fault_registry():
     """The installed plugins plus the fault-injecting methods and teacher model."""
     from kdbench.registry import Registry, make_plugin_manager
 
-    pm, broken = make_plugin_manager(extra_plugins=["fault_methods", "support.fault_models"])
+    pm, broken = make_plugin_manager(extra_plugins=["support.fault_methods", "support.fault_models"])
     return Registry(pm, broken)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from vision_test_models import FakeTransformer, LogitsOnly, TinyCNN, fixed_batch, hand_ce, hand_kd, make_ctx
+from support.vision_test_models import FakeTransformer, LogitsOnly, TinyCNN, fixed_batch, hand_ce, hand_kd, make_ctx
 
 from kdbench.api import Batch, IncompatibleModelError, ModelOutput, Problem
 from kdbench.registry import Registry, make_plugin_manager

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from vision_test_models import LogitsOnly, TinyCNN, fixed_batch, hand_ce, hand_kd, make_ctx
+from support.vision_test_models import LogitsOnly, TinyCNN, fixed_batch, hand_ce, hand_kd, make_ctx
 
 from kdbench.api import IncompatibleModelError, Method, stream_seed, ModelOutput, Problem, SetupInfo
 from kdbench.registry import Registry, make_plugin_manager

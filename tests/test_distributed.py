@@ -39,7 +39,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def registry() -> Registry:
-    pm, broken = make_plugin_manager(extra_plugins=["fault_methods"])
+    pm, broken = make_plugin_manager(extra_plugins=["support.fault_methods"])
     return Registry(pm, broken)
 
 
@@ -56,7 +56,7 @@ COMPARED = ("task", "method", "student", "seed", "params", "teacher_hash", "spec
 
 def test_worker_plugins_are_shipped_by_module_name(registry):
     modules, objects = plugins_for_workers(registry)
-    assert modules == [("fault_methods", str(ROOT / "tests"))] and objects == []
+    assert modules == [("support.fault_methods", str(ROOT / "tests"))] and objects == []
 
 
 def test_a_wrong_address_fails_fast_with_a_clear_message():

@@ -78,7 +78,7 @@ DRIVER = textwrap.dedent("""
     from kdbench.executor import run_local
     from kdbench.registry import Registry, make_plugin_manager
     from kdbench.spec import build_suite
-    reg = Registry(*make_plugin_manager(extra_plugins=["fault_methods"]))
+    reg = Registry(*make_plugin_manager(extra_plugins=["support.fault_methods"]))
     out = run_local(build_suite(yaml.safe_load(open({suite!r})), registry=reg), {results!r}, registry=reg, progress=False,
                     max_attempts=2)
     print("trained", len(out.trained), "given up", len(out.given_up))

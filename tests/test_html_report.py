@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kdbench.report import build_report, write_outputs
-from report_fixtures import build_store, check_rows, expected
+from support.report_fixtures import build_store, check_rows, expected
 
 CHROMIUM = "/usr/bin/chromium"
 

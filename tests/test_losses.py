@@ -11,7 +11,7 @@ import torch
 from kdbench.api import Problem, SetupInfo
 from kdbench.losses import probability_mse, soft_cross_entropy, soft_loss, softened_kl, teacher_lr_factor
 from kdbench.spec import SuiteError, build_suite
-from helpers_models import LinearNet, image_batch, make_ctx
+from support.helpers_models import LinearNet, image_batch, make_ctx
 
 S = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], dtype=torch.float64)
 T = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
@@ -69,7 +69,7 @@ def test_a_suite_with_an_infinite_plugin_option_is_refused() -> None:
 def test_rehearsal_restores_streams_and_extra_buffers() -> None:
     from kdbench_plugins.methods.crd import CRD, CRDParams
 
-    from helpers_models import tiny_cnn
+    from support.helpers_models import tiny_cnn
 
     student, teacher = tiny_cnn((3,), seed=1), tiny_cnn((4,), seed=2)
     batch = image_batch(n=4)

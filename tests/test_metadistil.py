@@ -16,7 +16,7 @@ from torch.func import functional_call
 from kdbench.api import HIDDEN_STATES, LOGITS, Batch, KDModel, Problem
 from kdbench.registry import Registry, get_registry, make_plugin_manager, set_registry
 from kdbench_plugins.methods.metadistil import MetaDistil, MetaDistilParams
-from helpers_models import CLASSIFICATION, image_batch, make_ctx, text_batch, tiny_bert, tiny_cnn
+from support.helpers_models import CLASSIFICATION, image_batch, make_ctx, text_batch, tiny_bert, tiny_cnn
 
 PLUGINS = ["kdbench_plugins.methods.kd", "kdbench_plugins.methods.none", "kdbench_plugins.methods.pkd",
            "kdbench_plugins.methods.tinybert", "kdbench_plugins.methods.prokt", "kdbench_plugins.methods.metadistil"]

@@ -18,7 +18,7 @@ from kdbench.api import LOGITS, Batch, SetupInfo
 from kdbench.losses import teacher_lr_factor
 from kdbench.registry import Registry, make_plugin_manager
 from kdbench_plugins.methods.metadistil import MetaDistil, MetaDistilParams
-from helpers_models import CLASSIFICATION, LinearNet, image_batch, make_ctx, tiny_cnn
+from support.helpers_models import CLASSIFICATION, LinearNet, image_batch, make_ctx, tiny_cnn
 from test_metadistil import flat, make, ref_meta_gradient, registry  # noqa: F401 (registry: the module fixture)
 
 # ------------------------------------------------------------------ schedules

@@ -8,7 +8,7 @@ import torch
 
 from kdbench.api import Batch, IncompatibleModelError, ModelOutput, Problem
 from kdbench_plugins.methods.pkd import PKD, PKDParams, layer_map
-from helpers_models import text_batch, tiny_bert, tiny_cnn
+from support.helpers_models import text_batch, tiny_bert, tiny_cnn
 
 
 def test_layer_maps_of_the_paper_and_other_depths() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from kdbench.api import Batch, Problem
 from kdbench_plugins.methods.prokt import ProKT, ProKTParams, student_objective, teacher_objective
-from helpers_models import LinearNet, make_ctx
+from support.helpers_models import LinearNet, make_ctx
 
 S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 T = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]

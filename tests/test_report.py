@@ -16,7 +16,7 @@ import yaml
 
 from kdbench import cli
 from kdbench.report import build_report, render_report, write_outputs
-from report_fixtures import DIVERGE, FAIL, SEEDS, build_store, check_rows, expected, label, parse_cell, suite_data
+from support.report_fixtures import DIVERGE, FAIL, SEEDS, build_store, check_rows, expected, label, parse_cell, suite_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -297,7 +297,7 @@ def test_average_over_tasks_uses_main_metric_over_test_splits():
 # ----------------------------------------------------------------- issue 11: known answers
 
 
-from report_fixtures import custom_store, small_suite_data  # noqa: E402
+from support.report_fixtures import custom_store, small_suite_data  # noqa: E402
 
 KD = "kd"
 

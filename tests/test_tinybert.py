@@ -9,7 +9,7 @@ from torch import nn
 
 from kdbench.api import Batch, IncompatibleModelError, ModelOutput, Problem, SetupInfo
 from kdbench_plugins.methods.tinybert import TinyBERT, TinyBERTParams, uniform_map
-from helpers_models import make_ctx, text_batch, tiny_bert
+from support.helpers_models import make_ctx, text_batch, tiny_bert
 
 RNG = np.random.default_rng(0)
 B, L, HEADS = 2, 3, 2

@@ -28,7 +28,7 @@ import yaml
 from kdbench.spec import build_suite
 from kdbench.store import DIVERGED, DONE, FAILED, ResultsStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "benchmarks" / "smoke.yaml"
 SEEDS = list(range(10))
 
