@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="steps per variant and round (the median absorbs warm-up)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least 3)")
     ap.add_argument("--core", action="store_true", help="only bare, kd, kd_shared_teacher and metadistil")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the discarded warm-up round (the structure test's shortcut)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         # warm-up round, discarded: one-off costs (first kernels, caches, the shared-teacher
         # logits, computed once in the first shared run's preparation) stay out of round 1
         for name, run in variants_for(warm, WARMUP_STEPS).items():
-            if name in variants:
+            if name in variants and not args.no_warmup:
                 run()
         run_variant = variants_for(by_method, steps)
         for r in range(args.rounds):  # ABAB: every round runs every variant once, bare first
