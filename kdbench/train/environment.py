@@ -34,13 +34,20 @@ def pick_device(choice: str = "auto") -> torch.device:
 
 @contextlib.contextmanager
 def deterministic_cpu() -> Iterator[None]:
-    """Deterministic kernels where PyTorch has them (warn rather than fail elsewhere)."""
+    """Deterministic kernels where PyTorch has them (warn rather than fail elsewhere).
+    PyTorch's deterministic mode also fills every newly allocated tensor with NaN
+    (``torch.utils.deterministic.fill_uninitialized_memory``), a debugging aid that changes
+    no result of correct kernels but costs a memory pass per tensor (about a tenth of a KD
+    step on CPU): it is switched off here."""
     previous = torch.are_deterministic_algorithms_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill
 
 
 _GIT: str | None = None

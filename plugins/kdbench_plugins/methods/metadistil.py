@@ -212,7 +212,7 @@ class MetaDistil(Method):
     def quiz_gradient(self, ctx: StepContext, leaves: dict[str, Tensor], batch_size: int) -> tuple[list[Tensor], Tensor]:
         """d/dS' of the mean quiz loss (first order, one quiz graph alive at a time), and that loss."""
         student, n = ctx.student, self.n_quiz_batches(ctx, batch_size)
-        grad_fast = [torch.zeros_like(w) for w in leaves.values()]
+        grad_fast: list[Tensor | None] = [None] * len(leaves)  # the first batch's gradients are taken as they are (no zero-filled copies)
         quiz = torch.zeros((), device=next(iter(leaves.values())).device)
         # train mode reads the batch's BatchNorm statistics; the copies keep the running ones unchanged
         buffers = {k: b.clone() for k, b in student.named_buffers()} if self.params.quiz_mode == "train" else {}
@@ -224,13 +224,13 @@ class MetaDistil(Method):
                 with torch.enable_grad(), ctx.autocast():
                     out: ModelOutput = functional_call(student, {**leaves, **buffers}, (qb.inputs,), {"need": frozenset({LOGITS})})
                     q_loss = task_loss(out.logits, qb.labels, self.problem) / n
-                for acc, g in zip(grad_fast, torch.autograd.grad(q_loss, list(leaves.values()), allow_unused=True)):
+                for i, g in enumerate(torch.autograd.grad(q_loss, list(leaves.values()), allow_unused=True)):
                     if g is not None:
-                        acc += g
+                        grad_fast[i] = g if grad_fast[i] is None else grad_fast[i].add_(g)  # type: ignore[union-attr]
                 quiz = quiz + q_loss.detach()
         finally:
             student.train(was_training)
-        return grad_fast, quiz
+        return [torch.zeros_like(w) if g is None else g for w, g in zip(leaves.values(), grad_fast)], quiz
 
     # -- the whole step -----------------------------------------------------------------
     def train_step(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
