@@ -105,7 +105,7 @@ def test_a_process_killed_by_its_run_is_restarted_a_bounded_number_of_times(tmp_
 
 def test_two_kdbench_run_processes_on_one_folder_lose_and_duplicate_nothing(tmp_path):
     data = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())
-    data.update(seeds=[0, 1, 2], budget={"steps": 6, "batch_size": 16, "eval_every": 6, "log_every": 3})
+    data.update(seeds=[0, 1, 2], budget={"steps": 30, "batch_size": 16, "eval_every": 30, "log_every": 10})  # runs outlast the 1 s teacher poll
     data["teacher"]["train"]["budget"] = {"steps": 10, "batch_size": 16}
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump(data))

@@ -208,7 +208,7 @@ def resolve_row_path(results_dir: Path, row: dict[str, Any]) -> Path:
 
 
 def provide_teacher(spec: RunSpec, results_dir: Path, store: ResultsStore, registry: Registry, device: torch.device,
-                    progress: bool = False, wait_s: float = 5.0) -> TeacherCheckpoint:
+                    progress: bool = False, wait_s: float = 1.0) -> TeacherCheckpoint:
     """The teacher of ``spec``, fine-tuned once per results folder. When another live
     process is training it, wait for it instead of training it twice. Raises
     :class:`TeacherFailed` when it cannot be trained (recorded on the teacher's row)."""
