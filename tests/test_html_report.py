@@ -114,7 +114,8 @@ def test_html_in_headless_chromium(html_report, tmp_path):
     doc = Tables()
     doc.feed(dom.stdout)
     board = doc.rows("leaderboard")
-    assert len(board) == 8 and any(r["method"] == "none [tiny-1L]" for r in board)
+    assert len(board) == 9 and any(r["method"] == "none [tiny-1L]" for r in board)  # 8 method rows and the chance row (no teacher in this store)
+    assert [r["movie-sentiment (accuracy)"] for r in board if r["method"] == "chance"] == ["51.20 (chance)"]
     assert len(doc.images) == 2
     shot = tmp_path / "shot.png"
     run = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,3000", "--hide-scrollbars", path.as_uri()],

@@ -491,3 +491,17 @@ def test_a_plugin_report_format_is_listed_and_written(synthetic, tmp_path, exter
     assert (mean, n) == (round(exp[("none", "tiny-1L")]["mean"], 2), exp[("none", "tiny-1L")]["n"])
     bad = subprocess.run(cmd[:-4] + ["--format", "tsvv"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "tsv" in bad.stderr  # the choices come from the registry, the plugin's included
+
+
+def test_markdown_cells_with_table_syntax_keep_the_table_whole():
+    """A label with '|' or a line break (labels come from suite files) is escaped, so every
+    row of the Markdown table keeps its column count and the text survives."""
+    import re
+
+    from kdbench.report.text import render
+
+    table = pd.DataFrame({"method": ["kd | x", "a\nb", "c\\d"], "score": ["1.00", "2.00", "3.00"]})
+    lines = render(table, "md").strip().splitlines()
+    cells = [re.split(r"(?<!\\)\|", line.strip())[1:-1] for line in lines]
+    assert [len(c) for c in cells] == [2, 2, 2, 2, 2]
+    assert [c[0].strip() for c in cells[2:]] == [r"kd \| x", "a b", r"c\\d"]

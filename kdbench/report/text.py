@@ -22,8 +22,24 @@ def render(table: pd.DataFrame, fmt: str = "terminal", title: str | None = None)
         return json.dumps(table.to_dict(orient="records"), indent=2, default=float)
     if fmt == "latex":
         return latex_table(table, title)
+    if fmt == "md":
+        table = md_safe(table)
     body = tabulate(table, headers="keys", tablefmt="github" if fmt == "md" else "simple", showindex=False, disable_numparse=True)
     return (f"## {title}\n\n" if fmt == "md" and title else (f"{title}\n" if title else "")) + body + "\n"
+
+
+def _md_cell(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    return value.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def md_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy whose cells and headers cannot break a Markdown pipe table: ``|`` and ``\\``
+    are escaped and line breaks become spaces (labels and parameters come from suites)."""
+    out = table.map(_md_cell) if hasattr(table, "map") else table.applymap(_md_cell)
+    out.columns = [_md_cell(str(c)) for c in table.columns]
+    return out
 
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
