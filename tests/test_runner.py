@@ -135,12 +135,16 @@ def test_cost_records_the_runs_own_memory_and_the_new_fields(tmp_path, registry)
     the step-time spread, deployed vs training parameters and the data fingerprints."""
     # a student large enough that its optimizer state and activations, not one-off
     # allocations of the process, make up its memory
-    student = {"model": "bert", "options": {"tiny": {"layers": 2, "hidden": 128, "heads": 2, "intermediate": 256}}, "label": "wide"}
+    student = {"model": "bert", "options": {"tiny": {"layers": 2, "hidden": 256, "heads": 4, "intermediate": 1024}}, "label": "wide"}
     suite = build_suite(suite_data(methods=[{"name": "kd"}], seeds=[0], students=[student]), registry=registry)
     (spec,) = suite.runs
     runner, teacher = runner_and_teacher(tmp_path, registry, spec)
-    first, second = runner.run(spec, teacher), runner.run(spec, teacher)
-    a, b = first.cost, second.cost
+    # The first run of a process also pays the process's one-off allocations (thread pools,
+    # kernel caches: about 15 MB seen here), which later runs reuse; the README says so.
+    # Two identical runs after it must agree.
+    first = runner.run(spec, teacher)
+    second, third = runner.run(spec, teacher), runner.run(spec, teacher)
+    a, b = second.cost, third.cost
     assert a["mem_kind"] == "cpu_rss_increase" and a["mem_mb"] > 0
     assert abs(a["mem_mb"] - b["mem_mb"]) <= 0.1 * max(a["mem_mb"], b["mem_mb"]), (a["mem_mb"], b["mem_mb"])
     assert a["prep_s"] > 0 and a["step_s_q25"] <= a["step_s_median"] <= a["step_s_q75"]
