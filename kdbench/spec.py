@@ -175,6 +175,11 @@ class MethodEntry(Frozen):
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
     students: list[str] | None = Field(None, min_length=1, description="only with these students (labels); default all")
+    #: Report-only (never part of a run's hash): per task and student, the report keeps the
+    #: setting of this entry's sweep with the best mean validation score over seeds (ties:
+    #: the first in suite order) for the leaderboard and comparisons; see kdbench.report.selection.
+    grid_selection: Literal["validation"] | None = Field(
+        None, description="choose this entry's grid point per task on the validation split, in the report")
 
 
 class PairSpec(Frozen):
@@ -374,6 +379,40 @@ def _label_clashes(pairs: list[tuple[TeacherSpec | None, str | None, ModelSpec, 
     return list(dict.fromkeys(problems))
 
 
+def selected_label(entry: MethodEntry) -> str:
+    """The name a ``grid_selection`` entry's leaderboard row starts with."""
+    return entry.label or entry.name
+
+
+def _selection_clashes(methods: list[MethodEntry]) -> list[str]:
+    """Two entries selected on validation under one row name (and a shared student) would
+    be averaged together in the report as if they were seeds of one setting."""
+    problems, seen = [], {}
+    for i, m in enumerate(methods):
+        if not m.grid_selection:
+            continue
+        for j in seen.get(selected_label(m), []):
+            other = methods[j].students
+            if m.students is None or other is None or set(m.students) & set(other):
+                problems.append(f"methods[{i}].grid_selection: methods[{j}] is also '{selected_label(m)[:100]}' selected on "
+                                "validation for the same students; give one of them a 'label' (reports name the row by it)")
+        seen.setdefault(selected_label(m), []).append(i)
+    return problems
+
+
+def entry_settings(spec: SuiteSpec, index: int, registry: Registry | None = None) -> list[dict[str, Any]]:
+    """The settings (validated params, defaults filled in, as run specs hold them) that
+    method entry ``index`` of a valid suite sweeps, in suite order, each once."""
+    registry = registry or get_registry()
+    entry = spec.methods[index]
+    params_cls = registry.method(entry.name).Params
+    out: dict[str, dict[str, Any]] = {}
+    for combo in expand_grid(params_cls, entry.params):
+        opts = params_cls.model_validate(combo, context={"registry": registry}).model_dump(mode="json")
+        out.setdefault(json.dumps(opts, sort_keys=True), opts)
+    return list(out.values())
+
+
 def describe_model(spec: ModelSpec) -> str:
     opts = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()) if k not in {"pretrained", "path"})
     return f"{spec.model}({opts})" if opts else spec.model
@@ -532,6 +571,7 @@ class _SuiteBuilder:
         student_labels = list(dict.fromkeys(st.label or describe_model(st) for _, _, st, _ in self.pairs))  # as reports show them
         for i, m in enumerate(spec.methods):
             self._check_method(i, m, student_labels)
+        self.problems.extend(_selection_clashes(spec.methods))
         if spec.baseline not in {m.name for m in spec.methods}:
             self.problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
         for i, tracker in enumerate(spec.trackers):
@@ -605,10 +645,16 @@ class _SuiteBuilder:
         except ValueError as err:
             self.problems.append(f"methods[{i}].params.{err}")
             grid = []
+        settings = []
         for combo in grid:
             opts = _check_options(f"methods[{i}].params", cls.Params, combo, self.problems, {"registry": self.registry})
             if opts is not None:
                 self.methods.append((m.name, opts, frozenset(m.students) if m.students else None, cls.uses_teacher))
+                settings.append(json.dumps(opts, sort_keys=True))
+        if m.grid_selection and grid and len(settings) == len(grid) and len(set(settings)) < 2:
+            self.problems.append(f"methods[{i}].grid_selection: method '{m.name}' sweeps nothing here (no parameter has a list "
+                                 "of values), so there is no grid point to choose; remove grid_selection or sweep a "
+                                 "parameter, e.g. temperature: [2.0, 4.0]")
 
     def _check_capabilities(self, i: int, name: str, cls: type) -> None:
         roles = {("student", st.model, cls.student_needs) for _, _, st, _ in self.pairs}

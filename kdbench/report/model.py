@@ -14,6 +14,7 @@ from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods, 
 from kdbench.report.frame import filter_runs, runs_frame
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
+from kdbench.report.selection import GridSelection, select_on_validation
 from kdbench.report.sweeps import sensitivity
 from kdbench.store import DONE, ResultsStore
 
@@ -45,6 +46,8 @@ class Report:
     data: pd.DataFrame = field(default_factory=pd.DataFrame)
     outside: pd.DataFrame = field(default_factory=pd.DataFrame)
     chance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: method entries with ``grid_selection``: the setting chosen per task on validation
+    selection: GridSelection | None = None
 
     @property
     def family(self) -> int:
@@ -98,7 +101,8 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
         chance = chance_scores([r for r in rows if r["hash"] in kept and r["status"] == DONE])
     elif chance is True:
         chance = {}
-    board = leaderboard(df, teachers, baseline=baseline, chance=chance or {}, correction=correction)
+    selection = select_on_validation(df, suite_spec)  # the board reads each such entry's chosen setting only
+    board = leaderboard(selection.runs, teachers, baseline=baseline, chance=chance or {}, correction=correction)
     refs = [r for r in getattr(suite_spec, "references", []) if (not tasks or r.task in tasks) and (not methods or r.method in methods)]
     free = teacher_free_methods(set(df["method_name"]) if not df.empty else set())
     tcost = teacher_cost(teachers, df, free)
@@ -110,4 +114,4 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
         config=suite_spec.model_dump(mode="json") if suite_spec is not None else None, subset=_subset(tasks, methods, students, where),
         missing=(len(wanted) - len(rows)) if wanted is not None else 0, correction=correction, date=report_date(),
         teacher_cost=tcost, commits=commits(df), data=data_fingerprints(df),
-        outside=outside_runs(all_rows, hashes), chance=chance or {})
+        outside=outside_runs(all_rows, hashes), chance=chance or {}, selection=selection)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from kdbench import stats
 from kdbench.report.frame import LOSS, WIN
+from kdbench.report.selection import selection_sections
 from kdbench.report.tables import SMALL_N, TIE, cell, comparison_display, fmt_num, fmt_p, spread_text
 
 
@@ -154,6 +155,7 @@ def sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
     out: list[tuple[str, pd.DataFrame | None, str]] = [("Leaderboard", report.wide(), family_line(report) + " " + chance_note(report))]
     out.append((f"Statistics and paired comparison vs {report.baseline}",
                 comparison_display(report.board, report.baseline, report.correction), ""))
+    out += selection_sections(report)  # method entries with grid_selection (none otherwise)
     if not report.references.empty:
         out.append(("Paper comparison", references_display(report.references), ""))
     if not report.sens_scores.empty:

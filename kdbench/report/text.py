@@ -109,8 +109,8 @@ def render_report(report: Any, fmt: str, plot_links: dict[str, str] | None = Non
         if title == "Leaderboard":
             board = (title, note)
             continue
-        if title == "Environment" and not verbose:
-            continue
+        if title in ("Environment", "Every setting searched (validation and test)") and not verbose:
+            continue  # long tables: in the files, and in the terminal with --verbose
         parts.append(f"\n{title}\n" + render(table, "terminal") + (f"{note}\n" if note else ""))
     if report.missing:
         parts.append(f"({report.missing} runs of the suite not in the store yet)\n")
@@ -130,7 +130,15 @@ def report_json(report: Any) -> dict[str, Any]:
             "sensitivity_scores": rec(report.sens_scores), "cost": rec(report.cost), "cost_reference": report.cost_reference,
             "teacher_cost": rec(report.teacher_cost), "commits": rec(report.commits), "data": rec(report.data),
             "outside_runs": rec(report.outside), "chance": report.chance, "runs": rec(report.runs),
-            "environment": report.env, "config": report.config}
+            "environment": report.env, "config": report.config, **_selection_json(report, rec)}
+
+
+def _selection_json(report: Any, rec: Any) -> dict[str, Any]:
+    """The grid selection on validation (method entries with ``grid_selection``), when any."""
+    sel = getattr(report, "selection", None)
+    if sel is None or sel.chosen.empty:
+        return {}
+    return {"selected_on_validation": rec(sel.chosen), "settings_searched": rec(sel.settings)}
 
 
 def config_yaml(report: Any) -> str:
