@@ -23,7 +23,7 @@ def registry(fault_registry) -> Registry:
 
 
 def suite_data(**changes) -> dict:
-    return smoke_data(budget={"steps": 12, "batch_size": 16, "eval_every": 6, "log_every": 3}, seeds=[0], **changes)
+    return smoke_data(**({"budget": {"steps": 12, "batch_size": 16, "eval_every": 6, "log_every": 3}, "seeds": [0]} | changes))
 
 
 def run_suite(tmp_path, registry, methods: list[dict], **changes) -> tuple[list[dict], list[dict]]:
@@ -118,3 +118,112 @@ def test_selection_never_picks_the_teacher_entry_as_a_split():
     chosen = select_metrics(history, "validation", "accuracy")
     assert chosen["step"] == 5 and TEACHER not in chosen and chosen[LIVE_TEACHER]["divergence"] == 0.1
     assert json.loads(json.dumps(chosen)) == chosen
+
+
+# ------------------------------------------------------------------------ the report
+
+SEEDS = [0, 1, 2]
+STEPS = [10, 20]
+
+
+def teacher_entry(seed: int, step: int, kind: str = "kl") -> dict:
+    """Made-up live-teacher entries: the teacher falls and drifts as steps pass."""
+    return {"validation": {"accuracy": 0.80 - 0.01 * step / 10 - 0.003 * seed}, "divergence": 0.01 * step * (1 + seed),
+            "divergence_kind": kind, "start_validation": {"accuracy": 0.80}}
+
+
+def drift_store(path, gap: dict[str, tuple[float, float]]):
+    """A store of none, kd and metadistil runs (3 seeds). ``gap``: method -> (validation,
+    test) difference from ``none`` on every seed. metadistil runs carry teacher entries."""
+    from kdbench.store import DONE, ResultsStore
+
+    data = suite_data(methods=[{"name": "none"}, {"name": "kd"}, {"name": "metadistil", "params": {"teacher_lr": 1e-3}}], seeds=SEEDS)
+    suite = build_suite(data, source="drift-test")
+    store = ResultsStore(path)
+    for spec in suite.runs:
+        assert store.claim(spec)
+        base = 0.7 + 0.01 * spec.seed
+        dv, dt = gap.get(spec.method, (0.0, 0.0))
+        history = [{"step": s, "validation": {"accuracy": base + dv}, "test": {"accuracy": base + dt}} for s in STEPS]
+        if spec.method == "metadistil":
+            history = [h | {TEACHER: teacher_entry(spec.seed, h["step"])} for h in history]
+        metrics = select_metrics(history, "final", "accuracy")
+        store.finish(spec, DONE, metrics=metrics, history=history, cost={"wall_s": 1.0}, env={"git_commit": "abc"})
+    (spec,) = {r.teacher_hash: r for r in suite.runs if r.teacher_hash}.values()
+    assert store.claim_teacher(spec.teacher_hash, spec.task.name, spec.teacher.model_dump(mode="json"))
+    store.finish_teacher(spec.teacher_hash, DONE, path="t.safetensors", cost={"wall_s": 1.0}, env={},
+                         metrics={"main_metric": "accuracy", "validation": {"accuracy": 0.85}, "test": {"accuracy": 0.84}})
+    return suite, store
+
+
+def report_of(tmp_path, gap):
+    from kdbench.report import build_report
+
+    suite, store = drift_store(tmp_path / "store.sqlite", gap)
+    return build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False), store
+
+
+def test_the_report_key_is_the_history_key():
+    from kdbench.report import drift
+
+    assert drift.TEACHER == TEACHER
+
+
+def test_the_drift_table_is_the_mean_of_the_stored_history(tmp_path):
+    from kdbench.report.sections import sections
+
+    rep, store = report_of(tmp_path, {})
+    rows = [r for r in store.runs() if r["method"] == "metadistil"]
+    assert len(rep.drift) == len(STEPS) and set(rep.drift["method"]) == {"metadistil"}
+    for r in rep.drift.itertuples():
+        entries = [h[TEACHER] for row in rows for h in row["history"] if h["step"] == r.step]
+        scores = np.array([e["validation"]["accuracy"] * 100 for e in entries])
+        divs = np.array([e["divergence"] for e in entries])
+        assert r.n == len(SEEDS) and r.divergence_kind == "kl"
+        assert r.teacher_mean == pytest.approx(scores.mean()) and r.teacher_std == pytest.approx(scores.std(ddof=1))
+        assert r.divergence_mean == pytest.approx(divs.mean()) and r.divergence_std == pytest.approx(divs.std(ddof=1))
+        assert r.fine_tuned == pytest.approx(85.0) and r.start_mean == pytest.approx(80.0)
+    (title, table, note), = [s for s in sections(rep) if s[0] == "Teacher drift"]
+    last = table.iloc[-1]
+    assert last["step"] == "20" and last["fine-tuned teacher (validation)"] == "85.00" and last["starting teacher"] == "80.00"
+    scores = np.array([teacher_entry(s, 20)["validation"]["accuracy"] * 100 for s in SEEDS])
+    assert last["live teacher (validation)"] == f"{scores.mean():.2f} ± {scores.std(ddof=1):.2f} (n=3)"
+    assert last["divergence from start"].startswith("kl 0.4 ± 0.2")
+    assert "KL(p_start || p_now)" in note and "budget is too short" in note
+
+
+def test_every_format_shows_the_drift_section(tmp_path):
+    from kdbench.report import write_outputs
+
+    rep, _ = report_of(tmp_path, {})
+    files = write_outputs(rep, ["md", "html", "json", "csv", "latex"], tmp_path / "out", plots=False)
+    text = {p.name: p.read_text() for p in files}
+    assert "## Teacher drift" in text["leaderboard.md"] and "section-teacher" in text["report.html"]
+    assert "Teacher drift" in text["leaderboard.tex"]
+    full = json.loads(text["report.json"])
+    assert len(full["teacher_drift"]) == 2 and full["teacher_updating_methods"] == ["metadistil"]
+    assert "leaderboard.teacher_drift.csv" in text
+
+
+def test_the_disagreement_note_appears_only_when_signs_differ(tmp_path):
+    from kdbench.report import render_report
+
+    rep, _ = report_of(tmp_path / "a", {"metadistil": (0.02, -0.03), "kd": (0.01, -0.01)})
+    assert list(rep.disagreements["method"]) == ["metadistil"]  # kd does not update its teacher: no note
+    expected = ("validation and test disagree for metadistil on movie-sentiment (validation +2.00, test -3.00); it trains "
+                "its teacher on training data, so validation-based selection (and model selection on validation) may mislead here.")
+    md = render_report(rep, "md")
+    assert expected in md and md.index(expected) > md.index("## Statistics and paired comparison")
+    assert md.index(expected) < md.index("## Teacher drift")
+    for i, gap in enumerate(({"metadistil": (0.02, 0.03)}, {"metadistil": (-0.02, -0.01)}, {"kd": (0.02, -0.03)})):
+        rep, _ = report_of(tmp_path / str(i), gap)
+        assert rep.disagreements.empty and "disagree" not in render_report(rep, "md")
+
+
+def test_a_report_without_teacher_updating_runs_has_no_drift_section(tmp_path):
+    from kdbench.report import build_report
+    from kdbench.report.sections import sections
+
+    suite, store = drift_store(tmp_path / "store.sqlite", {})
+    rep = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, methods=["none", "kd"], chance=False)
+    assert rep.drift.empty and rep.updating == [] and "Teacher drift" not in [s[0] for s in sections(rep)]
