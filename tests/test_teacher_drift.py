@@ -5,6 +5,7 @@ teacher; the report shows them per step and says when validation and test disagr
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -198,7 +199,9 @@ def test_every_format_shows_the_drift_section(tmp_path):
     rep, _ = report_of(tmp_path, {})
     files = write_outputs(rep, ["md", "html", "json", "csv", "latex"], tmp_path / "out", plots=False)
     text = {p.name: p.read_text() for p in files}
-    assert "## Teacher drift" in text["leaderboard.md"] and "section-teacher" in text["report.html"]
+    assert "## Teacher drift" in text["leaderboard.md"] and "id='section-drift'" in text["report.html"]
+    ids = re.findall(r"id='([^']+)'|id=\"([^\"]+)\"", text["report.html"])
+    assert len(ids) == len(set(ids))  # one id per section and table
     assert "Teacher drift" in text["leaderboard.tex"]
     full = json.loads(text["report.json"])
     assert len(full["teacher_drift"]) == 2 and full["teacher_updating_methods"] == ["metadistil"]
