@@ -27,14 +27,21 @@ def suite_data(**changes) -> dict:
     return smoke_data(**({"budget": {"steps": 12, "batch_size": 16, "eval_every": 6, "log_every": 3}, "seeds": [0]} | changes))
 
 
-def run_suite(tmp_path, registry, methods: list[dict], **changes) -> tuple[list[dict], list[dict]]:
-    """(run rows, teacher rows) of a tiny suite of ``methods``, trained in ``tmp_path``."""
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One results folder for the runner tests, so each task's teacher is trained once."""
+    return tmp_path_factory.mktemp("drift-runs")
+
+
+def run_suite(results, registry, methods: list[dict], **changes) -> tuple[list[dict], dict]:
+    """(run rows, their teacher's row) of a tiny suite of ``methods``, trained in ``results``."""
     suite = build_suite(suite_data(methods=methods, **changes), registry=registry)
-    run_local(suite, tmp_path, registry=registry, progress=False)
-    store = open_store(tmp_path)
+    run_local(suite, results, registry=registry, progress=False)
+    store = open_store(results)
     rows = store.runs([r.hash for r in suite.runs])
     assert [r["status"] for r in rows] == ["done"] * len(suite.runs), [r["error"] for r in rows]
-    return rows, store.teachers()
+    (teacher,) = [t for t in store.teachers() if t["hash"] == suite.runs[0].teacher_hash]
+    return rows, teacher
 
 
 # ------------------------------------------------------------------------ the divergence
@@ -63,8 +70,8 @@ def test_regression_divergence_is_the_mean_squared_difference():
 # ------------------------------------------------------------------------ the runner
 
 
-def test_a_fixed_teacher_does_not_drift_and_scores_like_the_fine_tuned_one(tmp_path, registry):
-    (row,), (teacher,) = run_suite(tmp_path, registry, [{"name": "metadistil", "params": {"teacher_lr": 0.0}}])
+def test_a_fixed_teacher_does_not_drift_and_scores_like_the_fine_tuned_one(results, registry):
+    (row,), teacher = run_suite(results, registry, [{"name": "metadistil", "params": {"teacher_lr": 0.0}}])
     assert [h["step"] for h in row["history"]] == [6, 12]
     for h in row["history"]:
         entry = h[TEACHER]
@@ -77,35 +84,50 @@ def test_a_fixed_teacher_does_not_drift_and_scores_like_the_fine_tuned_one(tmp_p
     assert {k for k, v in row["metrics"].items() if isinstance(v, dict)} == {"validation", "test", LIVE_TEACHER}
 
 
-def test_a_trained_teacher_drifts(tmp_path, registry):
-    (row,), (teacher,) = run_suite(tmp_path, registry, [{"name": "metadistil", "params": {"teacher_lr": 0.01, "virtual_lr": 0.01}}])
+def test_a_trained_teacher_drifts(results, registry):
+    (row,), teacher = run_suite(results, registry, [{"name": "metadistil", "params": {"teacher_lr": 0.01, "virtual_lr": 0.01}}])
     first, last = (h[TEACHER] for h in row["history"])
     assert 0.0 < first["divergence"] and 0.0 < last["divergence"]
     assert first["start_validation"] == pytest.approx(teacher["metrics"]["validation"], abs=1e-12)
     assert row["cost"]["eval_s"] > 0
 
 
-def test_prokt_drift_is_measured_from_its_re_initialised_start(tmp_path, registry):
+def test_logging_the_teacher_changes_none_of_the_students_numbers(results, registry, monkeypatch):
+    from kdbench.train import Runner
+    from kdbench.train.teachers import provide_teacher
+
+    methods = [{"name": "metadistil", "params": {"teacher_lr": 0.01, "virtual_lr": 0.01}}]
+    (row,), _ = run_suite(results, registry, methods)
+    (spec,) = build_suite(suite_data(methods=methods), registry=registry).runs
+    runner = Runner(results, registry, device="cpu", progress=False)
+    checkpoint = provide_teacher(spec, results, open_store(results), registry, runner.device)
+    monkeypatch.setattr(Runner, "_teacher_drift", lambda self, spec, p, meter: None)
+    plain = runner.run(spec, checkpoint)
+    assert plain.status == "done", plain.error
+    assert plain.history == [{k: v for k, v in h.items() if k != TEACHER} for h in row["history"]]
+
+
+def test_prokt_drift_is_measured_from_its_re_initialised_start(results, registry):
     """ProKT replaces the teacher's weights in setup (teacher_init pretrained): the start is
     taken after setup, so a teacher that never steps has not drifted."""
-    (row,), (teacher,) = run_suite(tmp_path, registry, [{"name": "prokt", "params": {"teacher_lr": 0.0}}])
+    (row,), teacher = run_suite(results, registry, [{"name": "prokt", "params": {"teacher_lr": 0.0}}])
     for h in row["history"]:
         assert h[TEACHER]["divergence"] == 0.0
         assert h[TEACHER]["validation"] == h[TEACHER]["start_validation"]
-    (moved,), _ = run_suite(tmp_path / "moving", registry, [{"name": "prokt", "params": {"teacher_lr": 0.01}}])
+    (moved,), _ = run_suite(results, registry, [{"name": "prokt", "params": {"teacher_lr": 0.01}}])
     assert all(h[TEACHER]["divergence"] > 0 for h in moved["history"])
 
 
-def test_a_regression_teacher_drift_is_an_mse(tmp_path, registry):
+def test_a_regression_teacher_drift_is_an_mse(results, registry):
     tasks = [{"name": "movie-rating", "options": {"train_size": 300, "max_length": 32}}]
-    (row,), _ = run_suite(tmp_path, registry, [{"name": "metadistil", "params": {"teacher_lr": 0.01, "virtual_lr": 0.01}}], tasks=tasks)
+    (row,), _ = run_suite(results, registry, [{"name": "metadistil", "params": {"teacher_lr": 0.01, "virtual_lr": 0.01}}], tasks=tasks)
     entry = row["history"][-1][TEACHER]
     assert entry["divergence_kind"] == "mse" and entry["divergence"] > 0
     assert set(entry["validation"]) == set(row["metrics"]["validation"])
 
 
-def test_runs_of_other_methods_record_no_teacher(tmp_path, registry):
-    rows, _ = run_suite(tmp_path, registry, [{"name": "none"}, {"name": "kd"}])
+def test_runs_of_other_methods_record_no_teacher(results, registry):
+    rows, _ = run_suite(results, registry, [{"name": "none"}, {"name": "kd"}])
     for row in rows:
         assert [set(h) for h in row["history"]] == [{"step", "validation", "test"}] * 2
         assert set(row["metrics"]) == {"step", "selection", "main_metric", "validation", "test"}
