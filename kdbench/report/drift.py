@@ -45,7 +45,7 @@ def _fine_tuned(teacher_hashes: Iterable[Any], teachers: dict[str, dict[str, Any
 
 def _entries(rows: list[dict[str, Any]], df: pd.DataFrame) -> list[dict[str, Any]]:
     """One record per (run, evaluation) that holds a live-teacher entry."""
-    runs = df.set_index("hash") if not df.empty else df
+    runs = df.drop_duplicates("hash").set_index("hash") if not df.empty else df
     out = []
     for r in rows:
         if r["status"] != DONE or r["hash"] not in runs.index:
