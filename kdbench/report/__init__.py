@@ -12,6 +12,8 @@ by concern, each module importing only the ones above it:
   published numbers, sensitivity (with a one-way ANOVA against seed noise), cost with
   spreads relative to the baseline, commits / data fingerprints / runs outside the
   suite, and the constant-prediction scores.
+* :mod:`.drift`: the live teacher's drift per evaluation step and the validation/test
+  disagreement notes, for methods that update their teacher.
 * :mod:`.model`: :class:`Report` and :func:`build_report`.
 * :mod:`.tables`, :mod:`.sections`: display tables and the legend; :mod:`.text`,
   :mod:`.html`, :mod:`.plots`: renderers; :mod:`.formats`: one writer per format in one

@@ -26,6 +26,9 @@ img.plot{max-width:100%;border:1px solid #eee;margin:.5rem 0}
 """
 
 
+SLUGS = {"Teacher drift": "drift"}  # titles whose first word another section's title shares
+
+
 def _table(df: pd.DataFrame, table_id: str, classes: dict[tuple[int, str], str] | None = None, raw: set[str] | None = None) -> str:
     """An HTML table; ``raw`` columns hold trusted markup (the <b> of the best cell)."""
     if df is None or df.empty:
@@ -70,7 +73,7 @@ def render_html(report: Any, pngs: dict[str, bytes] | None = None) -> str:
         parts.append(f"<p>Subset: {html.escape(report.subset)}</p>")
     parts.append("<ul class='legend'>" + "".join(f"<li>{html.escape(x)}</li>" for x in legend(report)) + "</ul>")
     for title, table, note in sections(report):
-        slug = title.lower().split()[0]
+        slug = SLUGS.get(title, title.lower().split()[0])
         parts.append(f"<h2 id='section-{slug}'>{html.escape(title)}</h2>")
         if title == "Leaderboard":
             parts.append(_leaderboard(report))

@@ -11,6 +11,7 @@ import pandas as pd
 from kdbench.report.aggregate import family, leaderboard
 from kdbench.report.chance import chance_scores
 from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods, with_teacher_share
+from kdbench.report.drift import disagreements, drift_table, updating_methods
 from kdbench.report.frame import filter_runs, runs_frame
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
@@ -48,6 +49,9 @@ class Report:
     chance: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: method entries with ``grid_selection``: the setting chosen per task on validation
     selection: GridSelection | None = None
+    drift: pd.DataFrame = field(default_factory=pd.DataFrame)  # teacher drift per step (kdbench.report.drift)
+    disagreements: pd.DataFrame = field(default_factory=pd.DataFrame)  # validation/test sign flips vs the baseline
+    updating: list[str] = field(default_factory=list)  # methods that update their teacher
 
     @property
     def family(self) -> int:
@@ -107,6 +111,7 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     free = teacher_free_methods(set(df["method_name"]) if not df.empty else set())
     tcost = teacher_cost(teachers, df, free)
     levels, scores = sensitivity(df, [s.label or s.model for s in getattr(suite_spec, "students", [])], correction)
+    updating = updating_methods(df, rows)
     return Report(
         title=title, baseline=baseline, runs=df, board=board, references=references_table(df, refs, teachers),
         sens_levels=levels, sens_scores=scores, cost=with_teacher_share(cost_table(df, baseline), df, tcost, free), cost_reference=baseline,
@@ -114,4 +119,6 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
         config=suite_spec.model_dump(mode="json") if suite_spec is not None else None, subset=_subset(tasks, methods, students, where),
         missing=(len(wanted) - len(rows)) if wanted is not None else 0, correction=correction, date=report_date(),
         teacher_cost=tcost, commits=commits(df), data=data_fingerprints(df),
-        outside=outside_runs(all_rows, hashes), chance=chance or {}, selection=selection)
+        outside=outside_runs(all_rows, hashes), chance=chance or {}, selection=selection,
+        drift=drift_table([r for r in rows if r["hash"] in kept], df, teachers), disagreements=disagreements(df, baseline, updating),
+        updating=sorted(updating))

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench import stats
+from kdbench.report.drift import DRIFT_NOTE, disagreement_notes, drift_display
 from kdbench.report.frame import LOSS, WIN
 from kdbench.report.selection import selection_sections
 from kdbench.report.tables import SMALL_N, TIE, cell, comparison_display, fmt_num, fmt_p, spread_text
@@ -150,14 +151,36 @@ def provenance_sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str
     return out
 
 
+def comparison_note(report: Any) -> str:
+    """Beside the comparison: where a teacher-updating method's difference from the
+    baseline has one sign on validation and the other on test."""
+    dis = getattr(report, "disagreements", None)
+    if dis is None or dis.empty:
+        return ""
+    return " ".join(disagreement_notes(dis, several_students=dis["student"].nunique() > 1 or report.runs["student"].nunique() > 1))
+
+
+def drift_section(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
+    """Teacher drift (teacher-updating methods), or a line saying the runs did not record it."""
+    drift = getattr(report, "drift", None)
+    if drift is not None and not drift.empty:
+        return [("Teacher drift", drift_display(drift), DRIFT_NOTE)]
+    if getattr(report, "updating", None):
+        missing = pd.DataFrame({"method": report.updating, "teacher drift": "not recorded"})
+        return [("Teacher drift", missing, "These runs of methods that update their teacher were stored before kdbench "
+                                           "logged the live teacher at each evaluation.")]
+    return []
+
+
 def sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
     """(title, table, note) in file order; a None table is a text-only note."""
     out: list[tuple[str, pd.DataFrame | None, str]] = [("Leaderboard", report.wide(), family_line(report) + " " + chance_note(report))]
     out.append((f"Statistics and paired comparison vs {report.baseline}",
-                comparison_display(report.board, report.baseline, report.correction), ""))
+                comparison_display(report.board, report.baseline, report.correction), comparison_note(report)))
     out += selection_sections(report)  # method entries with grid_selection (none otherwise)
     if not report.references.empty:
         out.append(("Paper comparison", references_display(report.references), ""))
+    out += drift_section(report)
     if not report.sens_scores.empty:
         verdicts = " ".join(f"{r.task}: {r.verdict}." for r in report.sens_scores.itertuples())
         out.append(("Sensitivity", sensitivity_display(report.sens_scores), verdicts))

@@ -130,6 +130,8 @@ def report_json(report: Any) -> dict[str, Any]:
             "sensitivity_scores": rec(report.sens_scores), "cost": rec(report.cost), "cost_reference": report.cost_reference,
             "teacher_cost": rec(report.teacher_cost), "commits": rec(report.commits), "data": rec(report.data),
             "outside_runs": rec(report.outside), "chance": report.chance, "runs": rec(report.runs),
+            "teacher_drift": rec(report.drift), "validation_test_disagreements": rec(report.disagreements),
+            "teacher_updating_methods": list(report.updating),
             "environment": report.env, "config": report.config, **_selection_json(report, rec)}
 
 

@@ -1,13 +1,18 @@
-"""Predicting a whole split, computing a task's metrics, and choosing the reported evaluation."""
+"""Predicting a whole split, computing a task's metrics, choosing the reported evaluation,
+and following a trainable teacher's drift (:class:`TeacherDrift`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kdbench.api import KDModel, ModelFactory
 from kdbench.data import VALIDATION, TaskData
+
+TEACHER = "teacher"  # history key of the live teacher's evaluation (teacher-updating methods)
+LIVE_TEACHER = "live_teacher"  # the chosen evaluation's teacher entry, in the run's metrics
 
 
 def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], batch_size: int, device: torch.device, need: frozenset[str] = frozenset()) -> torch.Tensor:
@@ -38,19 +43,67 @@ def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tens
 
 def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device) -> dict[str, dict[str, float]]:
     """The task's metrics on every evaluation split (validation, test)."""
-    results = {}
-    for split in data.eval_splits:
-        logits = predict(model, factory, encoded[split], batch_size, device)
-        preds = logits.squeeze(-1).numpy() if data.task.problem.is_regression else logits.argmax(-1).numpy()
-        results[split] = {k: float(v) for k, v in data.task.compute_metrics(preds, data.labels(split)).items()}
-    return results
+    return {split: split_metrics(predict(model, factory, encoded[split], batch_size, device), data, split)
+            for split in data.eval_splits}
+
+
+def split_metrics(logits: torch.Tensor, data: TaskData, split: str) -> dict[str, float]:
+    """The task's metrics of ``logits`` (a whole split's) against that split's labels."""
+    preds = logits.squeeze(-1).numpy() if data.task.problem.is_regression else logits.argmax(-1).numpy()
+    return {k: float(v) for k, v in data.task.compute_metrics(preds, data.labels(split)).items()}
+
+
+def divergence(start: torch.Tensor, now: torch.Tensor, regression: bool) -> tuple[float, str]:
+    """(value, kind) of how far predictions ``now`` moved from ``start`` (both ``(N, C)``):
+    classification ``kl``, the mean over examples of KL(p_start || p_now) at temperature 1;
+    regression ``mse``, the mean over examples of the squared difference of the
+    predictions (summed over outputs). Computed in float64."""
+    start, now = start.double(), now.double()
+    if regression:
+        return float(((now - start) ** 2).sum(-1).mean()), "mse"
+    log_p, log_q = F.log_softmax(start, -1), F.log_softmax(now, -1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean()), "kl"
+
+
+class TeacherDrift:
+    """The live (trainable) teacher of a run whose method updates it, against itself at
+    the start: built right after ``method.setup`` (so a teacher the method re-initialises
+    there is compared with its new start), it predicts the validation split once; each
+    call evaluates the live teacher on validation and returns the history entry
+
+    ``{"teacher": {"validation": {metric: value}, "divergence": x, "divergence_kind":
+    "kl" | "mse", "start_validation": {metric: value}}}``
+
+    (``divergence``: :func:`divergence` from the starting teacher's predictions;
+    ``start_validation``: the starting teacher's own metrics). Eval mode, no gradient:
+    nothing of the run's training changes."""
+
+    def __init__(self, teacher: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, torch.Tensor],
+                 batch_size: int, device: torch.device):
+        self.teacher, self.factory, self.data, self.encoded = teacher, factory, data, encoded
+        self.batch_size, self.device = batch_size, device
+        self.start = self._predict()
+        self.start_metrics = split_metrics(self.start, data, VALIDATION)
+
+    def _predict(self) -> torch.Tensor:
+        return predict(self.teacher, self.factory, self.encoded, self.batch_size, self.device)
+
+    def __call__(self) -> dict[str, Any]:
+        now = self._predict()
+        value, kind = divergence(self.start, now, self.data.task.problem.is_regression)
+        return {TEACHER: {"validation": split_metrics(now, self.data, VALIDATION), "divergence": value,
+                          "divergence_kind": kind, "start_validation": dict(self.start_metrics)}}
 
 
 def select_metrics(history: list[dict[str, Any]], selection: str, main_metric: str) -> dict[str, Any]:
     """The reported evaluation: the final one, or the one with the best *validation*
-    score (earliest on ties). Never selected on the test split."""
+    score (earliest on ties). Never selected on the test split. A live teacher's entry
+    (teacher-updating methods) is kept under ``live_teacher``, never as a split."""
     chosen = history[-1]
     if selection == "validation":
         chosen = max(history, key=lambda h: (h[VALIDATION][main_metric], -h["step"]))
-    return {"step": chosen["step"], "selection": selection, "main_metric": main_metric,
-            **{split: vals for split, vals in chosen.items() if split != "step"}}
+    out = {"step": chosen["step"], "selection": selection, "main_metric": main_metric,
+           **{split: vals for split, vals in chosen.items() if split not in ("step", TEACHER)}}
+    if TEACHER in chosen:
+        out[LIVE_TEACHER] = chosen[TEACHER]
+    return out

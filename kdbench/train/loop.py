@@ -62,11 +62,14 @@ def train_loop(*, model: KDModel, step_fn: Callable[[Batch, int], dict[str, torc
                steps: int, budget: Budget, evaluate_fn: Callable[[], Evaluation], meter: CostMeter,
                on_log: Callable[[int, dict[str, float]], None] = lambda s, v: None,
                on_eval: Callable[[int, Evaluation], None] = lambda s, m: None,
-               desc: str = "", progress: bool = False) -> list[dict[str, Any]]:
+               desc: str = "", progress: bool = False,
+               eval_extras: Callable[[], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run ``steps`` steps of ``step_fn``, evaluating every ``budget.eval_every`` steps and
     at the end; returns the evaluation history. Losses stay on the device between log
     points so the step needs no host synchronisation; a non-finite one raises
-    :class:`Diverged` naming its step."""
+    :class:`Diverged` naming its step. ``eval_extras`` (optional) adds entries to each
+    evaluation's history entry (a trainable teacher's drift), timed as evaluation;
+    ``on_eval`` sees the split metrics only."""
     eval_points = set(range(budget.eval_every, steps + 1, budget.eval_every)) if budget.eval_every else set()
     eval_points.add(steps)
     history: list[dict[str, Any]] = []
@@ -87,8 +90,9 @@ def train_loop(*, model: KDModel, step_fn: Callable[[Batch, int], dict[str, torc
         if step in eval_points:
             t1 = time.perf_counter()
             metrics = evaluate_fn()
+            extras = eval_extras() if eval_extras is not None else {}
             meter.eval_time += time.perf_counter() - t1
-            history.append({"step": step, **metrics})
+            history.append({"step": step, **metrics, **extras})
             on_eval(step, metrics)
     bar.close()
     return history

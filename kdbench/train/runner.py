@@ -15,14 +15,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from kdbench.api import LOGITS, Batch, KDBenchError, KDModel, Method, ModelOutput, SetupInfo, StepContext
-from kdbench.data import QUIZ, TRAIN, TaskData, labels_tensor, load_task_data
+from kdbench.data import QUIZ, TRAIN, VALIDATION, TaskData, labels_tensor, load_task_data
 from kdbench.registry import Registry, call_lifecycle, get_registry
 from kdbench.spec import RunSpec
 from kdbench.store import DIVERGED, DONE, FAILED
 import kdbench.train.teachers as teachers
 from kdbench.train.cost import CostMeter
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
-from kdbench.train.evaluation import evaluate, select_metrics
+from kdbench.train.evaluation import TeacherDrift, evaluate, select_metrics
 from kdbench.train.inputs import encoded_splits, model_factory
 from kdbench.train.loop import Diverged, autocast_for, batches, train_loop
 from kdbench.train.optim import build_optimizer, total_steps
@@ -202,18 +202,29 @@ class Runner:
 
         meter.prep_s = time.perf_counter() - t0
         with meter:
+            drift = self._teacher_drift(spec, p, meter)
             history = train_loop(
                 model=student, step_fn=step_fn, batches=train_batches, steps=steps, budget=spec.budget,
                 evaluate_fn=lambda: evaluate(student, p.factory, p.data, p.encoded, spec.budget.eval_batch_size, self.device),
                 meter=meter, on_log=lambda step, values: self._on_log(spec, tracked, step, values),
                 on_eval=lambda step, metrics: self._on_eval(spec, tracked, step, metrics),
-                desc=f"{spec.method} {spec.task.name} seed {spec.seed}", progress=self.progress)
+                desc=f"{spec.method} {spec.task.name} seed {spec.seed}", progress=self.progress, eval_extras=drift)
         cost = meter.summary()
         cost["params_deployed"] = sum(x.numel() for x in student.parameters())
         cost["params_training"] = cost["student_params"] = n_training
         cost["shared_teacher_outputs"] = p.shared is not None
         metrics = select_metrics(history, spec.selection, p.data.task.main_metric)
         return RunResult(DONE, metrics=metrics, history=history, cost=cost, env=env)
+
+    def _teacher_drift(self, spec: RunSpec, p: _Prepared, meter: CostMeter) -> TeacherDrift | None:
+        """For a method that updates its teacher: the live teacher's drift, its starting
+        predictions taken now (after ``method.setup``, before step 1; timed as evaluation)."""
+        if p.teacher is None or not p.method.updates_teacher:
+            return None
+        t0 = time.perf_counter()
+        drift = TeacherDrift(p.teacher, p.factory, p.data, p.encoded[VALIDATION], spec.budget.eval_batch_size, self.device)
+        meter.eval_time += time.perf_counter() - t0
+        return drift
 
     def _on_log(self, spec: RunSpec, tracked: RunTrackers, step: int, values: dict[str, float]) -> None:
         call_lifecycle(self.registry, "kdbench_train_log", spec=spec, step=step, values=values)

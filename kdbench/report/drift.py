@@ -1,0 +1,166 @@
+"""Teacher drift and validation/test disagreement, for methods that update their teacher.
+
+A run of a teacher-updating method (``Method.updates_teacher``) records at every
+evaluation the live teacher's validation metrics and its divergence from the teacher it
+started from (history key ``teacher``, see :class:`kdbench.train.evaluation.TeacherDrift`).
+:func:`drift_table` averages them over seeds per task, method label, student and step,
+beside the fixed fine-tuned teacher's validation score from its store row.
+
+:func:`disagreements` finds where such a method's mean paired difference from the
+suite's baseline has one sign on validation and the other on test: the method trains its
+teacher on training data, so a choice made on validation can mislead there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from kdbench.report.aggregate import pick_baseline_config
+from kdbench.report.frame import SCALE
+from kdbench.report.tables import cell
+from kdbench.store import DONE
+
+TEACHER = "teacher"  # the history key kdbench.train.evaluation.TEACHER writes
+DRIFT_COLS = ["task", "method", "method_name", "student", "step", "metric", "n", "teacher_mean", "teacher_std", "start_mean",
+              "fine_tuned", "divergence_kind", "divergence_mean", "divergence_std"]
+DISAGREE_COLS = ["task", "method", "student", "pairs", "validation_diff", "test_diff"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    x = np.asarray(values, dtype=float)
+    if not len(x):
+        return np.nan, np.nan
+    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else np.nan
+
+
+def _fine_tuned(teacher_hashes: Iterable[Any], teachers: dict[str, dict[str, Any]], metric: str) -> float:
+    """The fixed fine-tuned teacher's validation score (x100); the mean if the runs used several."""
+    vals = [((teachers.get(h) or {}).get("metrics") or {}).get("validation", {}).get(metric) for h in set(teacher_hashes)]
+    vals = [float(v) * SCALE for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else np.nan
+
+
+def _entries(rows: list[dict[str, Any]], df: pd.DataFrame) -> list[dict[str, Any]]:
+    """One record per (run, evaluation) that holds a live-teacher entry."""
+    runs = df.drop_duplicates("hash").set_index("hash") if not df.empty else df
+    out = []
+    for r in rows:
+        if r["status"] != DONE or r["hash"] not in runs.index:
+            continue
+        run = runs.loc[r["hash"]]
+        for h in r.get("history") or []:
+            t = h.get(TEACHER) if isinstance(h, dict) else None
+            if not isinstance(t, dict):
+                continue
+            metric = run["metric"]
+            out.append({"task": run["task"], "method": run["method"], "method_name": run["method_name"], "student": run["student"],
+                        "step": int(h["step"]), "metric": metric, "teacher_hash": run["teacher_hash"],
+                        "score": (t.get("validation") or {}).get(metric), "start": (t.get("start_validation") or {}).get(metric),
+                        "divergence": t.get("divergence"), "kind": t.get("divergence_kind")})
+    return out
+
+
+def drift_table(rows: list[dict[str, Any]], df: pd.DataFrame, teachers: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per task, method label, student and evaluation step, over the finished runs (seeds)
+    that recorded the live teacher: the mean and std (ddof=1) of its validation main
+    metric (x100), the starting teacher's (mean), the fixed fine-tuned teacher's validation
+    score (x100), and the mean and std of the divergence from the start (its kind)."""
+    entries = _entries(rows, df)
+    if not entries:
+        return pd.DataFrame(columns=DRIFT_COLS)
+    by_hash = {t["hash"]: t for t in teachers}
+    out = []
+    for (task, method, student, step), g in pd.DataFrame.from_records(entries).groupby(["task", "method", "student", "step"], sort=True):
+        scores = [float(v) * SCALE for v in g["score"] if v is not None and v == v]
+        divs = [float(v) for v in g["divergence"] if v is not None and v == v]
+        starts = [float(v) * SCALE for v in g["start"] if v is not None and v == v]
+        (t_mean, t_std), (d_mean, d_std) = _mean_std(scores), _mean_std(divs)
+        out.append({"task": task, "method": method, "method_name": g["method_name"].iloc[0], "student": student, "step": int(step),
+                    "metric": g["metric"].iloc[0], "n": len(scores), "teacher_mean": t_mean, "teacher_std": t_std,
+                    "start_mean": _mean_std(starts)[0], "fine_tuned": _fine_tuned(g["teacher_hash"].dropna(), by_hash, g["metric"].iloc[0]),
+                    "divergence_kind": "/".join(sorted({str(k) for k in g["kind"] if k})), "divergence_mean": d_mean, "divergence_std": d_std})
+    return pd.DataFrame.from_records(out, columns=DRIFT_COLS)
+
+
+def _sci(mean: float, std: float) -> str:
+    if mean != mean:
+        return "n/a"
+    return f"{mean:.4g}" + (f" ± {std:.2g}" if std == std else "")
+
+
+def drift_display(drift: pd.DataFrame) -> pd.DataFrame:
+    """The drift table as text cells."""
+    return pd.DataFrame.from_records([{
+        "task": r.task, "method": r.method, "student": r.student, "step": str(r.step), "metric": r.metric,
+        "live teacher (validation)": cell(r.teacher_mean, r.teacher_std, r.n),
+        "starting teacher": "n/a" if r.start_mean != r.start_mean else f"{r.start_mean:.2f}",
+        "fine-tuned teacher (validation)": "n/a" if r.fine_tuned != r.fine_tuned else f"{r.fine_tuned:.2f}",
+        "divergence from start": f"{r.divergence_kind or '?'} {_sci(r.divergence_mean, r.divergence_std)}",
+    } for r in drift.itertuples()])
+
+
+DRIFT_NOTE = (
+    "Methods that update their teacher: at each evaluation step, the run's live teacher scored on the validation split "
+    "(x100, mean ± std over seeds, n seeds), the teacher it started from (after the method's setup: the fine-tuned "
+    "teacher, or the re-initialised one of a method that starts elsewhere), the fixed fine-tuned teacher's validation "
+    "score, and how far the live teacher's validation predictions moved from the start: kl = mean over examples of "
+    "KL(p_start || p_now) at temperature 1, mse = mean squared difference of the regression predictions (mean ± std over "
+    "seeds). How to read it: a teacher score that falls while the divergence grows early means the teacher moves away "
+    "from what it knew (a recipe problem: its learning rate or schedule); a flat score with a divergence near 0 means "
+    "the budget is too short for the teacher to change, so the method is KD with a fixed teacher at this budget.")
+
+
+def disagreements(df: pd.DataFrame, baseline: str, updating: set[str]) -> pd.DataFrame:
+    """Per task, method label and student of a teacher-updating method: the mean over
+    matched seeds of its difference from the baseline (x100) on validation and on test,
+    kept only where the two have opposite signs."""
+    if df.empty or not updating:
+        return pd.DataFrame(columns=DISAGREE_COLS)
+    done = df[df["status"] == DONE]
+    out = []
+    for (task, method, student), g in done[done["method_name"].isin(updating - {baseline})].groupby(["task", "method", "student"], sort=True):
+        base_all = done[(done["task"] == task) & (done["student"] == student) & (done["method_name"] == baseline)]
+        cfg = pick_baseline_config(base_all, g["params"].iloc[0])[0] if not base_all.empty else None
+        if cfg is None:
+            continue
+        base = base_all[base_all["params"] == cfg].set_index("seed")
+        pairs = [(r.validation - base.loc[r.seed, "validation"], r.test - base.loc[r.seed, "test"]) for r in g.itertuples()
+                 if r.seed in base.index and np.isfinite([r.validation, r.test, base.loc[r.seed, "validation"], base.loc[r.seed, "test"]]).all()]
+        if not pairs:
+            continue
+        v, t = (float(np.mean(x)) * SCALE for x in zip(*pairs))
+        if v * t < 0:
+            out.append({"task": task, "method": method, "student": student, "pairs": len(pairs), "validation_diff": v, "test_diff": t})
+    return pd.DataFrame.from_records(out, columns=DISAGREE_COLS)
+
+
+def disagreement_notes(dis: pd.DataFrame, several_students: bool = False) -> list[str]:
+    """One sentence per disagreement, to sit beside the comparison with the baseline."""
+    return [f"validation and test disagree for {r.method}{f' [{r.student}]' if several_students else ''} on {r.task} "
+            f"(validation {r.validation_diff:+.2f}, test {r.test_diff:+.2f}); it trains its teacher on training data, so "
+            "validation-based selection (and model selection on validation) may mislead here." for r in dis.itertuples()]
+
+
+def updating_methods(df: pd.DataFrame, rows: list[dict[str, Any]], registry: Any = None) -> set[str]:
+    """Method names whose runs update their teacher: the registry's ``updates_teacher``,
+    or, for a method the registry does not know, a recorded live-teacher entry."""
+    if df.empty:
+        return set()
+    names = set(df["method_name"])
+    recorded = {r["method"] for r in rows if any(isinstance(h, dict) and TEACHER in h for h in r.get("history") or [])}
+    if registry is None:
+        from kdbench.registry import get_registry
+
+        registry = get_registry()
+    out = set()
+    for name in names:
+        try:
+            flag = bool(registry.method(name).updates_teacher)
+        except Exception:  # not installed here (a store from elsewhere): fall back on what the runs recorded
+            flag = name in recorded
+        if flag:
+            out.add(name)
+    return out
