@@ -16,8 +16,8 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
-# One Ray cluster per module: under pytest-xdist every test here runs on the same worker.
-pytestmark = pytest.mark.xdist_group("ray")
+# One Ray cluster for this file: `make test` hands pytest-xdist workers whole files
+# (--dist loadfile), so every test here runs on the one worker that started it.
 
 from kdbench.api import KDBenchError  # noqa: E402
 from kdbench.distributed import _check_reachable, plugins_for_workers, run_ray  # noqa: E402
