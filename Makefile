@@ -6,6 +6,7 @@ VENV   ?= .venv
 # A CPU wheel of this version lies on the project's machines; elsewhere pip fetches it.
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
+UV     := $(BIN)/uv pip install --quiet --python $(BIN)/python
 SUITE  ?= benchmarks/quickstart.yaml
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -15,19 +16,28 @@ export TRANSFORMERS_VERBOSITY ?= error
 
 setup: $(VENV)/.ready
 
+# pip installs torch alone (only pip looks at the local CPU wheel; --no-compile: imports
+# compile what they use); then uv, from PyPI, installs everything else, torch's own
+# dependencies included, many at once (it keeps the installed torch: it satisfies torch>=2.3).
 $(VENV)/.ready: pyproject.toml requirements/assets.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,ray,tensorboard]"
-	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/assets.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
+	test -x $(BIN)/uv || $(PYTHON) -m pip --python $(BIN)/python install --quiet uv
+	$(PYTHON) -m pip --python $(BIN)/python install --quiet --no-deps --no-compile "$(TORCH)"
+	$(UV) -e ".[dev,ray,tensorboard]" pip setuptools
+	$(UV) --no-deps --require-hashes -r requirements/assets.txt
 	$(BIN)/kdbench prepare $(SUITE) benchmarks/smoke.yaml
 	touch $@
 
 demo: setup
 	$(BIN)/kdbench run $(SUITE)
 
-test: setup browser
-	$(BIN)/python -m pytest -q
+# Setup and the browser install overlap; then pytest on $(WORKERS) processes (pytest-xdist).
+# Whole test files go to a worker (the Ray tests share one cluster per file), in file order,
+# so the long CLI and Ray files start first. (xdist_group marks do nothing under pytest 9.)
+WORKERS ?= 2
+test:
+	$(MAKE) --no-print-directory -j2 setup browser
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Debian's Chromium renders the HTML report in an end-to-end test (skipped without it).
 browser:

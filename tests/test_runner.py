@@ -136,7 +136,10 @@ def test_cost_records_the_runs_own_memory_and_the_new_fields(tmp_path, registry)
     # a student large enough that its optimizer state and activations, not one-off
     # allocations of the process, make up its memory
     student = {"model": "bert", "options": {"tiny": {"layers": 2, "hidden": 256, "heads": 4, "intermediate": 1024}}, "label": "wide"}
-    suite = build_suite(suite_data(methods=[{"name": "kd"}], seeds=[0], students=[student]), registry=registry)
+    # one evaluation, at the end: the peak (optimizer state, activations, evaluation batches)
+    # comes with the first steps and the evaluation, not with more of either
+    budget = {"steps": 6, "batch_size": 16, "eval_every": 6, "log_every": 3}
+    suite = build_suite(smoke_data(budget=budget, methods=[{"name": "kd"}], seeds=[0], students=[student]), registry=registry)
     (spec,) = suite.runs
     runner, teacher = runner_and_teacher(tmp_path, registry, spec)
     first = runner.run(spec, teacher)
