@@ -257,10 +257,12 @@ class MetaDistil(Method):
             return self.inner.train_step(ctx, batch)
         p, teacher = self.params, ctx.teacher
         assert teacher is not None
+        ctx.student_optimizer.zero_grad(set_to_none=True)  # the last step's gradients, freed before this step's peak
         t_grads, s_out, quiz = self.meta_gradient(ctx, batch)
         lr = p.teacher_lr * teacher_lr_factor(ctx, p.teacher_schedule, p.teacher_start)
         t_params = [q for q in teacher.parameters() if q.requires_grad]
         norm = apply_teacher_gradient(ctx.state["teacher_optimizer"], t_params, t_grads, lr, p.teacher_grad_clip)
+        del t_grads  # the optimizer has them: not alive through the real step
         # 3. real step: the shared student forward against the updated teacher
         t_new = ctx.teacher_forward(batch, self.teacher_needs)
         with ctx.autocast():
