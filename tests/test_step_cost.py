@@ -19,7 +19,7 @@ def test_step_cost_tiny_json_has_the_ratios_and_the_noise_check(capsys, monkeypa
     assert module.main(["--tiny", "--json", "--core", "--steps", "2", "--no-warmup"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["rounds"] >= 3
-    for name in ("metadistil_over_kd", "metadistil_over_bare", "framework_overhead", "shared_teacher_kd_over_kd"):
+    for name in ("metadistil_over_kd", "metadistil_over_bare", "framework_overhead", "shared_teacher_kd_over_kd", "metadistil_peak_mem_over_kd"):
         assert isinstance(out["ratios"][name], float)
     for name in ("metadistil_over_kd", "metadistil_over_bare", "shared_teacher_kd_over_kd", "kd_over_bare"):
         s = out["spread"][name]

@@ -44,17 +44,35 @@ Options (besides ``teacher_lr``, ``teacher_optimizer`` and its weight decay / mo
 * The inner method's params as extra top-level fields (e.g. ``inner: pkd, alpha: 0.5,
   beta: 100, temperature: 5, soft_loss: mse``), validated against its Params.
 
-Implementation: ``S'`` is a dict of tensors used through ``torch.func.functional_call``;
-no model or optimizer is copied, so any ``nn.Module`` student works. The student's forward
-on ``(x, y)`` (train mode) is computed once and shared by the pilot and the real step (the
-weights are the same in both), so BatchNorm statistics move once per step. The pilot loss
-runs under ``ctx.rehearsal()``: the inner method's random draws and extra buffers (CRD's
-negatives and memory banks) are the same in the real step. The quiz gradient is taken
-w.r.t. ``S'`` batch by batch and pulled back to ``T`` in one second-order backward, so
-memory does not grow with the quiz batches. Extra modules (e.g. TinyBERT's projection)
-are not moved by the pilot step. The teacher learns only through terms of the student's
-loss that read the teacher's current outputs: CRD's contrastive term reads the teacher
-through its memory bank (constants), so wrap CRD with ``alpha > 0`` (CRD+KD).
+Implementation (exact; no model or optimizer is copied, so any ``nn.Module`` student works).
+Write the inner loss as ``L(S, T) = l(s(S), t(T))``, with ``s`` the student's output tensors
+the loss reads (logits, hidden states, ...) and ``t`` the teacher's. Then
+``grad_S L = J^T v(T)`` with ``J = ds/dS`` and ``v(T) = dl/ds``, and for the quiz gradient
+``g = d quiz / dS'`` at ``S'``::
+
+    d/dT <g, S'(T)> = -eta * d/dT <J g, v(T)>        (J g does not depend on T)
+
+so a step runs: the teacher forward (eval mode, with grad) and the student's train-mode
+forward once; ``v`` as a small logit-level graph that still reads ``t(T)``; the pilot
+gradient ``J^T v`` by a plain first-order backward through the student (its graph kept
+for the real step) and ``S' = S - eta J^T v`` as fresh tensors (a dict used through
+``torch.func.functional_call``); the quiz gradient ``g`` at ``S'`` batch by batch (one
+quiz graph alive at a time, ``S'`` freed after it); ``J g`` by forward-mode AD (one
+forward at ``S`` carrying the tangent ``g``, with the pilot forward's dropout masks
+replayed from the saved random state and BatchNorm's buffers copied, so running statistics
+move once per step); and one backward of ``-eta <J g, v(T)>`` into the teacher. There is
+no double backward through the student: the tangent pass costs about 2-3 plain student
+forwards and keeps no graph. Where forward mode cannot run (an op without a forward-mode
+derivative, a device whose random state cannot be replayed) ``J g`` comes from the kept
+graph by reverse over reverse (exact, slower; warned once per run). Helpers:
+:func:`kdbench.losses.output_derivative` and its neighbours. The real step reuses the
+student forward (same weights). The pilot's inner loss runs under ``ctx.rehearsal()``
+(on detached copies of the student's outputs): the inner method's random draws and extra
+buffers (CRD's negatives and memory banks) are the same in the real step. Extra modules
+(e.g. TinyBERT's projection) are not moved by the pilot step. The teacher learns only
+through terms of the student's loss that read the teacher's current outputs: CRD's
+contrastive term reads the teacher through its memory bank (constants), so wrap CRD with
+``alpha > 0`` (CRD+KD).
 
 Defaults (official GLUE code): virtual_lr 5e-5, teacher_lr 1e-5 with AdamW, clip 1.0,
 constant schedules, inner ``kd`` with its defaults (the official GLUE student loss is
@@ -72,7 +90,8 @@ from torch.func import functional_call
 
 from kdbench.api import LOGITS, Batch, KDModel, Method, ModelOutput, Options, Problem, SetupInfo, StepContext, added, step_values, task_loss, wrapped_options
 from kdbench.hookspecs import hookimpl
-from kdbench.losses import apply_teacher_gradient, build_teacher_optimizer, first_teacher_step, schedule_ratio, teacher_lr_factor
+from kdbench.losses import (apply_teacher_gradient, build_teacher_optimizer, first_teacher_step, gradient_or_zeros, output_derivative, output_tensors,
+                            rng_state, schedule_ratio, teacher_lr_factor, training_mode, virtual_sgd_step)
 from kdbench.registry import Registry, UnknownNameError, did_you_mean, get_registry
 
 
@@ -187,50 +206,50 @@ class MetaDistil(Method):
         """The teacher's meta-gradient (one tensor per trainable teacher parameter), the
         student's forward on ``batch`` (reusable by the real step) and the quiz loss.
         Changes nothing but the student's BatchNorm statistics (one train-mode forward)."""
-        p, student, teacher = self.params, ctx.student, ctx.teacher
+        student, teacher = ctx.student, ctx.teacher
         assert teacher is not None
         t_params = [q for q in teacher.parameters() if q.requires_grad]
         named = [(n, q) for n, q in student.named_parameters() if q.requires_grad]
         eta = self.virtual_step_size(ctx)
-        was_training = teacher.training
-        teacher.eval()
-        try:
-            with torch.enable_grad(), ctx.autocast(), ctx.rehearsal():
-                t_out = teacher(batch.inputs, need=self.teacher_needs)
-                s_out = student(batch.inputs, need=self.student_needs)
-                inner_loss, _ = self.inner.loss(s_out, t_out, batch, ctx)
-        finally:
-            teacher.train(was_training)
-        grads = torch.autograd.grad(inner_loss, [q for _, q in named], create_graph=True, allow_unused=True)
-        moved = [(n, q - eta * g) for (n, q), g in zip(named, grads) if g is not None]  # S'(T), differentiable in T
-        grad_fast, quiz = self.quiz_gradient(ctx, {n: w.detach().requires_grad_() for n, w in moved}, batch.labels.shape[0])
-        # pull back to the teacher through the pilot step (second order); keep the graph:
-        # the real step backpropagates through the same student forward
-        t_grads = torch.autograd.grad([w for _, w in moved], t_params, grad_outputs=grad_fast, retain_graph=True, allow_unused=True)
-        return [torch.zeros_like(q) if g is None else g for q, g in zip(t_params, t_grads)], s_out, quiz
+        with torch.enable_grad(), ctx.autocast(), ctx.rehearsal(), training_mode(teacher, False):
+            t_out = teacher(batch.inputs, need=self.teacher_needs)
+            rng = rng_state(ctx.device)  # the student's dropout masks, replayed by the jvp
+            s_out = student(batch.inputs, need=self.student_needs)
+            s_all, rebuild = output_tensors(s_out)
+            leaves = [x.detach().requires_grad_() for x in s_all]
+            inner_loss, _ = self.inner.loss(rebuild(leaves), t_out, batch, ctx)
+        # v(T) = dL_inner/ds at the student's outputs s: a small graph that still reads T
+        v = torch.autograd.grad(inner_loss, leaves, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(v) if g is not None]
+        outs, vs = [s_all[i] for i in used], [v[i] for i in used]
+        fast = virtual_sgd_step(named, outs, [g.detach() for g in vs], eta)  # S'
+        grad_fast, quiz = self.quiz_gradient(ctx, fast, batch.labels.shape[0])
+        del fast
+        s_dot = output_derivative(student, batch.inputs, self.student_needs, used, outs, grad_fast, rng, ctx.state, ctx.autocast)
+        del grad_fast
+        # d/dT <g, S'(T)> = -eta d/dT <J g, v(T)>: backpropagated from the outputs into T
+        phi = sum(((-eta * d) * g).sum() for d, g in zip(s_dot, vs) if d is not None)
+        return gradient_or_zeros(phi, t_params), s_out, quiz
 
-    def quiz_gradient(self, ctx: StepContext, leaves: dict[str, Tensor], batch_size: int) -> tuple[list[Tensor], Tensor]:
-        """d/dS' of the mean quiz loss (first order, one quiz graph alive at a time), and that loss."""
+    def quiz_gradient(self, ctx: StepContext, leaves: dict[str, Tensor], batch_size: int) -> tuple[dict[str, Tensor], Tensor]:
+        """d/dS' of the mean quiz loss by parameter name (those it reaches; first order, one
+        quiz graph alive at a time), and that loss."""
         student, n = ctx.student, self.n_quiz_batches(ctx, batch_size)
-        grad_fast: list[Tensor | None] = [None] * len(leaves)  # the first batch's gradients are taken as they are (no zero-filled copies)
-        quiz = torch.zeros((), device=next(iter(leaves.values())).device)
+        grad_fast: dict[str, Tensor] = {}  # the first batch's gradients are taken as they are
+        quiz = torch.zeros((), device=ctx.device)
         # train mode reads the batch's BatchNorm statistics; the copies keep the running ones unchanged
         buffers = {k: b.clone() for k, b in student.named_buffers()} if self.params.quiz_mode == "train" else {}
-        was_training = student.training
-        student.train(self.params.quiz_mode == "train")
-        try:
+        with training_mode(student, self.params.quiz_mode == "train"):
             for _ in range(n):
                 qb = ctx.next_quiz_batch()
                 with torch.enable_grad(), ctx.autocast():
                     out: ModelOutput = functional_call(student, {**leaves, **buffers}, (qb.inputs,), {"need": frozenset({LOGITS})})
                     q_loss = task_loss(out.logits, qb.labels, self.problem) / n
-                for i, g in enumerate(torch.autograd.grad(q_loss, list(leaves.values()), allow_unused=True)):
+                for name, g in zip(leaves, torch.autograd.grad(q_loss, list(leaves.values()), allow_unused=True)):
                     if g is not None:
-                        grad_fast[i] = g if grad_fast[i] is None else grad_fast[i].add_(g)  # type: ignore[union-attr]
+                        grad_fast[name] = grad_fast[name].add_(g) if name in grad_fast else g
                 quiz = quiz + q_loss.detach()
-        finally:
-            student.train(was_training)
-        return [torch.zeros_like(w) if g is None else g for w, g in zip(leaves.values(), grad_fast)], quiz
+        return grad_fast, quiz
 
     # -- the whole step -----------------------------------------------------------------
     def train_step(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
@@ -238,10 +257,12 @@ class MetaDistil(Method):
             return self.inner.train_step(ctx, batch)
         p, teacher = self.params, ctx.teacher
         assert teacher is not None
+        ctx.student_optimizer.zero_grad(set_to_none=True)  # the last step's gradients, freed before this step's peak
         t_grads, s_out, quiz = self.meta_gradient(ctx, batch)
         lr = p.teacher_lr * teacher_lr_factor(ctx, p.teacher_schedule, p.teacher_start)
         t_params = [q for q in teacher.parameters() if q.requires_grad]
         norm = apply_teacher_gradient(ctx.state["teacher_optimizer"], t_params, t_grads, lr, p.teacher_grad_clip)
+        del t_grads  # the optimizer has them: not alive through the real step
         # 3. real step: the shared student forward against the updated teacher
         t_new = ctx.teacher_forward(batch, self.teacher_needs)
         with ctx.autocast():
