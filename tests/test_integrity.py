@@ -444,12 +444,12 @@ def test_read_only_store_is_a_named_error_for_writes_and_readable_for_reports(tm
 
 
 def test_committed_store_is_reported_read_only_without_changing_it(tmp_path):
-    """case: kdbench report on a store it may not change (the committed mnist-cpu store, copied)."""
+    """case: kdbench report on a store it may not change (a committed store, copied)."""
     import shutil
 
-    shutil.copytree(ROOT / "results" / "mnist-cpu", tmp_path / "m", ignore=shutil.ignore_patterns("*.sqlite-*", "plots", "*.html"))
+    shutil.copytree(ROOT / "results" / "metadistil-budget-cpu-250", tmp_path / "m", ignore=shutil.ignore_patterns("*.sqlite-*", "plots", "*.html", "teachers"))
     before = (tmp_path / "m" / "store.sqlite").read_bytes()
-    assert cli.main(["report", str(ROOT / "benchmarks" / "mnist-cpu.yaml"), "--results", str(tmp_path / "m"), "--no-plots"]) == 0
+    assert cli.main(["report", str(ROOT / "benchmarks" / "metadistil-budget-cpu" / "steps-250.yaml"), "--results", str(tmp_path / "m"), "--no-plots"]) == 0
     assert (tmp_path / "m" / "store.sqlite").read_bytes() == before
 
 
@@ -582,9 +582,9 @@ def test_report_into_a_folder_it_cannot_write_is_a_named_error(tmp_path, capsys)
     """case: kdbench report --format md where the results folder cannot take the file."""
     import shutil
 
-    shutil.copytree(ROOT / "results" / "mnist-cpu", tmp_path / "m", ignore=shutil.ignore_patterns("*.sqlite-*", "plots", "*.html", "*.md"))
+    shutil.copytree(ROOT / "results" / "metadistil-budget-cpu-250", tmp_path / "m", ignore=shutil.ignore_patterns("*.sqlite-*", "plots", "*.html", "*.md", "teachers"))
     (tmp_path / "m" / "leaderboard.md").mkdir()  # in the way of the file (a read-only folder, as root)
-    argv = ["report", str(ROOT / "benchmarks" / "mnist-cpu.yaml"), "--results", str(tmp_path / "m"), "--no-plots", "--format", "md"]
+    argv = ["report", str(ROOT / "benchmarks" / "metadistil-budget-cpu" / "steps-250.yaml"), "--results", str(tmp_path / "m"), "--no-plots", "--format", "md"]
     assert cli.main(argv) == 2
     assert "cannot write the report" in capsys.readouterr().err
 
