@@ -100,16 +100,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _warn_if_dirty() -> None:
-    """Runs record the commit they came from; a dirty tree makes that commit not the code."""
-    import subprocess
+    """Runs record the commit they came from; a dirty tree makes that commit not the code.
+    Reading it here, before anything trains, also fixes the commit this process records
+    (:func:`kdbench.train.environment.git_commit` reads it once per process): a commit made
+    while a long suite runs does not become the recorded commit of its later runs."""
+    from kdbench.train.environment import git_commit
 
-    here = Path(__file__).resolve().parent
-    try:
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return
-    if dirty:
+    if git_commit().endswith("+dirty"):
         print("warning: the kdbench source tree has uncommitted changes; runs will record their commit as '+dirty' "
               "and cannot be reproduced from it. Commit first for a publishable table.", file=sys.stderr)
 

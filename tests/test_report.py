@@ -461,9 +461,32 @@ def test_terminal_ends_with_the_leaderboard(synthetic, tmp_path, capsys):
 def test_run_warns_on_a_dirty_tree(monkeypatch, capsys):
     import subprocess
 
+    import importlib
+
+    environment = importlib.import_module("kdbench.train.environment")  # the module (kdbench.train re-exports a function of that name)
+
+    monkeypatch.setattr(environment, "_GIT", None)
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=" M kdbench/x.py\n"))
     cli._warn_if_dirty()
     assert "uncommitted changes" in capsys.readouterr().err
+
+
+def test_run_fixes_the_recorded_commit_before_training(monkeypatch, capsys):
+    """The commit is read when `kdbench run` starts: a commit made while the suite runs
+    does not become the commit its later runs record."""
+    import subprocess
+
+    import importlib
+
+    environment = importlib.import_module("kdbench.train.environment")  # the module (kdbench.train re-exports a function of that name)
+
+    answers = {"rev-parse": "aaaa", "status": ""}
+    monkeypatch.setattr(environment, "_GIT", None)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 0, stdout=answers[cmd[3]]))
+    cli._warn_if_dirty()
+    assert capsys.readouterr().err == ""
+    answers["rev-parse"] = "bbbb"  # a commit made during the suite
+    assert environment.git_commit() == "aaaa"
 
 
 # ----------------------------------------------------------------- a report format from a plugin
