@@ -235,7 +235,7 @@ def test_the_disagreement_note_appears_only_when_signs_differ(tmp_path):
 
     rep, _ = report_of(tmp_path / "a", {"metadistil": (0.02, -0.03), "kd": (0.01, -0.01)})
     assert list(rep.disagreements["method"]) == ["metadistil"]  # kd does not update its teacher: no note
-    expected = ("validation and test disagree for metadistil on movie-sentiment (validation +2.00, test -3.00); it trains "
+    expected = ("validation and test disagree for metadistil on movie-sentiment (validation +2.00, test -3.00, each beyond one standard error); it trains "
                 "its teacher on training data, so validation-based selection (and model selection on validation) may mislead here.")
     md = render_report(rep, "md")
     assert expected in md and md.index(expected) > md.index("## Statistics and paired comparison")
@@ -243,6 +243,16 @@ def test_the_disagreement_note_appears_only_when_signs_differ(tmp_path):
     for i, gap in enumerate(({"metadistil": (0.02, 0.03)}, {"metadistil": (-0.02, -0.01)}, {"kd": (0.02, -0.03)})):
         rep, _ = report_of(tmp_path / str(i), gap)
         assert rep.disagreements.empty and "disagree" not in render_report(rep, "md")
+
+
+def test_a_flip_inside_seed_noise_is_not_reported():
+    """The note needs each split's mean difference beyond its standard error (std / sqrt(n))."""
+    from kdbench.report.drift import _mean_and_se
+
+    (v, t), (sv, st) = _mean_and_se([(0.001, -0.002), (0.003, 0.004), (-0.001, -0.005)])
+    assert (v, t) == pytest.approx((0.1, -0.1)) and sv == pytest.approx(np.std([0.1, 0.3, -0.1], ddof=1) / np.sqrt(3))
+    assert abs(v) < sv  # +0.10 on validation is inside its noise: such a flip gets no note
+    assert _mean_and_se([(0.02, -0.03)])[1] == (0.0, 0.0)
 
 
 def test_a_report_without_teacher_updating_runs_has_no_drift_section(tmp_path):

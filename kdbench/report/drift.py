@@ -116,7 +116,8 @@ DRIFT_NOTE = (
 def disagreements(df: pd.DataFrame, baseline: str, updating: set[str]) -> pd.DataFrame:
     """Per task, method label and student of a teacher-updating method: the mean over
     matched seeds of its difference from the baseline (x100) on validation and on test,
-    kept only where the two have opposite signs."""
+    kept only where the two have opposite signs and each is larger than its standard error
+    (std of the paired differences / sqrt(n)): a flip inside seed noise is not reported."""
     if df.empty or not updating:
         return pd.DataFrame(columns=DISAGREE_COLS)
     done = df[df["status"] == DONE]
@@ -131,16 +132,23 @@ def disagreements(df: pd.DataFrame, baseline: str, updating: set[str]) -> pd.Dat
                  if r.seed in base.index and np.isfinite([r.validation, r.test, base.loc[r.seed, "validation"], base.loc[r.seed, "test"]]).all()]
         if not pairs:
             continue
-        v, t = (float(np.mean(x)) * SCALE for x in zip(*pairs))
-        if v * t < 0:
+        (v, t), (sv, st) = _mean_and_se(pairs)
+        if v * t < 0 and abs(v) > sv and abs(t) > st:  # opposite signs, each beyond one standard error
             out.append({"task": task, "method": method, "student": student, "pairs": len(pairs), "validation_diff": v, "test_diff": t})
     return pd.DataFrame.from_records(out, columns=DISAGREE_COLS)
+
+
+def _mean_and_se(pairs: list[tuple[float, float]]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Means (x100) of the validation and test differences, and their standard errors (0 for one pair)."""
+    arr = np.asarray(pairs, dtype=float) * SCALE
+    se = arr.std(axis=0, ddof=1) / np.sqrt(len(arr)) if len(arr) > 1 else np.zeros(2)
+    return (float(arr[:, 0].mean()), float(arr[:, 1].mean())), (float(se[0]), float(se[1]))
 
 
 def disagreement_notes(dis: pd.DataFrame, several_students: bool = False) -> list[str]:
     """One sentence per disagreement, to sit beside the comparison with the baseline."""
     return [f"validation and test disagree for {r.method}{f' [{r.student}]' if several_students else ''} on {r.task} "
-            f"(validation {r.validation_diff:+.2f}, test {r.test_diff:+.2f}); it trains its teacher on training data, so "
+            f"(validation {r.validation_diff:+.2f}, test {r.test_diff:+.2f}, each beyond one standard error); it trains its teacher on training data, so "
             "validation-based selection (and model selection on validation) may mislead here." for r in dis.itertuples()]
 
 
