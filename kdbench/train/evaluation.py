@@ -62,7 +62,7 @@ def divergence(start: torch.Tensor, now: torch.Tensor, regression: bool) -> tupl
     if regression:
         return float(((now - start) ** 2).sum(-1).mean()), "mse"
     log_p, log_q = F.log_softmax(start, -1), F.log_softmax(now, -1)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean()), "kl"
+    return float(F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)), "kl"
 
 
 class TeacherDrift:
