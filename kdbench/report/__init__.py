@@ -14,6 +14,8 @@ by concern, each module importing only the ones above it:
   suite, and the constant-prediction scores.
 * :mod:`.drift`: the live teacher's drift per evaluation step and the validation/test
   disagreement notes, for methods that update their teacher.
+* :mod:`.curves`: the students' validation score per evaluation step and whether each
+  leaderboard row's curve has flattened.
 * :mod:`.model`: :class:`Report` and :func:`build_report`.
 * :mod:`.tables`, :mod:`.sections`: display tables and the legend; :mod:`.text`,
   :mod:`.html`, :mod:`.plots`: renderers; :mod:`.formats`: one writer per format in one

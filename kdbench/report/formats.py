@@ -51,13 +51,13 @@ def _write_latex(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
 
 def _write_csv(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
     """The per (task, split, method, student) statistics at full precision, and side files
-    for cost, teacher cost, sensitivity, references, teacher drift and validation/test
-    disagreements."""
+    for cost, teacher cost, sensitivity, references, teacher drift, validation/test
+    disagreements and learning curves (per step, and whether each has flattened)."""
     report.board.to_csv(out, index=False)
     written = []
     for name, df in (("cost", report.cost), ("teacher_cost", report.teacher_cost), ("sensitivity", report.sens_levels),
                      ("sensitivity_tests", report.sens_scores), ("references", report.references), ("teacher_drift", report.drift),
-                     ("disagreements", report.disagreements)):
+                     ("disagreements", report.disagreements), ("curves", report.curves), ("curves_flatness", report.flatness)):
         if not df.empty:
             side = out.with_name(f"{out.stem}.{name}.csv")
             df.to_csv(side, index=False)

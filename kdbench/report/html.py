@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from kdbench.report.frame import LOSS, WIN
-from kdbench.report.sections import legend, sections
+from kdbench.report.sections import CURVES, figures_for, legend, sections
 from kdbench.report.text import config_yaml
 
 STYLE = """
@@ -26,7 +26,7 @@ img.plot{max-width:100%;border:1px solid #eee;margin:.5rem 0}
 """
 
 
-SLUGS = {"Teacher drift": "drift"}  # titles whose first word another section's title shares
+SLUGS = {"Teacher drift": "drift", CURVES: "curves"}  # titles whose first word another section's title shares
 
 
 def _table(df: pd.DataFrame, table_id: str, classes: dict[tuple[int, str], str] | None = None, raw: set[str] | None = None) -> str:
@@ -56,11 +56,10 @@ def _leaderboard(report: Any) -> str:
 
 def _figures(title: str, pngs: dict[str, bytes]) -> list[str]:
     out = []
-    for name, data in pngs.items():
-        if (title == "Sweeps" and name.startswith("sensitivity")) or (title == "Cost" and name.startswith("pareto")):
-            b64 = base64.b64encode(data).decode("ascii")
-            out.append(f"<figure><img class='plot' id='plot-{html.escape(name)}' alt='{html.escape(name)}' "
-                       f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(name)}</figcaption></figure>")
+    for name in figures_for(title, pngs):
+        b64 = base64.b64encode(pngs[name]).decode("ascii")
+        out.append(f"<figure><img class='plot' id='plot-{html.escape(name)}' alt='{html.escape(name)}' "
+                   f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(name)}</figcaption></figure>")
     return out
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 from kdbench.report.aggregate import family, leaderboard
 from kdbench.report.chance import chance_scores
 from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods, with_teacher_share
+from kdbench.report.curves import curve_table, flatness
 from kdbench.report.drift import disagreements, drift_table, updating_methods
 from kdbench.report.frame import filter_runs, runs_frame
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
@@ -52,6 +53,8 @@ class Report:
     drift: pd.DataFrame = field(default_factory=pd.DataFrame)  # teacher drift per step (kdbench.report.drift)
     disagreements: pd.DataFrame = field(default_factory=pd.DataFrame)  # validation/test sign flips vs the baseline
     updating: list[str] = field(default_factory=list)  # methods that update their teacher
+    curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # validation score per step (kdbench.report.curves)
+    flatness: pd.DataFrame = field(default_factory=pd.DataFrame)  # per row: has its curve flattened
 
     @property
     def family(self) -> int:
@@ -112,6 +115,7 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     tcost = teacher_cost(teachers, df, free)
     levels, scores = sensitivity(df, [s.label or s.model for s in getattr(suite_spec, "students", [])], correction)
     updating = updating_methods(df, rows)
+    curves = curve_table([r for r in rows if r["hash"] in kept], selection.runs)  # the leaderboard's rows and labels
     return Report(
         title=title, baseline=baseline, runs=df, board=board, references=references_table(df, refs, teachers),
         sens_levels=levels, sens_scores=scores, cost=with_teacher_share(cost_table(df, baseline), df, tcost, free), cost_reference=baseline,
@@ -121,4 +125,4 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
         teacher_cost=tcost, commits=commits(df), data=data_fingerprints(df),
         outside=outside_runs(all_rows, hashes), chance=chance or {}, selection=selection,
         drift=drift_table([r for r in rows if r["hash"] in kept], df, teachers), disagreements=disagreements(df, baseline, updating),
-        updating=sorted(updating))
+        updating=sorted(updating), curves=curves, flatness=flatness(curves))

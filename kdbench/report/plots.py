@@ -4,6 +4,9 @@
   of the sweep, with ± one standard deviation over seeds as error bars.
 * ``pareto-<task>``: score against mean wall time per run, one point per method and
   student; the Pareto front (nothing both cheaper and better) is joined and circled.
+* ``curves-<task>``: the validation score (x100) against the step, one line per method
+  (and student) at the mean over seeds, shaded ± one standard deviation; only for tasks
+  whose curves have at least two evaluation steps.
 """
 
 from __future__ import annotations
@@ -75,6 +78,23 @@ def pareto_figure(cost: "pd.DataFrame", task: str, x: str = "wall_s") -> bytes:
     return _png(fig)
 
 
+def curves_figure(curves: "pd.DataFrame", task: str) -> bytes:
+    sub = curves[curves["task"] == task]
+    several = sub["student"].nunique() > 1
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (method, student), g in sub.groupby(["method", "student"], sort=True):
+        g = g.sort_values("step")
+        std = np.nan_to_num(g["std"].to_numpy(dtype=float))  # one seed: no band
+        line, = ax.plot(g["step"], g["mean"], marker="o", markersize=3, label=f"{method} [{student}]" if several else method)
+        ax.fill_between(g["step"], g["mean"] - std, g["mean"] + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"validation {sub['metric'].iloc[0]} x100")
+    ax.set_title(f"Learning curves on {task} (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def report_plots(report: Any) -> dict[str, bytes]:
     """Every figure of a report: name -> PNG bytes."""
     out: dict[str, bytes] = {}
@@ -85,4 +105,9 @@ def report_plots(report: Any) -> dict[str, bytes]:
         for task in dict.fromkeys(report.cost["task"]):
             if report.cost.loc[report.cost["task"] == task, "wall_s"].notna().any():
                 out[f"pareto-{_slug(task)}"] = pareto_figure(report.cost, task)
+    curves = getattr(report, "curves", None)
+    if curves is not None and not curves.empty:
+        for task in dict.fromkeys(curves["task"]):
+            if curves.loc[curves["task"] == task, "step"].nunique() > 1:
+                out[f"curves-{_slug(task)}"] = curves_figure(curves, task)
     return out

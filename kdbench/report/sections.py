@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench import stats
+from kdbench.report.curves import CURVES_NOTE, MIN_TOLERANCE, curves_display
 from kdbench.report.drift import DRIFT_NOTE, disagreement_notes, drift_display
 from kdbench.report.frame import LOSS, WIN
 from kdbench.report.selection import selection_sections
@@ -138,7 +139,9 @@ def legend(report: Any) -> list[str]:
         "Chance: a constant prediction scored with the task's metric (majority class of the test split; regression: the "
         "training mean).",
         "Reference values are compared on the leaderboard's x100 scale.",
-    ]
+    ] + ([f"Learning curves: the validation main metric x100 at every evaluation step, mean ± std over finished seeds; "
+          f"a curve is flat when its last change is at most max({MIN_TOLERANCE} points, the standard error of its last mean)."]
+         if getattr(report, "curves", None) is not None and not report.curves.empty else [])
 
 
 def provenance_sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
@@ -172,6 +175,25 @@ def drift_section(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
     return []
 
 
+CURVES = "Learning curves"
+#: figure name prefix (kdbench.report.plots) -> the title of the section it is shown under
+FIGURE_SECTIONS = {"sensitivity": "Sweeps", "pareto": "Cost", "curves": CURVES}
+
+
+def figures_for(title: str, names: Any) -> list[str]:
+    """The figure names (of ``names``) shown under the section ``title``, in their order."""
+    return [n for n in names if FIGURE_SECTIONS.get(n.split("-", 1)[0]) == title]
+
+
+def curves_section(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
+    """The students' validation curves and whether each has flattened; none when no run
+    evaluated more than once."""
+    curves = getattr(report, "curves", None)
+    if curves is None or curves.empty:
+        return []
+    return [(CURVES, curves_display(curves, report.flatness), CURVES_NOTE)]
+
+
 def sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
     """(title, table, note) in file order; a None table is a text-only note."""
     out: list[tuple[str, pd.DataFrame | None, str]] = [("Leaderboard", report.wide(), family_line(report) + " " + chance_note(report))]
@@ -181,6 +203,7 @@ def sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
     if not report.references.empty:
         out.append(("Paper comparison", references_display(report.references), ""))
     out += drift_section(report)
+    out += curves_section(report)
     if not report.sens_scores.empty:
         verdicts = " ".join(f"{r.task}: {r.verdict}." for r in report.sens_scores.itertuples())
         out.append(("Sensitivity", sensitivity_display(report.sens_scores), verdicts))

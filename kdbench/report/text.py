@@ -11,7 +11,7 @@ import yaml
 from tabulate import tabulate
 
 from kdbench.report.frame import LOSS, WIN
-from kdbench.report.sections import family_line, legend, sections
+from kdbench.report.sections import CURVES, family_line, figures_for, legend, sections
 
 
 def render(table: pd.DataFrame, fmt: str = "terminal", title: str | None = None) -> str:
@@ -70,8 +70,8 @@ def latex_table(table: pd.DataFrame, caption: str | None = None) -> str:
 
 
 def plot_links_for(title: str, plot_links: dict[str, str] | None) -> list[str]:
-    return [f"![{name}]({path})\n" for name, path in (plot_links or {}).items()
-            if (title == "Sweeps" and name.startswith("sensitivity")) or (title == "Cost" and name.startswith("pareto"))]
+    links = plot_links or {}
+    return [f"![{name}]({links[name]})\n" for name in figures_for(title, links)]
 
 
 def _file_report(report: Any, fmt: str, plot_links: dict[str, str] | None) -> list[str]:
@@ -111,6 +111,9 @@ def render_report(report: Any, fmt: str, plot_links: dict[str, str] | None = Non
             continue
         if title in ("Environment", "Every setting searched (validation and test)") and not verbose:
             continue  # long tables: in the files, and in the terminal with --verbose
+        if title == CURVES and not verbose:  # the verdicts; the score at every step is in the files and under --verbose
+            table = table[[c for c in table.columns if not c.startswith("step ")]]
+            note = "Scores at every step: in the report files and with --verbose. " + note
         parts.append(f"\n{title}\n" + render(table, "terminal") + (f"{note}\n" if note else ""))
     if report.missing:
         parts.append(f"({report.missing} runs of the suite not in the store yet)\n")
@@ -131,7 +134,8 @@ def report_json(report: Any) -> dict[str, Any]:
             "teacher_cost": rec(report.teacher_cost), "commits": rec(report.commits), "data": rec(report.data),
             "outside_runs": rec(report.outside), "chance": report.chance, "runs": rec(report.runs),
             "teacher_drift": rec(report.drift), "validation_test_disagreements": rec(report.disagreements),
-            "teacher_updating_methods": list(report.updating),
+            "teacher_updating_methods": list(report.updating), "learning_curves": rec(report.curves),
+            "learning_curve_flatness": rec(report.flatness),
             "environment": report.env, "config": report.config, **_selection_json(report, rec)}
 
 

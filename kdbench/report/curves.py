@@ -1,0 +1,137 @@
+"""Learning curves: the students' validation score at every evaluation step, and whether
+the curve has flattened by the end of the budget.
+
+Every evaluation of a run is stored in its ``history`` as ``{"step": s, "validation":
+{metric: value}, ...}``. :func:`curve_table` averages the task's main metric on the
+validation split (x100) over the finished runs (seeds) of each leaderboard row (task,
+method label, student) at each step; :func:`flatness` compares the last mean with the one
+before it (and that one with the one before) against the seed noise, by the rule in
+:data:`CURVES_NOTE`. Validation only: the test split is never used to judge the budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kdbench.report.aggregate import mixed_data
+from kdbench.report.frame import SCALE
+from kdbench.store import DONE
+
+STEP, VALIDATION = "step", "validation"  # the history keys kdbench.train.evaluation writes
+KEYS = ["task", "method", "student"]
+CURVE_COLS = ["task", "method", "method_name", "student", "step", "metric", "n", "mean", "std"]
+FLAT_COLS = ["task", "method", "method_name", "student", "metric", "evaluations", "n", "last_step", "last_mean", "last_std",
+             "last_se", "prev_step", "change", "earlier_change", "tolerance", "state", "verdict"]
+#: a change of the mean between two evaluations up to this many points (x100) is flat, whatever the seed noise
+MIN_TOLERANCE = 0.5
+
+
+def _evaluations(rows: list[dict[str, Any]], runs: pd.DataFrame) -> pd.DataFrame:
+    """One record per (leaderboard row, run of ``runs``, evaluation step) with the validation
+    main metric (x100); a step recorded twice (a resumed run) counts once, its last entry."""
+    history = {r["hash"]: r.get("history") or [] for r in rows}
+    out = []
+    for run in runs.drop_duplicates(["hash", *KEYS]).itertuples():
+        for h in history.get(run.hash, []):
+            value = (h.get(VALIDATION) or {}).get(run.metric) if isinstance(h, dict) and STEP in h else None
+            if isinstance(value, (int, float)) and np.isfinite(value):
+                out.append({"task": run.task, "method": run.method, "method_name": run.method_name, "student": run.student,
+                            "hash": run.hash, "step": int(h[STEP]), "metric": run.metric, "score": float(value) * SCALE})
+    cols = [*KEYS, "method_name", "hash", "step", "metric", "score"]
+    return pd.DataFrame.from_records(out, columns=cols).drop_duplicates(["hash", *KEYS, "step"], keep="last")
+
+
+def curve_table(rows: list[dict[str, Any]], runs: pd.DataFrame) -> pd.DataFrame:
+    """Per leaderboard row (task, method label, student; ``runs`` is the frame the
+    leaderboard reads) and evaluation step, over the row's finished runs: n, the mean and
+    std (ddof=1) of the validation main metric (x100). Rows whose runs read different data
+    are left out (the leaderboard flags them); empty when no run evaluated more than once."""
+    if runs.empty:
+        return pd.DataFrame(columns=CURVE_COLS)
+    done = runs[runs["status"] == DONE]
+    done = pd.concat([g for _, g in done.groupby(KEYS, sort=False) if not mixed_data(g)] or [done.iloc[:0]])
+    ev = _evaluations(rows, done)
+    if ev.empty or ev.groupby("hash")["step"].nunique().max() < 2:
+        return pd.DataFrame(columns=CURVE_COLS)
+    out = (ev.groupby([*KEYS, "step"], sort=True)
+           .agg(method_name=("method_name", "first"), metric=("metric", "first"), n=("score", "size"),
+                mean=("score", "mean"), std=("score", "std"))  # pandas' std is ddof=1: NaN for one seed
+           .reset_index())
+    return out[CURVE_COLS]
+
+
+def _verdict(change: float, earlier: float, tolerance: float, last_std: float) -> tuple[str, str]:
+    """(state, sentence) for the last change of the mean, the one before (NaN when the
+    curve has two evaluations) and the tolerance."""
+    noise = f"seed std {last_std:.2f}" if last_std == last_std else "one seed: no seed std"
+    if change > tolerance:
+        return "rising", f"still rising: {change:+.2f} over the last interval (tolerance {tolerance:.2f}; {noise})"
+    if change < -tolerance:
+        return "falling", f"falling: {change:+.2f} over the last interval (tolerance {tolerance:.2f}; {noise})"
+    head = f"flat within noise: last change {change:+.2f} (tolerance {tolerance:.2f}; {noise})"
+    if earlier != earlier:
+        return "flat", head + "; only two evaluations"
+    if abs(earlier) <= tolerance:
+        return "flat", head + f", and {earlier:+.2f} over the interval before"
+    return "flat", head + f", but {earlier:+.2f} over the interval before: flat for one interval only"
+
+
+def flatness(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per leaderboard row of ``curves``: the last change of the mean validation score
+    (last evaluation minus the one before), the change before that, the tolerance
+    max(MIN_TOLERANCE, standard error of the last mean) and the verdict: flat when
+    |last change| <= tolerance, else rising or falling."""
+    out = []
+    for (task, method, student), g in curves.groupby(KEYS, sort=True):
+        g = g.sort_values("step")
+        last = g.iloc[-1]
+        rec = {"task": task, "method": method, "method_name": last["method_name"], "student": student, "metric": last["metric"],
+               "evaluations": len(g), "n": int(last["n"]), "last_step": int(last["step"]), "last_mean": last["mean"],
+               "last_std": last["std"], "last_se": last["std"] / np.sqrt(last["n"]), "prev_step": np.nan, "change": np.nan,
+               "earlier_change": np.nan, "tolerance": np.nan, "state": "one evaluation", "verdict": "one evaluation: no curve"}
+        if len(g) > 1:
+            diffs = g["mean"].diff().to_numpy()  # mean at each step minus the mean at the step before
+            tolerance = max(MIN_TOLERANCE, float(np.nan_to_num(rec["last_se"])))
+            earlier = float(diffs[-2]) if len(g) > 2 else np.nan
+            state, verdict = _verdict(float(diffs[-1]), earlier, tolerance, float(last["std"]))
+            rec |= {"prev_step": int(g["step"].iloc[-2]), "change": float(diffs[-1]), "earlier_change": earlier,
+                    "tolerance": tolerance, "state": state, "verdict": verdict}
+        out.append(rec)
+    return pd.DataFrame.from_records(out, columns=FLAT_COLS)
+
+
+def _score(mean: float, std: float, n: int, row_n: int) -> str:
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if std == std else "")
+    return text + (f" (n={n})" if n != row_n else "")
+
+
+def curves_display(curves: pd.DataFrame, flat: pd.DataFrame) -> pd.DataFrame:
+    """One row per leaderboard row: its seeds (n at the last evaluation), the mean ± std at
+    every step (n beside a cell only where it differs), the last change and the verdict."""
+    steps = sorted({int(s) for s in curves["step"]})
+    cells = {(r.task, r.method, r.student, int(r.step)): r for r in curves.itertuples()}
+    out = []
+    for f in flat.itertuples():
+        row = {"task": f.task, "student": f.student, "method": f.method, "metric": f.metric, "seeds": str(f.n)}
+        for s in steps:
+            c = cells.get((f.task, f.method, f.student, s))
+            row[f"step {s}"] = _score(c.mean, c.std, c.n, f.n) if c is not None else "-"
+        row["last change"] = "-" if f.change != f.change else f"{f.change:+.2f} ({int(f.prev_step)} → {f.last_step})"
+        row["verdict"] = f.verdict
+        out.append(row)
+    return pd.DataFrame.from_records(out)
+
+
+CURVES_NOTE = (
+    "Validation score (x100, the task's main metric) of the students at every evaluation step: mean ± std (ddof=1) over "
+    "the row's finished seeds (n = seeds at the last evaluation; a cell shows its own n where it differs). Rows are the "
+    "leaderboard's; rows whose runs read different data are left out. Last change = mean at the last evaluation minus "
+    f"the mean at the one before. Rule: flat when |last change| <= max({MIN_TOLERANCE} points, standard error of the "
+    "last mean = its seed std / sqrt(n)); still rising when it is above that, falling when below; the change over the "
+    "interval before is shown, so a curve flat for one interval only is said to be. Flat is not converged: a curve "
+    "that stops at a learning-rate decay step can look flat (the plateau before the decay) and rise again after it, "
+    "and a schedule that decays the learning rate to zero flattens any curve at the end of any budget. The test split "
+    "is never used here.")
