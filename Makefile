@@ -48,5 +48,8 @@ browser:
 report: setup
 	$(BIN)/kdbench report $(SUITE) --format md
 
+# Removes the virtual environment only: results stores (committed evidence, or a suite in
+# progress with its write-ahead log) and teacher checkpoints that stored runs name are never
+# removed by make; delete a results folder yourself when you mean it.
 clean:
-	rm -rf $(VENV) results/*/store.sqlite* results/*/teachers
+	rm -rf $(VENV)
