@@ -268,29 +268,23 @@ def gradient_or_zeros(loss: Tensor | float, params: list[Tensor]) -> list[Tensor
 @dataclasses.dataclass
 class VirtualStep:
     """The pilot step of :func:`virtual_sgd_step`: ``fast`` = ``S'`` by parameter name, and
-    the same values as a function of placeholders ``u`` that hold ``v``
-    (``back`` = ``S - eta J^T u``, with the pilot backward's graph; ``fast`` shares their
-    memory), so that ``J g`` needs no second forward (:meth:`jvp`)."""
+    the pilot backward ``J^T u`` (``back``, with its graph) taken along placeholders ``u``
+    that hold ``v``, so that ``J g`` needs no second forward (:meth:`jvp`)."""
 
     fast: dict[str, Tensor]
     u: list[Tensor]
     back: dict[str, Tensor]
-    eta: float
 
     def jvp(self, tangents: dict[str, Tensor]) -> list[Tensor | None]:
         """``J g`` at ``S`` for ``g`` = ``tangents`` by parameter name (the others fixed): one
-        per output (None where it does not move), as ``-1/eta d/du <S - eta J^T u, g>``
-        through the pilot backward's graph (reverse over reverse: that graph was built
-        anyway; the forward's dropout masks and BatchNorm batch statistics are the ones it
-        saved). Exact; all None when ``eta`` is 0 (the step then does not depend on ``J g``).
-        Frees the pilot backward's graph; the forward's graph is kept."""
+        per output (None where it does not move), as ``d/du <J^T u, g>`` through the pilot
+        backward's graph (reverse over reverse: that graph was built anyway; the forward's
+        dropout masks and BatchNorm batch statistics are the ones it saved). Exact. Frees
+        the pilot backward's graph; the forward's graph is kept."""
         pairs = [(self.back[n], t) for n, t in tangents.items() if n in self.back and self.back[n].requires_grad]
-        found: list[Tensor | None] = [None] * len(self.u)
-        if pairs and self.eta != 0:
-            grads = torch.autograd.grad([b for b, _ in pairs], self.u, grad_outputs=[t for _, t in pairs], allow_unused=True)
-            found = [None if x is None else x / -self.eta for x in grads]
+        found = torch.autograd.grad([b for b, _ in pairs], self.u, grad_outputs=[t for _, t in pairs], allow_unused=True) if pairs else [None] * len(self.u)
         self.free()
-        return found
+        return list(found)
 
     def free(self) -> None:
         """Drop the pilot backward's graph (``S'`` stays)."""
@@ -303,16 +297,11 @@ def virtual_sgd_step(named: list[tuple[str, Tensor]], outputs: list[Tensor], cot
     (kept). ``S'`` holds new leaves requiring grad, by name; parameters the outputs do not
     reach are left out (they stay as they are). The backward is taken with ``create_graph``
     along placeholders for ``v``, so the step's :meth:`VirtualStep.jvp` gives ``J g``
-    without another forward (the graph costs memory until then; ``S'`` is kept once, the
-    gradients themselves are not)."""
+    without another forward (the graph costs memory until then)."""
     u = [c.detach().requires_grad_() for c in cotangents]
-    grads = list(torch.autograd.grad(outputs, [q for _, q in named], grad_outputs=u, retain_graph=True, create_graph=True, allow_unused=True))
-    back: dict[str, Tensor] = {}
-    for i, ((n, q), g) in enumerate(zip(named, grads)):
-        if g is not None:
-            back[n] = torch.add(q.detach(), g, alpha=-eta)  # its graph saves neither input: the gradient is freed here
-            grads[i] = None
-    return VirtualStep({n: x.detach().requires_grad_() for n, x in back.items()}, u, back, eta)
+    grads = torch.autograd.grad(outputs, [q for _, q in named], grad_outputs=u, retain_graph=True, create_graph=True, allow_unused=True)
+    fast = {n: torch.add(q.detach(), g.detach(), alpha=-eta).requires_grad_() for (n, q), g in zip(named, grads) if g is not None}
+    return VirtualStep(fast, u, {n: g for (n, _), g in zip(named, grads) if g is not None})
 
 
 @contextlib.contextmanager
