@@ -13,7 +13,7 @@ half-precision autocast (see :func:`kdbench.api.full_precision`).
 * :func:`build_teacher_optimizer`, :func:`schedule_ratio`, :func:`teacher_lr_factor`,
   :func:`apply_teacher_gradient`: for methods that update a run's teacher (ProKT, MetaDistil).
 * :func:`output_tensors`, :func:`rng_state`, :func:`replayed_rng`, :func:`output_jvp`,
-  :func:`output_derivative`, :func:`virtual_sgd_step` (:class:`VirtualStep`),
+  :func:`output_jvp_reverse`, :func:`output_derivative`, :func:`virtual_sgd_step`,
   :func:`gradient_or_zeros`, :func:`training_mode`: for meta-gradients (MetaDistil):
   directional derivatives ``J g`` of a model's outputs along a direction ``g`` in its
   parameter space, a virtual step and its pull-back.
@@ -223,7 +223,7 @@ def output_jvp(model: nn.Module, inputs: object, need: frozenset[str], tangents:
     train-mode forward sees the dropout masks drawn after ``rng`` was taken; its buffers are
     copies (BatchNorm's running statistics are not updated a second time, its batch
     statistics are differentiated as in the first pass). Raises what the forward raises
-    where an op has no forward-mode derivative. The fallback of :meth:`VirtualStep.jvp`."""
+    where an op has no forward-mode derivative (then see :func:`output_jvp_reverse`)."""
     params = dict(model.named_parameters())
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     with torch.no_grad(), fwad.dual_level(), replayed_rng(device, rng):
@@ -232,30 +232,42 @@ def output_jvp(model: nn.Module, inputs: object, need: frozenset[str], tangents:
         return [fwad.unpack_dual(x).tangent for x in output_tensors(out)[0]]
 
 
-def output_derivative(step: VirtualStep, tangents: dict[str, Tensor], model: nn.Module, inputs: object, need: frozenset[str], used: list[int],
-                      rng: Tensor | None, state: dict, autocast: Callable = contextlib.nullcontext) -> list[Tensor | None]:
-    """``J g`` for the outputs of the pilot ``step`` (the model's output tensors at indices
-    ``used`` of :func:`output_tensors`, from a forward on ``inputs`` that began with the
-    random state ``rng``): :meth:`VirtualStep.jvp` (through the pilot backward's own graph:
-    no second forward), or, where an op on that path has no double backward,
-    :func:`output_jvp` (forward mode, dropout replayed from ``rng``, under ``autocast``).
-    The reason is kept in ``state["jvp_fallback"]`` and warned about once: later calls go
-    straight to the fallback."""
-    reason = state.get("jvp_fallback")
+def output_jvp_reverse(outputs: list[Tensor], params: list[Tensor], tangents: list[Tensor]) -> list[Tensor | None]:
+    """``J g`` from the outputs' retained autograd graph, by reverse over reverse: ``J^T u``
+    for a placeholder ``u`` with ``create_graph``, then its derivative along ``g`` with
+    respect to ``u``. Exact like :func:`output_jvp` and for any op with a double backward,
+    but slower (a backward that builds a graph and a backward through it); the fallback
+    where forward-mode AD does not cover the model. ``outputs``' graph is kept."""
+    u = [torch.zeros_like(x, requires_grad=True) for x in outputs]
+    back = torch.autograd.grad(outputs, params, grad_outputs=u, create_graph=True, retain_graph=True, allow_unused=True)
+    pairs = [(b, g) for b, g in zip(back, tangents) if b is not None]
+    if not pairs:
+        return [None] * len(outputs)
+    return list(torch.autograd.grad([b for b, _ in pairs], u, grad_outputs=[g for _, g in pairs], retain_graph=True, allow_unused=True))
+
+
+def output_derivative(model: nn.Module, inputs: object, need: frozenset[str], used: list[int], outputs: list[Tensor],
+                      tangents: dict[str, Tensor], rng: Tensor | None, state: dict, autocast: Callable = contextlib.nullcontext) -> list[Tensor | None]:
+    """``J g`` for ``outputs``, the model's output tensors at indices ``used`` of
+    :func:`output_tensors` from a forward on ``inputs`` that began with the random state
+    ``rng`` and whose graph is kept: :func:`output_jvp` (under ``autocast``), or
+    :func:`output_jvp_reverse` where forward mode cannot run (an op without a forward-mode
+    derivative, or no ``rng`` on this device). The reason is kept in
+    ``state["jvp_fallback"]`` and warned about once: later calls go straight to the fallback."""
+    device = outputs[0].device
+    reason = state.get("jvp_fallback") or (None if rng is not None else f"no random state to replay on {device}")
     if reason is None:
         try:
-            return step.jvp(tangents)
+            with autocast():
+                found = output_jvp(model, inputs, need, tangents, rng, device)  # type: ignore[arg-type]
+            return [found[i] for i in used]
         except (RuntimeError, NotImplementedError) as exc:
-            reason = f"no double backward: {exc}"
+            reason = f"forward-mode AD failed: {exc}"
     if "jvp_fallback" not in state:
         state["jvp_fallback"] = reason
-        warnings.warn(f"{reason}; J g by forward-mode AD instead (exact, slower: a second forward)", stacklevel=2)
-    step.free()
-    if rng is None:
-        raise RuntimeError(f"{reason}; and forward-mode AD cannot replay this device's dropout masks: no meta-gradient") from None
-    with autocast():
-        found = output_jvp(model, inputs, need, tangents, rng, next(iter(tangents.values())).device)
-    return [found[i] for i in used]
+        warnings.warn(f"{reason}; J g by reverse over reverse instead (exact, slower)", stacklevel=2)
+    params = dict(model.named_parameters())
+    return output_jvp_reverse(outputs, [params[n] for n in tangents], list(tangents.values()))
 
 
 def gradient_or_zeros(loss: Tensor | float, params: list[Tensor]) -> list[Tensor]:
@@ -265,43 +277,13 @@ def gradient_or_zeros(loss: Tensor | float, params: list[Tensor]) -> list[Tensor
     return [torch.zeros_like(q) if g is None else g for q, g in zip(params, found)]
 
 
-@dataclasses.dataclass
-class VirtualStep:
-    """The pilot step of :func:`virtual_sgd_step`: ``fast`` = ``S'`` by parameter name, and
-    the pilot backward ``J^T u`` (``back``, with its graph) taken along placeholders ``u``
-    that hold ``v``, so that ``J g`` needs no second forward (:meth:`jvp`)."""
-
-    fast: dict[str, Tensor]
-    u: list[Tensor]
-    back: dict[str, Tensor]
-
-    def jvp(self, tangents: dict[str, Tensor]) -> list[Tensor | None]:
-        """``J g`` at ``S`` for ``g`` = ``tangents`` by parameter name (the others fixed): one
-        per output (None where it does not move), as ``d/du <J^T u, g>`` through the pilot
-        backward's graph (reverse over reverse: that graph was built anyway; the forward's
-        dropout masks and BatchNorm batch statistics are the ones it saved). Exact. Frees
-        the pilot backward's graph; the forward's graph is kept."""
-        pairs = [(self.back[n], t) for n, t in tangents.items() if n in self.back and self.back[n].requires_grad]
-        found = torch.autograd.grad([b for b, _ in pairs], self.u, grad_outputs=[t for _, t in pairs], allow_unused=True) if pairs else [None] * len(self.u)
-        self.free()
-        return list(found)
-
-    def free(self) -> None:
-        """Drop the pilot backward's graph (``S'`` stays)."""
-        self.back, self.u = {}, []
-
-
-def virtual_sgd_step(named: list[tuple[str, Tensor]], outputs: list[Tensor], cotangents: list[Tensor], eta: float) -> VirtualStep:
+def virtual_sgd_step(named: list[tuple[str, Tensor]], outputs: list[Tensor], cotangents: list[Tensor], eta: float) -> dict[str, Tensor]:
     """``S' = S - eta J^T v``: one plain SGD step of the parameters ``named`` on the loss
     whose gradient at ``outputs`` is ``cotangents`` (``v``), through the outputs' graph
-    (kept). ``S'`` holds new leaves requiring grad, by name; parameters the outputs do not
-    reach are left out (they stay as they are). The backward is taken with ``create_graph``
-    along placeholders for ``v``, so the step's :meth:`VirtualStep.jvp` gives ``J g``
-    without another forward (the graph costs memory until then)."""
-    u = [c.detach().requires_grad_() for c in cotangents]
-    grads = torch.autograd.grad(outputs, [q for _, q in named], grad_outputs=u, retain_graph=True, create_graph=True, allow_unused=True)
-    fast = {n: torch.add(q.detach(), g.detach(), alpha=-eta).requires_grad_() for (n, q), g in zip(named, grads) if g is not None}
-    return VirtualStep(fast, u, {n: g for (n, _), g in zip(named, grads) if g is not None})
+    (kept). New leaves requiring grad, by name; parameters the outputs do not reach are
+    left out (they stay as they are)."""
+    grads = torch.autograd.grad(outputs, [q for _, q in named], grad_outputs=cotangents, retain_graph=True, allow_unused=True)
+    return {n: torch.add(q.detach(), g, alpha=-eta).requires_grad_() for (n, q), g in zip(named, grads) if g is not None}
 
 
 @contextlib.contextmanager

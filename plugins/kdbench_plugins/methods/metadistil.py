@@ -54,18 +54,18 @@ the loss reads (logits, hidden states, ...) and ``t`` the teacher's. Then
 
 so a step runs: the teacher forward (eval mode, with grad) and the student's train-mode
 forward once; ``v`` as a small logit-level graph that still reads ``t(T)``; the pilot
-gradient ``J^T u`` by one backward through the student along a placeholder ``u`` holding
-``v`` (``create_graph``; the forward's graph kept for the real step) and
-``S' = S - eta J^T v`` as fresh tensors (a dict used through
+gradient ``J^T v`` by a plain first-order backward through the student (its graph kept
+for the real step) and ``S' = S - eta J^T v`` as fresh tensors (a dict used through
 ``torch.func.functional_call``); the quiz gradient ``g`` at ``S'`` batch by batch (one
-quiz graph alive at a time, ``S'`` freed after it); ``J g = d/du <J^T u, g>`` by a
-backward through the pilot backward's graph (no second student forward: the dropout
-masks and BatchNorm batch statistics are the pilot forward's own); and one backward of
-``-eta <J g, v(T)>`` into the teacher. Measured on the reference setup this costs less
-than a forward-mode pass (a second forward carrying ``g``), which stays as the fallback
-where an op has no double backward (dropout masks replayed from the saved random state,
-BatchNorm's buffers copied; warned once per run). Helpers:
-:func:`kdbench.losses.virtual_sgd_step` and its neighbours. The real step reuses the
+quiz graph alive at a time, ``S'`` freed after it); ``J g`` by forward-mode AD (one
+forward at ``S`` carrying the tangent ``g``, with the pilot forward's dropout masks
+replayed from the saved random state and BatchNorm's buffers copied, so running statistics
+move once per step); and one backward of ``-eta <J g, v(T)>`` into the teacher. There is
+no double backward through the student: the tangent pass costs about 2-3 plain student
+forwards and keeps no graph. Where forward mode cannot run (an op without a forward-mode
+derivative, a device whose random state cannot be replayed) ``J g`` comes from the kept
+graph by reverse over reverse (exact, slower; warned once per run). Helpers:
+:func:`kdbench.losses.output_derivative` and its neighbours. The real step reuses the
 student forward (same weights). The pilot's inner loss runs under ``ctx.rehearsal()``
 (on detached copies of the student's outputs): the inner method's random draws and extra
 buffers (CRD's negatives and memory banks) are the same in the real step. Extra modules
@@ -213,7 +213,7 @@ class MetaDistil(Method):
         eta = self.virtual_step_size(ctx)
         with torch.enable_grad(), ctx.autocast(), ctx.rehearsal(), training_mode(teacher, False):
             t_out = teacher(batch.inputs, need=self.teacher_needs)
-            rng = rng_state(ctx.device)  # the student's dropout masks, replayed if J g falls back to forward mode
+            rng = rng_state(ctx.device)  # the student's dropout masks, replayed by the jvp
             s_out = student(batch.inputs, need=self.student_needs)
             s_all, rebuild = output_tensors(s_out)
             leaves = [x.detach().requires_grad_() for x in s_all]
@@ -222,11 +222,11 @@ class MetaDistil(Method):
         v = torch.autograd.grad(inner_loss, leaves, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(v) if g is not None]
         outs, vs = [s_all[i] for i in used], [v[i] for i in used]
-        pilot = virtual_sgd_step(named, outs, [g.detach() for g in vs], eta)  # S', and J^T u's graph for J g
-        grad_fast, quiz = self.quiz_gradient(ctx, pilot.fast, batch.labels.shape[0])
-        pilot.fast = {}
-        s_dot = output_derivative(pilot, grad_fast, student, batch.inputs, self.student_needs, used, rng, ctx.state, ctx.autocast)
-        del grad_fast, pilot
+        fast = virtual_sgd_step(named, outs, [g.detach() for g in vs], eta)  # S'
+        grad_fast, quiz = self.quiz_gradient(ctx, fast, batch.labels.shape[0])
+        del fast
+        s_dot = output_derivative(student, batch.inputs, self.student_needs, used, outs, grad_fast, rng, ctx.state, ctx.autocast)
+        del grad_fast
         # d/dT <g, S'(T)> = -eta d/dT <J g, v(T)>: backpropagated from the outputs into T
         phi = sum(((-eta * d) * g).sum() for d, g in zip(s_dot, vs) if d is not None)
         return gradient_or_zeros(phi, t_params), s_out, quiz
