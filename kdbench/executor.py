@@ -148,15 +148,26 @@ def heartbeat(store: ResultsStore, spec_hash: str, every_s: float = HEARTBEAT_S)
 
 def teachers_first(runner: Runner, store: ResultsStore, specs: list[RunSpec]) -> tuple[dict[str, TeacherCheckpoint], dict[str, TeacherFailed]]:
     """The teachers-first phase of the local executor: every teacher the runs need, ready
-    or fine-tuned now (once), before any student run is claimed."""
+    or fine-tuned now (once), before any student run is claimed. A teacher that another
+    process is fine-tuning is passed over on the first pass and waited for only after this
+    process has fine-tuned every teacher nobody had claimed, so two processes started on
+    one suite train its teachers side by side instead of one waiting for the other."""
     ready: dict[str, TeacherCheckpoint] = {}
     failed: dict[str, TeacherFailed] = {}
-    for th, spec in teachers_needed(runner.registry, specs).items():
-        try:
-            ready[th] = provide_teacher(spec, runner.results_dir, store, runner.registry, runner.device, progress=runner.progress)
-        except TeacherFailed as exc:
-            failed[th] = exc
-            _say(f"teacher {th} ({spec.task.name}) failed: {exc.reason}")
+    needed = teachers_needed(runner.registry, specs)
+    for wait in (False, True):
+        for th, spec in needed.items():
+            if th in ready or th in failed:
+                continue
+            try:
+                got = provide_teacher(spec, runner.results_dir, store, runner.registry, runner.device,
+                                      progress=runner.progress, wait=wait)
+            except TeacherFailed as exc:
+                failed[th] = exc
+                _say(f"teacher {th} ({spec.task.name}) failed: {exc.reason}")
+                continue
+            if got is not None:
+                ready[th] = got
     return ready, failed
 
 

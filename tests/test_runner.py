@@ -203,3 +203,63 @@ def test_grad_clip_scales_the_step_to_the_clipped_norm():
     w.grad = torch.tensor([3.0, 4.0])
     opt.step()
     assert torch.allclose(w.detach(), torch.tensor([-0.3, -0.4]), atol=1e-6)
+
+
+def test_teachers_first_trains_the_unclaimed_teacher_while_another_process_trains_the_first(tmp_path, registry, monkeypatch):
+    """Two processes on one suite: a teacher another live process holds is passed over,
+    the next one is trained here, and only then is the first waited for (here: its owner
+    dies, so this process takes it over)."""
+    import socket
+    import subprocess
+
+    import kdbench.executor as executor_mod
+    import kdbench.store as store_mod
+
+    data = suite_data(tasks=[{"name": "movie-sentiment", "options": {"train_size": 200, "max_length": 24}},
+                             {"name": "movie-rating", "options": {"train_size": 200, "max_length": 24}}],
+                      methods=[{"name": "kd", "params": {"alpha": 0.5, "temperature": 2.0}}], seeds=[0])
+    data["teacher"]["train"]["budget"] = {"steps": 4, "batch_size": 16, "eval_every": 4}
+    suite = build_suite(data, registry=registry)
+    first, second = [s for s in suite.runs if s.task.name == "movie-sentiment"][0], [s for s in suite.runs if s.task.name == "movie-rating"][0]
+    assert first.teacher_hash != second.teacher_hash
+    store = open_store(tmp_path)
+    other = subprocess.Popen(["sleep", "120"])  # a live process that "holds" the first teacher
+    try:
+        monkeypatch.setattr(store_mod, "owner_id", lambda: f"{socket.gethostname()}:{other.pid}")
+        assert store.claim_teacher(first.teacher_hash, first.task.name, first.teacher.model_dump(mode="json"))
+        monkeypatch.undo()
+        calls = []
+        real = executor_mod.provide_teacher
+
+        def spy(spec, *args, wait=True, **kwargs):
+            calls.append((spec.teacher_hash, wait, store.teacher(second.teacher_hash)["status"] if store.teacher(second.teacher_hash) else None))
+            if spec.teacher_hash == first.teacher_hash and wait:
+                other.kill()  # the holder dies: the waiting pass takes the teacher over
+                other.wait()
+            return real(spec, *args, wait=wait, **kwargs)
+
+        monkeypatch.setattr(executor_mod, "provide_teacher", spy)
+        runner = Runner(tmp_path, registry, device="cpu", progress=False)
+        ready, failed = executor_mod.teachers_first(runner, store, suite.runs)
+    finally:
+        other.kill()
+    assert failed == {} and set(ready) == {first.teacher_hash, second.teacher_hash}
+    # first pass: the held teacher is skipped (not waited for), the free one trained; then the wait
+    assert calls == [(first.teacher_hash, False, None), (second.teacher_hash, False, None), (first.teacher_hash, True, "done")]
+    assert store.teacher(first.teacher_hash)["status"] == "done"
+
+
+def test_provide_teacher_without_wait_returns_none_while_a_live_process_holds_the_teacher(tmp_path, registry, monkeypatch):
+    import os
+    import socket
+
+    import kdbench.store as store_mod
+
+    spec = next(s for s in build_suite(suite_data(), registry=registry).runs if s.teacher_hash)
+    store = open_store(tmp_path)
+    monkeypatch.setattr(store_mod, "owner_id", lambda: f"{socket.gethostname()}:{os.getppid()}")  # the parent: alive
+    assert store.claim_teacher(spec.teacher_hash, spec.task.name, spec.teacher.model_dump(mode="json"))
+    monkeypatch.undo()
+    runner = Runner(tmp_path, registry, device="cpu", progress=False)
+    assert provide_teacher(spec, tmp_path, store, registry, runner.device, wait=False) is None
+    assert store.teacher(spec.teacher_hash)["status"] == "running" and not (tmp_path / "teachers").exists()

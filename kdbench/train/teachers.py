@@ -16,7 +16,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, overload
 
 import torch
 
@@ -207,10 +207,19 @@ def resolve_row_path(results_dir: Path, row: dict[str, Any]) -> Path:
     return Path(results_dir) / stored
 
 
+@overload
 def provide_teacher(spec: RunSpec, results_dir: Path, store: ResultsStore, registry: Registry, device: torch.device,
-                    progress: bool = False, wait_s: float = 1.0) -> TeacherCheckpoint:
+                    progress: bool = ..., wait_s: float = ..., *, wait: Literal[True] = ...) -> TeacherCheckpoint: ...
+@overload
+def provide_teacher(spec: RunSpec, results_dir: Path, store: ResultsStore, registry: Registry, device: torch.device,
+                    progress: bool = ..., wait_s: float = ..., *, wait: bool) -> TeacherCheckpoint | None: ...
+
+
+def provide_teacher(spec: RunSpec, results_dir: Path, store: ResultsStore, registry: Registry, device: torch.device,
+                    progress: bool = False, wait_s: float = 1.0, *, wait: bool = True) -> TeacherCheckpoint | None:
     """The teacher of ``spec``, fine-tuned once per results folder. When another live
-    process is training it, wait for it instead of training it twice. Raises
+    process is training it, wait for it instead of training it twice (``wait=False``:
+    return None at once, so the caller can train another teacher meanwhile). Raises
     :class:`TeacherFailed` when it cannot be trained (recorded on the teacher's row)."""
     th = spec.teacher_hash
     assert th is not None and spec.teacher is not None
@@ -220,6 +229,8 @@ def provide_teacher(spec: RunSpec, results_dir: Path, store: ResultsStore, regis
             return ready
         if store.claim_teacher(th, spec.task.name, spec.teacher.model_dump(mode="json")):
             break
+        if not wait:
+            return None
         time.sleep(wait_s)
     path = checkpoint_path(results_dir, th)
     try:
