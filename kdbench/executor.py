@@ -4,7 +4,9 @@ it, record the outcome.
 The local executor trains runs one after another in this process. First every teacher
 the pending runs need is fine-tuned (or found ready) through
 :func:`kdbench.train.teachers.provide_teacher`; only then are student runs claimed, so a
-process killed while a teacher trains charges no run an attempt. A teacher that fails or
+process killed while a teacher trains charges no run an attempt. A teacher that another
+process is fine-tuning is not waited for there: this process trains the runs whose
+teachers are ready and waits for that teacher (before claiming) when a run first needs it. A teacher that fails or
 diverges is recorded on its own row and its runs are marked failed "blocked by teacher
 <hash>: <reason>" without an attempt (they are tried again once the teacher trains).
 Finished runs (done or diverged) are skipped, so a killed suite resumes where it stopped;
@@ -146,22 +148,25 @@ def heartbeat(store: ResultsStore, spec_hash: str, every_s: float = HEARTBEAT_S)
         thread.join()
 
 
-def teachers_first(runner: Runner, store: ResultsStore, specs: list[RunSpec]) -> tuple[dict[str, TeacherCheckpoint], dict[str, TeacherFailed]]:
+def teachers_first(runner: Runner, store: ResultsStore, specs: list[RunSpec], *,
+                   wait: bool = True) -> tuple[dict[str, TeacherCheckpoint], dict[str, TeacherFailed]]:
     """The teachers-first phase of the local executor: every teacher the runs need, ready
     or fine-tuned now (once), before any student run is claimed. A teacher that another
     process is fine-tuning is passed over on the first pass and waited for only after this
     process has fine-tuned every teacher nobody had claimed, so two processes started on
-    one suite train its teachers side by side instead of one waiting for the other."""
+    one suite train its teachers side by side instead of one waiting for the other.
+    ``wait=False`` skips the waiting pass: such a teacher is then in neither dict, and the
+    caller waits for it (:func:`provide_teacher`) when a run first needs it."""
     ready: dict[str, TeacherCheckpoint] = {}
     failed: dict[str, TeacherFailed] = {}
     needed = teachers_needed(runner.registry, specs)
-    for wait in (False, True):
+    for wait_now in (False, True) if wait else (False,):
         for th, spec in needed.items():
             if th in ready or th in failed:
                 continue
             try:
                 got = provide_teacher(spec, runner.results_dir, store, runner.registry, runner.device,
-                                      progress=runner.progress, wait=wait)
+                                      progress=runner.progress, wait=wait_now)
             except TeacherFailed as exc:
                 failed[th] = exc
                 _say(f"teacher {th} ({spec.task.name}) failed: {exc.reason}")
@@ -181,11 +186,29 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
     outcome = SuiteOutcome()
     specs = [s for s in suite.runs if only is None or only(s)]
     pending = pending_runs(store, specs, rerun, outcome)
-    checkpoints, failures = teachers_first(runner, store, pending)
+    # A teacher another process is fine-tuning is not waited for up front: this process
+    # first trains the runs whose teachers are ready (in suite order), looking again at
+    # the held teacher before each run, and waits for it only when nothing else is left.
+    checkpoints, failures = teachers_first(runner, store, pending, wait=False)
     bar = suite_progress(len(pending), suite.name, runner.progress)
-    for i, spec in enumerate(pending, 1):
-        bar.update(1)
+    queue, held, i = list(pending), [], 0
+    while queue or held:
+        if not queue:  # only runs whose teacher another process holds: wait for it
+            queue, held = held, []
+            more, failed = teachers_first(runner, store, queue[:1])
+            checkpoints.update(more)
+            failures.update(failed)
+        spec = queue.pop(0)
         needs = needs_teacher(registry, spec)
+        if needs and spec.teacher_hash not in checkpoints and spec.teacher_hash not in failures:
+            more, failed = teachers_first(runner, store, [spec], wait=False)
+            checkpoints.update(more)
+            failures.update(failed)
+            if spec.teacher_hash not in checkpoints and spec.teacher_hash not in failures:
+                held.append(spec)
+                continue
+        i += 1
+        bar.update(1)
         if needs and spec.teacher_hash in failures:
             note_blocked(store, spec, failures[spec.teacher_hash], outcome)
             continue

@@ -249,6 +249,46 @@ def test_teachers_first_trains_the_unclaimed_teacher_while_another_process_train
     assert store.teacher(first.teacher_hash)["status"] == "done"
 
 
+def test_run_local_trains_the_runs_whose_teacher_is_ready_before_waiting_for_a_held_one(tmp_path, registry, monkeypatch):
+    import socket
+    import subprocess
+
+    import kdbench.executor as executor_mod
+    import kdbench.store as store_mod
+
+    data = suite_data(tasks=[{"name": "movie-sentiment", "options": {"train_size": 200, "max_length": 24}},
+                             {"name": "movie-rating", "options": {"train_size": 200, "max_length": 24}}],
+                      methods=[{"name": "kd", "params": {"alpha": 0.5, "temperature": 2.0}}], seeds=[0])
+    data["teacher"]["train"]["budget"] = {"steps": 4, "batch_size": 16, "eval_every": 4}
+    suite = build_suite(data, registry=registry)
+    first = next(s for s in suite.runs if s.task.name == "movie-sentiment")
+    later = next(s for s in suite.runs if s.task.name == "movie-rating")
+    assert suite.runs.index(first) < suite.runs.index(later)  # suite order: the held teacher's run comes first
+    store = open_store(tmp_path)
+    other = subprocess.Popen(["sleep", "120"])
+    try:
+        monkeypatch.setattr(store_mod, "owner_id", lambda: f"{socket.gethostname()}:{other.pid}")
+        assert store.claim_teacher(first.teacher_hash, first.task.name, first.teacher.model_dump(mode="json"))
+        monkeypatch.undo()
+        seen = []
+        real = executor_mod.provide_teacher
+
+        def spy(spec, *args, wait=True, **kwargs):
+            if spec.teacher_hash == first.teacher_hash and wait:
+                seen.append({r["task"]: r["status"] for r in store.runs()})
+                other.kill()
+                other.wait()
+            return real(spec, *args, wait=wait, **kwargs)
+
+        monkeypatch.setattr(executor_mod, "provide_teacher", spy)
+        outcome = run_local(suite, tmp_path, registry=registry, progress=False)
+    finally:
+        other.kill()
+    assert seen == [{"movie-rating": "done"}]  # the free task's run was trained before the wait
+    assert sorted(outcome.trained) == sorted(s.hash for s in suite.runs)
+    assert {r["task"]: r["status"] for r in store.runs()} == {"movie-sentiment": "done", "movie-rating": "done"}
+
+
 def test_provide_teacher_without_wait_returns_none_while_a_live_process_holds_the_teacher(tmp_path, registry, monkeypatch):
     import os
     import socket
