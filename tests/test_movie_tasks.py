@@ -14,7 +14,8 @@ from kdbench.data import cache_dir
 from kdbench.executor import open_store, run_local
 from kdbench.spec import build_suite
 from kdbench_plugins.tasks.movie_sentiment import (
-    SDIST, MovieOptions, MovieRating, MovieSentiment, parse_ratings, parse_snippets, read_snippets_from_sdist,
+    SDIST, MovieOptions, MovieRating, MovieRatingPairs, MovieSentiment, PairOptions, parse_ratings, parse_snippets,
+    read_snippets_from_sdist,
 )
 
 DATA = cache_dir() / "data"  # where the runner lets tasks download (kdbench.data)
@@ -84,3 +85,50 @@ def test_kd_and_metadistil_run_on_movie_rating(tmp_path) -> None:
     rows = open_store(tmp_path / "results").runs([r.hash for r in suite.runs])
     assert {r["status"] for r in rows} == {"done"}, [r["error"] for r in rows]
     assert all({"pearson", "spearman", "score"} <= set(r["metrics"]["test"]) for r in rows)
+
+
+def sentences(split: dict) -> set[str]:
+    return set(split["text"]) | set(split["text_pair"])
+
+
+def check_pairs(task_options: dict, n_train: int, n_val: int, n_test: int) -> None:
+    """Shared by the local-file and real-archive tests: sizes, labels, and which sentences
+    each split's pairs are made of under both validation choices."""
+    held = MovieRatingPairs(PairOptions(validation="held_out", **task_options)).load(str(DATA))
+    shared = MovieRatingPairs(PairOptions(validation="shared", **task_options)).load(str(DATA))
+    for splits in (held, shared):
+        assert {k: len(v["label"]) for k, v in splits.items()} == {"train": n_train, "validation": n_val, "test": n_test}
+        for split in splits.values():
+            assert all(a != b for a, b in zip(split["text"], split["text_pair"]))
+    # the same training pairs and test pairs: only validation differs
+    for name in ("train", "test"):
+        assert held[name]["text"] == shared[name]["text"] and held[name]["text_pair"] == shared[name]["text_pair"]
+        np.testing.assert_array_equal(held[name]["label"], shared[name]["label"])
+    train = sentences(held["train"])
+    assert not sentences(held["test"]) & train and not sentences(held["validation"]) & train
+    assert not sentences(held["validation"]) & sentences(held["test"])
+    # shared validation: pairs not trained on, whose sentences mostly recur in training pairs
+    pairs = set(zip(held["train"]["text"], held["train"]["text_pair"]))
+    assert not pairs & set(zip(shared["validation"]["text"], shared["validation"]["text_pair"]))
+    assert len(sentences(shared["validation"]) & train) / len(sentences(shared["validation"])) > 0.85
+
+
+def test_movie_rating_pairs_label_is_the_mean_rating_and_its_splits_share_what_they_claim(tmp_path) -> None:
+    path = snippets(tmp_path, n=400)  # a small local file: the real proportions, scaled
+    check_pairs({"source_file": str(path)}, n_train=240, n_val=40, n_test=80)
+    texts, ratings = parse_ratings(path.read_bytes(), "x")
+    rating = dict(zip(texts, ratings))
+    split = MovieRatingPairs(PairOptions(source_file=str(path))).load("/nonexistent")["train"]
+    expected = [(rating[a] + rating[b]) / 2 for a, b in zip(split["text"], split["text_pair"])]
+    np.testing.assert_allclose(split["label"], expected, rtol=0, atol=1e-6)
+    assert split["label"].dtype == np.float32
+    few = tmp_path / "few.tsv"
+    few.write_text("\n".join(f"{i}\t1.0\tsnippet {i}" for i in range(5)) + "\n")
+    with pytest.raises(DataError, match="movie-rating-pairs: 5 snippets are too few"):
+        MovieRatingPairs(PairOptions(source_file=str(few))).load("/nonexistent")
+
+
+@pytest.mark.skipif(not ARCHIVE.is_file(), reason="the vaderSentiment archive is not in the local cache")
+def test_real_movie_rating_pairs_splits() -> None:
+    check_pairs({}, n_train=3000, n_val=500, n_test=1000)
+    assert len(MovieRatingPairs(PairOptions(train_size=1000)).load(str(DATA))["train"]["label"]) == 1000

@@ -1,5 +1,8 @@
-"""``movie-sentiment``: binary sentiment of 10,568 Rotten Tomatoes review snippets, and
-``movie-rating``: their mean ratings (-4..4) as a regression task (see :class:`MovieRating`).
+"""``movie-sentiment``: binary sentiment of 10,568 Rotten Tomatoes review snippets,
+``movie-rating``: their mean ratings (-4..4) as a regression task (see :class:`MovieRating`),
+and ``movie-rating-pairs``: the mean rating of two snippets, a sentence-pair regression task
+whose validation split can share sentences with the training pairs, as a validation split
+carved from STS-B's training pairs does (see :class:`MovieRatingPairs`).
 
 Source: the ICWSM-2014 ground-truth set of Hutto & Gilbert, "VADER: A Parsimonious
 Rule-based Model for Sentiment Analysis of Social Media Text" (ICWSM 2014), shipped inside
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -174,6 +178,71 @@ class MovieRating(MovieSentiment):
         return {**out, "score": (out["pearson"] + out["spearman"]) / 2}
 
 
+# movie-rating-pairs: sentence pools (seed 1, fixed) and pair counts
+PAIR_SEED = 1
+POOLS = {"test": 2000, "validation": 1000, "train": 2000}  # sentences in each disjoint pool
+PAIRS = {"test": 1000, "validation": 500, "train": 3500}  # pairs drawn within each pool
+
+
+class PairOptions(MovieOptions):
+    max_length: int = Field(64, gt=2, le=512, description="tokens of the two snippets together")
+    validation: Literal["held_out", "shared"] = Field(
+        "held_out", description="held_out: validation pairs from their own sentences (i.i.d. with test); shared: "
+                                "the last 500 of the training pool's pairs, whose sentences recur in the training pairs")
+
+
+def draw_pairs(rng: np.random.Generator, pool: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` pairs of two different sentences of ``pool``, each drawn uniformly."""
+    a, b = rng.choice(pool, count), rng.choice(pool, count)
+    while (same := a == b).any():
+        b[same] = rng.choice(pool, int(same.sum()))
+    return a, b
+
+
+class MovieRatingPairs(MovieRating):
+    """Two snippets in, the mean of their ratings (-4..4) out; (Pearson + Spearman) / 2.
+
+    The snippets are split once (seed 1) into three disjoint pools: test (2,000 sentences),
+    validation (1,000) and train (2,000). Pairs are drawn within a pool: 1,000 test pairs,
+    500 validation pairs, 3,500 training-pool pairs, so each training sentence is in about
+    3.5 pairs. Train is the first 3,000 training-pool pairs (``train_size`` subsamples them).
+    ``validation: held_out`` (default) scores the validation pool's pairs: new sentences,
+    i.i.d. with test. ``validation: shared`` scores the last 500 training-pool pairs
+    instead: pairs never trained on, made of sentences that almost all recur in the
+    training pairs, like a validation split carved from STS-B's training pairs. Train and
+    test are the same under both, so the two differ only in what validation measures.
+    Small local files (tests) keep the proportions."""
+
+    name = "movie-rating-pairs"
+    description = "pairs of Rotten Tomatoes snippets, their mean rating as regression; validation held out or sharing training sentences."
+    version = 1
+    Options = PairOptions
+
+    def load(self, cache_dir: str) -> dict[str, Examples]:
+        texts, ratings = self.examples(*self.read(cache_dir))
+        n, full = len(texts), sum(POOLS.values())
+        scale = min(1.0, n / full)
+        sizes = {k: max(2, int(v * scale)) for k, v in POOLS.items()}
+        if sum(sizes.values()) > n:
+            raise DataError(f"{self.name}: {n} snippets are too few to make its three sentence pools")
+        rng = np.random.default_rng(PAIR_SEED)
+        order = rng.permutation(n)
+        pools, start = {}, 0
+        for name, size in sizes.items():
+            pools[name], start = order[start:start + size], start + size
+        pairs = {name: draw_pairs(rng, pools[name], max(2, int(PAIRS[name] * scale))) for name in PAIRS}
+        n_train = int(PAIRS["train"] * scale) - int(PAIRS["validation"] * scale)
+        a, b = pairs["train"]
+        train, spare = (a[:n_train], b[:n_train]), (a[n_train:], b[n_train:])
+        if self.options.train_size is not None and self.options.train_size < n_train:
+            keep = np.sort(np.random.default_rng(SPLIT_SEED).choice(n_train, self.options.train_size, replace=False))
+            train = (train[0][keep], train[1][keep])
+        chosen = {"train": train, "validation": spare if self.options.validation == "shared" else pairs["validation"],
+                  "test": pairs["test"]}
+        return {name: {"text": [texts[i] for i in a], "text_pair": [texts[j] for j in b],
+                       "label": ((ratings[a] + ratings[b]) / 2).astype(np.float32)} for name, (a, b) in chosen.items()}
+
+
 @hookimpl
 def kdbench_tasks() -> list[type[Task]]:
-    return [MovieSentiment, MovieRating]
+    return [MovieSentiment, MovieRating, MovieRatingPairs]
