@@ -79,10 +79,10 @@ def by_hand(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_the_history_keys_are_the_runners():
-    from kdbench.report import curves
+    from kdbench.report import curves, frame
     from kdbench.train import evaluation
 
-    assert curves.VALIDATION == evaluation.VALIDATION and curves.STEP == "step"
+    assert curves.VALIDATION == evaluation.VALIDATION and frame.STEP == "step"
 
 
 def test_the_curve_is_the_mean_and_std_over_finished_seeds_at_every_step(rep):

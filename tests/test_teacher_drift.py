@@ -8,6 +8,7 @@ import json
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -155,9 +156,10 @@ def teacher_entry(seed: int, step: int, kind: str = "kl") -> dict:
             "divergence_kind": kind, "start_validation": {"accuracy": 0.80}}
 
 
-def drift_store(path, gap: dict[str, tuple[float, float]]):
+def drift_store(path, gap: dict[str, tuple[float, float]], resumed: bool = False):
     """A store of none, kd and metadistil runs (3 seeds). ``gap``: method -> (validation,
-    test) difference from ``none`` on every seed. metadistil runs carry teacher entries."""
+    test) difference from ``none`` on every seed. metadistil runs carry teacher entries;
+    ``resumed``: their first step is recorded twice, a stale entry before the real one."""
     from kdbench.store import DONE, ResultsStore
 
     data = suite_data(methods=[{"name": "none"}, {"name": "kd"}, {"name": "metadistil", "params": {"teacher_lr": 1e-3}}], seeds=SEEDS)
@@ -170,6 +172,9 @@ def drift_store(path, gap: dict[str, tuple[float, float]]):
         history = [{"step": s, "validation": {"accuracy": base + dv}, "test": {"accuracy": base + dt}} for s in STEPS]
         if spec.method == "metadistil":
             history = [h | {TEACHER: teacher_entry(spec.seed, h["step"])} for h in history]
+            if resumed:
+                stale = {"validation": {"accuracy": 0.1}, "divergence": 9.0, "divergence_kind": "kl", "start_validation": {"accuracy": 0.5}}
+                history = [history[0] | {TEACHER: stale}, *history]
         metrics = select_metrics(history, "final", "accuracy")
         store.finish(spec, DONE, metrics=metrics, history=history, cost={"wall_s": 1.0}, env={"git_commit": "abc"})
     (spec,) = {r.teacher_hash: r for r in suite.runs if r.teacher_hash}.values()
@@ -179,10 +184,10 @@ def drift_store(path, gap: dict[str, tuple[float, float]]):
     return suite, store
 
 
-def report_of(tmp_path, gap):
+def report_of(tmp_path, gap, resumed: bool = False):
     from kdbench.report import build_report
 
-    suite, store = drift_store(tmp_path / "store.sqlite", gap)
+    suite, store = drift_store(tmp_path / "store.sqlite", gap, resumed)
     return build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False), store
 
 
@@ -213,6 +218,16 @@ def test_the_drift_table_is_the_mean_of_the_stored_history(tmp_path):
     assert last["live teacher (validation)"] == f"{scores.mean():.2f} ± {scores.std(ddof=1):.2f} (n=3)"
     assert last["divergence from start"].startswith("kl 0.4 ± 0.2")
     assert "KL(p_start || p_now)" in note and "budget is too short" in note
+
+
+def test_a_step_recorded_twice_counts_once_with_its_last_entry(tmp_path):
+    """As the learning curves do (kdbench.report.frame.evaluations): a resumed run's
+    repeated step is one evaluation, the later one."""
+    plain, _ = report_of(tmp_path / "plain", {})
+    resumed, store = report_of(tmp_path / "resumed", {}, resumed=True)
+    assert any(len(r["history"]) == len(STEPS) + 1 for r in store.runs())  # the duplicate is stored
+    pd.testing.assert_frame_equal(resumed.drift, plain.drift)
+    assert list(resumed.drift["n"]) == [len(SEEDS)] * len(STEPS)
 
 
 def test_every_format_shows_the_drift_section(tmp_path):

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from kdbench.report.aggregate import mixed_data
-from kdbench.report.frame import SCALE
+from kdbench.report.frame import SCALE, evaluations
 from kdbench.store import DONE
 
-STEP, VALIDATION = "step", "validation"  # the history keys kdbench.train.evaluation writes
+VALIDATION = "validation"  # the history key kdbench.train.evaluation writes
 KEYS = ["task", "method", "student"]
 CURVE_COLS = ["task", "method", "method_name", "student", "step", "metric", "n", "mean", "std"]
 FLAT_COLS = ["task", "method", "method_name", "student", "metric", "evaluations", "n", "last_step", "last_mean", "last_std",
@@ -32,16 +32,18 @@ MIN_TOLERANCE = 0.5
 def _evaluations(rows: list[dict[str, Any]], runs: pd.DataFrame) -> pd.DataFrame:
     """One record per (leaderboard row, run of ``runs``, evaluation step) with the validation
     main metric (x100); a step recorded twice (a resumed run) counts once, its last entry."""
-    history = {r["hash"]: r.get("history") or [] for r in rows}
-    out = []
+    by_hash: dict[str, list[Any]] = {}
     for run in runs.drop_duplicates(["hash", *KEYS]).itertuples():
-        for h in history.get(run.hash, []):
-            value = (h.get(VALIDATION) or {}).get(run.metric) if isinstance(h, dict) and STEP in h else None
+        by_hash.setdefault(run.hash, []).append(run)
+    out = []
+    for h, step, entry in evaluations(rows, by_hash):
+        for run in by_hash[h]:
+            value = (entry.get(VALIDATION) or {}).get(run.metric)
             if isinstance(value, (int, float)) and np.isfinite(value):
                 out.append({"task": run.task, "method": run.method, "method_name": run.method_name, "student": run.student,
-                            "hash": run.hash, "step": int(h[STEP]), "metric": run.metric, "score": float(value) * SCALE})
+                            "hash": h, "step": step, "metric": run.metric, "score": float(value) * SCALE})
     cols = [*KEYS, "method_name", "hash", "step", "metric", "score"]
-    return pd.DataFrame.from_records(out, columns=cols).drop_duplicates(["hash", *KEYS, "step"], keep="last")
+    return pd.DataFrame.from_records(out, columns=cols)
 
 
 def curve_table(rows: list[dict[str, Any]], runs: pd.DataFrame) -> pd.DataFrame:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.report.aggregate import pick_baseline_config
-from kdbench.report.frame import SCALE
+from kdbench.report.frame import SCALE, evaluations
 from kdbench.report.tables import cell
 from kdbench.store import DONE
 
@@ -44,22 +44,21 @@ def _fine_tuned(teacher_hashes: Iterable[Any], teachers: dict[str, dict[str, Any
 
 
 def _entries(rows: list[dict[str, Any]], df: pd.DataFrame) -> list[dict[str, Any]]:
-    """One record per (run, evaluation) that holds a live-teacher entry."""
+    """One record per (finished run, evaluation step) that holds a live-teacher entry (a
+    step recorded twice by a resumed run: its last entry)."""
     runs = df.drop_duplicates("hash").set_index("hash") if not df.empty else df
+    done = [r["hash"] for r in rows if r["status"] == DONE and r["hash"] in runs.index]
     out = []
-    for r in rows:
-        if r["status"] != DONE or r["hash"] not in runs.index:
+    for h, step, entry in evaluations(rows, done):
+        t = entry.get(TEACHER)
+        if not isinstance(t, dict):
             continue
-        run = runs.loc[r["hash"]]
-        for h in r.get("history") or []:
-            t = h.get(TEACHER) if isinstance(h, dict) else None
-            if not isinstance(t, dict):
-                continue
-            metric = run["metric"]
-            out.append({"task": run["task"], "method": run["method"], "method_name": run["method_name"], "student": run["student"],
-                        "step": int(h["step"]), "metric": metric, "teacher_hash": run["teacher_hash"],
-                        "score": (t.get("validation") or {}).get(metric), "start": (t.get("start_validation") or {}).get(metric),
-                        "divergence": t.get("divergence"), "kind": t.get("divergence_kind")})
+        run = runs.loc[h]
+        metric = run["metric"]
+        out.append({"task": run["task"], "method": run["method"], "method_name": run["method_name"], "student": run["student"],
+                    "step": step, "metric": metric, "teacher_hash": run["teacher_hash"],
+                    "score": (t.get("validation") or {}).get(metric), "start": (t.get("start_validation") or {}).get(metric),
+                    "divergence": t.get("divergence"), "kind": t.get("divergence_kind")})
     return out
 
 

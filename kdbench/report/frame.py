@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -14,6 +14,7 @@ SCALE = 100.0  # scores are shown x100, as KD papers report them
 TEST = "test"
 WIN, LOSS = "▲", "▼"
 NOT_RECORDED = "not recorded"
+STEP = "step"  # the history key of an evaluation's step (kdbench.train.evaluation writes it)
 
 # Metrics on a known scale (x100): intervals are clipped to it. Others are not clipped.
 _PROPORTIONS = ("accuracy", "f1", "precision", "recall", "exact_match", "auc")
@@ -146,3 +147,21 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
     return str(a) == str(b)
+
+
+def evaluations(rows: Iterable[dict[str, Any]], hashes: Iterable[str] | None = None) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """``(run hash, step, entry)`` for every evaluation in the stored runs' ``history``
+    (the entries that hold a step), in step order, one per run and step: a step recorded
+    twice (a run resumed and evaluated there again) gives its last entry. ``hashes``
+    keeps only those runs. The learning-curve and teacher-drift sections both read
+    histories through this."""
+    keep = None if hashes is None else set(hashes)
+    for r in rows:
+        if keep is not None and r["hash"] not in keep:
+            continue
+        last: dict[int, dict[str, Any]] = {}
+        for h in r.get("history") or []:
+            if isinstance(h, dict) and isinstance(h.get(STEP), (int, float)):
+                last[int(h[STEP])] = h
+        for step in sorted(last):
+            yield r["hash"], step, last[step]
