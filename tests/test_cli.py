@@ -78,14 +78,14 @@ def test_misspelt_method_exits_2_before_anything_is_written(tmp_path, capsys):
     assert not results.exists()
 
 
-def test_run_twice_trains_nothing_the_second_time_and_report_matches_store(tmp_path):
+def test_run_twice_trains_nothing_the_second_time_and_report_matches_store(tmp_path, capsys):
     results = tmp_path / "results"
     first = kdbench("run", str(SMOKE), "--results", str(results))
     assert "trained 4, skipped 0" in first.stderr
-    second = kdbench("run", str(SMOKE), "--results", str(results))
-    assert "trained 0, skipped 4" in second.stderr
+    code, _, err = kdbench_here(capsys, "run", str(SMOKE), "--results", str(results))  # trains nothing: in this process
+    assert code == 0 and "trained 0, skipped 4" in err
 
-    kdbench("report", str(SMOKE), "--results", str(results), "--format", "json")
+    assert kdbench_here(capsys, "report", str(SMOKE), "--results", str(results), "--format", "json")[0] == 0
     table = json.loads((results / "leaderboard.json").read_text())
     rows = open_store(results).runs()
     assert len(rows) == 4
@@ -99,7 +99,7 @@ def test_run_twice_trains_nothing_the_second_time_and_report_matches_store(tmp_p
     assert cell == f"{teacher['metrics']['test']['accuracy'] * 100:.2f} (n=1)"
 
 
-def test_sigkill_mid_suite_then_resume_redoes_only_missing_runs(tmp_path):
+def test_sigkill_mid_suite_then_resume_redoes_only_missing_runs(tmp_path, capsys):
     # 2 methods x 2 seeds, run one after another: killed while the third or fourth trains
     suite = write_suite(tmp_path, seeds=[0, 1], budget={"steps": 20, "batch_size": 16, "eval_every": 20, "log_every": 5})
     results = tmp_path / "results"
@@ -127,8 +127,8 @@ def test_sigkill_mid_suite_then_resume_redoes_only_missing_runs(tmp_path):
     rows = open_store(results).runs()
     assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
     assert {r["hash"]: r["finished_at"] for r in rows if r["hash"] in finished_at} == finished_at  # untouched
-    report = kdbench("report", str(suite), "--results", str(results)).stdout
-    assert report.count("(n=2)") == 2  # every run exactly once
+    code, report, _ = kdbench_here(capsys, "report", str(suite), "--results", str(results))
+    assert code == 0 and report.count("(n=2)") == 2  # every run exactly once
 
 
 @pytest.fixture(scope="module")
