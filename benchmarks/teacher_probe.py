@@ -26,7 +26,7 @@ from kdbench.data import TEST, VALIDATION
 from kdbench.executor import open_store
 from kdbench.spec import load_suite
 from kdbench.train import Runner
-from kdbench.train.evaluation import TEACHER, TeacherDrift, divergence, split_metrics
+from kdbench.train.evaluation import TEACHER, TeacherDrift
 from kdbench.train.runner import _Prepared
 from kdbench.train.teachers import ready_teacher
 
@@ -36,14 +36,11 @@ class BothSplits(TeacherDrift):
 
     def __init__(self, p: _Prepared, batch_size: int, device: Any):
         super().__init__(p.teacher, p.factory, p.data, p.encoded[VALIDATION], batch_size, device)
-        self.test = TeacherDrift(p.teacher, p.factory, p.data, p.encoded[TEST], batch_size, device)
+        self.test = TeacherDrift(p.teacher, p.factory, p.data, p.encoded[TEST], batch_size, device, split=TEST)
 
     def __call__(self) -> dict[str, Any]:
-        entry = super().__call__()
-        now = self.test._predict()
-        value, _ = divergence(self.test.start, now, self.data.task.problem.is_regression)
-        entry[TEACHER].update(test=split_metrics(now, self.data, TEST), start_test=split_metrics(self.test.start, self.data, TEST),
-                              test_divergence=value)
+        entry, test = super().__call__(), self.test()[TEACHER]
+        entry[TEACHER].update(test=test[TEST], start_test=test["start_test"], test_divergence=test["divergence"])
         return entry
 
 

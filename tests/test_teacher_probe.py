@@ -27,7 +27,9 @@ def probe_module():
 
 
 def test_probe_reproduces_the_stored_run_and_adds_the_teachers_test_scores(tmp_path, capsys, monkeypatch):
+    # movie-rating-pairs: validation (500) and test (1,000) differ in size, regression
     data = smoke_data(methods=[{"name": "metadistil", "params": {"teacher_lr": 0.01, "virtual_lr": 0.01}}], seeds=[0],
+                      tasks=[{"name": "movie-rating-pairs", "options": {"train_size": 200, "max_length": 32}}],
                       budget={"steps": 6, "batch_size": 16, "eval_every": 3, "log_every": 3})
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -46,7 +48,8 @@ def test_probe_reproduces_the_stored_run_and_adds_the_teachers_test_scores(tmp_p
         assert new["validation"] == old["validation"] and new["test"] == old["test"]  # the same run, re-trained
         t_new, t_old = new["teacher"], old["teacher"]
         assert t_new["validation"] == t_old["validation"] and t_new["divergence"] == pytest.approx(t_old["divergence"])
-        assert set(t_new["test"]) == {"accuracy"} and t_new["test_divergence"] > 0
+        assert set(t_new["test"]) == {"pearson", "spearman", "score"} and t_new["test_divergence"] > 0
+        assert t_new["test"] != t_new["validation"] and set(t_new["start_test"]) == set(t_new["test"])
     text = capsys.readouterr().out
     assert "teacher test" in text and "starting teacher: validation" in text
 

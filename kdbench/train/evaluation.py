@@ -75,15 +75,16 @@ class TeacherDrift:
     "kl" | "mse", "start_validation": {metric: value}}}``
 
     (``divergence``: :func:`divergence` from the starting teacher's predictions;
-    ``start_validation``: the starting teacher's own metrics). Eval mode, no gradient:
+    ``start_validation``: the starting teacher's own metrics; ``split`` names another
+    split to score instead, its keys then named after it). Eval mode, no gradient:
     nothing of the run's training changes."""
 
     def __init__(self, teacher: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, torch.Tensor],
-                 batch_size: int, device: torch.device):
+                 batch_size: int, device: torch.device, split: str = VALIDATION):
         self.teacher, self.factory, self.data, self.encoded = teacher, factory, data, encoded
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.split = batch_size, device, split
         self.start = self._predict()
-        self.start_metrics = split_metrics(self.start, data, VALIDATION)
+        self.start_metrics = split_metrics(self.start, data, split)
 
     def _predict(self) -> torch.Tensor:
         return predict(self.teacher, self.factory, self.encoded, self.batch_size, self.device)
@@ -91,8 +92,8 @@ class TeacherDrift:
     def __call__(self) -> dict[str, Any]:
         now = self._predict()
         value, kind = divergence(self.start, now, self.data.task.problem.is_regression)
-        return {TEACHER: {"validation": split_metrics(now, self.data, VALIDATION), "divergence": value,
-                          "divergence_kind": kind, "start_validation": dict(self.start_metrics)}}
+        return {TEACHER: {self.split: split_metrics(now, self.data, self.split), "divergence": value,
+                          "divergence_kind": kind, f"start_{self.split}": dict(self.start_metrics)}}
 
 
 def select_metrics(history: list[dict[str, Any]], selection: str, main_metric: str) -> dict[str, Any]:
