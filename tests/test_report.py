@@ -492,28 +492,25 @@ def test_run_fixes_the_recorded_commit_before_training(monkeypatch, capsys):
 # ----------------------------------------------------------------- a report format from a plugin
 
 
-from test_cli import external_plugin  # noqa: E402,F401  (installs tests/external_plugin; one fixture for both files)
+from test_cli import external_plugin, kdbench_here  # noqa: E402,F401  (installs tests/external_plugin; one fixture for both files)
 
 
-def test_a_plugin_report_format_is_listed_and_written(synthetic, tmp_path, external_plugin):
-    import subprocess
-    import sys
-
+def test_a_plugin_report_format_is_listed_and_written(synthetic, tmp_path, external_plugin, capsys):
     suite, store, _, folder, _ = synthetic
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite_data()))
     out = tmp_path / "board.tsv"
-    cmd = [sys.executable, "-m", "kdbench.cli", "report", str(path), "--results", str(folder), "--format", "tsv", "--output", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
+    args = ["report", str(path), "--results", str(folder), "--format", "tsv", "--output", str(out)]
+    code, _, err = kdbench_here(capsys, *args)  # the registry rebuilt in this process sees the installed package
+    assert code == 0, err
     lines = out.read_text().splitlines()
     assert lines[0].split("\t")[:2] == ["method", "movie-sentiment (accuracy)"] and lines[-1].startswith("# 6 comparisons, holm")
     exp = expected(store.runs())
     row = next(line.split("\t") for line in lines if line.startswith("none [tiny-1L]"))
     mean, std, n = parse_cell(row[1])
     assert (mean, n) == (round(exp[("none", "tiny-1L")]["mean"], 2), exp[("none", "tiny-1L")]["n"])
-    bad = subprocess.run(cmd[:-4] + ["--format", "tsvv"], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and "tsv" in bad.stderr  # the choices come from the registry, the plugin's included
+    code, _, err = kdbench_here(capsys, *args[:-4], "--format", "tsvv")
+    assert code == 2 and "tsv" in err  # the choices come from the registry, the plugin's included
 
 
 def test_markdown_cells_with_table_syntax_keep_the_table_whole():
