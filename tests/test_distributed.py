@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 # (--dist loadfile), so every test here runs on the one worker that started it.
 
 from kdbench.api import KDBenchError  # noqa: E402
-from kdbench.distributed import _check_reachable, plugins_for_workers, run_ray  # noqa: E402
+from kdbench.distributed import _check_reachable, local_cluster_options, plugins_for_workers, run_ray  # noqa: E402
 from kdbench.executor import open_store, run_local  # noqa: E402
 from kdbench.registry import Registry, make_plugin_manager  # noqa: E402
 from kdbench.spec import build_suite  # noqa: E402
@@ -35,7 +35,7 @@ def cluster():
     through its address, as `kdbench run --executor ray --address` would reach any cluster."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=2, logging_level="ERROR", **local_cluster_options())  # as `kdbench run --executor ray` starts one
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -55,6 +55,17 @@ def suite_data(**changes) -> dict:
 
 COMPARED = ("task", "method", "student", "seed", "params", "teacher_hash", "spec", "status", "metrics", "history",
             "error", "diverged_step", "attempts")
+
+
+def test_workers_of_a_cluster_kdbench_starts_run_at_the_drivers_priority(cluster):
+    """Ray's default niceness 15 let any other busy process starve the training workers."""
+    import os
+
+    @ray.remote(num_cpus=1)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)
 
 
 def test_worker_plugins_are_shipped_by_module_name(registry):
