@@ -6,9 +6,9 @@ the pending runs need is fine-tuned (or found ready) through
 :func:`kdbench.train.teachers.provide_teacher`; only then are student runs claimed, so a
 process killed while a teacher trains charges no run an attempt. A teacher that another
 process is fine-tuning is not waited for there: this process trains the runs whose
-teachers are ready and waits for that teacher (before claiming) when a run first needs it. A teacher that fails or
-diverges is recorded on its own row and its runs are marked failed "blocked by teacher
-<hash>: <reason>" without an attempt (they are tried again once the teacher trains).
+teachers are ready and waits for that teacher (before claiming) only when nothing else is
+left. A teacher that fails or diverges is recorded on its own row and its runs are marked
+failed "blocked by teacher <hash>: <reason>" without an attempt (they are tried again once the teacher trains).
 Finished runs (done or diverged) are skipped, so a killed suite resumes where it stopped;
 failed runs and runs left ``running`` by a dead process are done again, up to
 :data:`MAX_ATTEMPTS` starts in all for a run whose process keeps dying under it (then it
@@ -190,23 +190,26 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
     # first trains the runs whose teachers are ready (in suite order), looking again at
     # the held teacher before each run, and waits for it only when nothing else is left.
     checkpoints, failures = teachers_first(runner, store, pending, wait=False)
+
+    def teacher_known(spec: RunSpec, wait: bool) -> bool:
+        """Look (or wait) for ``spec``'s teacher; True once it is ready or failed."""
+        if spec.teacher_hash not in checkpoints and spec.teacher_hash not in failures:
+            more, failed = teachers_first(runner, store, [spec], wait=wait)
+            checkpoints.update(more)
+            failures.update(failed)
+        return spec.teacher_hash in checkpoints or spec.teacher_hash in failures
+
     bar = suite_progress(len(pending), suite.name, runner.progress)
     queue, held, i = list(pending), [], 0
     while queue or held:
         if not queue:  # only runs whose teacher another process holds: wait for it
             queue, held = held, []
-            more, failed = teachers_first(runner, store, queue[:1])
-            checkpoints.update(more)
-            failures.update(failed)
+            teacher_known(queue[0], wait=True)
         spec = queue.pop(0)
         needs = needs_teacher(registry, spec)
-        if needs and spec.teacher_hash not in checkpoints and spec.teacher_hash not in failures:
-            more, failed = teachers_first(runner, store, [spec], wait=False)
-            checkpoints.update(more)
-            failures.update(failed)
-            if spec.teacher_hash not in checkpoints and spec.teacher_hash not in failures:
-                held.append(spec)
-                continue
+        if needs and not teacher_known(spec, wait=False):
+            held.append(spec)
+            continue
         i += 1
         bar.update(1)
         if needs and spec.teacher_hash in failures:
