@@ -166,10 +166,32 @@ class KDModel(nn.Module):
 
     capabilities: frozenset[str] = frozenset({LOGITS})
     family: str = "generic"
+    #: names (as in ``named_parameters``) of parameters the model keeps fixed whoever trains
+    #: it (a model option, e.g. frozen word embeddings); :func:`set_trainable` honours them
+    frozen: frozenset[str] = frozenset()
 
     def describe(self) -> dict[str, Any]:
         """Shape facts a method may need to check compatibility (layers, width, ...)."""
         return {}
+
+    def freeze(self, names: Iterable[str]) -> None:
+        """Keep these parameters fixed: no gradient, so no optimizer touches them."""
+        known = dict(self.named_parameters())
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise KDBenchError(f"cannot freeze unknown parameters {unknown}")
+        self.frozen = frozenset(self.frozen | set(names))
+        for name in names:
+            known[name].requires_grad_(False)
+
+
+def set_trainable(model: nn.Module, trainable: bool) -> None:
+    """Every parameter of ``model`` requires grad iff ``trainable`` and the model does not
+    keep it frozen (:attr:`KDModel.frozen`): use it, not ``requires_grad_``, to switch a
+    model between fixed and trained (a teacher that a method updates)."""
+    frozen = getattr(model, "frozen", frozenset())
+    for name, q in model.named_parameters():
+        q.requires_grad_(trainable and name not in frozen)
 
 
 Examples = dict[str, Any]

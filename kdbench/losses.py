@@ -89,7 +89,7 @@ def build_teacher_optimizer(teacher: nn.Module, name: str, lr: float, weight_dec
     reference CPU setup the for-loop AdamW over a MiniLM teacher took about 0.1 s a step)."""
     params = [p for p in teacher.parameters() if p.requires_grad]
     if not params:
-        raise RuntimeError("the teacher has no trainable parameters; the runner must call teacher.requires_grad_(True) for updates_teacher methods")
+        raise RuntimeError("the teacher has no trainable parameters; the runner enables them for updates_teacher methods (kdbench.api.set_trainable), and the model keeps none of them frozen")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused_available(params) or None)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kdbench.api import LOGITS, Batch, KDBenchError, KDModel, Method, ModelOutput, SetupInfo, StepContext
+from kdbench.api import LOGITS, Batch, KDBenchError, KDModel, Method, ModelOutput, SetupInfo, StepContext, set_trainable
 from kdbench.data import QUIZ, TRAIN, VALIDATION, TaskData, labels_tensor, load_task_data
 from kdbench.registry import Registry, call_lifecycle, get_registry
 from kdbench.spec import RunSpec
@@ -187,7 +187,7 @@ class Runner:
         p.method.check_models(student, p.teacher)
         ctx, steps, n_training = self._context(spec, p, student)
         if p.teacher is not None:
-            p.teacher.requires_grad_(p.method.updates_teacher)
+            set_trainable(p.teacher, p.method.updates_teacher)
         p.method.setup(ctx)
         meter = CostMeter(self.device)
         labels = labels_tensor(p.data, TRAIN)
