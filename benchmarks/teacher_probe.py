@@ -20,28 +20,13 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from kdbench.data import TEST, VALIDATION
 from kdbench.executor import open_store
 from kdbench.spec import load_suite
 from kdbench.train import Runner
-from kdbench.train.evaluation import TEACHER, TeacherDrift
-from kdbench.train.runner import _Prepared
+from kdbench.train.evaluation import TEACHER
 from kdbench.train.teachers import ready_teacher
-
-
-class BothSplits(TeacherDrift):
-    """The run's teacher-drift entry, plus the live teacher's test metrics and divergence."""
-
-    def __init__(self, p: _Prepared, batch_size: int, device: Any):
-        super().__init__(p.teacher, p.factory, p.data, p.encoded[VALIDATION], batch_size, device)
-        self.test = TeacherDrift(p.teacher, p.factory, p.data, p.encoded[TEST], batch_size, device, split=TEST)
-
-    def __call__(self) -> dict[str, Any]:
-        entry, test = super().__call__(), self.test()[TEACHER]
-        entry[TEACHER].update(test=test[TEST], start_test=test["start_test"], test_divergence=test["divergence"])
-        return entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"teacher {spec.teacher_hash} is not ready in {results}: run the suite first")
 
     with tempfile.TemporaryDirectory() as tmp:
-        runner = Runner(tmp, device=suite.spec.device, progress=False)
-        runner._teacher_drift = lambda s, p, meter: BothSplits(p, s.budget.eval_batch_size, runner.device) if (  # type: ignore[method-assign]
-            p.teacher is not None and p.method.updates_teacher) else None
+        runner = Runner(tmp, device=suite.spec.device, progress=False, drift_splits=(VALIDATION, TEST))
         result = runner.run(spec, checkpoint)
     if result.status != "done":
         print(f"the probed run ended {result.status}: {result.error}", file=sys.stderr)

@@ -277,3 +277,12 @@ def test_a_report_without_teacher_updating_runs_has_no_drift_section(tmp_path):
     suite, store = drift_store(tmp_path / "store.sqlite", {})
     rep = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, methods=["none", "kd"], chance=False)
     assert rep.drift.empty and rep.updating == [] and "Teacher drift" not in [s[0] for s in sections(rep)]
+
+
+def test_drift_splits_must_start_with_validation(tmp_path):
+    from kdbench.api import KDBenchError
+    from kdbench.train import Runner
+
+    with pytest.raises(KDBenchError, match="drift_splits must start with 'validation'"):
+        Runner(tmp_path, device="cpu", drift_splits=("test",))
+    assert Runner(tmp_path, device="cpu", drift_splits=("validation", "test")).drift_splits == ("validation", "test")

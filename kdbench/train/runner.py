@@ -22,7 +22,7 @@ from kdbench.store import DIVERGED, DONE, FAILED
 import kdbench.train.teachers as teachers
 from kdbench.train.cost import CostMeter
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
-from kdbench.train.evaluation import TeacherDrift, evaluate, select_metrics
+from kdbench.train.evaluation import TEACHER, TeacherDrift, evaluate, select_metrics
 from kdbench.train.inputs import encoded_splits, model_factory
 from kdbench.train.loop import Diverged, autocast_for, batches, train_loop
 from kdbench.train.optim import build_optimizer, total_steps
@@ -57,7 +57,16 @@ class Runner:
     """Trains student runs of one results folder on one device."""
 
     def __init__(self, results_dir: str | Path, registry: Registry | None = None, device: str = "auto",
-                 trackers: tuple[str, ...] = (), progress: bool | None = None, share_teacher_outputs: bool = True):
+                 trackers: tuple[str, ...] = (), progress: bool | None = None, share_teacher_outputs: bool = True,
+                 drift_splits: tuple[str, ...] = (VALIDATION,)):
+        """``drift_splits``: the splits on which a teacher-updating method's live teacher is
+        scored at every evaluation (:class:`~kdbench.train.evaluation.TeacherDrift`);
+        validation always, first. Another split (a diagnostic such as
+        ``benchmarks/teacher_probe.py``'s test) adds ``<split>``, ``start_<split>`` and
+        ``<split>_divergence`` to the run's teacher entries; selection never reads them."""
+        if not drift_splits or drift_splits[0] != VALIDATION:
+            raise KDBenchError(f"drift_splits must start with {VALIDATION!r}, got {drift_splits!r}")
+        self.drift_splits = tuple(drift_splits)
         self.results_dir = Path(results_dir)
         self.registry = registry or get_registry()
         self.device = pick_device(device)
@@ -216,15 +225,25 @@ class Runner:
         metrics = select_metrics(history, spec.selection, p.data.task.main_metric)
         return RunResult(DONE, metrics=metrics, history=history, cost=cost, env=env)
 
-    def _teacher_drift(self, spec: RunSpec, p: _Prepared, meter: CostMeter) -> TeacherDrift | None:
-        """For a method that updates its teacher: the live teacher's drift, its starting
-        predictions taken now (after ``method.setup``, before step 1; timed as evaluation)."""
+    def _teacher_drift(self, spec: RunSpec, p: _Prepared, meter: CostMeter) -> Callable[[], dict[str, Any]] | None:
+        """For a method that updates its teacher: the live teacher's drift on
+        ``self.drift_splits``, its starting predictions taken now (after ``method.setup``,
+        before step 1; timed as evaluation)."""
         if p.teacher is None or not p.method.updates_teacher:
             return None
         t0 = time.perf_counter()
-        drift = TeacherDrift(p.teacher, p.factory, p.data, p.encoded[VALIDATION], spec.budget.eval_batch_size, self.device)
+        drifts = [TeacherDrift(p.teacher, p.factory, p.data, p.encoded[split], spec.budget.eval_batch_size, self.device, split=split)
+                  for split in self.drift_splits]
         meter.eval_time += time.perf_counter() - t0
-        return drift
+
+        def entry() -> dict[str, Any]:
+            first, *others = (d() for d in drifts)
+            for d, other in zip(drifts[1:], others):
+                t = other[TEACHER]
+                first[TEACHER].update({d.split: t[d.split], f"start_{d.split}": t[f"start_{d.split}"], f"{d.split}_divergence": t["divergence"]})
+            return first
+
+        return entry
 
     def _on_log(self, spec: RunSpec, tracked: RunTrackers, step: int, values: dict[str, float]) -> None:
         call_lifecycle(self.registry, "kdbench_train_log", spec=spec, step=step, values=values)
