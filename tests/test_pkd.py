@@ -120,3 +120,15 @@ def test_pkd_refuses_different_widths_unless_beta_is_zero() -> None:
 def as_batch(labels: torch.Tensor) -> Batch:
     """The batch a loss receives, reduced to what these losses read: labels (and indices)."""
     return Batch(inputs={}, labels=labels, index=torch.arange(labels.shape[0]))
+
+
+def test_pkd_refuses_a_one_layer_student_whose_patient_term_would_be_zero() -> None:
+    """results/nlp-cpu ran pkd with a 1-layer student: no layer to map, so its runs were kd's to the
+    last digit on regression. With a patient term asked for (beta > 0) that is refused, by name."""
+    with pytest.raises(IncompatibleModelError, match="1-layer student has none"):
+        PKD(PKDParams(beta=500.0), Problem("classification", 2)).check_models(tiny_bert(layers=1), tiny_bert(layers=4))
+    PKD(PKDParams(beta=0.0), Problem("classification", 2)).check_models(tiny_bert(layers=1), tiny_bert(layers=4))  # asked for no term
+    from kdbench_plugins.methods.metadistil import MetaDistil, MetaDistilParams
+
+    with pytest.raises(IncompatibleModelError, match="1-layer student has none"):  # and so is MetaDistil wrapping pkd
+        MetaDistil(MetaDistilParams(inner="pkd", beta=100.0), Problem("classification", 2)).check_models(tiny_bert(layers=1), tiny_bert(layers=4))

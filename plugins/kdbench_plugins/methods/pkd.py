@@ -115,7 +115,11 @@ class PKD(Method):
         assert teacher is not None
         s, t = student.describe(), teacher.describe()
         if "num_layers" in s and "num_layers" in t:
-            layer_map(s["num_layers"], t["num_layers"], self.params.layer_map)  # raises for a student deeper than its teacher
+            pairs = layer_map(s["num_layers"], t["num_layers"], self.params.layer_map)  # raises for a student deeper than its teacher
+            if not pairs and self.params.beta > 0:
+                raise IncompatibleModelError(f"pkd's patient term maps the student's layers 1..M-1, and a {s['num_layers']}-layer student has "
+                                             "none: the term would be 0 and the run plain KD under pkd's name; use a student with at least "
+                                             "2 layers, or beta: 0 for pkd's soft and hard terms alone")
         if self.params.beta > 0 and s.get("hidden_size") != t.get("hidden_size"):
             raise IncompatibleModelError(f"pkd compares [CLS] states without a projection, but the student is {s.get('hidden_size')} wide "
                                          f"and the teacher {t.get('hidden_size')}; use equal widths (or tinybert, which learns a projection)")
