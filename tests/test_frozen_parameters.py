@@ -83,3 +83,28 @@ def test_teacher_updating_methods_leave_frozen_parameters_and_train_the_rest(met
         assert WORD not in moved
         assert moved, "nothing trained"
         assert {n for n in before if n.startswith("encoder.encoder.layer.0.")} & moved
+
+
+def test_the_runner_keeps_a_frozen_teacher_parameter_out_of_the_teachers_optimizer(tmp_path, monkeypatch) -> None:
+    """Through the runner (which switches the teacher to trainable for MetaDistil): the
+    teacher optimizer MetaDistil builds gets every teacher parameter but the frozen one."""
+    import kdbench_plugins.methods.metadistil as md
+    from kdbench.executor import run_local
+    from kdbench.spec import build_suite
+    from support.suites import smoke_data
+
+    seen = []
+    original = md.build_teacher_optimizer
+
+    def spy(teacher, *args, **kwargs):
+        seen.append({n for n, q in teacher.named_parameters() if q.requires_grad})
+        return original(teacher, *args, **kwargs)
+
+    monkeypatch.setattr(md, "build_teacher_optimizer", spy)
+    data = smoke_data(methods=[{"name": "metadistil"}], seeds=[0], budget={"steps": 2, "batch_size": 8, "eval_every": 2, "log_every": 1})
+    data["teacher"]["options"]["freeze_word_embeddings"] = True
+    data["students"][0]["options"]["freeze_word_embeddings"] = True
+    suite = build_suite(data)
+    run_local(suite, tmp_path, progress=False)
+    (trainable,) = seen
+    assert WORD not in trainable and "encoder.encoder.layer.0.attention.self.query.weight" in trainable
