@@ -34,10 +34,11 @@ demo: setup
 # Setup and the browser install overlap; then pytest on $(WORKERS) processes (pytest-xdist).
 # Whole test files go to a worker (the Ray tests share one cluster per file), in file order,
 # so the long CLI and Ray files start first. (xdist_group marks do nothing under pytest 9.)
+# The 30 slowest tests are listed at the end: the profile for making the suite faster.
 WORKERS ?= 2
 test:
 	$(MAKE) --no-print-directory -j2 setup browser
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 
 # Debian's Chromium renders the HTML report in an end-to-end test (skipped without it).
 browser:
