@@ -10,6 +10,13 @@ loop doing the KD computation, the yardstick for kdbench's framework overhead.
     python benchmarks/step_cost.py --core     # only bare, kd, kd_shared_teacher, metadistil
     python benchmarks/step_cost.py --tiny     # tiny random BERTs: seconds, for CI
     python benchmarks/step_cost.py --json     # ... and a last line of JSON with the ratios
+    python benchmarks/step_cost.py --device cuda   # on a GPU: bf16 autocast and TF32, as the runner trains there
+
+On a GPU a step's kernels run asynchronously, so a step's own wall time says when its
+kernels were queued, not when they ran: there a variant's figure is its training time over
+its steps (the runner waits for the device at every log point and at the last step; the
+bare loop waits at its end), a mean rather than a median, and both sides run under the
+runner's bf16 autocast with TF32 matrix products.
 
 How it guards against noise: the variants are interleaved (each of ``--rounds`` >= 3
 rounds runs every variant once, bare first: ABAB, not AAABBB), so a machine that speeds up
@@ -53,6 +60,7 @@ from kdbench.data import TRAIN, load_task_data  # noqa: E402
 from kdbench.hookspecs import hookimpl  # noqa: E402
 from kdbench.registry import Registry, make_plugin_manager  # noqa: E402
 from kdbench.train import CostMeter, Runner, build_optimizer, encoded_splits, model_factory, seed_everything  # noqa: E402
+from kdbench.train.loop import autocast_for  # noqa: E402
 from kdbench.train.teachers import provide_teacher  # noqa: E402
 from kdbench.spec import build_suite  # noqa: E402
 from kdbench.store import ResultsStore  # noqa: E402
@@ -104,8 +112,8 @@ def kdbench_tasks():
 
 def suite_dict(tiny: bool, steps: int, batch: int) -> dict:
     if tiny:
-        teacher = {"model": "bert", "options": {"tiny": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}, "pooling": "cls"}}
-        student = {"model": "bert", "options": {"tiny": {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}, "pooling": "cls"}}
+        teacher = {"model": "bert", "options": {"tiny": {"layers": 4, "hidden": 32, "heads": 2, "intermediate": 64}, "pooling": "cls"}}
+        student = {"model": "bert", "options": {"tiny": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}, "pooling": "cls"}}  # pkd needs a layer to map
     else:
         teacher = {"model": "bert", "options": {"pretrained": "minilm", "pooling": "cls"}}
         student = {"model": "bert", "options": {"pretrained": "minilm", "num_layers": 3, "pooling": "cls"}}
@@ -130,36 +138,46 @@ def suite_dict(tiny: bool, steps: int, batch: int) -> dict:
 
 def bare_loop(runner: Runner, spec, steps: int) -> dict:
     """The KD step in plain PyTorch on the same batches: teacher forward without grad,
-    student forward/backward, KD loss, AdamW with the same linear schedule."""
+    student forward/backward, KD loss, AdamW with the same linear schedule (on a GPU under
+    the same bf16 autocast as the runner's)."""
+    device = runner.device
+    cuda = device.type == "cuda"
+    autocast = autocast_for(device)
     data = load_task_data(runner.registry, spec.task, spec.quiz_fraction, spec.data_seed)
     factory, encoded = encoded_splits(runner.registry, spec, data, spec.student, [TRAIN])
     t_factory, t_opts = model_factory(runner.registry, spec.teacher)
-    teacher = t_factory.build(t_opts, data.task.problem).eval()
+    teacher = t_factory.build(t_opts, data.task.problem).to(device).eval()
     seed_everything(spec.seed)
-    student = factory.build(factory.Options(**spec.student.options), data.task.problem).train()
+    student = factory.build(factory.Options(**spec.student.options), data.task.problem).to(device).train()
     opt, sched = build_optimizer(list(student.parameters()), spec.optimizer, steps, 1, False)
     labels = torch.as_tensor(data.labels(TRAIN))
     gen = torch.Generator().manual_seed(spec.seed)
     batches = iter_batches(labels.shape[0], spec.budget.batch_size, gen)
     alpha, temp = spec.params["alpha"], spec.params["temperature"]
     times = []
-    meter = CostMeter(torch.device("cpu"))
+    meter = CostMeter(device)
     with meter:
+        start = time.perf_counter()
         for _ in range(steps):
             t0 = time.perf_counter()
             index = next(batches)
-            inputs = factory.collate(encoded[TRAIN], index)
-            y = labels[index]
-            with torch.no_grad():
+            inputs = {k: v.to(device, non_blocking=True) for k, v in factory.collate(encoded[TRAIN], index).items()}
+            y = labels[index].to(device, non_blocking=True)
+            with torch.no_grad(), autocast():
                 t_logits = teacher(inputs).logits
-            s_logits = student(inputs).logits
-            loss = alpha * soft_loss(s_logits, t_logits, temp, data.task.problem) + (1 - alpha) * torch.nn.functional.cross_entropy(s_logits, y)
+            with autocast():
+                s_logits = student(inputs).logits
+            loss = alpha * soft_loss(s_logits, t_logits, temp, data.task.problem) + (1 - alpha) * torch.nn.functional.cross_entropy(s_logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             times.append(time.perf_counter() - t0)
-    return {"step_s_median": float(np.median(times)), "peak_mem_increase_mb": meter.summary()["peak_mem_increase_mb"]}
+        if cuda:
+            torch.cuda.synchronize(device)
+        total = time.perf_counter() - start
+    figure = total / steps if cuda else float(np.median(times))
+    return {"step_s_median": figure, "peak_mem_increase_mb": meter.summary()["peak_mem_increase_mb"]}
 
 
 CORE = ("bare", "kd", "kd_shared_teacher", "metadistil")
@@ -182,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warmup", action="store_true", help="skip the discarded warm-up round (the structure test's shortcut)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (the reference) or cuda (bf16 autocast, TF32)")
     args = ap.parse_args(argv)
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (a spread needs rounds)")
@@ -199,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     bare_end: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = ResultsStore(Path(tmp) / "store.sqlite")
-        live = Runner(tmp, registry, device="cpu", progress=False, share_teacher_outputs=False)
-        shared = Runner(tmp, registry, device="cpu", progress=False, share_teacher_outputs=True)
+        live = Runner(tmp, registry, device=args.device, progress=False, share_teacher_outputs=False)
+        shared = Runner(tmp, registry, device=args.device, progress=False, share_teacher_outputs=True)
+        cuda = live.device.type == "cuda"
         teacher = provide_teacher(suite.runs[0], Path(tmp), store, registry, live.device)  # the teachers-first phase
 
         def through_kdbench(runner: Runner, spec) -> dict:
@@ -209,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             store.finish(spec, result.status, cost=result.cost, error=result.error)
             if result.status != "done":
                 raise SystemExit(f"{spec.method} {result.status}: {result.error}")
-            cost = result.cost
-            return {"step_s_median": cost["step_s_median"], "peak_mem_increase_mb": cost["peak_mem_increase_mb"]}
+            cost = result.cost  # on a GPU the mean over the run (see the module docstring)
+            figure = cost["train_s"] / cost["steps"] if cuda else cost["step_s_median"]
+            return {"step_s_median": figure, "peak_mem_increase_mb": cost["peak_mem_increase_mb"]}
 
         def variants_for(runs: dict, n: int) -> dict:
             return {
@@ -247,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
              for name in variants}
     base, base_mem = stats["kd"]["median"], max(stats["kd"]["peak_mem_increase_mb"], 1e-9)
     setup = "tiny random BERTs" if args.tiny else "MiniLM-L6 teacher, 3-layer student"
+    if cuda:
+        setup += f", {torch.cuda.get_device_name()} (bf16 autocast, TF32; figures are means over a run's steps)"
     try:
         load = "load average %.2f %.2f %.2f" % os.getloadavg()
     except OSError:
