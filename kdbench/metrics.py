@@ -14,7 +14,6 @@ import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from scipy import stats
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -56,11 +55,15 @@ def _correlation(fn: Any, predictions: np.ndarray, labels: np.ndarray) -> float:
 
 def pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Pearson's r of predictions and labels (0 for a constant input)."""
+    from scipy import stats  # here, not at the top: every task imports this module, few need scipy
+
     return _correlation(stats.pearsonr, predictions, labels)
 
 
 def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Spearman's rank correlation of predictions and labels (0 for a constant input)."""
+    from scipy import stats
+
     return _correlation(stats.spearmanr, predictions, labels)
 
 

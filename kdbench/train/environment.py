@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 import random
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,6 +52,19 @@ def deterministic_cpu() -> Iterator[None]:
         torch.utils.deterministic.fill_uninitialized_memory = previous_fill
 
 
+def _version(package: str) -> str:
+    """An installed package's version without importing it (importing transformers costs
+    seconds, and a run that builds no transformers model never needs it); the imported
+    module's own ``__version__`` when it is loaded already."""
+    module = sys.modules.get(package)
+    if module is not None and getattr(module, "__version__", None):
+        return module.__version__
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 _GIT: str | None = None
 
 
@@ -71,8 +86,6 @@ def environment(device: torch.device, data: Any = None) -> dict[str, Any]:
     """Versions, hardware and data fingerprints a number came from (stored with every run
     and teacher). ``data`` is the run's :class:`~kdbench.data.TaskData`; its
     ``fingerprints`` (per split: sha256 and size of what was read) go to ``env["data"]``."""
-    import transformers
-
     import kdbench
 
     return {
@@ -80,7 +93,7 @@ def environment(device: torch.device, data: Any = None) -> dict[str, Any]:
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": _version("transformers"),
         "numpy": np.__version__,
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
