@@ -46,12 +46,18 @@ class Options(BaseModel):
 
     @model_serializer(mode="wrap")
     def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
-        data = handler(self)
-        if isinstance(data, dict):
-            for name, f in type(self).model_fields.items():
-                if _is_added(f) and name in data and getattr(self, name) == f.default:
-                    del data[name]
-        return data
+        return omit_added_defaults(self, handler(self))
+
+
+def omit_added_defaults(model: BaseModel, data: Any) -> Any:
+    """``data`` (``model`` dumped) without the fields declared with :func:`added` that hold
+    their default: what keeps stored runs' hashes when such a field is introduced. Used by
+    :class:`Options` and by the suite models that gained such fields (``Budget``)."""
+    if isinstance(data, dict):
+        for name, f in type(model).model_fields.items():
+            if _is_added(f) and name in data and getattr(model, name) == f.default:
+                del data[name]
+    return data
 
 
 def location(default: Any = None, description: str = "") -> Any:

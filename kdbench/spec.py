@@ -16,9 +16,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer, model_validator
 
-from kdbench.api import KDBenchError, unhashed_fields
+from kdbench.api import KDBenchError, added, omit_added_defaults, unhashed_fields
 from kdbench.loader import MAX_BYTES, LoadError, parse_yaml, snippet
 from kdbench.registry import Registry, did_you_mean, get_registry
 from kdbench.recipes import expand_recipes
@@ -122,6 +122,14 @@ class Budget(Frozen):
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (the end is always evaluated)")
     eval_batch_size: int = Field(256, gt=0)
     log_every: int = Field(10, gt=0)
+    test_every_eval: bool = added(True, "score the test split(s) at every evaluation (the default); false: only at the reported "
+                                        "one (the last under selection 'final'; under 'validation' the best-validation student's "
+                                        "weights, kept in memory, are scored at the end), so the other evaluations score "
+                                        "validation alone. Training is the same either way.")
+
+    @model_serializer(mode="wrap")
+    def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
+        return omit_added_defaults(self, handler(self))
 
     @model_validator(mode="after")
     def _one_length(self) -> "Budget":

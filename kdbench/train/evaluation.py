@@ -41,10 +41,55 @@ def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tens
         model.train(was_training)
 
 
-def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """The task's metrics on every evaluation split (validation, test)."""
+def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device,
+             splits: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """The task's metrics on ``splits`` (default: every evaluation split: validation, test)."""
     return {split: split_metrics(predict(model, factory, encoded[split], batch_size, device), data, split)
-            for split in data.eval_splits}
+            for split in (data.eval_splits if splits is None else splits)}
+
+
+class DeferredTest:
+    """``evaluate_fn`` for :func:`~kdbench.train.loop.train_loop` under a budget's
+    ``test_every_eval: false``: every evaluation scores validation alone, except the one a
+    run reports. Under ``selection: final`` the last evaluation scores every split. Under
+    ``selection: validation`` the student's weights at the best validation score so far
+    (earliest on ties, as :func:`select_metrics` chooses) are kept in memory, and
+    :meth:`finish` scores the other splits with them and writes those into that
+    evaluation's history entry. Evaluation reads no random numbers, so training is the
+    same as with every split scored."""
+
+    def __init__(self, model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int,
+                 device: torch.device, selection: str, main_metric: str):
+        self.model, self.factory, self.data, self.encoded = model, factory, data, encoded
+        self.batch_size, self.device, self.selection, self.main_metric = batch_size, device, selection, main_metric
+        self.best: tuple[float, int, dict[str, torch.Tensor] | None] | None = None  # (score, step, weights; None: the last)
+
+    def _scores(self, splits: list[str]) -> dict[str, dict[str, float]]:
+        return evaluate(self.model, self.factory, self.data, self.encoded, self.batch_size, self.device, splits)
+
+    def __call__(self, step: int, last: bool) -> dict[str, dict[str, float]]:
+        if last and self.selection == "final":
+            return self._scores(self.data.eval_splits)
+        metrics = self._scores([VALIDATION])
+        if self.selection == "validation":
+            score = metrics[VALIDATION][self.main_metric]
+            if self.best is None or score > self.best[0]:
+                weights = None if last else {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                self.best = (score, step, weights)
+        return metrics
+
+    def finish(self, history: list[dict[str, Any]]) -> tuple[int, dict[str, dict[str, float]]] | None:
+        """Under ``selection: validation``: score the other splits with the best-validation
+        weights (the model keeps them afterwards), put the scores into that step's history
+        entry and return ``(step, scores)``; None otherwise."""
+        if self.selection != "validation" or self.best is None:
+            return None
+        _, step, weights = self.best
+        if weights is not None:
+            self.model.load_state_dict(weights)
+        scores = self._scores([s for s in self.data.eval_splits if s != VALIDATION])
+        next(h for h in history if h.get("step") == step).update(scores)
+        return step, scores
 
 
 def split_metrics(logits: torch.Tensor, data: TaskData, split: str) -> dict[str, float]:

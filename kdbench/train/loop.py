@@ -59,13 +59,13 @@ def _check_finite(pending: list[torch.Tensor], first_step: int) -> None:
 
 
 def train_loop(*, model: KDModel, step_fn: Callable[[Batch, int], dict[str, torch.Tensor]], batches: Iterator[Batch],
-               steps: int, budget: Budget, evaluate_fn: Callable[[], Evaluation], meter: CostMeter,
+               steps: int, budget: Budget, evaluate_fn: Callable[[int, bool], Evaluation], meter: CostMeter,
                on_log: Callable[[int, dict[str, float]], None] = lambda s, v: None,
                on_eval: Callable[[int, Evaluation], None] = lambda s, m: None,
                desc: str = "", progress: bool = False,
                eval_extras: Callable[[], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run ``steps`` steps of ``step_fn``, evaluating every ``budget.eval_every`` steps and
-    at the end; returns the evaluation history. Losses stay on the device between log
+    at the end (``evaluate_fn(step, is_last)``); returns the evaluation history. Losses stay on the device between log
     points so the step needs no host synchronisation; a non-finite one raises
     :class:`Diverged` naming its step. ``eval_extras`` (optional) adds entries to each
     evaluation's history entry (a trainable teacher's drift), timed as evaluation;
@@ -89,7 +89,7 @@ def train_loop(*, model: KDModel, step_fn: Callable[[Batch, int], dict[str, torc
         meter.record_step(time.perf_counter() - t0)
         if step in eval_points:
             t1 = time.perf_counter()
-            metrics = evaluate_fn()
+            metrics = evaluate_fn(step, step == steps)
             extras = eval_extras() if eval_extras is not None else {}
             meter.eval_time += time.perf_counter() - t1
             history.append({"step": step, **metrics, **extras})

@@ -22,7 +22,7 @@ from kdbench.store import DIVERGED, DONE, FAILED
 import kdbench.train.teachers as teachers
 from kdbench.train.cost import CostMeter
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
-from kdbench.train.evaluation import TEACHER, TeacherDrift, evaluate, select_metrics
+from kdbench.train.evaluation import TEACHER, DeferredTest, TeacherDrift, evaluate, select_metrics
 from kdbench.train.inputs import encoded_splits, model_factory
 from kdbench.train.loop import Diverged, autocast_for, batches, train_loop
 from kdbench.train.optim import build_optimizer, total_steps
@@ -212,12 +212,20 @@ class Runner:
         meter.prep_s = time.perf_counter() - t0
         with meter:
             drift = self._teacher_drift(spec, p, meter)
+            deferred = None if spec.budget.test_every_eval else DeferredTest(student, p.factory, p.data, p.encoded, spec.budget.eval_batch_size,
+                                                                              self.device, spec.selection, p.data.task.main_metric)
             history = train_loop(
                 model=student, step_fn=step_fn, batches=train_batches, steps=steps, budget=spec.budget,
-                evaluate_fn=lambda: evaluate(student, p.factory, p.data, p.encoded, spec.budget.eval_batch_size, self.device),
+                evaluate_fn=deferred if deferred is not None else (lambda step, last: evaluate(student, p.factory, p.data, p.encoded, spec.budget.eval_batch_size, self.device)),
                 meter=meter, on_log=lambda step, values: self._on_log(spec, tracked, step, values),
                 on_eval=lambda step, metrics: self._on_eval(spec, tracked, step, metrics),
                 desc=f"{spec.method} {spec.task.name} seed {spec.seed}", progress=self.progress, eval_extras=drift)
+            if deferred is not None:
+                t1 = time.perf_counter()
+                late = deferred.finish(history)
+                meter.eval_time += time.perf_counter() - t1
+                if late is not None:
+                    self._on_eval(spec, tracked, *late)
         cost = meter.summary()
         cost["params_deployed"] = sum(x.numel() for x in student.parameters())
         cost["params_training"] = cost["student_params"] = n_training

@@ -158,7 +158,7 @@ def _train_teacher(model: KDModel, factory: Any, data: TaskData, encoded: dict, 
         return {"loss": loss.detach()}
 
     return train_loop(model=model, step_fn=step_fn, batches=train_batches, steps=steps, budget=training.budget,
-                      evaluate_fn=lambda: evaluate(model, factory, data, encoded, training.budget.eval_batch_size, device),
+                      evaluate_fn=lambda step, last: evaluate(model, factory, data, encoded, training.budget.eval_batch_size, device),
                       meter=meter, desc=f"teacher {spec.task.name}", progress=progress)
 
 
