@@ -57,7 +57,8 @@ def image_batch(n: int = 4, size: int = 4, seed: int = 0, num_labels: int = 2) -
 
 
 def make_ctx(student: KDModel, teacher: KDModel | None, optimizer: torch.optim.Optimizer, quiz: Batch | Callable[[], Batch] | None = None,
-             problem: Problem = CLASSIFICATION, extra: nn.Module | None = None, total_steps: int = 10, step: int = 1) -> StepContext:
+             problem: Problem = CLASSIFICATION, extra: nn.Module | None = None, total_steps: int = 10, step: int = 1,
+             device: torch.device = torch.device("cpu")) -> StepContext:
     """A StepContext as the runner builds it: the teacher forward without grad in eval mode."""
 
     def teacher_forward(batch: Batch, need: frozenset[str]) -> ModelOutput:
@@ -71,5 +72,5 @@ def make_ctx(student: KDModel, teacher: KDModel | None, optimizer: torch.optim.O
 
     next_quiz = quiz if callable(quiz) else (lambda: quiz)
     return StepContext(student=student, teacher=teacher, extra=extra, student_optimizer=optimizer, scheduler=None,
-                       problem=problem, device=torch.device("cpu"), total_steps=total_steps, train_size=100,
+                       problem=problem, device=device, total_steps=total_steps, train_size=100,
                        teacher_forward=teacher_forward, next_quiz_batch=next_quiz, step=step)  # type: ignore[arg-type]
