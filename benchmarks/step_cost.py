@@ -8,6 +8,7 @@ loop doing the KD computation, the yardstick for kdbench's framework overhead.
 
     python benchmarks/step_cost.py            # reference setup (needs the MiniLM package)
     python benchmarks/step_cost.py --core     # only bare, kd, kd_shared_teacher, metadistil
+    python benchmarks/step_cost.py --overhead --rounds 9   # only bare and kd: the framework overhead
     python benchmarks/step_cost.py --tiny     # tiny random BERTs: seconds, for CI
     python benchmarks/step_cost.py --json     # ... and a last line of JSON with the ratios
     python benchmarks/step_cost.py --device cuda   # on a GPU: bf16 autocast and TF32, as the runner trains there
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="steps per variant and round (the median absorbs warm-up)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least 3)")
     ap.add_argument("--core", action="store_true", help="only bare, kd, kd_shared_teacher and metadistil")
+    ap.add_argument("--overhead", action="store_true", help="only bare and kd: the framework overhead, with more rounds for the same time")
     ap.add_argument("--no-warmup", action="store_true", help="skip the discarded warm-up round (the structure test's shortcut)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rounds must be at least 3 (a spread needs rounds)")
     torch.set_num_threads(args.threads)
     steps = args.steps or (4 if args.tiny else 20)
-    variants = CORE if args.core else CORE + OTHERS
+    variants = ("bare", "kd") if args.overhead else CORE if args.core else CORE + OTHERS
 
     pm, broken = make_plugin_manager()
     pm.register(sys.modules[__name__], name="bench-text")
@@ -281,12 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         spread = (s["max"] - s["min"]) / s["median"]
         print(f"{name:<20}{s['median']:>14.4f}{100 * spread:>8.1f}%{s['median'] / base:>8.2f}{s['median'] / stats['bare']['median']:>9.2f}"
               f"{s['peak_mem_increase_mb']:>14.1f}{s['peak_mem_increase_mb'] / base_mem:>8.2f}")
-    spreads = {"metadistil_over_kd": ratio("metadistil", "kd"), "metadistil_over_bare": ratio("metadistil", "bare"),
-               "shared_teacher_kd_over_kd": ratio("kd_shared_teacher", "kd"), "kd_over_bare": ratio("kd", "bare")}
+    spreads = {"kd_over_bare": ratio("kd", "bare")}
+    if "metadistil" in variants:
+        spreads.update({"metadistil_over_kd": ratio("metadistil", "kd"), "metadistil_over_bare": ratio("metadistil", "bare"),
+                        "shared_teacher_kd_over_kd": ratio("kd_shared_teacher", "kd")})
     spreads.update({f"{name}_over_kd": ratio(name, "kd") for name in OTHERS if name in variants})
     ratios = {name: s["median"] for name, s in spreads.items() if name != "kd_over_bare"}
     ratios["framework_overhead"] = spreads["kd_over_bare"]["median"] - 1.0
-    ratios["metadistil_peak_mem_over_kd"] = stats["metadistil"]["peak_mem_increase_mb"] / base_mem
+    if "metadistil" in variants:
+        ratios["metadistil_peak_mem_over_kd"] = stats["metadistil"]["peak_mem_increase_mb"] / base_mem
     print("ratios (median of the per-round ratios, [min, max] over rounds):")
     for name, s in spreads.items():
         print(f"  {name:<28}{s['median']:>7.3f}  [{s['min']:.3f}, {s['max']:.3f}]")
