@@ -1,7 +1,9 @@
-"""A teacher model plugin that misbehaves on purpose while it is fine-tuned: ``bert-faulty``
+"""Teacher model plugins that misbehave on purpose while they are fine-tuned: ``bert-faulty``
 is the tiny BERT with a ``fault`` option (``nan``: its logits become NaN in train mode, so
 the teacher diverges; ``die``: it SIGKILLs its process at the first train-mode forward
-unless the ``marker`` file exists). Students use plain ``bert``: the encodings match."""
+unless the ``marker`` file exists). Students use plain ``bert``: the encodings match.
+``cnn-faulty`` is the same for the ``cnn`` model (the image smoke suite of
+:mod:`support.suites`, whose processes never import transformers)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from kdbench.api import ModelOutput
 from kdbench.hookspecs import hookimpl
 from kdbench_plugins.models.bert import BertClassifier, BertFactory, BertOptions
+from kdbench_plugins.models.cnn import CNNFactory, CNNOptions, SmallCNN
 
 
 class FaultyOptions(BertOptions):
@@ -22,7 +25,7 @@ class FaultyOptions(BertOptions):
     marker: str = ""
 
 
-class FaultyBert(BertClassifier):
+class Faulty:
     fault = "none"
     marker = ""
 
@@ -34,6 +37,14 @@ class FaultyBert(BertClassifier):
             Path(self.marker).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
         return out
+
+
+class FaultyBert(Faulty, BertClassifier):
+    pass
+
+
+class FaultyCNN(Faulty, SmallCNN):
+    pass
 
 
 class FaultyBertFactory(BertFactory):
@@ -51,6 +62,23 @@ class FaultyBertFactory(BertFactory):
         return BertFactory.encoder_id(self, options)
 
 
+class FaultyCNNOptions(CNNOptions):
+    fault: Literal["none", "nan", "die"] = "none"
+    marker: str = ""
+
+
+class FaultyCNNFactory(CNNFactory):
+    name = "cnn-faulty"
+    description = "small CNN that diverges or kills its process while fine-tuned (tests only)"
+    Options = FaultyCNNOptions
+
+    def build(self, options: FaultyCNNOptions, problem):
+        model = super().build(options, problem)
+        model.__class__ = FaultyCNN
+        model.fault, model.marker = options.fault, options.marker
+        return model
+
+
 @hookimpl
 def kdbench_models():
-    return [FaultyBertFactory]
+    return [FaultyBertFactory, FaultyCNNFactory]
