@@ -23,7 +23,7 @@ from kdbench.store import DONE, FAILED
 from kdbench.train import artefacts
 from kdbench.train import teachers as teachers_mod
 from kdbench.train.teachers import TeacherOutcome, checkpoint_path
-from support.suites import ROOT, smoke_data
+from support.suites import ROOT, image_data, smoke_data
 
 TEACHER_BUDGET = {"budget": {"steps": 6, "batch_size": 16, "eval_every": 6}, "optimizer": {"name": "adamw", "lr": 0.001}}
 
@@ -54,11 +54,17 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def test_kill_during_the_shared_teachers_training_charges_no_student_run(tmp_path):
-    """Case: SIGKILL of the driver while the shared teacher trains (attempts charged to what ran)."""
+def test_kill_during_the_shared_teachers_training_charges_no_student_run(tmp_path, monkeypatch):
+    """Case: SIGKILL of the driver while the shared teacher trains (attempts charged to what ran).
+    On the image smoke suite (tiny CNNs: the property is the executor's, and its two
+    processes then start and train in seconds, not tens of seconds)."""
     marker = tmp_path / "teacher-died"
+    data = image_data(tmp_path / "images", budget={"steps": 4, "batch_size": 16, "eval_every": 4, "log_every": 2})
+    data["teacher"] = {**data["teacher"], "model": "cnn-faulty", "options": {**data["teacher"]["options"], "fault": "die", "marker": str(marker)},
+                       "train": TEACHER_BUDGET}
     suite = tmp_path / "suite.yaml"
-    suite.write_text(yaml.safe_dump(suite_data(fault="die", marker=str(marker), seeds=[0, 1])))
+    suite.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
     results = tmp_path / "results"
     script = DRIVER.format(tests=str(ROOT / "tests"), suite=str(suite), results=str(results))
     first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
