@@ -18,6 +18,7 @@ import yaml
 from kdbench import cli
 from kdbench.executor import open_store
 from kdbench.registry import set_registry
+from support.suites import write_image_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "benchmarks" / "smoke.yaml"
@@ -99,9 +100,10 @@ def test_run_twice_trains_nothing_the_second_time_and_report_matches_store(tmp_p
     assert cell == f"{teacher['metrics']['test']['accuracy'] * 100:.2f} (n=1)"
 
 
-def test_sigkill_mid_suite_then_resume_redoes_only_missing_runs(tmp_path, capsys):
+def test_sigkill_mid_suite_then_resume_redoes_only_missing_runs(tmp_path, capsys, images):
     # 2 methods x 2 seeds, run one after another: killed while the third or fourth trains
-    suite = write_suite(tmp_path, seeds=[0, 1], budget={"steps": 20, "batch_size": 16, "eval_every": 20, "log_every": 5})
+    # (tiny CNNs, 150 steps: about 1 s a run, several looks at the store each)
+    suite = write_image_suite(tmp_path, seeds=[0, 1], budget={"steps": 150, "batch_size": 16, "eval_every": 150, "log_every": 50})
     results = tmp_path / "results"
     proc = subprocess.Popen([*KDBENCH, "run", str(suite), "--results", str(results), "--no-report"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -131,6 +133,14 @@ def test_sigkill_mid_suite_then_resume_redoes_only_missing_runs(tmp_path, capsys
     assert code == 0 and report.count("(n=2)") == 2  # every run exactly once
 
 
+@pytest.fixture
+def images(tmp_path, monkeypatch):
+    """The image smoke suite (support.suites) for commands whose property is not a model
+    family's: its processes import no transformers. Its encoded splits are cached in
+    ``tmp_path``, not in the user's cache."""
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def external_plugin(tmp_path_factory):
     """tests/external_plugin installed as a real package (dist-info, entry points) into a
@@ -148,19 +158,19 @@ def external_plugin(tmp_path_factory):
         yield
 
 
-def test_external_plugin_is_listed_and_runs(tmp_path, external_plugin, capsys):
+def test_external_plugin_is_listed_and_runs(tmp_path, external_plugin, capsys, images):
     code, out, _ = kdbench_here(capsys, "list", "methods")
     assert code == 0
     line = next(l for l in out.splitlines() if l.startswith("smoothed-kd"))
     assert "label-smoothed teacher" in line and line.rstrip().endswith("example-methods")
-    suite = write_suite(tmp_path, methods=[{"name": "smoothed-kd", "params": {"epsilon": 0.2}}], seeds=[0])
+    suite = write_image_suite(tmp_path, methods=[{"name": "smoothed-kd", "params": {"epsilon": 0.2}}], seeds=[0])
     results = tmp_path / "results"
     kdbench("run", str(suite), "--results", str(results))
     (row,) = open_store(results).runs()
     assert row["method"] == "smoothed-kd" and row["status"] == "done" and row["params"]["epsilon"] == 0.2
 
 
-def test_external_tracker_and_executor_are_registered_and_run(tmp_path, external_plugin, capsys):
+def test_external_tracker_and_executor_are_registered_and_run(tmp_path, external_plugin, capsys, images):
     """The example package's tracker (jsonl) and executor (example-serial) come through their
     hooks: listed, offered by --executor, and used by a real run."""
     listed = ""
@@ -169,8 +179,8 @@ def test_external_tracker_and_executor_are_registered_and_run(tmp_path, external
         assert code == 0
         listed += out
     assert "example-serial" in listed and "example-executor" in listed and "jsonl" in listed and "example-tracker" in listed
-    suite = write_suite(tmp_path, methods=[{"name": "none"}, {"name": "kd"}], seeds=[0, 1], trackers=["jsonl"],
-                        budget={"steps": 4, "batch_size": 16, "eval_every": 2, "log_every": 2})
+    suite = write_image_suite(tmp_path, methods=[{"name": "none"}, {"name": "kd"}], seeds=[0, 1], trackers=["jsonl"],
+                              budget={"steps": 4, "batch_size": 16, "eval_every": 2, "log_every": 2})
     results = tmp_path / "results"
     kdbench("run", str(suite), "--results", str(results), "--no-report", "--executor", "example-serial")
     rows = open_store(results).runs()
