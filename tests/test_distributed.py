@@ -24,6 +24,7 @@ from kdbench.distributed import _check_reachable, local_cluster_options, plugins
 from kdbench.executor import open_store, run_local  # noqa: E402
 from kdbench.registry import Registry, make_plugin_manager  # noqa: E402
 from kdbench.spec import build_suite  # noqa: E402
+from support.suites import image_data, write_image_suite, write_image_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KDBENCH = [sys.executable, "-m", "kdbench.cli"]
@@ -46,11 +47,18 @@ def registry() -> Registry:
     return Registry(pm, broken)
 
 
-def suite_data(**changes) -> dict:
-    data = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())
-    data["budget"] = {"steps": 10, "batch_size": 16, "eval_every": 5, "log_every": 5}
-    data.update(changes)
-    return data
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """The image smoke suite's data (tiny CNNs: the Ray workers import no transformers),
+    with a cache of encoded splits of this module's own (the workers are handed it)."""
+    folder = tmp_path_factory.mktemp("images")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDBENCH_CACHE", str(folder / "cache"))
+        yield write_image_task(folder / "data")
+
+
+def suite_data(images: Path, **changes) -> dict:
+    return image_data(images, **{"budget": {"steps": 10, "batch_size": 16, "eval_every": 5, "log_every": 5}, **changes})
 
 
 COMPARED = ("task", "method", "student", "seed", "params", "teacher_hash", "spec", "status", "metrics", "history",
@@ -80,16 +88,16 @@ def test_a_wrong_address_fails_fast_with_a_clear_message():
     assert time.time() - t0 < 5
 
 
-def test_resources_no_node_has_are_refused_before_anything_is_claimed(tmp_path, cluster, registry):
-    suite = build_suite(suite_data(resources={"cpus": 1, "gpus": 1}), registry=registry)
+def test_resources_no_node_has_are_refused_before_anything_is_claimed(tmp_path, cluster, registry, images):
+    suite = build_suite(suite_data(images, resources={"cpus": 1, "gpus": 1}), registry=registry)
     with pytest.raises(KDBenchError, match=r"each run asks for 1.0 CPU\(s\) and 1.0 GPU\(s\), but no node .* 2 CPUs, 0 GPUs"):
         run_ray(suite, tmp_path, registry=registry)
     assert open_store(tmp_path).runs() == []
 
 
-def test_sweep_on_ray_equals_local_executor(tmp_path, cluster, registry):
+def test_sweep_on_ray_equals_local_executor(tmp_path, cluster, registry, images):
     # 2 seeds x 2 alphas, one shared teacher: seeds and parameters both vary
-    data = suite_data(methods=[{"name": "kd", "params": {"alpha": [0.5, 0.9], "temperature": 2.0}}], seeds=[0, 1])
+    data = suite_data(images, methods=[{"name": "kd", "params": {"alpha": [0.5, 0.9], "temperature": 2.0}}], seeds=[0, 1])
     suite = build_suite(data, registry=registry)
     assert len(suite.runs) == 4
     local = run_local(suite, tmp_path / "local", registry=registry, progress=False)
@@ -114,11 +122,11 @@ def test_sweep_on_ray_equals_local_executor(tmp_path, cluster, registry):
     assert again.trained == [] and len(again.skipped) == 4
 
 
-def test_faults_on_ray_are_isolated_and_worker_deaths_retried_then_failed(tmp_path, cluster, registry):
+def test_faults_on_ray_are_isolated_and_worker_deaths_retried_then_failed(tmp_path, cluster, registry, images):
     marker = tmp_path / "died-once"
     methods = [{"name": "nan-at-3"}, {"name": "raises"}, {"name": "oom"}, {"name": "dies-once", "params": {"marker": str(marker)}},
                {"name": "dies-always"}, {"name": "none"}]
-    suite = build_suite(suite_data(methods=methods, seeds=[0], teacher=None, baseline="none"), registry=registry)
+    suite = build_suite(suite_data(images, methods=methods, seeds=[0], teacher=None, baseline="none"), registry=registry)
     outcome = run_ray(suite, tmp_path / "r", registry=registry, max_attempts=2)
     rows = {r["method"]: r for r in open_store(tmp_path / "r").runs()}
     assert len(rows) == 6 and sorted(outcome.trained) == sorted(s.hash for s in suite.runs)
@@ -135,10 +143,10 @@ def test_faults_on_ray_are_isolated_and_worker_deaths_retried_then_failed(tmp_pa
     assert rows["none"]["status"] == "done" and rows["none"]["attempts"] == 1
 
 
-def test_a_teacher_that_diverges_on_ray_is_recorded_on_its_row_and_blocks_its_runs_uncharged(tmp_path, cluster, fault_registry):
+def test_a_teacher_that_diverges_on_ray_is_recorded_on_its_row_and_blocks_its_runs_uncharged(tmp_path, cluster, fault_registry, images):
     """Case: teacher divergence under Ray (issue 15): teacher row failed, runs blocked, not diverged."""
-    data = suite_data(seeds=[0, 1])
-    data["teacher"] = {**data["teacher"], "model": "bert-faulty", "options": {**data["teacher"]["options"], "fault": "nan"}}
+    data = suite_data(images, seeds=[0, 1])
+    data["teacher"] = {**data["teacher"], "model": "cnn-faulty", "options": {**data["teacher"]["options"], "fault": "nan"}}
     suite = build_suite(data, registry=fault_registry)
     outcome = run_ray(suite, tmp_path, registry=fault_registry)
     store = open_store(tmp_path)
@@ -154,18 +162,10 @@ def test_a_teacher_that_diverges_on_ray_is_recorded_on_its_row_and_blocks_its_ru
     assert sorted(outcome.blocked) == sorted(s.hash for s in suite.runs if s.method == "kd") and outcome.unsuccessful
 
 
-def write_suite(tmp_path: Path, **changes) -> Path:
-    data = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())
-    data.update(changes)
-    path = tmp_path / "suite.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def test_sigkill_of_the_ray_driver_then_resume_completes_exactly_the_missing_runs(tmp_path, cluster):
+def test_sigkill_of_the_ray_driver_then_resume_completes_exactly_the_missing_runs(tmp_path, cluster, images):
     # 2 methods x 2 seeds: the 2 cluster CPUs train two runs at a time, so the kill lands
-    # while the second pair trains
-    suite = write_suite(tmp_path, seeds=[0, 1], budget={"steps": 20, "batch_size": 16, "eval_every": 20, "log_every": 5})
+    # while the second pair trains (300 steps of the tiny CNN: about 2 s, many looks)
+    suite = write_image_suite(tmp_path, seeds=[0, 1], budget={"steps": 300, "batch_size": 16, "eval_every": 300, "log_every": 100})
     results = tmp_path / "results"
     cmd = [*KDBENCH, "run", str(suite), "--results", str(results), "--no-report", "--executor", "ray", "--address", cluster]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
