@@ -141,18 +141,20 @@ def test_cost_records_the_runs_own_memory_and_the_new_fields(tmp_path, registry)
     budget = {"steps": 6, "batch_size": 16, "eval_every": 6, "log_every": 3}
     suite = build_suite(smoke_data(budget=budget, methods=[{"name": "kd"}], seeds=[0], students=[student]), registry=registry)
     (spec,) = suite.runs
-    runner, teacher = runner_and_teacher(tmp_path, registry, spec)
-    first = runner.run(spec, teacher)
-    a = first.cost
-    assert a["mem_kind"] == "cpu_rss_increase" and a["mem_mb"] > 0
     # The first run of a process also pays the process's one-off allocations (thread pools,
     # kernel caches: about 15 MB seen here), which later runs reuse; the README says so.
     # Two identical runs after it must agree, measured in a process of their own (this
-    # test process's heap, fragmented by earlier tests, adds its own noise).
+    # test process's heap, fragmented by earlier tests, adds its own noise). The new cost
+    # fields are checked on that process's first run (one run and one teacher fewer to
+    # train than checking them on a run in this process: each run evaluates 2,000 snippets
+    # with the wide student, most of its time).
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        mems = pool.apply(_memory_of_runs, (str(tmp_path / "fresh"), spec.model_dump(mode="json"), 3))
+        first, costs = pool.apply(_costs_of_runs, (str(tmp_path), spec.model_dump(mode="json"), 3))
+    a = costs[0]
+    assert a["mem_kind"] == "cpu_rss_increase" and a["mem_mb"] > 0
+    mems = [c["mem_mb"] for c in costs]
     second, third = mems[1:]
     # glibc's allocator keeps a varying share of freed blocks in its heap (its mmap threshold
     # moves with the sizes freed), so identical runs of this size measure 207-273 MB (12 runs
@@ -164,11 +166,13 @@ def test_cost_records_the_runs_own_memory_and_the_new_fields(tmp_path, registry)
     assert a["prep_s"] > 0 and a["step_s_q25"] <= a["step_s_median"] <= a["step_s_q75"]
     assert a["params_deployed"] == sum(p.numel() for p in _student(registry, spec).parameters())
     assert a["params_training"] == a["student_params"] >= a["params_deployed"]
-    assert first.env["data"] == getattr(load_task_data(registry, spec.task, spec.quiz_fraction, spec.data_seed), "fingerprints", None)
+    assert first["env"]["data"] == getattr(load_task_data(registry, spec.task, spec.quiz_fraction, spec.data_seed), "fingerprints", None)
 
 
-def _memory_of_runs(folder: str, spec_json: dict, n: int) -> list[float]:
-    """``mem_mb`` of ``n`` identical runs of one spec in this (fresh) process."""
+def _costs_of_runs(folder: str, spec_json: dict, n: int) -> tuple[dict, list[dict]]:
+    """The first of ``n`` identical runs of one spec in this (fresh) process (its result's
+    fields) and the ``cost`` of each."""
+    from dataclasses import asdict
     from pathlib import Path
 
     from kdbench.registry import make_plugin_manager
@@ -178,7 +182,8 @@ def _memory_of_runs(folder: str, spec_json: dict, n: int) -> list[float]:
     registry = Registry(*make_plugin_manager(extra_plugins=["support.fault_methods", "support.fault_models"]))
     spec = RunSpec.model_validate(spec_json)
     runner, teacher = runner_and_teacher(Path(folder), registry, spec)
-    return [runner.run(spec, teacher).cost["mem_mb"] for _ in range(n)]
+    results = [runner.run(spec, teacher) for _ in range(n)]
+    return asdict(results[0]), [r.cost for r in results]
 
 
 def test_training_only_modules_count_in_params_training_not_params_deployed(tmp_path, registry):
