@@ -25,7 +25,8 @@ setup: $(VENV)/.ready
 
 # pip installs torch alone (only pip looks at the local CPU wheel; --no-compile: imports
 # compile what they use, once: see PYTHONDONTWRITEBYTECODE above); then uv, from PyPI,
-# installs everything else, torch's own dependencies included, many at once (it keeps the installed torch: it satisfies torch>=2.3).
+# installs everything else, torch's own dependencies included, many at once (it keeps the
+# installed torch: it satisfies torch>=2.3).
 $(VENV)/.ready: pyproject.toml requirements/assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
 	test -x $(BIN)/uv || $(PYTHON) -m pip --python $(BIN)/python install --quiet uv
