@@ -164,8 +164,8 @@ def test_a_teacher_that_diverges_on_ray_is_recorded_on_its_row_and_blocks_its_ru
 
 def test_sigkill_of_the_ray_driver_then_resume_completes_exactly_the_missing_runs(tmp_path, cluster, images):
     # 2 methods x 2 seeds: the 2 cluster CPUs train two runs at a time, so the kill lands
-    # while the second pair trains (300 steps of the tiny CNN: about 2 s, many looks)
-    suite = write_image_suite(tmp_path, seeds=[0, 1], budget={"steps": 300, "batch_size": 16, "eval_every": 300, "log_every": 100})
+    # while the second pair trains (150 steps of the tiny CNN: about 1 s, several looks)
+    suite = write_image_suite(tmp_path, seeds=[0, 1], budget={"steps": 150, "batch_size": 16, "eval_every": 150, "log_every": 50})
     results = tmp_path / "results"
     cmd = [*KDBENCH, "run", str(suite), "--results", str(results), "--no-report", "--executor", "ray", "--address", cluster]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
