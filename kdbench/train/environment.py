@@ -43,24 +43,13 @@ def deterministic_cpu() -> Iterator[None]:
     step on CPU): it is switched off here."""
     previous = torch.are_deterministic_algorithms_enabled()
     previous_fill = torch.utils.deterministic.fill_uninitialized_memory
-    _use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
-        _use_deterministic_algorithms(previous)
+        torch.use_deterministic_algorithms(previous)
         torch.utils.deterministic.fill_uninitialized_memory = previous_fill
-
-
-def _use_deterministic_algorithms(mode: bool, warn_only: bool = False) -> None:
-    """``torch.use_deterministic_algorithms``, which also sets the flag of the same name in
-    ``torch._inductor.config`` and imports it for that: about 2 s (torch._dynamo, sympy) in
-    every process that trains. That flag governs only code compiled by ``torch.compile``,
-    which kdbench never runs; it is set whenever something else has imported the compiler."""
-    if "torch._inductor.config" in sys.modules:
-        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
-    else:
-        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
 
 
 def _version(package: str) -> str:
