@@ -40,8 +40,9 @@ demo: setup
 	$(BIN)/kdbench run $(SUITE)
 
 # Setup and the browser install overlap; then pytest on $(WORKERS) processes (pytest-xdist).
-# Whole test files go to a worker (the Ray tests share one cluster per file), in file order,
-# so the long CLI and Ray files start first. (xdist_group marks do nothing under pytest 9.)
+# Whole test files go to a worker (the Ray tests share one cluster per file), the longest
+# first (tests/conftest.py, LONG_FILES), then in file order. (xdist_group marks do nothing
+# under pytest 9.)
 # The 30 slowest tests are listed at the end: the profile for making the suite faster.
 WORKERS ?= 2
 test:

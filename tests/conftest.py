@@ -20,6 +20,18 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+#: The longest test files (`make test` prints the slowest tests), longest first. `make test`
+#: hands each pytest-xdist worker whole files in collection order (--dist loadfile
+#: --no-loadscope-reorder): these go first, so that no long file starts near the end while
+#: the other worker has nothing left to do.
+LONG_FILES = ("test_cli.py", "test_distributed.py", "test_runner.py", "test_teacher_drift.py", "test_faults.py", "test_faults_train.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def frozen_heap():
     """Before the first test: import what nearly every test process builds on (torch's
