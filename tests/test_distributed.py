@@ -34,11 +34,18 @@ KDBENCH = [sys.executable, "-m", "kdbench.cli"]
 def cluster():
     """One local cluster for the module (starting one costs ~5 s); the CLI tests reach it
     through its address, as `kdbench run --executor ray --address` would reach any cluster."""
+    import builtins
+
     if ray.is_initialized():
         ray.shutdown()
+    builtin_print = builtins.print
     ray.init(num_cpus=2, logging_level="ERROR", **local_cluster_options())  # as `kdbench run --executor ray` starts one
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    # Ray's tqdm support replaces print in the driver process (ray.experimental.tqdm_ray)
+    # and leaves it so; later test files in this worker expect the builtin (test_cifar100
+    # pickles it)
+    builtins.print = builtin_print
 
 
 @pytest.fixture(scope="module")
