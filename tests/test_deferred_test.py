@@ -19,7 +19,17 @@ def registry(fault_registry) -> Registry:
     return fault_registry
 
 
-def pair(tmp_path, registry, method: dict, selection: str, eval_every: int, seed: int = 1, **changes):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, registry):
+    """A runner and the smoke suite's teacher, fine-tuned once for the module (the
+    teacher's hash does not depend on the students' budget or selection)."""
+    folder = tmp_path_factory.mktemp("deferred")
+    (spec, *_) = build_suite(smoke_data(methods=[{"name": "kd"}], seeds=[0]), registry=registry).runs
+    runner = Runner(folder, registry, device="cpu", progress=False)
+    return runner, provide_teacher(spec, folder, open_store(folder), registry, runner.device)
+
+
+def pair(trained, registry, method: dict, selection: str, eval_every: int, seed: int = 1, **changes):
     """The same run with every split scored at every evaluation and with test deferred."""
     runs = []
     for test_every_eval in (True, False):
@@ -29,8 +39,8 @@ def pair(tmp_path, registry, method: dict, selection: str, eval_every: int, seed
         (spec,) = build_suite(smoke_data(budget=budget, methods=[method], seeds=[seed], selection=selection, **changes),
                               registry=registry).runs
         runs.append(spec)
-    runner = Runner(tmp_path, registry, device="cpu", progress=False)
-    teacher = provide_teacher(runs[0], tmp_path, open_store(tmp_path), registry, runner.device)
+    runner, teacher = trained
+    assert teacher.hash == runs[0].teacher_hash
     results = [runner.run(spec, teacher) for spec in runs]
     assert [r.status for r in results] == ["done", "done"], [r.error for r in results]
     return runs, results
@@ -48,8 +58,8 @@ def test_the_default_keeps_run_hashes_and_deferring_changes_them(registry):
 
 
 @pytest.mark.parametrize("method", [{"name": "kd"}, {"name": "metadistil", "params": {"quiz_batches": 1}}], ids=["kd", "metadistil"])
-def test_final_selection_scores_test_once_at_the_end_with_the_same_training(tmp_path, registry, method):
-    _, (every, deferred) = pair(tmp_path, registry, method, "final", eval_every=4)
+def test_final_selection_scores_test_once_at_the_end_with_the_same_training(trained, registry, method):
+    _, (every, deferred) = pair(trained, registry, method, "final", eval_every=4)
     assert [h["step"] for h in deferred.history] == [h["step"] for h in every.history] == [4, 8, 12]
     for a, b in zip(every.history, deferred.history):
         assert b["validation"] == a["validation"]  # the same student at every evaluation
@@ -59,10 +69,10 @@ def test_final_selection_scores_test_once_at_the_end_with_the_same_training(tmp_
     assert deferred.metrics == every.metrics and deferred.metrics["test"] == every.history[-1]["test"]
 
 
-def test_validation_selection_scores_the_best_validation_weights_on_test(tmp_path, registry):
+def test_validation_selection_scores_the_best_validation_weights_on_test(trained, registry):
     """Evaluations every 2 steps at a constant lr of 0.01: the best validation score falls at
     step 6 for seed 0 here, so the kept weights (not the last ones) are scored on test."""
-    _, (every, deferred) = pair(tmp_path, registry, {"name": "kd"}, "validation", eval_every=2, seed=0,
+    _, (every, deferred) = pair(trained, registry, {"name": "kd"}, "validation", eval_every=2, seed=0,
                                 optimizer={"name": "adamw", "lr": 0.01, "schedule": "constant"})
     chosen = every.metrics["step"]
     assert chosen != 12, "the check needs a best-validation step before the end"
