@@ -12,7 +12,8 @@ from kdbench.executor import open_store
 from kdbench.spec import build_suite
 from kdbench.train import Runner
 from kdbench.train.teachers import provide_teacher
-from support.helpers_models import make_ctx, text_batch
+from kdbench_plugins.methods.metadistil import MetaDistil, MetaDistilParams
+from support.helpers_models import CLASSIFICATION, make_ctx, text_batch
 from support.suites import smoke_data
 from test_metadistil import flat, ref_meta_gradient, registry  # noqa: F401 (registry: the module fixture)
 from test_metadistil_jvp import dropout_bert
@@ -27,9 +28,6 @@ def on(batch, device):
 def meta_gradient_against_reference(device: torch.device) -> None:
     """float64 tiny BERTs with dropout 0.2: the method's meta-gradient on ``device`` against
     the unrolled reference drawing the same masks; other masks give another gradient."""
-    from kdbench_plugins.methods.metadistil import MetaDistil, MetaDistilParams
-    from support.helpers_models import CLASSIFICATION
-
     student, teacher = dropout_bert(1, 1).to(device).train(), dropout_bert(2, 2).to(device).eval().requires_grad_(True)
     batch, quiz = on(text_batch(seed=3), device), on(text_batch(seed=4), device)
     params = {"virtual_lr": 0.5, "teacher_lr": 0.1, "teacher_optimizer": "sgd", "teacher_momentum": 0.0, "teacher_grad_clip": None,

@@ -47,16 +47,20 @@ class FaultyCNN(Faulty, SmallCNN):
     pass
 
 
+def faulty(model, cls: type, options):
+    """``model`` turned into ``cls`` (its Faulty twin) with the options' fault and marker."""
+    model.__class__ = cls
+    model.fault, model.marker = options.fault, options.marker
+    return model
+
+
 class FaultyBertFactory(BertFactory):
     name = "bert-faulty"
     description = "tiny BERT that diverges or kills its process while fine-tuned (tests only)"
     Options = FaultyOptions
 
     def build(self, options: FaultyOptions, problem):
-        model = super().build(options, problem)
-        model.__class__ = FaultyBert
-        model.fault, model.marker = options.fault, options.marker
-        return model
+        return faulty(super().build(options, problem), FaultyBert, options)
 
     def encoder_id(self, options) -> str:
         return BertFactory.encoder_id(self, options)
@@ -73,10 +77,7 @@ class FaultyCNNFactory(CNNFactory):
     Options = FaultyCNNOptions
 
     def build(self, options: FaultyCNNOptions, problem):
-        model = super().build(options, problem)
-        model.__class__ = FaultyCNN
-        model.fault, model.marker = options.fault, options.marker
-        return model
+        return faulty(super().build(options, problem), FaultyCNN, options)
 
 
 @hookimpl
