@@ -13,7 +13,7 @@ import pytest
 
 from kdbench.report import build_report, render_report, write_outputs
 from kdbench.report.curves import CURVE_COLS, flatness
-from kdbench.report.plots import report_plots
+from kdbench.report.plots import report_plots, shared_lr
 from kdbench.report.sections import legend, sections
 from kdbench.spec import build_suite
 from kdbench.store import DONE, FAILED, ResultsStore
@@ -40,14 +40,17 @@ def scores(spec, steps=STEPS) -> list[float]:
     return [v + offsets[spec.seed] for v in base][: len(steps)]
 
 
-def curve_suite(**kd) -> dict:
-    return smoke_data(seeds=SEEDS + [3], methods=[{"name": "none"}, {"name": "kd", "params": {"alpha": 0.5, "temperature": [1.0, 4.0]}, **kd}])
+def curve_suite(suite_changes=None, **kd) -> dict:
+    return smoke_data(seeds=SEEDS + [3], methods=[{"name": "none"}, {"name": "kd", "params": {"alpha": 0.5, "temperature": [1.0, 4.0]}, **kd}],
+                      **(suite_changes or {}))
 
 
-def curve_store(path, steps=STEPS, **kd):
+def curve_store(path, steps=STEPS, suite_changes=None, **kd):
     """Every run of seeds 0-2 finished with the history of ``CURVES``; seed 3 failed with a
-    history far off, which must never be averaged."""
-    suite = build_suite(curve_suite(**kd), source="curves-test")
+    history far off, which must never be averaged. The smoke suite's budget is 20 steps,
+    so the histories (to step 300) do not fit its schedule unless ``suite_changes`` says
+    otherwise."""
+    suite = build_suite(curve_suite(suite_changes, **kd), source="curves-test")
     store = ResultsStore(path)
     for spec in suite.runs:
         assert store.claim(spec)
@@ -61,8 +64,8 @@ def curve_store(path, steps=STEPS, **kd):
     return suite, store
 
 
-def report_of(path, steps=STEPS, **kd):
-    suite, store = curve_store(path, steps, **kd)
+def report_of(path, steps=STEPS, suite_changes=None, **kd):
+    suite, store = curve_store(path, steps, suite_changes, **kd)
     return build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, title="curves", chance=False)
 
 
@@ -110,9 +113,9 @@ def test_the_verdicts_follow_the_rule(rep):
     assert list(f["last_step"]) == [300] * 3 and list(f["prev_step"]) == [200] * 3
 
 
-def curve_frame(means: list[float], std: float = 0.3, n: int = 3) -> pd.DataFrame:
+def curve_frame(means: list[float], std: float = 0.3, n: int = 3, lr: float = np.nan) -> pd.DataFrame:
     return pd.DataFrame({"task": "t", "method": "m", "method_name": "m", "student": "s", "step": range(1, len(means) + 1),
-                         "metric": "accuracy", "n": n, "mean": means, "std": std})[CURVE_COLS]
+                         "metric": "accuracy", "n": n, "mean": means, "std": std, "lr": lr})[CURVE_COLS]
 
 
 @pytest.mark.parametrize("means, state, text", [
@@ -198,3 +201,46 @@ def test_grid_selection_curves_follow_the_chosen_setting(tmp_path):
     assert set(rep.curves["method"]) == {NONE, row} and row in set(rep.board["method"])
     mean, _ = by_hand(KD1)
     assert rep.curves[rep.curves["method"] == row].sort_values("step")["mean"].to_numpy() == pytest.approx(mean)
+
+
+BUDGET_300 = {"steps": 300, "batch_size": 16, "eval_every": 100}
+
+
+@pytest.mark.parametrize("optimizer, lr", [
+    # warmup over int(0.1 * 300) = 30 updates, then (300 - k) / 270: the updates 0..99, 100..199, 200..299
+    ({"schedule": "linear", "warmup_ratio": 0.1},
+     [(sum((k + 1) / 30 for k in range(30)) + sum((300 - k) / 270 for k in range(30, 100))) / 100,
+      sum((300 - k) / 270 for k in range(100, 200)) / 100, sum((300 - k) / 270 for k in range(200, 300)) / 100]),
+    ({"schedule": "constant"}, [1.0, 1.0, 1.0]),
+    ({"schedule": "multistep", "milestones": [250], "gamma": 0.1}, [1.0, 1.0, (50 * 1.0 + 50 * 0.1) / 100]),
+])
+def test_the_learning_rate_over_each_interval_is_the_schedules(tmp_path, optimizer, lr):
+    rep = report_of(tmp_path / "store.sqlite", suite_changes={"budget": BUDGET_300, "optimizer": {"name": "adamw", "lr": 0.001, **optimizer}})
+    for name in CURVES:
+        rows = rep.curves[rep.curves["method"] == name].sort_values("step")
+        assert rows["lr"].to_numpy() == pytest.approx(lr, abs=1e-12)
+    f = rep.flatness.set_index("method")
+    assert f["lr_last"].to_numpy() == pytest.approx([lr[-1]] * 3, abs=1e-12)
+    table = dict(next(s for s in sections(rep) if s[0] == "Learning curves")[1].set_index("method")["lr over it"])
+    assert table[KD4] == f"{lr[-1]:.0%} of peak"
+    steps, shares = zip(*shared_lr(rep.curves))  # drawn on the curves plot
+    assert steps == (100, 200, 300) and shares == pytest.approx(lr, abs=1e-12)
+    assert shared_lr(rep.curves.assign(lr=rep.curves["lr"].where(rep.curves["method"] != NONE, 0.3))) is None  # rows differ: not drawn
+    if lr[-1] < 0.5:  # linear: 50.5 / 270 = 19% of the peak over the last interval; KD4 and none are flat there
+        assert "at a learning rate 19% of its peak: the decaying schedule flattens the curve by itself" in f.loc[KD4, "verdict"]
+        assert f.loc[KD1, "verdict"].endswith("learning rate 19% of its peak over that interval")  # still rising, even so
+    elif lr[-1] < 1:
+        assert f.loc[KD4, "verdict"].endswith("; learning rate 55% of its peak over that interval") and "flattens" not in f.loc[KD4, "verdict"]
+    else:
+        assert "learning rate" not in f.loc[KD4, "verdict"]
+
+
+def test_a_history_past_the_runs_steps_gets_no_learning_rate(rep):
+    # the smoke budget is 20 steps; the made-up evaluations are at 100-300: no rate is claimed
+    assert rep.curves["lr"].isna().all() and "learning rate" not in " ".join(rep.flatness["verdict"])
+
+
+@pytest.mark.parametrize("lr, low", [(0.49, True), (0.5, False), (np.nan, False)])
+def test_flat_at_a_low_rate_is_said_to_be(lr, low):
+    (row,) = flatness(curve_frame([80.0, 80.1, 80.2], lr=lr)).itertuples()
+    assert row.state == "flat" and ("flattens the curve by itself" in row.verdict) == low

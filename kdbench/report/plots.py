@@ -78,6 +78,16 @@ def pareto_figure(cost: "pd.DataFrame", task: str, x: str = "wall_s") -> bytes:
     return _png(fig)
 
 
+def shared_lr(curves: "pd.DataFrame") -> list[tuple[int, float]] | None:
+    """``[(step, learning rate over the interval ending there, as a share of the peak)]``
+    when every row of ``curves`` (one task's) trained on the same known schedule, else
+    None: the curves plot draws it on a second axis only then."""
+    if "lr" not in curves or curves.empty or curves["lr"].isna().any():
+        return None
+    series = {tuple(g.sort_values("step")[["step", "lr"]].itertuples(index=False, name=None)) for _, g in curves.groupby(["method", "student"])}
+    return [(int(a), float(b)) for a, b in next(iter(series))] if len(series) == 1 else None
+
+
 def curves_figure(curves: "pd.DataFrame", task: str) -> bytes:
     sub = curves[curves["task"] == task]
     several = sub["student"].nunique() > 1
@@ -92,6 +102,13 @@ def curves_figure(curves: "pd.DataFrame", task: str) -> bytes:
     ax.set_title(f"Learning curves on {task} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    series = shared_lr(sub)
+    if series is not None:
+        steps, shares = zip(*series)
+        right = ax.twinx()
+        right.step([0, *steps], [shares[0], *shares], where="pre", color="grey", linestyle="--", linewidth=1)
+        right.set_ylim(0, 1.05)
+        right.set_ylabel("learning rate over the interval (share of peak, dashed)", fontsize=8)
     return _png(fig)
 
 

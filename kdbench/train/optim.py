@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdbench.spec import Budget, OptimizerSpec
+from kdbench.spec import Budget, OptimizerSpec, lr_factor
 
 
 def total_steps(budget: Budget, n_train: int) -> int:
@@ -36,18 +36,4 @@ def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec, steps: int,
             nn.utils.clip_grad_norm_([p for g in o.param_groups for p in g["params"]], clip)
 
         opt.register_step_pre_hook(clip_before_step)
-    warmup = int(spec.warmup_ratio * steps)
-    milestones = [int(m * steps_per_epoch) if epochs_budget else int(m) for m in spec.milestones]
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if spec.schedule == "linear":
-            return max(0.0, (steps - step) / max(steps - warmup, 1))
-        if spec.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
-        if spec.schedule == "multistep":
-            return spec.gamma ** sum(step >= m for m in milestones)
-        return 1.0
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(spec, steps, steps_per_epoch, epochs_budget))
