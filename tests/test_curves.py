@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from kdbench.report import build_report, render_report, write_outputs
-from kdbench.report.curves import CURVE_COLS, flatness
+from kdbench.report.curves import CURVE_COLS, flatness, share
 from kdbench.report.plots import report_plots, shared_lr
 from kdbench.report.sections import legend, sections
 from kdbench.spec import build_suite
@@ -244,3 +244,8 @@ def test_a_history_past_the_runs_steps_gets_no_learning_rate(rep):
 def test_flat_at_a_low_rate_is_said_to_be(lr, low):
     (row,) = flatness(curve_frame([80.0, 80.1, 80.2], lr=lr)).itertuples()
     assert row.state == "flat" and ("flattens the curve by itself" in row.verdict) == low
+
+
+@pytest.mark.parametrize("x, text", [(1.0, "100%"), (0.1146, "11%"), (0.1, "10%"), (0.0551, "5.5%"), (0.001, "0.1%"), (0.0, "0%")])
+def test_a_small_learning_rate_share_is_not_rounded_to_zero(x, text):
+    assert share(x) == text

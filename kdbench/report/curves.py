@@ -111,12 +111,18 @@ def curve_table(rows: list[dict[str, Any]], runs: pd.DataFrame) -> pd.DataFrame:
     return out[CURVE_COLS]
 
 
+def share(x: float) -> str:
+    """A share as a percentage: whole percents from 10% up, two significant digits below
+    (0.1% after three decays by 10 is not 0%)."""
+    return f"{x:.0%}" if x >= 0.1 or x == 0 else f"{100 * x:.2g}%"
+
+
 def _verdict(change: float, earlier: float, tolerance: float, last_std: float, lr: float = float("nan")) -> tuple[str, str]:
     """(state, sentence) for the last change of the mean, the one before (NaN when the
     curve has two evaluations), the tolerance and the learning rate over the last
     interval as a share of its peak (NaN: unknown)."""
     noise = f"seed std {last_std:.2f}" if last_std == last_std else "one seed: no seed std"
-    rate = "" if lr != lr or lr >= 1 else f"; learning rate {lr:.0%} of its peak over that interval"
+    rate = "" if lr != lr or lr >= 1 else f"; learning rate {share(lr)} of its peak over that interval"
     if change > tolerance:
         return "rising", f"still rising: {change:+.2f} over the last interval (tolerance {tolerance:.2f}; {noise}){rate}"
     if change < -tolerance:
@@ -129,7 +135,7 @@ def _verdict(change: float, earlier: float, tolerance: float, last_std: float, l
     else:
         head += f", but {earlier:+.2f} over the interval before: flat for one interval only"
     if lr == lr and lr < LOW_LR:
-        return "flat", head + f"; at a learning rate {lr:.0%} of its peak: the decaying schedule flattens the curve by itself, so more steps may still gain"
+        return "flat", head + f"; at a learning rate {share(lr)} of its peak: the decaying schedule flattens the curve by itself, so more steps may still gain"
     return "flat", head + rate
 
 
@@ -175,7 +181,7 @@ def curves_display(curves: pd.DataFrame, flat: pd.DataFrame) -> pd.DataFrame:
             c = cells.get((f.task, f.method, f.student, s))
             row[f"step {s}"] = _score(c.mean, c.std, c.n, f.n) if c is not None else "-"
         row["last change"] = "-" if f.change != f.change else f"{f.change:+.2f} ({int(f.prev_step)} → {f.last_step})"
-        row["lr over it"] = "-" if f.change != f.change or f.lr_last != f.lr_last else f"{f.lr_last:.0%} of peak"
+        row["lr over it"] = "-" if f.change != f.change or f.lr_last != f.lr_last else f"{share(f.lr_last)} of peak"
         row["verdict"] = f.verdict
         out.append(row)
     return pd.DataFrame.from_records(out)
