@@ -100,7 +100,8 @@ class Frozen(BaseModel):
 
 class OptimizerSpec(Frozen):
     """Optimizer and learning-rate schedule. ``milestones`` are optimizer steps (or
-    epochs when the budget is in epochs) where the rate is multiplied by ``gamma``."""
+    epochs when the budget is in epochs) where the rate is multiplied by ``gamma``.
+    ``fused`` (opt-in) takes PyTorch's fused step kernel."""
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(5e-5, gt=0)
@@ -112,6 +113,14 @@ class OptimizerSpec(Frozen):
     milestones: tuple[float, ...] = ()
     gamma: float = Field(0.1, gt=0)
     grad_clip: float | None = Field(None, gt=0)
+    fused: bool = added(False, "PyTorch's fused kernel for the optimizer step (one kernel over all parameters instead of a "
+                               "dozen per parameter; AdamW over a MiniLM student about 4x faster on CPU). The same update "
+                               "rule, but not bit-identical to the default: runs differ in the last bits and then by seed-level "
+                               "noise. Default false keeps stored runs' hashes and numbers.")
+
+    @model_serializer(mode="wrap")
+    def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
+        return omit_added_defaults(self, handler(self))
 
 
 def lr_factor(spec: OptimizerSpec, steps: int, steps_per_epoch: float = 1.0, epochs_budget: bool = False) -> Callable[[int], float]:

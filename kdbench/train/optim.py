@@ -21,13 +21,16 @@ def total_steps(budget: Budget, n_train: int) -> int:
 
 def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec, steps: int, steps_per_epoch: int, epochs_budget: bool) -> tuple[torch.optim.Optimizer, Any]:
     """Optimizer and a per-step LR schedule. Gradient clipping, when asked, runs as a
-    pre-step hook so every method's step gets it without repeating it."""
+    pre-step hook so every method's step gets it without repeating it. ``spec.fused``
+    asks PyTorch for its fused kernel (it raises where the parameters' device or dtype
+    has none)."""
+    fused = {"fused": True} if spec.fused else {}  # default: PyTorch's own choice (the for-loop kernels on CPU)
     if spec.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.nesterov)
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.nesterov, **fused)
     elif spec.name == "adam":
-        opt = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        opt = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, **fused)
     else:
-        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, **fused)
     if spec.grad_clip is not None:
         clip = spec.grad_clip
 
