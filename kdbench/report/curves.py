@@ -36,12 +36,13 @@ MIN_TOLERANCE = 0.5
 LOW_LR = 0.5
 
 
-def schedule_of(row: dict[str, Any]) -> Any:
-    """The learning-rate factor ``k -> multiple of lr`` of a stored run (its spec's
-    optimizer over its steps: the cost's ``steps``, else the budget's), and its total
-    steps; None where the spec does not say (an epoch budget without a recorded step
-    count, an unreadable optimizer). Milestones in epochs are placed at ``steps / epochs``
-    updates per epoch, within a step of where the runner put them."""
+def schedule_of(row: dict[str, Any]) -> np.ndarray | None:
+    """The learning-rate factor of a stored run at every update (``factor[k]``: the
+    multiple of its lr used by the update after ``k`` updates), from its spec's optimizer
+    over its steps (the cost's ``steps``, else the budget's); None where the spec does not
+    say (an epoch budget without a recorded step count, an unreadable optimizer).
+    Milestones in epochs are placed at ``steps / epochs`` updates per epoch, within a step
+    of where the runner put them."""
     spec, cost = row.get("spec") or {}, row.get("cost") or {}
     budget = spec.get("budget") or {}
     steps = cost.get("steps") or budget.get("steps")
@@ -51,20 +52,19 @@ def schedule_of(row: dict[str, Any]) -> Any:
     except (ValueError, TypeError):
         return None
     epochs = budget.get("epochs")
-    per_epoch = steps / epochs if epochs else 1.0
-    return lr_factor(opt, steps, per_epoch, bool(epochs)), steps
+    factor = lr_factor(opt, steps, steps / epochs if epochs else 1.0, bool(epochs))
+    return np.array([factor(k) for k in range(steps)], dtype=float)
 
 
-def interval_lr(schedule: Any, start: int, end: int) -> float:
+def interval_lr(schedule: np.ndarray | None, start: int, end: int) -> float:
     """Mean learning-rate factor of the updates ``start .. end-1`` (those between an
     evaluation after ``start`` updates and the next after ``end``), as a share of the
     schedule's peak over the run; NaN without a schedule, for an empty interval or one
     that ends past the run's steps."""
-    if schedule is None or end <= start or end > schedule[1]:  # past the run's own steps: the history and spec disagree
+    if schedule is None or end <= start or end > len(schedule):  # past the run's own steps: the history and spec disagree
         return float("nan")
-    factor, steps = schedule
-    peak = max(factor(k) for k in range(steps))
-    return float(np.mean([factor(k) for k in range(start, end)]) / peak) if peak > 0 else float("nan")
+    peak = schedule.max()
+    return float(schedule[start:end].mean() / peak) if peak > 0 else float("nan")
 
 
 def _evaluations(rows: list[dict[str, Any]], runs: pd.DataFrame) -> pd.DataFrame:
