@@ -217,7 +217,8 @@ class MethodEntry(Frozen):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = None
+    label: str | None = Field(None, description="the leaderboard row's name of a grid_selection entry; other entries' rows "
+                                                "are named by the method and the parameters that tell them apart, and ignore it")
     students: list[str] | None = Field(None, min_length=1, description="only with these students (labels); default all")
     #: Report-only (never part of a run's hash): per task and student, the report keeps the
     #: setting of this entry's sweep with the best mean validation score over seeds (ties:
