@@ -98,7 +98,17 @@ class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class OptimizerSpec(Frozen):
+class WithAddedFields(Frozen):
+    """A spec section that gained fields after runs were stored (declared with
+    :func:`kdbench.api.added`): while at their defaults they are left out of its dumps,
+    hence out of run hashes."""
+
+    @model_serializer(mode="wrap")
+    def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
+        return omit_added_defaults(self, handler(self))
+
+
+class OptimizerSpec(WithAddedFields):
     """Optimizer and learning-rate schedule. ``milestones`` are optimizer steps (or
     epochs when the budget is in epochs) where the rate is multiplied by ``gamma``.
     ``fused`` (opt-in) takes PyTorch's fused step kernel."""
@@ -117,10 +127,6 @@ class OptimizerSpec(Frozen):
                                "dozen per parameter; AdamW over a MiniLM student about 4x faster on CPU). The same update "
                                "rule, but not bit-identical to the default: runs differ in the last bits and then by seed-level "
                                "noise. Default false keeps stored runs' hashes and numbers.")
-
-    @model_serializer(mode="wrap")
-    def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
-        return omit_added_defaults(self, handler(self))
 
 
 def lr_factor(spec: OptimizerSpec, steps: int, steps_per_epoch: float = 1.0, epochs_budget: bool = False) -> Callable[[int], float]:
@@ -148,7 +154,7 @@ def lr_factor(spec: OptimizerSpec, steps: int, steps_per_epoch: float = 1.0, epo
     return factor
 
 
-class Budget(Frozen):
+class Budget(WithAddedFields):
     """How long a student trains: ``steps`` optimizer steps, or ``epochs`` over the
     training split. Identical for every method of a suite."""
 
@@ -162,10 +168,6 @@ class Budget(Frozen):
                                         "one (the last under selection 'final'; under 'validation' the best-validation student's "
                                         "weights, kept in memory, are scored at the end), so the other evaluations score "
                                         "validation alone. Training is the same either way.")
-
-    @model_serializer(mode="wrap")
-    def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
-        return omit_added_defaults(self, handler(self))
 
     @model_validator(mode="after")
     def _one_length(self) -> "Budget":
