@@ -3,8 +3,9 @@
 Reference setup (../shared/REFERENCE.md): teacher = the MiniLM-L6 BERT with a 2-way head,
 student = its first 3 layers, batch 16, sequence length 64, one quiz batch of 16, 2 threads,
 CPU. Every variant runs through kdbench's own runner (data, hooks, logging, store writes
-and progress bar included) on the same batches, except ``bare``: a hand-written PyTorch
-loop doing the KD computation, the yardstick for kdbench's framework overhead.
+and progress bar included), except ``bare``: a hand-written PyTorch loop doing the KD
+computation on batches of the same data (every batch has the same shape), the yardstick for
+kdbench's framework overhead.
 
     python benchmarks/step_cost.py            # reference setup (needs the MiniLM package)
     python benchmarks/step_cost.py --core     # only bare, kd, kd_shared_teacher, metadistil
@@ -19,17 +20,26 @@ its steps (the runner waits for the device at every log point and at the last st
 bare loop waits at its end), a mean rather than a median, and both sides run under the
 runner's bf16 autocast with TF32 matrix products.
 
-How it guards against noise: the variants are interleaved (each of ``--rounds`` >= 3
-rounds runs every variant once, bare first: ABAB, not AAABBB), so a machine that speeds up
-or slows down during the run moves all variants alike. Each variant's figure is the median
-step time within a run (warm-up steps fall outside the median), reported as the median
-over rounds with its [min, max]; every ratio is taken per round (variants measured minutes
-apart never meet in one ratio) and reported as the median of the per-round ratios with
-their spread. The bare loop runs once more at the very end: when it disagrees with the
-first round's bare loop by more than 3%, the output says the figures are UNRELIABLE
-(``noise.reliable`` false in the JSON). The JSON's ``ratios`` hold ``metadistil_over_kd``,
-``metadistil_over_bare``, ``shared_teacher_kd_over_kd`` and ``framework_overhead``
-(kdbench KD over bare, minus 1), among others; ``spread`` holds each ratio's [min, max].
+How it guards against noise: on the reference 2-core machine the speed drifts by 10-30%
+over tens of seconds even when idle, so two 20-step figures taken a minute apart cannot
+resolve a few percent. So on a CPU every training step of a kdbench variant is paired with
+one step of the bare loop run right after it (step-level ABAB; the bare step runs outside
+the kdbench step's own timing, see :func:`paired_with`), and a variant's ratio to the bare
+loop is the median of its per-step ratios (a run's first two steps left out). The variants
+are also interleaved over ``--rounds`` >= 3 rounds after a discarded warm-up round; each
+ratio is reported as the median over rounds with its [min, max], and ratios between two
+kdbench variants (MetaDistil over KD) are quotients of their paired ratios within a round.
+A variant's s/step is the median step time of its run; the bare loop's is the median of its
+paired steps. The bare loop also runs alone right after the warm-up and at the very end:
+when those disagree by more than 3%, the output says the s/step figures are UNRELIABLE
+(``noise.reliable`` false in the JSON); the paired ratios do not move with such drift,
+which their spread over rounds shows. Peak memory comes from the unpaired warm-up runs (a
+paired run's memory would include its partner's steps). On a GPU the variants run whole,
+unpaired (bare first in every round), as the wall time of a step there is only the time to
+queue it. The JSON's ``ratios`` hold ``metadistil_over_kd``, ``metadistil_over_bare``,
+``shared_teacher_kd_over_kd`` and ``framework_overhead`` (kdbench KD over bare, minus 1),
+among others; ``spread`` holds each ratio's [min, max]; ``pairs`` the number of step pairs
+behind each variant's ratios.
 
 Why not pytest-benchmark (a dev dependency, the design card's suggestion): it calibrates and
 repeats one callable back to back (AAABBB), exactly the drift-prone order this script
@@ -43,12 +53,14 @@ this stays a script that prints ratios and asserts nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -65,6 +77,7 @@ from kdbench.train.loop import autocast_for  # noqa: E402
 from kdbench.train.teachers import provide_teacher  # noqa: E402
 from kdbench.spec import build_suite  # noqa: E402
 from kdbench.store import ResultsStore  # noqa: E402
+import kdbench.train.runner as runner_module  # noqa: E402
 from kdbench_plugins.methods.kd import soft_loss  # noqa: E402
 
 LENGTH = 64
@@ -137,65 +150,104 @@ def suite_dict(tiny: bool, steps: int, batch: int) -> dict:
     }
 
 
-def bare_loop(runner: Runner, spec, steps: int) -> dict:
+class BareKD:
     """The KD step in plain PyTorch on the same batches: teacher forward without grad,
-    student forward/backward, KD loss, AdamW with the same linear schedule (on a GPU under
-    the same bf16 autocast as the runner's)."""
-    device = runner.device
-    cuda = device.type == "cuda"
-    autocast = autocast_for(device)
-    data = load_task_data(runner.registry, spec.task, spec.quiz_fraction, spec.data_seed)
-    factory, encoded = encoded_splits(runner.registry, spec, data, spec.student, [TRAIN])
-    t_factory, t_opts = model_factory(runner.registry, spec.teacher)
-    teacher = t_factory.build(t_opts, data.task.problem).to(device).eval()
-    seed_everything(spec.seed)
-    student = factory.build(factory.Options(**spec.student.options), data.task.problem).to(device).train()
-    opt, sched = build_optimizer(list(student.parameters()), spec.optimizer, steps, 1, False)
-    labels = torch.as_tensor(data.labels(TRAIN))
-    gen = torch.Generator().manual_seed(spec.seed)
-    batches = iter_batches(labels.shape[0], spec.budget.batch_size, gen)
-    alpha, temp = spec.params["alpha"], spec.params["temperature"]
-    times = []
-    meter = CostMeter(device)
+    student forward/backward, KD loss, AdamW with the same linear schedule over
+    ``schedule_steps`` (on a GPU under the same bf16 autocast as the runner's)."""
+
+    def __init__(self, runner: Runner, spec, schedule_steps: int):
+        device = self.device = runner.device
+        self.autocast = autocast_for(device)
+        data = load_task_data(runner.registry, spec.task, spec.quiz_fraction, spec.data_seed)
+        self.factory, self.encoded = encoded_splits(runner.registry, spec, data, spec.student, [TRAIN])
+        t_factory, t_opts = model_factory(runner.registry, spec.teacher)
+        self.teacher = t_factory.build(t_opts, data.task.problem).to(device).eval()
+        seed_everything(spec.seed)
+        self.student = self.factory.build(self.factory.Options(**spec.student.options), data.task.problem).to(device).train()
+        self.opt, self.sched = build_optimizer(list(self.student.parameters()), spec.optimizer, schedule_steps, 1, False)
+        self.labels = torch.as_tensor(data.labels(TRAIN))
+        self.batches = iter_batches(self.labels.shape[0], spec.budget.batch_size, torch.Generator().manual_seed(spec.seed))
+        self.alpha, self.temp, self.problem = spec.params["alpha"], spec.params["temperature"], data.task.problem
+
+    def step(self) -> float:
+        """One step; its wall time in seconds (on a GPU: the time to queue its kernels)."""
+        t0 = time.perf_counter()
+        index = next(self.batches)
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in self.factory.collate(self.encoded[TRAIN], index).items()}
+        y = self.labels[index].to(self.device, non_blocking=True)
+        with torch.no_grad(), self.autocast():
+            t_logits = self.teacher(inputs).logits
+        with self.autocast():
+            s_logits = self.student(inputs).logits
+        loss = self.alpha * soft_loss(s_logits, t_logits, self.temp, self.problem) + (1 - self.alpha) * torch.nn.functional.cross_entropy(s_logits.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return time.perf_counter() - t0
+
+
+def bare_loop(runner: Runner, spec, steps: int) -> dict:
+    """``steps`` steps of a fresh :class:`BareKD` alone: its median step (on a GPU: the mean,
+    waiting for the device at the end) and its peak memory increase."""
+    bare = BareKD(runner, spec, steps)
+    cuda = bare.device.type == "cuda"
+    meter = CostMeter(bare.device)
     with meter:
         start = time.perf_counter()
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            index = next(batches)
-            inputs = {k: v.to(device, non_blocking=True) for k, v in factory.collate(encoded[TRAIN], index).items()}
-            y = labels[index].to(device, non_blocking=True)
-            with torch.no_grad(), autocast():
-                t_logits = teacher(inputs).logits
-            with autocast():
-                s_logits = student(inputs).logits
-            loss = alpha * soft_loss(s_logits, t_logits, temp, data.task.problem) + (1 - alpha) * torch.nn.functional.cross_entropy(s_logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            times.append(time.perf_counter() - t0)
+        times = [bare.step() for _ in range(steps)]
         if cuda:
-            torch.cuda.synchronize(device)
+            torch.cuda.synchronize(bare.device)
         total = time.perf_counter() - start
     figure = total / steps if cuda else float(np.median(times))
     return {"step_s_median": figure, "peak_mem_increase_mb": meter.summary()["peak_mem_increase_mb"]}
 
 
+@contextlib.contextmanager
+def paired_with(partner: BareKD, pairs: list[tuple[float, float]]) -> Iterator[None]:
+    """Inside, every training step of a kdbench run is followed at once by one step of
+    ``partner``, outside the kdbench step's own timing (the runner records a step's time
+    before this hook runs; the next step's clock starts after it); ``pairs`` collects
+    (kdbench step s, partner step s). Step-level ABAB: the two halves of a pair are
+    measured within a few seconds of each other, so the machine's speed, which drifts by
+    10-30% over tens of seconds on the reference machine, cancels in their ratio."""
+    original = runner_module.CostMeter
+
+    class PairedMeter(original):  # type: ignore[valid-type, misc]
+        def record_step(self, seconds: float) -> None:
+            super().record_step(seconds)
+            pairs.append((seconds, partner.step()))
+
+    runner_module.CostMeter = PairedMeter
+    try:
+        yield
+    finally:
+        runner_module.CostMeter = original
+
+
 CORE = ("bare", "kd", "kd_shared_teacher", "metadistil")
 OTHERS = ("prokt", "pkd", "tinybert")
-WARMUP_STEPS = 3
-NOISE_LIMIT = 0.03  # the bare loop at the start and at the end of the run must agree this closely
+WARMUP_STEPS = 4  # the discarded warm-up round; on a CPU its runs (unpaired) give the memory figures
+PAIR_SKIP = 2  # a run's first steps (optimizer state allocated, caches filled) stay out of its pair ratios
+NOISE_LIMIT = 0.03  # the bare loop alone at the start and at the end of the run must agree this closely
 
 
 def _ratio_stats(values: list[float]) -> dict[str, float]:
     return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
 
 
+def _paired_figures(pairs: list[tuple[float, float]]) -> dict[str, float]:
+    kept = pairs[PAIR_SKIP:] if len(pairs) > 2 * PAIR_SKIP else pairs
+    mine, bare = np.array([p[0] for p in kept]), np.array([p[1] for p in kept])
+    return {"step_s_median": float(np.median(mine)), "bare_s_median": float(np.median(bare)),
+            "over_bare": float(np.median(mine / bare)), "pairs": len(kept)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny random BERTs (fast; for CI)")
     ap.add_argument("--json", action="store_true", help="end with one line of JSON holding the ratios")
-    ap.add_argument("--steps", type=int, default=None, help="steps per variant and round (the median absorbs warm-up)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per variant and round (the first two stay out of the pair ratios)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least 3)")
     ap.add_argument("--core", action="store_true", help="only bare, kd, kd_shared_teacher and metadistil")
     ap.add_argument("--overhead", action="store_true", help="only bare and kd: the framework overhead, with more rounds for the same time")
@@ -209,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     steps = args.steps or (4 if args.tiny else 20)
     variants = ("bare", "kd") if args.overhead else CORE if args.core else CORE + OTHERS
+    timed = [v for v in variants if v != "bare"]
 
     pm, broken = make_plugin_manager()
     pm.register(sys.modules[__name__], name="bench-text")
@@ -217,58 +270,76 @@ def main(argv: list[str] | None = None) -> int:
     by_method = {r.method: r for r in suite.runs}
     warm = {r.method: r for r in build_suite(suite_dict(args.tiny, WARMUP_STEPS, args.batch), registry=registry).runs}
     per_round: dict[str, list[dict]] = {v: [] for v in variants}
-    bare_end: dict = {}
+    memory: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = ResultsStore(Path(tmp) / "store.sqlite")
         live = Runner(tmp, registry, device=args.device, progress=False, share_teacher_outputs=False)
         shared = Runner(tmp, registry, device=args.device, progress=False, share_teacher_outputs=True)
         cuda = live.device.type == "cuda"
+        paired = not cuda  # a GPU step's wall time is the time to queue it: there variants run whole, as before
         teacher = provide_teacher(suite.runs[0], Path(tmp), store, registry, live.device)  # the teachers-first phase
+        partner = BareKD(live, by_method["kd"], 10**6) if paired else None  # one bare loop paired with every kdbench run
 
-        def through_kdbench(runner: Runner, spec) -> dict:
+        def through_kdbench(runner: Runner, spec, pair: bool) -> dict:
+            pairs: list[tuple[float, float]] = []
             store.claim(spec, rerun=True)
-            result = runner.run(spec, teacher)
+            with paired_with(partner, pairs) if pair and partner is not None else contextlib.nullcontext():
+                result = runner.run(spec, teacher)
             store.finish(spec, result.status, cost=result.cost, error=result.error)
             if result.status != "done":
                 raise SystemExit(f"{spec.method} {result.status}: {result.error}")
             cost = result.cost  # on a GPU the mean over the run (see the module docstring)
             figure = cost["train_s"] / cost["steps"] if cuda else cost["step_s_median"]
-            return {"step_s_median": figure, "peak_mem_increase_mb": cost["peak_mem_increase_mb"]}
+            return {"step_s_median": figure, "peak_mem_increase_mb": cost["peak_mem_increase_mb"], **(_paired_figures(pairs) if pairs else {})}
 
-        def variants_for(runs: dict, n: int) -> dict:
+        def variants_for(runs: dict, n: int, pair: bool) -> dict:
             return {
                 "bare": lambda: bare_loop(live, runs["kd"], n),
-                "kd": lambda: through_kdbench(live, runs["kd"]),
-                "kd_shared_teacher": lambda: through_kdbench(shared, runs["kd"]),
-                **{name: (lambda name=name: through_kdbench(live, runs[name])) for name in ("metadistil", *OTHERS)},
+                "kd": lambda: through_kdbench(live, runs["kd"], pair),
+                "kd_shared_teacher": lambda: through_kdbench(shared, runs["kd"], pair),
+                **{name: (lambda name=name: through_kdbench(live, runs[name], pair)) for name in ("metadistil", *OTHERS)},
             }
 
-        # warm-up round, discarded: one-off costs (first kernels, caches, the shared-teacher
-        # logits, computed once in the first shared run's preparation) stay out of round 1
-        for name, run in variants_for(warm, WARMUP_STEPS).items():
-            if name in variants and not args.no_warmup:
-                run()
-        run_variant = variants_for(by_method, steps)
-        for r in range(args.rounds):  # ABAB: every round runs every variant once, bare first
-            for name in variants:
+        # warm-up round, discarded for time: one-off costs (first kernels, caches, the
+        # shared-teacher logits, computed once in the first shared run's preparation) stay
+        # out of round 1. Unpaired, so on a CPU its peak memory figures are each run's own.
+        if not args.no_warmup:
+            for name, run in variants_for(warm, WARMUP_STEPS, False).items():
+                if name in variants:
+                    memory[name] = run()["peak_mem_increase_mb"]
+        run_variant = variants_for(by_method, steps, paired)
+        bare_start = run_variant["bare"]() if paired else None  # drift check: the bare loop alone, first and last
+        for r in range(args.rounds):  # ABAB: every round runs every variant once; on a CPU each step is paired with a bare step
+            for name in (timed if paired else variants):
                 per_round[name].append(run_variant[name]())
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {per_round[n][-1]['step_s_median']:.4f}" for n in variants),
+            if paired:  # the bare figure of the round: the median of its paired bare steps
+                per_round["bare"].append({"step_s_median": float(np.median([per_round[n][-1]["bare_s_median"] for n in timed]))})
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {per_round[n][-1]['step_s_median']:.4f}" for n in variants)
+                  + ("  (x bare, paired: " + ", ".join(f"{n} {per_round[n][-1]['over_bare']:.3f}" for n in timed) + ")" if paired else ""),
                   file=sys.stderr, flush=True)
-        bare_end = run_variant["bare"]()  # drift check: the bare loop again at the very end
+        bare_end = run_variant["bare"]()
+    if bare_start is None:
+        bare_start = per_round["bare"][0]
+    for name in variants:
+        memory.setdefault(name, float(np.median([x.get("peak_mem_increase_mb", np.nan) for x in per_round[name]])))
 
     def seconds(name: str) -> list[float]:
         return [x["step_s_median"] for x in per_round[name]]
 
-    def ratio(a: str, b: str) -> dict[str, float]:  # per round, so slow drift between rounds cancels
-        return _ratio_stats([x / y for x, y in zip(seconds(a), seconds(b))])
+    def over_bare(name: str) -> list[float]:  # per round: from step pairs on a CPU, from the round's figures on a GPU
+        if name == "bare":
+            return [1.0] * args.rounds
+        return [x["over_bare"] for x in per_round[name]] if paired else [x / b for x, b in zip(seconds(name), seconds("bare"))]
 
-    bare0 = per_round["bare"][0]["step_s_median"]
+    def ratio(a: str, b: str) -> dict[str, float]:  # per round, so slow drift between rounds cancels
+        return _ratio_stats([x / y for x, y in zip(over_bare(a), over_bare(b))])
+
+    bare0 = bare_start["step_s_median"]
     drift = bare_end["step_s_median"] / bare0 - 1.0
     reliable = abs(drift) <= NOISE_LIMIT
     stats = {name: {"median": float(np.median(seconds(name))), "min": min(seconds(name)), "max": max(seconds(name)),
-                    "peak_mem_increase_mb": float(np.median([x["peak_mem_increase_mb"] for x in per_round[name]]))}
-             for name in variants}
-    base, base_mem = stats["kd"]["median"], max(stats["kd"]["peak_mem_increase_mb"], 1e-9)
+                    "peak_mem_increase_mb": memory[name]} for name in variants}
+    base_mem = max(memory["kd"], 1e-9)
     setup = "tiny random BERTs" if args.tiny else "MiniLM-L6 teacher, 3-layer student"
     if cuda:
         setup += f", {torch.cuda.get_device_name()} (bf16 autocast, TF32; figures are means over a run's steps)"
@@ -276,18 +347,23 @@ def main(argv: list[str] | None = None) -> int:
         load = "load average %.2f %.2f %.2f" % os.getloadavg()
     except OSError:
         load = "load average unknown"
-    print(f"step cost: {setup}, batch {args.batch}, length {LENGTH}, {args.threads} threads, {steps} steps per variant "
-          f"x {args.rounds} interleaved rounds, torch {torch.__version__}, {os.cpu_count()} CPUs, {load} at the end")
-    print(f"{'variant':<20}{'s/step median':>14}{'spread':>9}{'vs kd':>8}{'vs bare':>9}{'peak mem +MB':>14}{'vs kd':>8}")
-    for name, s in stats.items():
-        spread = (s["max"] - s["min"]) / s["median"]
-        print(f"{name:<20}{s['median']:>14.4f}{100 * spread:>8.1f}%{s['median'] / base:>8.2f}{s['median'] / stats['bare']['median']:>9.2f}"
-              f"{s['peak_mem_increase_mb']:>14.1f}{s['peak_mem_increase_mb'] / base_mem:>8.2f}")
     spreads = {"kd_over_bare": ratio("kd", "bare")}
     if "metadistil" in variants:
         spreads.update({"metadistil_over_kd": ratio("metadistil", "kd"), "metadistil_over_bare": ratio("metadistil", "bare"),
                         "shared_teacher_kd_over_kd": ratio("kd_shared_teacher", "kd")})
     spreads.update({f"{name}_over_kd": ratio(name, "kd") for name in OTHERS if name in variants})
+    print(f"step cost: {setup}, batch {args.batch}, length {LENGTH}, {args.threads} threads, {steps} steps per variant "
+          f"x {args.rounds} interleaved rounds, torch {torch.__version__}, {os.cpu_count()} CPUs, {load} at the end")
+    if paired:
+        print(f"every kdbench step is paired with the bare step run right after it; ratios are medians of the per-step ratios "
+              f"(the first {PAIR_SKIP} steps of a run left out), then the median over rounds; memory from the unpaired "
+              + ("warm-up runs" if not args.no_warmup else "paired runs (they include the bare partner's steps)"))
+    print(f"{'variant':<20}{'s/step median':>14}{'spread':>9}{'vs kd':>8}{'vs bare':>9}{'peak mem +MB':>14}{'vs kd':>8}")
+    for name, s in stats.items():
+        spread = (s["max"] - s["min"]) / s["median"]
+        vs_bare = float(np.median(over_bare(name)))
+        print(f"{name:<20}{s['median']:>14.4f}{100 * spread:>8.1f}%{vs_bare / float(np.median(over_bare('kd'))):>8.2f}{vs_bare:>9.2f}"
+              f"{s['peak_mem_increase_mb']:>14.1f}{s['peak_mem_increase_mb'] / base_mem:>8.2f}")
     ratios = {name: s["median"] for name, s in spreads.items() if name != "kd_over_bare"}
     ratios["framework_overhead"] = spreads["kd_over_bare"]["median"] - 1.0
     if "metadistil" in variants:
@@ -295,12 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     print("ratios (median of the per-round ratios, [min, max] over rounds):")
     for name, s in spreads.items():
         print(f"  {name:<28}{s['median']:>7.3f}  [{s['min']:.3f}, {s['max']:.3f}]")
-    print(f"framework overhead (kdbench KD step vs bare loop, same round): {100 * ratios['framework_overhead']:+.1f}%")
-    print(f"noise check: bare loop {bare0:.4f} s/step at the start, {bare_end['step_s_median']:.4f} at the end ({100 * drift:+.1f}%): "
-          + ("within" if reliable else f"UNRELIABLE, outside") + f" {100 * NOISE_LIMIT:.0f}%")
+    print(f"framework overhead (kdbench KD step vs bare loop{', step pairs' if paired else ', same round'}): {100 * ratios['framework_overhead']:+.1f}%")
+    print(f"noise check: bare loop alone {bare0:.4f} s/step at the start, {bare_end['step_s_median']:.4f} at the end ({100 * drift:+.1f}%): "
+          + ("within" if reliable else "UNRELIABLE, outside") + f" {100 * NOISE_LIMIT:.0f}%"
+          + (": the s/step figures moved with the machine; the paired ratios cancel drift slower than a step pair (their spread over rounds is above)"
+             if paired and not reliable else ""))
     if args.json:
-        print(json.dumps({"setup": setup, "steps": steps, "rounds": args.rounds, "load": load, "ratios": ratios,
-                          "spread": spreads, "seconds": stats, "bare_end_s": bare_end["step_s_median"],
+        pairs = {name: int(sum(x.get("pairs", 0) for x in per_round[name])) for name in timed}
+        print(json.dumps({"setup": setup, "steps": steps, "rounds": args.rounds, "load": load, "paired": paired, "pairs": pairs, "ratios": ratios,
+                          "spread": spreads, "seconds": stats, "bare_start_s": bare0, "bare_end_s": bare_end["step_s_median"],
                           "noise": {"bare_drift": drift, "limit": NOISE_LIMIT, "reliable": reliable}}))
     return 0
 
