@@ -12,7 +12,7 @@
 - :mod:`~kdbench.train.runner`: one student run.
 """
 
-from kdbench.train.cost import CostMeter
+from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
 from kdbench.train.evaluation import evaluate, predict, select_metrics
 from kdbench.train.inputs import encoded_splits, model_factory
@@ -22,7 +22,7 @@ from kdbench.train.runner import Runner, RunResult
 from kdbench.train.teachers import TeacherCheckpoint, TeacherFailed, fine_tune_teacher, provide_teacher
 
 __all__ = [
-    "CostMeter", "Diverged", "RunResult", "Runner", "TeacherCheckpoint", "TeacherFailed", "build_optimizer",
+    "CostMeter", "Diverged", "RunResult", "Runner", "TeacherCheckpoint", "TeacherFailed", "build_optimizer", "keep_freed_memory",
     "deterministic_cpu", "encoded_splits", "environment", "evaluate", "fine_tune_teacher", "model_factory",
     "pick_device", "predict", "provide_teacher", "seed_everything", "select_metrics", "total_steps",
 ]

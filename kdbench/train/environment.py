@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kdbench.api import KDBenchError
+from kdbench.train.cost import freed_memory_kept
 
 
 def seed_everything(seed: int) -> None:
@@ -98,6 +99,7 @@ def environment(device: torch.device, data: Any = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "host_allocator": "glibc, freed blocks kept" if freed_memory_kept() else "default",
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}",
         "data": getattr(data, "fingerprints", None),

@@ -20,7 +20,7 @@ from kdbench.registry import Registry, call_lifecycle, get_registry
 from kdbench.spec import RunSpec
 from kdbench.store import DIVERGED, DONE, FAILED
 import kdbench.train.teachers as teachers
-from kdbench.train.cost import CostMeter
+from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
 from kdbench.train.evaluation import TEACHER, DeferredTest, TeacherDrift, evaluate, select_metrics
 from kdbench.train.inputs import encoded_splits, model_factory
@@ -74,6 +74,7 @@ class Runner:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.share_teacher_outputs = share_teacher_outputs
         self._teacher_logits: dict[str, torch.Tensor] = {}
+        keep_freed_memory()  # large tensors reuse the heap instead of new pages every step
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

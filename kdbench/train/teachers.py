@@ -26,7 +26,7 @@ from kdbench.registry import Registry
 from kdbench.spec import RunSpec
 from kdbench.store import DONE, FAILED, ResultsStore
 import kdbench.train.artefacts as artefacts
-from kdbench.train.cost import CostMeter
+from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, seed_everything
 from kdbench.train.evaluation import evaluate, predict
 from kdbench.train.inputs import encoded_splits, model_factory
@@ -101,6 +101,7 @@ def fine_tune_teacher(spec: RunSpec, registry: Registry, device: torch.device, p
     task and write its checkpoint, with a checksum, to ``path``. Every executor trains
     teachers through this function. Never raises for a failed or diverged teacher: the
     outcome says so."""
+    keep_freed_memory()
     try:
         with deterministic_cpu():
             return _fine_tune(spec, registry, device, path, progress)
