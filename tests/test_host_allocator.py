@@ -9,14 +9,19 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+COST = Path(__file__).resolve().parents[1] / "kdbench" / "train" / "cost.py"
 PROBE = textwrap.dedent("""
-    import json
+    import importlib.util, json
     import torch
-    from kdbench.train import keep_freed_memory
-    from kdbench.train.cost import _proc_status_mb, release_free_memory, freed_memory_kept
+    spec = importlib.util.spec_from_file_location("cost", COST_PATH)  # torch and numpy only: no kdbench package import
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    _proc_status_mb, release_free_memory = cost._proc_status_mb, cost.release_free_memory
+    keep_freed_memory, freed_memory_kept = cost.keep_freed_memory, cost.freed_memory_kept
 
     def rss():
         return _proc_status_mb("VmRSS")
@@ -35,7 +40,7 @@ PROBE = textwrap.dedent("""
     release_free_memory()
     out["trimmed"] = rss()
     print(json.dumps(out))
-""")
+""").replace("COST_PATH", repr(str(COST)))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc/self/status")
