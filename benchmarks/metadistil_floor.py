@@ -17,8 +17,11 @@ the ``metadistil`` module) does everything a bare KD step does plus, at the leas
 The real step's teacher forward (against the updated teacher) and its student
 forward/backward are the bare step's own. This script times each part on the reference
 setup of ``step_cost.py`` (MiniLM-L6 teacher, 3-layer student, batch 16, length 64, 2
-threads), interleaved over rounds (every part once per round, each the median of
-``--reps`` repetitions), and prints the floor ``(bare + parts) / bare`` per round: a lower
+threads) in cycles, every part once per cycle, back to back (a few seconds, so the
+machine's drift over tens of seconds cancels within a cycle, as in ``step_cost.py``'s step
+pairs); ``--reps`` cycles make a round, whose floor ``(bare + parts) / bare`` is the median
+of its cycles' floors; a part's figure is its median over a round's cycles. It prints the
+median floor over ``--rounds`` rounds with its [min, max]: a lower
 bound of MetaDistil over bare for any exact implementation that trains the whole teacher
 on this machine, ignoring everything but these passes (no ``S'`` built, no clipping, no
 dropout redrawn). It asserts nothing.
@@ -107,37 +110,40 @@ def main(argv: list[str] | None = None) -> int:
         torch.autograd.grad(out.sum(), s_params, allow_unused=True)
         student.train()
 
-    def median_of(fn, before=None) -> float:
-        times = []
-        for _ in range(args.reps):
+    parts = {  # name: (the timed call, an untimed call before it)
+        "bare KD step": (bare.step, None),
+        "teacher forward with graph": (teacher_forward_with_graph, lambda: held.pop("t", None)),
+        "teacher backward": (teacher_backward, teacher_forward_with_graph),
+        "teacher AdamW (fused)": (teacher_step, None),
+        "student forward (eval)": (student_forward_eval, None),
+        "student backward": (student_backward, student_forward),
+        "quiz forward + backward": (quiz_pass, None),
+    }
+
+    def cycle() -> dict[str, float]:  # every part once, back to back: a few seconds in all
+        got = {}
+        for name, (fn, before) in parts.items():
             if before is not None:
                 before()
-            times.append(_timed(fn))
-        return float(np.median(times))
+            got[name] = _timed(fn)
+        return got
 
-    parts = {
-        "bare KD step": lambda: median_of(bare.step),
-        "teacher forward with graph": lambda: median_of(teacher_forward_with_graph, lambda: held.pop("t", None)),
-        "teacher backward": lambda: median_of(teacher_backward, teacher_forward_with_graph),
-        "teacher AdamW (fused)": lambda: median_of(teacher_step),
-        "student forward (eval)": lambda: median_of(student_forward_eval),
-        "student backward": lambda: median_of(student_backward, student_forward),
-        "quiz forward + backward": lambda: median_of(quiz_pass),
-    }
-    for fn in parts.values():  # warm-up, discarded
-        fn()
+    def floor(got: dict[str, float]) -> float:
+        extra = (got["teacher forward with graph"] + got["teacher backward"] + got["teacher AdamW (fused)"] + got["student backward"]
+                 + got["quiz forward + backward"] + 2 * got["student forward (eval)"])
+        return (got["bare KD step"] + extra) / got["bare KD step"]
+
+    cycle()  # warm-up, discarded
     rows: dict[str, list[float]] = {name: [] for name in parts}
     floors = []
     for r in range(args.rounds):
-        for name, fn in parts.items():
-            rows[name].append(fn())
-        got = {name: v[-1] for name, v in rows.items()}
-        extra = (got["teacher forward with graph"] + got["teacher backward"] + got["teacher AdamW (fused)"] + got["student backward"]
-                 + got["quiz forward + backward"] + 2 * got["student forward (eval)"])
-        floors.append((got["bare KD step"] + extra) / got["bare KD step"])
-        print(f"round {r + 1}/{args.rounds}: floor {floors[-1]:.3f} (bare {got['bare KD step']:.4f} s)", file=sys.stderr, flush=True)
+        cycles = [cycle() for _ in range(args.reps)]
+        for name in parts:
+            rows[name].append(float(np.median([c[name] for c in cycles])))
+        floors.append(float(np.median([floor(c) for c in cycles])))
+        print(f"round {r + 1}/{args.rounds}: floor {floors[-1]:.3f} (bare {rows['bare KD step'][-1]:.4f} s)", file=sys.stderr, flush=True)
     print(f"parts of an exact MetaDistil step, {'tiny random BERTs' if args.tiny else 'reference setup'}, {args.threads} threads, "
-          f"median of {args.reps} repetitions, {args.rounds} interleaved rounds (s: median [min, max] over rounds):")
+          f"{args.reps} cycles a round, {args.rounds} rounds (s: median [min, max] over rounds):")
     for name, v in rows.items():
         print(f"  {name:<30}{np.median(v):>8.4f}  [{min(v):.4f}, {max(v):.4f}]")
     print("  J g counted as 2 x the eval-mode student forward (the tangent's two matrix products per linear layer)")
