@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         bare_end = run_variant["bare"]()
     if bare_start is None:
         bare_start = per_round["bare"][0]
+    memory.setdefault("bare", bare_start["peak_mem_increase_mb"])  # (without a warm-up round) the bare loop alone
     for name in variants:
         memory.setdefault(name, float(np.median([x.get("peak_mem_increase_mb", np.nan) for x in per_round[name]])))
 

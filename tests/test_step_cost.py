@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +42,7 @@ def test_step_cost_tiny_json_has_the_ratios_and_the_noise_check(capsys, step_cos
         s = out["spread"][name]
         assert s["min"] <= s["median"] <= s["max"]
     assert set(out["seconds"]) == {"bare", "kd", "kd_shared_teacher", "metadistil"}
+    assert all(math.isfinite(v["peak_mem_increase_mb"]) for v in out["seconds"].values())  # bare's from its unpaired run
     assert isinstance(out["noise"]["reliable"], bool) and out["noise"]["limit"] == 0.03
     # on a CPU every kdbench step was paired with a bare step: 2 steps x 3 rounds per variant
     assert out["paired"] is True and out["pairs"] == {"kd": 6, "kd_shared_teacher": 6, "metadistil": 6}
