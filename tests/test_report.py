@@ -525,3 +525,12 @@ def test_markdown_cells_with_table_syntax_keep_the_table_whole():
     cells = [re.split(r"(?<!\\)\|", line.strip())[1:-1] for line in lines]
     assert [len(c) for c in cells] == [2, 2, 2, 2, 2]
     assert [c[0].strip() for c in cells[2:]] == [r"kd \| x", "a b", r"c\\d"]
+
+
+def test_environment_lists_not_recorded_where_some_finished_runs_lack_a_field():
+    from kdbench.report.provenance import environments
+
+    rows = [{"status": "done", "env": {"torch": "2.13", "host_allocator": "glibc, freed blocks kept", "data": {"x": 1}}, "cost": {}},
+            {"status": "done", "env": {"torch": "2.13"}, "cost": {}},  # made before host_allocator was recorded
+            {"status": "failed", "env": {"torch": "2.12", "extra": "y"}, "cost": {}}]  # unfinished runs are not read
+    assert environments(rows) == {"host_allocator": ["glibc, freed blocks kept", "not recorded"], "torch": ["2.13"]}

@@ -71,14 +71,19 @@ def outside_runs(all_rows: Iterable[dict[str, Any]], hashes: list[str] | None) -
 
 def environments(rows: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
     """Every distinct value of each environment field among the finished runs (the data
-    fingerprints have their own table)."""
+    fingerprints have their own table); "not recorded" among them where some finished runs
+    lack a field that others have (runs made before kdbench recorded it, e.g.
+    ``host_allocator``, whose step times may not compare with the others')."""
     rows = list(rows)
     env: dict[str, set[str]] = {}
-    for r in rows:
-        if r["status"] in (DONE, DIVERGED):
-            for k, v in (r.get("env") or {}).items():
-                if k != "data":
-                    env.setdefault(k, set()).add(str(v))
+    finished = [r.get("env") or {} for r in rows if r["status"] in (DONE, DIVERGED)]
+    for e in finished:
+        for k, v in e.items():
+            if k != "data":
+                env.setdefault(k, set()).add(str(v))
+    for k in env:
+        if any(k not in e for e in finished):
+            env[k].add(NOT_RECORDED)
     for r in rows:
         c = r.get("cost") or {}
         for k in ("device_time_kind", "peak_mem_kind", "mem_kind"):
