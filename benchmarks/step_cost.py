@@ -36,7 +36,7 @@ when those disagree by more than 3%, the output says the s/step figures are UNRE
 which their spread over rounds shows. Peak memory comes from the unpaired warm-up runs (a
 paired run's memory would include its partner's steps). On a GPU the variants run whole,
 unpaired (bare first in every round), as the wall time of a step there is only the time to
-queue it. The JSON's ``ratios`` hold ``metadistil_over_kd``, ``metadistil_over_bare``,
+queue it, and memory comes from the rounds' runs. The JSON's ``ratios`` hold ``metadistil_over_kd``, ``metadistil_over_bare``,
 ``shared_teacher_kd_over_kd`` and ``framework_overhead`` (kdbench KD over bare, minus 1),
 among others; ``spread`` holds each ratio's [min, max]; ``pairs`` the number of step pairs
 behind each variant's ratios.
@@ -302,11 +302,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # warm-up round, discarded for time: one-off costs (first kernels, caches, the
         # shared-teacher logits, computed once in the first shared run's preparation) stay
-        # out of round 1. Unpaired, so on a CPU its peak memory figures are each run's own.
+        # out of round 1. Unpaired, so on a CPU its peak memory figures are each run's own
+        # (on a GPU, where nothing is paired, the rounds' runs give them, as before).
         if not args.no_warmup:
             for name, run in variants_for(warm, WARMUP_STEPS, False).items():
                 if name in variants:
-                    memory[name] = run()["peak_mem_increase_mb"]
+                    mem = run()["peak_mem_increase_mb"]
+                    if paired:
+                        memory[name] = mem
         run_variant = variants_for(by_method, steps, paired)
         bare_start = run_variant["bare"]() if paired else None  # drift check: the bare loop alone, first and last
         for r in range(args.rounds):  # ABAB: every round runs every variant once; on a CPU each step is paired with a bare step
