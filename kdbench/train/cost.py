@@ -72,8 +72,8 @@ def keep_freed_memory() -> bool:
     dynamic threshold (at most 32 MB) freshly and unmaps it on free, so a tensor of that
     size, made again every step (the gradient of a 30,522 x 384 word embedding: 47 MB),
     pays its page faults again every step: allocating, zeroing and adding to one took
-    34 ms against 9 ms with this on the reference machine, and a training step of the
-    reference setup about 12% less (``benchmarks/step_cost.py``). Results do not change;
+    34 ms against 9 ms with this on the reference machine, and the bare KD step of the
+    reference setup about 9% less (``benchmarks/allocator_step.py``). Results do not change;
     memory figures stay each run's own, as :class:`CostMeter` returns freed memory to the
     OS (``malloc_trim``) before taking a run's baseline. Returns whether glibc took it
     (False elsewhere: other C libraries are left alone)."""
