@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing as mp
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -30,20 +29,14 @@ def _worker(conn, keep: bool, tiny: bool, threads: int) -> None:
     import torch
 
     import step_cost as sc
-    from kdbench.registry import Registry, make_plugin_manager
-    from kdbench.spec import build_suite
     from kdbench.train import keep_freed_memory
     from kdbench.train.cost import freed_memory_kept
 
     torch.set_num_threads(threads)
     if keep:
         keep_freed_memory()
-    pm, broken = make_plugin_manager()
-    pm.register(sc, name="bench-text")
-    registry = Registry(pm, broken)
-    spec = {r.method: r for r in build_suite(sc.suite_dict(tiny, 10, 16), registry=registry).runs}["kd"]
-    # no Runner here: its constructor would set the allocator in the default variant too
-    bare = sc.BareKD(SimpleNamespace(device=torch.device("cpu"), registry=registry), spec, 10**6)
+    registry = sc.bench_registry()  # no Runner here: its constructor would set the allocator in the default variant too
+    bare = sc.BareKD(registry, torch.device("cpu"), sc.reference_kd_spec(registry, tiny), 10**6)
     conn.send(("ready", freed_memory_kept()))
     while conn.recv():
         conn.send(bare.step())
@@ -95,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bare KD step, {setup}, batch 16, {args.threads} threads, {args.steps} step pairs x {args.rounds} rounds, two processes taking turns")
     for name, v in times.items():
         print(f"  {name:<8} median {np.median(v):.4f} s/step  [{min(v):.4f}, {max(v):.4f}]")
+    # step_cost.spread's shape, computed here: this coordinating process imports no torch
+    r = {"median": float(np.median(ratios)), "min": float(min(ratios)), "max": float(max(ratios))}
     print(f"kept / default (median of per-step ratios per round; median over rounds [min, max]): "
-          f"{np.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]")
+          f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]")
     if args.json:
-        print(json.dumps({"kept_over_default": {"median": float(np.median(ratios)), "min": float(min(ratios)), "max": float(max(ratios))},
+        print(json.dumps({"kept_over_default": r,
                           "seconds": {k: float(np.median(v)) for k, v in times.items()}, "rounds": args.rounds, "steps": args.steps}))
     return 0
 

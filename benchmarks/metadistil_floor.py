@@ -34,17 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import step_cost as sc  # the reference setup and its bare KD loop
-from kdbench.registry import Registry, make_plugin_manager
-from kdbench.spec import build_suite
-from kdbench.train import Runner
+from kdbench.train import keep_freed_memory
 
 
 def _timed(fn) -> float:
@@ -62,13 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pm, broken = make_plugin_manager()
-    pm.register(sc, name="bench-text")
-    registry = Registry(pm, broken)
-    suite = build_suite(sc.suite_dict(args.tiny, 10, 16), registry=registry)
-    spec = {r.method: r for r in suite.runs}["kd"]
-    with tempfile.TemporaryDirectory() as tmp:
-        bare = sc.BareKD(Runner(tmp, registry, device="cpu", progress=False), spec, 10**6)
+    keep_freed_memory()  # the allocator setting kdbench's runs train under
+    registry = sc.bench_registry()
+    bare = sc.BareKD(registry, torch.device("cpu"), sc.reference_kd_spec(registry, args.tiny), 10**6)
     teacher, student = bare.teacher, bare.student
     t_params = list(teacher.parameters())
     s_params = list(student.parameters())
@@ -147,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, v in rows.items():
         print(f"  {name:<30}{np.median(v):>8.4f}  [{min(v):.4f}, {max(v):.4f}]")
     print("  J g counted as 2 x the eval-mode student forward (the tangent's two matrix products per linear layer)")
-    print(f"floor of MetaDistil / bare KD: {np.median(floors):.3f} [{min(floors):.3f}, {max(floors):.3f}] over rounds")
+    floor_spread = sc.spread(floors)
+    print(f"floor of MetaDistil / bare KD: {floor_spread['median']:.3f} [{floor_spread['min']:.3f}, {floor_spread['max']:.3f}] over rounds")
     if args.json:
         print(json.dumps({"parts_s": {k: float(np.median(v)) for k, v in rows.items()},
-                          "floor_over_bare": {"median": float(np.median(floors)), "min": float(min(floors)), "max": float(max(floors))}}))
+                          "floor_over_bare": floor_spread}))
     return 0
 
 

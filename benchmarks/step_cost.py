@@ -150,17 +150,30 @@ def suite_dict(tiny: bool, steps: int, batch: int) -> dict:
     }
 
 
+def bench_registry() -> Registry:
+    """The installed plugins plus this module's ``bench-text`` task."""
+    pm, broken = make_plugin_manager()
+    pm.register(sys.modules[__name__], name="bench-text")
+    return Registry(pm, broken)
+
+
+def reference_kd_spec(registry: Registry, tiny: bool = False, batch: int = 16):
+    """The KD run of the reference setup (tiny random BERTs with ``tiny``): the spec
+    :class:`BareKD` takes."""
+    return {r.method: r for r in build_suite(suite_dict(tiny, 10, batch), registry=registry).runs}["kd"]
+
+
 class BareKD:
     """The KD step in plain PyTorch on the same batches: teacher forward without grad,
     student forward/backward, KD loss, AdamW with the same linear schedule over
     ``schedule_steps`` (on a GPU under the same bf16 autocast as the runner's)."""
 
-    def __init__(self, runner: Runner, spec, schedule_steps: int):
-        device = self.device = runner.device
+    def __init__(self, registry: Registry, device: torch.device, spec, schedule_steps: int):
+        self.device = device
         self.autocast = autocast_for(device)
-        data = load_task_data(runner.registry, spec.task, spec.quiz_fraction, spec.data_seed)
-        self.factory, self.encoded = encoded_splits(runner.registry, spec, data, spec.student, [TRAIN])
-        t_factory, t_opts = model_factory(runner.registry, spec.teacher)
+        data = load_task_data(registry, spec.task, spec.quiz_fraction, spec.data_seed)
+        self.factory, self.encoded = encoded_splits(registry, spec, data, spec.student, [TRAIN])
+        t_factory, t_opts = model_factory(registry, spec.teacher)
         self.teacher = t_factory.build(t_opts, data.task.problem).to(device).eval()
         seed_everything(spec.seed)
         self.student = self.factory.build(self.factory.Options(**spec.student.options), data.task.problem).to(device).train()
@@ -190,7 +203,7 @@ class BareKD:
 def bare_loop(runner: Runner, spec, steps: int) -> dict:
     """``steps`` steps of a fresh :class:`BareKD` alone: its median step (on a GPU: the mean,
     waiting for the device at the end) and its peak memory increase."""
-    bare = BareKD(runner, spec, steps)
+    bare = BareKD(runner.registry, runner.device, spec, steps)
     cuda = bare.device.type == "cuda"
     meter = CostMeter(bare.device)
     with meter:
@@ -232,7 +245,8 @@ PAIR_SKIP = 2  # a run's first steps (optimizer state allocated, caches filled) 
 NOISE_LIMIT = 0.03  # the bare loop alone at the start and at the end of the run must agree this closely
 
 
-def _ratio_stats(values: list[float]) -> dict[str, float]:
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of per-round figures (the shape every benchmark here reports)."""
     return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
 
 
@@ -263,9 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = ("bare", "kd") if args.overhead else CORE if args.core else CORE + OTHERS
     timed = [v for v in variants if v != "bare"]
 
-    pm, broken = make_plugin_manager()
-    pm.register(sys.modules[__name__], name="bench-text")
-    registry = Registry(pm, broken)
+    registry = bench_registry()
     suite = build_suite(suite_dict(args.tiny, steps, args.batch), registry=registry)
     by_method = {r.method: r for r in suite.runs}
     warm = {r.method: r for r in build_suite(suite_dict(args.tiny, WARMUP_STEPS, args.batch), registry=registry).runs}
@@ -278,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         cuda = live.device.type == "cuda"
         paired = not cuda  # a GPU step's wall time is the time to queue it: there variants run whole, as before
         teacher = provide_teacher(suite.runs[0], Path(tmp), store, registry, live.device)  # the teachers-first phase
-        partner = BareKD(live, by_method["kd"], 10**6) if paired else None  # one bare loop paired with every kdbench run
+        partner = BareKD(registry, live.device, by_method["kd"], 10**6) if paired else None  # one bare loop paired with every kdbench run
 
         def through_kdbench(runner: Runner, spec, pair: bool) -> dict:
             pairs: list[tuple[float, float]] = []
@@ -323,9 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         bare_end = run_variant["bare"]()
     if bare_start is None:
         bare_start = per_round["bare"][0]
-    memory.setdefault("bare", bare_start["peak_mem_increase_mb"])  # (without a warm-up round) the bare loop alone
+    if paired:  # paired rounds carry no bare memory: without a warm-up round, its unpaired run's
+        memory.setdefault("bare", bare_start["peak_mem_increase_mb"])
     for name in variants:
-        memory.setdefault(name, float(np.median([x.get("peak_mem_increase_mb", np.nan) for x in per_round[name]])))
+        if name not in memory:
+            memory[name] = float(np.median([x["peak_mem_increase_mb"] for x in per_round[name]]))
 
     def seconds(name: str) -> list[float]:
         return [x["step_s_median"] for x in per_round[name]]
@@ -336,13 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         return [x["over_bare"] for x in per_round[name]] if paired else [x / b for x, b in zip(seconds(name), seconds("bare"))]
 
     def ratio(a: str, b: str) -> dict[str, float]:  # per round, so slow drift between rounds cancels
-        return _ratio_stats([x / y for x, y in zip(over_bare(a), over_bare(b))])
+        return spread([x / y for x, y in zip(over_bare(a), over_bare(b))])
 
     bare0 = bare_start["step_s_median"]
     drift = bare_end["step_s_median"] / bare0 - 1.0
     reliable = abs(drift) <= NOISE_LIMIT
-    stats = {name: {"median": float(np.median(seconds(name))), "min": min(seconds(name)), "max": max(seconds(name)),
-                    "peak_mem_increase_mb": memory[name]} for name in variants}
+    stats = {name: {**spread(seconds(name)), "peak_mem_increase_mb": memory[name]} for name in variants}
     base_mem = max(memory["kd"], 1e-9)
     setup = "tiny random BERTs" if args.tiny else "MiniLM-L6 teacher, 3-layer student"
     if cuda:
@@ -364,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
               + ("warm-up runs" if not args.no_warmup else "paired runs (they include the bare partner's steps)"))
     print(f"{'variant':<20}{'s/step median':>14}{'spread':>9}{'vs kd':>8}{'vs bare':>9}{'peak mem +MB':>14}{'vs kd':>8}")
     for name, s in stats.items():
-        spread = (s["max"] - s["min"]) / s["median"]
+        width = (s["max"] - s["min"]) / s["median"]
         vs_bare = float(np.median(over_bare(name)))
-        print(f"{name:<20}{s['median']:>14.4f}{100 * spread:>8.1f}%{vs_bare / float(np.median(over_bare('kd'))):>8.2f}{vs_bare:>9.2f}"
+        print(f"{name:<20}{s['median']:>14.4f}{100 * width:>8.1f}%{vs_bare / float(np.median(over_bare('kd'))):>8.2f}{vs_bare:>9.2f}"
               f"{s['peak_mem_increase_mb']:>14.1f}{s['peak_mem_increase_mb'] / base_mem:>8.2f}")
     ratios = {name: s["median"] for name, s in spreads.items() if name != "kd_over_bare"}
     ratios["framework_overhead"] = spreads["kd_over_bare"]["median"] - 1.0
