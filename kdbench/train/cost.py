@@ -73,7 +73,7 @@ def keep_freed_memory() -> bool:
     size, made again every step (the gradient of a 30,522 x 384 word embedding: 47 MB),
     pays its page faults again every step: allocating, zeroing and adding to one took
     34 ms against 9 ms with this on the reference machine, and the bare KD step of the
-    reference setup about 9% less (``benchmarks/allocator_step.py``). Results do not change;
+    reference setup 7-9% less (``benchmarks/allocator_step.py``). Results do not change;
     memory figures stay each run's own, as :class:`CostMeter` returns freed memory to the
     OS (``malloc_trim``) before taking a run's baseline. Returns whether glibc took it
     (False elsewhere: other C libraries are left alone)."""
