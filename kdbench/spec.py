@@ -277,6 +277,21 @@ class SuiteSpec(Frozen):
     references: list[Reference] = Field(default_factory=list)
     #: The method every other is compared against; default: the first method listed.
     baseline: str | None = None
+    #: Per task name, the smallest difference that matters, on the report's x100 scale
+    #: (points). Tasks not named get their metric's default (kdbench.report.frame.DEFAULT_MARGIN:
+    #: one point for proportions and correlations, none for unbounded metrics). Reports
+    #: say "significant, below the margin" for smaller significant differences, claim
+    #: equivalence within it only by two one-sided tests, and flag a task whose teacher is
+    #: not above chance by more than it. Not part of any run's hash.
+    margins: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("margins")
+    @classmethod
+    def _margins_positive(cls, margins: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in margins.items() if not v > 0]
+        if bad:
+            raise ValueError(f"margins must be positive numbers of points (x100 scale); {bad[0]!r} is not")
+        return margins
 
     @model_validator(mode="before")
     @classmethod
@@ -297,6 +312,14 @@ class SuiteSpec(Frozen):
                 raise ValueError("give either 'student' or 'students', not both")
             data = {k: v for k, v in data.items() if k != "student"} | {"students": [data["student"]]}
         return data
+
+    @model_validator(mode="after")
+    def _margins_name_tasks(self) -> "SuiteSpec":
+        names = {t.name for t in self.tasks}
+        unknown = sorted(set(self.margins) - names)
+        if unknown:
+            raise ValueError(f"margins names task {unknown[0]!r}, which the suite does not run (tasks: {', '.join(sorted(names))})")
+        return self
 
     @model_validator(mode="after")
     def _models_given(self) -> "SuiteSpec":

@@ -11,13 +11,17 @@ import numpy as np
 import pandas as pd
 
 from kdbench import stats
-from kdbench.report.frame import SCALE, TEST, metric_bounds, same, test_splits
+from kdbench.report.frame import SCALE, TEST, direction, metric_bounds, paused, same, task_margin, test_splits
 from kdbench.store import DIVERGED, DONE, FAILED, RUNNING
 
 MIXED_DATA = "mixed data"
 BOARD_COLS = ["task", "split", "method", "method_name", "params", "student", "metric", "mean", "std", "n", "ci_low", "ci_high",
-              "small_n", "min_p", "data_flag", "failed", "diverged", "running", "not_done", "time_per_run_s"]
-COMP_COLS = ["task", "split", "method", "student", "baseline_method", "pairs", "diff", "sd", "p", "p_adj", "mdd", "result"]
+              "small_n", "min_p", "data_flag", "failed", "diverged", "running", "not_done", "time_per_run_s", "paused"]
+COMP_COLS = ["task", "split", "method", "student", "baseline_method", "pairs", "diff", "diff_low", "diff_high", "sd", "p", "p_adj",
+             "mdd", "least_n", "possible", "margin", "tost_p", "tost_p_adj", "result", "practical"]
+#: the practical verdicts (column ``practical``): the statistical one refined by the task's margin
+BELOW_MARGIN = "below the margin"
+EQUIVALENT = "equivalent"
 
 
 def summ(values: Iterable[float], metric: Any = None) -> stats.Summary:
@@ -48,7 +52,7 @@ def _student_rows(task: str, method: str, student: str, g: pd.DataFrame) -> list
             "small_n": 0 < s.n < 3, "min_p": stats.min_p(s.n), "data_flag": flag,
             "failed": int((g["status"] == FAILED).sum()), "diverged": int((g["status"] == DIVERGED).sum()),
             "running": int((g["status"] == RUNNING).sum()), "not_done": int(len(g) - len(ok)),
-            "time_per_run_s": ok["wall_s"].mean() if len(ok) else np.nan,
+            "time_per_run_s": ok["wall_s"].mean() if len(ok) else np.nan, "paused": int(paused(ok).sum()),
         })
     return rows
 
@@ -75,7 +79,7 @@ def _fixed_row(task: str, split: str, method: str, student: str, metric: Any, va
     return {"task": task, "split": split, "method": method, "method_name": method, "params": "{}", "student": student,
             "metric": metric, "mean": value, "std": np.nan, "n": 1 if method == "teacher" else 0, "ci_low": np.nan,
             "ci_high": np.nan, "small_n": False, "min_p": np.nan, "data_flag": "", "failed": 0, "diverged": 0, "running": 0,
-            "not_done": 0, "time_per_run_s": time_s}
+            "not_done": 0, "time_per_run_s": time_s, "paused": 0}
 
 
 def teacher_rows(teachers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -101,7 +105,8 @@ def chance_rows(chance: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def leaderboard(df: pd.DataFrame, teachers: list[dict[str, Any]] | None = None, baseline: str | None = None,
-                chance: dict[str, dict[str, Any]] | None = None, correction: str = "holm") -> pd.DataFrame:
+                chance: dict[str, dict[str, Any]] | None = None, correction: str = "holm",
+                margins: dict[str, float] | None = None) -> pd.DataFrame:
     """Aggregate finished runs per (task, split, method, student): mean, std (ddof=1), n,
     95% t interval clipped to the metric's range, the n < 3 flag and the smallest p any
     test can reach at that n; counts of failed / diverged / running runs; mean wall time
@@ -114,9 +119,38 @@ def leaderboard(df: pd.DataFrame, teachers: list[dict[str, Any]] | None = None, 
             out += _student_rows(task, method, student, g)
     out += teacher_rows(teachers or []) + chance_rows(chance or {})
     board = pd.DataFrame.from_records(out, columns=BOARD_COLS)
+    flags = task_flags(board, margins)
+    board["task_flag"] = [flags.get(t, "") for t in board["task"]]
     if baseline is not None and not board.empty:
-        board = board.merge(comparisons(df, baseline, correction), on=["task", "split", "method", "student"], how="left")
+        board = board.merge(comparisons(df, baseline, correction, margins), on=["task", "split", "method", "student"], how="left")
     return board
+
+
+NOT_SEPARABLE = "cannot separate methods"
+
+
+def task_flags(board: pd.DataFrame, margins: dict[str, float] | None = None) -> dict[str, str]:
+    """Per task whose teacher is not better than the chance row by more than the task's
+    practical margin (on the test split): why. Such a task cannot tell students apart (a
+    teacher at chance has nothing to distil); its column is flagged and left out of the
+    averages over tasks. Tasks without a teacher or a defined chance score are not judged."""
+    out: dict[str, str] = {}
+    if board.empty:
+        return out
+    test = board[board["split"] == TEST]
+    for task, g in test.groupby("task", sort=True):
+        teacher = g.loc[(g["method"] == "teacher") & g["mean"].notna()]
+        chance = g.loc[(g["method"] == "chance") & g["mean"].notna(), "mean"]
+        if teacher.empty or chance.empty:
+            continue
+        metric = teacher["metric"].iloc[0]
+        sign, margin = direction(metric), task_margin(task, metric, margins)
+        best = float((teacher["mean"] * sign).max() * sign)
+        gain = (best - float(chance.iloc[0])) * sign
+        if margin == margin and not gain > margin:
+            out[task] = (f"{NOT_SEPARABLE}: the teacher ({best:.2f}) is not above chance ({float(chance.iloc[0]):.2f}) "
+                         f"by more than the margin {margin:.2f}")
+    return out
 
 
 def pick_baseline_config(base: pd.DataFrame, params: str) -> tuple[str | None, str]:
@@ -134,8 +168,9 @@ def pick_baseline_config(base: pd.DataFrame, params: str) -> tuple[str | None, s
 
 
 def _no_test(row: dict[str, Any], result: str, baseline_method: Any = None, pairs: float = 0) -> dict[str, Any]:
-    return row | {"baseline_method": baseline_method, "pairs": pairs, "diff": np.nan, "sd": np.nan, "p": np.nan,
-                  "p_adj": np.nan, "mdd": np.nan, "result": result}
+    return row | {"baseline_method": baseline_method, "pairs": pairs, "diff": np.nan, "diff_low": np.nan, "diff_high": np.nan,
+                  "sd": np.nan, "p": np.nan, "p_adj": np.nan, "mdd": np.nan, "least_n": np.nan, "possible": None,
+                  "tost_p": np.nan, "tost_p_adj": np.nan, "result": result, "practical": result}
 
 
 def _compare(row: dict[str, Any], g: pd.DataFrame, base_all: pd.DataFrame, split: str) -> dict[str, Any]:
@@ -151,23 +186,42 @@ def _compare(row: dict[str, Any], g: pd.DataFrame, base_all: pd.DataFrame, split
     a = {r.seed: r.splits[split] * SCALE for r in g.itertuples() if r.splits.get(split) is not None}
     b = {r.seed: r.splits[split] * SCALE for r in base.itertuples() if r.splits.get(split) is not None}
     res = stats.paired_test(a, b)
-    return row | {"baseline_method": base["method"].iloc[0], "pairs": res.n, "diff": res.diff, "sd": res.sd, "p": res.p,
-                  "p_adj": np.nan, "mdd": res.mdd, "result": res.result}
+    margin = row["margin"]
+    return row | {"baseline_method": base["method"].iloc[0], "pairs": res.n, "diff": res.diff, "diff_low": res.ci_low,
+                  "diff_high": res.ci_high, "sd": res.sd, "p": res.p, "p_adj": np.nan, "mdd": np.nan, "least_n": np.nan,
+                  "possible": None, "tost_p": stats.tost_p(res.diffs, margin), "tost_p_adj": np.nan, "result": res.result,
+                  "practical": res.result}
 
 
-def comparisons(df: pd.DataFrame, baseline: str, correction: str = "holm") -> pd.DataFrame:
+def practical(result: str, diff: float, margin: float, tost_p_adj: float, alpha: float = stats.ALPHA) -> str:
+    """The verdict with the task's margin: a significant difference smaller than the
+    margin is "win/loss, below the margin"; a non-significant one is "equivalent" only
+    when the two one-sided tests (adjusted over their family) reject both ends."""
+    if result in ("win", "loss") and margin == margin and abs(diff) < margin:
+        return f"{result}, {BELOW_MARGIN}"
+    if result == "n.s." and tost_p_adj == tost_p_adj and tost_p_adj < alpha:
+        return EQUIVALENT
+    return result
+
+
+def comparisons(df: pd.DataFrame, baseline: str, correction: str = "holm", margins: dict[str, float] | None = None) -> pd.DataFrame:
     """Per (task, split, method, student): the exact paired sign-flip test against
     ``baseline`` (a method name) on the same task, student and seed, done runs only. Every
     test of the table is one family: ``p_adj`` is the ``correction`` (holm or bh) of ``p``
-    and the result (win / loss / n.s.) is decided on ``p_adj``."""
+    and the result (win / loss / n.s.) is decided on ``p_adj``. Each row also carries the
+    difference's interval (the exact test inverted), the power of this procedure (``mdd``,
+    ``least_n``, ``possible``: see :func:`kdbench.stats.procedure_mdd`) and the practical
+    verdict against the task's margin (``margins``, else the metric's default; TOST
+    p-values corrected as a family of their own)."""
     out = []
     if df.empty:
         return pd.DataFrame(columns=COMP_COLS)
     done = df[df["status"] == DONE]
     for (task, method, student), g in done.groupby(["task", "method", "student"], sort=True):
         base_all = done[(done["task"] == task) & (done["student"] == student) & (done["method_name"] == baseline)]
+        margin = task_margin(task, g["metric"].iloc[0], margins)
         for split in _splits(g):
-            row = {"task": task, "split": split, "method": method, "student": student}
+            row = {"task": task, "split": split, "method": method, "student": student, "margin": margin}
             if g["method_name"].iloc[0] == baseline:
                 out.append(_no_test(row, "baseline", method, np.nan))
             else:
@@ -175,8 +229,23 @@ def comparisons(df: pd.DataFrame, baseline: str, correction: str = "holm") -> pd
     comp = pd.DataFrame.from_records(out, columns=COMP_COLS)
     tested = comp["p"].notna()
     comp.loc[tested, "p_adj"] = stats.adjust(comp.loc[tested, "p"].tolist(), correction)
-    comp.loc[tested, "result"] = [stats.verdict(p, d) for p, d in zip(comp.loc[tested, "p_adj"], comp.loc[tested, "diff"])]
+    comp.loc[tested, "result"] = [stats.verdict(p, d * direction(m)) for p, d, m in
+                                  zip(comp.loc[tested, "p_adj"], comp.loc[tested, "diff"], _metric_of(df, comp.loc[tested]))]
+    m = int(tested.sum())
+    comp.loc[tested, "mdd"] = [stats.procedure_mdd(sd, int(n), m) for sd, n in zip(comp.loc[tested, "sd"], comp.loc[tested, "pairs"])]
+    comp.loc[tested, "least_n"] = stats.least_n(m) if m else np.nan
+    comp["possible"] = comp["possible"].astype(object)
+    comp.loc[tested, "possible"] = [bool(n >= stats.least_n(m)) for n in comp.loc[tested, "pairs"]]
+    tost = comp["tost_p"].notna()
+    if tost.any():
+        comp.loc[tost, "tost_p_adj"] = stats.adjust(comp.loc[tost, "tost_p"].tolist(), correction)
+    comp["practical"] = [practical(r, d, mg, t) for r, d, mg, t in zip(comp["result"], comp["diff"], comp["margin"], comp["tost_p_adj"])]
     return comp
+
+
+def _metric_of(df: pd.DataFrame, comp: pd.DataFrame) -> list[Any]:
+    metric = df.drop_duplicates("task").set_index("task")["metric"]
+    return [metric.get(t) for t in comp["task"]]
 
 
 def family(board: pd.DataFrame) -> int:

@@ -10,14 +10,17 @@ import numpy as np
 import pandas as pd
 
 from kdbench.report.aggregate import teacher_label
-from kdbench.report.frame import SCALE, cost_fields
+from kdbench.report.frame import PAUSE_RATIO, SCALE, cost_fields, paused
 from kdbench.store import DONE
 
-SPREAD = ("train_s", "prep_s", "eval_s", "wall_s", "device_s", "mem_mb")
-RELATIVE = {"train_s": "train_rel", "step_s_median": "step_rel", "mem_mb": "mem_rel", "params_training": "params_rel"}
+SPREAD = ("train_s", "prep_s", "eval_s", "wall_s", "device_s", "mem_mb", "active_train_s")
+#: relative to the reference: the active training time (steps x median step, which a pause
+#: cannot inflate) and the CPU time, never the wall time
+RELATIVE = {"active_train_s": "train_rel", "cpu_s": "cpu_rel", "step_s_median": "step_rel", "mem_mb": "mem_rel",
+            "params_training": "params_rel"}
 COST_COLS = (["task", "method", "student", "n", "score"] + [c for k in SPREAD for c in (k, f"{k}_std")]
              + ["step_s_median", "step_s_q25", "step_s_q75", "mem_kind", "device_time_kind", "shared_teacher_outputs",
-                "params_deployed", "params_training"] + list(RELATIVE.values()))
+                "params_deployed", "params_training", "cpu_s", "wall_cpu_max", "paused"] + list(RELATIVE.values()))
 TEACHER_COLS = ["task", "teacher", "hash", "train_s", "prep_s", "eval_s", "wall_s", "mem_mb", "mem_kind", "runs", "amortised_train_s"]
 
 
@@ -32,8 +35,19 @@ def _cached(values: pd.Series) -> str:
     return "n/a" if not known else ("mixed" if len(known) > 1 else ("yes" if known.pop() else "no"))
 
 
+def with_active(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs with ``active_train_s`` (steps x median step time: a pause lands in one
+    step and moves the median by nothing; the train time where no median was stored) and ``cpu_s`` (process CPU time; NaN on GPU)."""
+    return runs.assign(active_train_s=(runs["steps"] * runs["step_s_median"]).fillna(runs["train_s"]),
+                       cpu_s=runs["device_s"].where(runs["device_time_kind"] == "process_cpu"))
+
+
 def _row(task: str, method: str, student: str, g: pd.DataFrame, ref: pd.DataFrame) -> dict[str, Any]:
+    g, ref = with_active(g), with_active(ref)
     row: dict[str, Any] = {"task": task, "method": method, "student": student, "n": len(g), "score": g["score"].mean() * SCALE}
+    row["cpu_s"] = g["cpu_s"].mean()
+    row["wall_cpu_max"] = (g["wall_s"] / g["cpu_s"]).max() if g["cpu_s"].notna().any() else np.nan
+    row["paused"] = int(paused(g).sum())
     for key in SPREAD:
         row[key] = g[key].mean()
         row[f"{key}_std"] = g[key].std(ddof=1) if g[key].notna().sum() > 1 else np.nan
@@ -42,6 +56,9 @@ def _row(task: str, method: str, student: str, g: pd.DataFrame, ref: pd.DataFram
     row["mem_kind"], row["device_time_kind"] = _kinds(g["mem_kind"]), _kinds(g["device_time_kind"])
     row["shared_teacher_outputs"] = _cached(g["shared_teacher_outputs"])
     for key, rel in RELATIVE.items():
+        if ref.empty:
+            row[rel] = np.nan
+            continue
         base = ref[key].median() if key.startswith("step") else ref[key].mean()
         row[rel] = row[key] / base if not ref.empty and base and not np.isnan(base) else np.nan
     return row
@@ -49,8 +66,10 @@ def _row(task: str, method: str, student: str, g: pd.DataFrame, ref: pd.DataFram
 
 def cost_table(df: pd.DataFrame, reference: str | None) -> pd.DataFrame:
     """Mean (and std over seeds) cost per finished run per (task, method, student); the
-    median step time with the median quartiles of the runs' step times; relative columns
-    divide by ``reference`` (the suite's baseline method) on the same task and student
+    median step time with the median quartiles of the runs' step times; the process CPU
+    time and the active training time (steps x median step) beside the wall time, and how
+    many runs spent most of their wall time without the CPU (``paused``: wall > PAUSE_RATIO
+    x CPU); relative columns (active training, CPU, step, memory, parameters) divide by ``reference`` (the suite's baseline method) on the same task and student
     (same task when the reference was not run with that student)."""
     if df.empty:
         return pd.DataFrame(columns=COST_COLS)

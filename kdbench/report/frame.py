@@ -32,6 +32,44 @@ def metric_bounds(metric: Any) -> tuple[float, float] | None:
     return None
 
 
+#: The smallest difference that matters (x100 scale) when a suite declares no ``margins``
+#: entry for a task: one point for proportions and correlations (one percentage point of
+#: accuracy, 0.01 of a correlation); none for metrics on an unknown scale (declare one).
+DEFAULT_MARGIN = 1.0
+
+
+def default_margin(metric: Any) -> float:
+    """The practical margin of ``metric`` when the suite gives none (see DEFAULT_MARGIN);
+    NaN for metrics on an unknown scale."""
+    return DEFAULT_MARGIN if metric_bounds(metric) is not None else math.nan
+
+
+def task_margin(task: str, metric: Any, margins: dict[str, float] | None) -> float:
+    """The task's practical margin: the suite's ``margins`` entry, else the metric's default."""
+    value = (margins or {}).get(task)
+    return float(value) if value is not None else default_margin(metric)
+
+
+#: A run whose wall time is more than this many times its process CPU time spent most of
+#: it without the CPU (stopped, or starved by other load): its wall time is not its cost.
+PAUSE_RATIO = 3.0
+
+
+def paused(runs: pd.DataFrame) -> pd.Series:
+    """True per run (CPU runs only: ``device_time_kind`` process_cpu) whose wall time is more
+    than PAUSE_RATIO times its process CPU time."""
+    if runs.empty or "device_s" not in runs:
+        return pd.Series(False, index=runs.index)
+    cpu = runs["device_s"].where(runs["device_time_kind"] == "process_cpu")
+    return (runs["wall_s"] > PAUSE_RATIO * cpu).fillna(False).astype(bool)
+
+
+def direction(metric: Any) -> int:
+    """+1 when a larger value of ``metric`` is better, -1 when a smaller one is: the one
+    place new report code asks (every metric scored so far is higher-is-better)."""
+    return 1
+
+
 def label(method: str, params: dict[str, Any], varying: set[str]) -> str:
     shown = {k: v for k, v in sorted(params.items()) if k in varying}
     return method if not shown else f"{method}({', '.join(f'{k}={v}' for k, v in shown.items())})"

@@ -17,7 +17,7 @@ from kdbench.report.frame import filter_runs, runs_frame
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
 from kdbench.report.selection import GridSelection, select_on_validation
-from kdbench.report.sweeps import sensitivity
+from kdbench.report.sweeps import interactions, sensitivity
 from kdbench.store import DONE, ResultsStore
 
 PROBLEM_COLS = ["hash", "task", "method", "student", "seed", "status", "diverged_step", "error"]
@@ -55,6 +55,16 @@ class Report:
     updating: list[str] = field(default_factory=list)  # methods that update their teacher
     curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # validation score per step (kdbench.report.curves)
     flatness: pd.DataFrame = field(default_factory=pd.DataFrame)  # per row: has its curve flattened
+    margins: dict[str, float] = field(default_factory=dict)  # the suite's declared practical margins (others: defaults)
+    #: per task, factor and pair of methods: is one less sensitive (kdbench.report.sweeps.interactions)
+    interactions: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def flagged(self) -> dict[str, str]:
+        """Tasks that cannot separate methods (teacher not above chance by the margin): why."""
+        if self.board.empty or "task_flag" not in self.board:
+            return {}
+        return {t: f for t, f in zip(self.board["task"], self.board["task_flag"]) if f}
 
     @property
     def family(self) -> int:
@@ -109,11 +119,13 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     elif chance is True:
         chance = {}
     selection = select_on_validation(df, suite_spec)  # the board reads each such entry's chosen setting only
-    board = leaderboard(selection.runs, teachers, baseline=baseline, chance=chance or {}, correction=correction)
+    margins = dict(getattr(suite_spec, "margins", None) or {})
+    board = leaderboard(selection.runs, teachers, baseline=baseline, chance=chance or {}, correction=correction, margins=margins)
     refs = [r for r in getattr(suite_spec, "references", []) if (not tasks or r.task in tasks) and (not methods or r.method in methods)]
     free = teacher_free_methods(set(df["method_name"]) if not df.empty else set())
     tcost = teacher_cost(teachers, df, free)
     levels, scores = sensitivity(df, [s.label or s.model for s in getattr(suite_spec, "students", [])], correction)
+    inter = interactions(df, [s.label or s.model for s in getattr(suite_spec, "students", [])], correction, baseline)
     updating = updating_methods(df, rows)
     curves = curve_table([r for r in rows if r["hash"] in kept], selection.runs)  # the leaderboard's rows and labels
     return Report(
@@ -125,4 +137,4 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
         teacher_cost=tcost, commits=commits(df), data=data_fingerprints(df),
         outside=outside_runs(all_rows, hashes), chance=chance or {}, selection=selection,
         drift=drift_table([r for r in rows if r["hash"] in kept], df, teachers), disagreements=disagreements(df, baseline, updating),
-        updating=sorted(updating), curves=curves, flatness=flatness(curves))
+        updating=sorted(updating), curves=curves, flatness=flatness(curves), margins=margins, interactions=inter)

@@ -11,9 +11,11 @@ import pandas as pd
 from kdbench import stats
 from kdbench.report.curves import CURVES_NOTE, MIN_TOLERANCE, curves_display
 from kdbench.report.drift import DRIFT_NOTE, disagreement_notes, drift_display
-from kdbench.report.frame import LOSS, WIN
+from kdbench.report.frame import LOSS, PAUSE_RATIO, WIN
 from kdbench.report.selection import selection_sections
-from kdbench.report.tables import SMALL_N, TIE, cell, comparison_display, fmt_num, fmt_p, spread_text
+from kdbench.report.frame import DEFAULT_MARGIN
+from kdbench.report.tables import (EQUIV, FLAGGED, LOSS_SMALL, SMALL_N, TIE, WIN_SMALL, cell, comparison_display, fmt_num, fmt_p,
+                                   spread_text)
 
 
 def references_display(refs: pd.DataFrame) -> pd.DataFrame:
@@ -33,6 +35,7 @@ def sensitivity_display(scores: pd.DataFrame) -> pd.DataFrame:
         "task": r.task, "method": r.method, "factor": r.factor, "levels": str(r.levels), "held at": r.at or "-",
         "std": fmt_num(r.std), "max - min": fmt_num(r.range), "drop from best": fmt_num(r.drop_from_best),
         "seed std within setting": fmt_num(r.seed_std), "ANOVA F": fmt_num(r.anova_f), "ANOVA p": fmt_p(r.anova_p),
+        "ANOVA": getattr(r, "design", "one-way"),
         "ANOVA p adj": fmt_p(r.anova_p_adj), "best": str(r.best_level), "worst": str(r.worst_level)} for r in scores.itertuples()])
 
 
@@ -62,16 +65,24 @@ def _step(r: Any) -> str:
     return f"{r.step_s_median * 1000:.1f}{iqr}"
 
 
+def _paused_text(r: Any) -> str:
+    if r.wall_cpu_max != r.wall_cpu_max:
+        return "n/a"
+    return f"{r.paused} of {r.n} runs: wall > {PAUSE_RATIO:g}x CPU" if r.paused else "no"
+
+
 def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.DataFrame.from_records([{
         "task": r.task, "method": r.method, "student": r.student, "runs": str(r.n), "score": fmt_num(r.score),
         "train (s)": spread_text(r.train_s, r.train_s_std), "train + teacher share (s)": _na(getattr(r, "train_with_teacher_s", np.nan)),
+        "active train (s)": spread_text(r.active_train_s, r.active_train_s_std), "CPU (s)": _na(r.cpu_s, 1),
         "prep (s)": spread_text(r.prep_s, r.prep_s_std),
         "eval (s)": spread_text(r.eval_s, r.eval_s_std), "wall (s)": spread_text(r.wall_s, r.wall_s_std),
+        "wall/CPU (max)": _na(r.wall_cpu_max, 1), "paused or starved": _paused_text(r),
         "step (ms) median [IQR]": _step(r), "memory (MB)": spread_text(r.mem_mb, r.mem_mb_std, 1), "memory kind": r.mem_kind or "n/a",
         "cached teacher outputs": r.shared_teacher_outputs,
         "params deployed": _na(r.params_deployed, 0), "params training": _na(r.params_training, 0),
-        f"train vs {reference}": _rel(r.train_rel), f"step vs {reference}": _rel(r.step_rel),
+        f"active train vs {reference}": _rel(r.train_rel), f"CPU vs {reference}": _rel(r.cpu_rel), f"step vs {reference}": _rel(r.step_rel),
         f"memory vs {reference}": _rel(r.mem_rel), f"params vs {reference}": _rel(r.params_rel),
     } for r in cost.itertuples()])
 
@@ -105,9 +116,23 @@ def chance_note(report: Any) -> str:
 def family_line(report: Any) -> str:
     """The one line under the leaderboard that says what its marks mean (all formats)."""
     corr = stats.CORRECTION_METHOD[report.correction].split(" (")[0]
+    need = stats.least_n(report.family) if report.family else None
+    power = (f" With {report.family} comparisons no difference can be significant below n = {need} pairs." if need else "")
     return (f"{WIN}/{LOSS}: {corr}-adjusted p < {stats.ALPHA} against '{report.baseline}' (exact sign-flip test), "
-            f"family of {report.family} comparisons; p_adj shown per cell. {SMALL_N} n < 3 (smallest attainable p: "
-            f"{stats.min_p(2):.2f} at n = 2, {stats.min_p(1):.0f} at n = 1). {TIE} best within overlapping 95% intervals (a tie).")
+            f"family of {report.family} comparisons; p_adj shown per cell; {WIN_SMALL}/{LOSS_SMALL}: significant but smaller "
+            f"than the task's practical margin; {EQUIV}: equivalent within the margin (two one-sided tests).{power} "
+            f"{SMALL_N} n < 3 (smallest attainable p: {stats.min_p(2):.2f} at n = 2, {stats.min_p(1):.0f} at n = 1). "
+            f"{TIE} tied for best: 95% interval overlapping the best's and not significantly worse than the baseline."
+            + flagged_line(report))
+
+
+def flagged_line(report: Any) -> str:
+    """Why a task's column is flagged (its teacher is not above chance by the margin)."""
+    flagged = getattr(report, "flagged", {}) or {}
+    if not flagged:
+        return ""
+    return " " + " ".join(f"{FLAGGED} {task}: {why}; its column ranks nothing and is left out of the averages."
+                          for task, why in flagged.items())
 
 
 def legend(report: Any) -> list[str]:
@@ -120,28 +145,70 @@ def legend(report: Any) -> list[str]:
         f"Every comparison of the report is one family ({report.family} tests), corrected by "
         f"{stats.CORRECTION_METHOD[report.correction]}; {WIN} / {LOSS} mark a significant win / loss at adjusted "
         f"p < {stats.ALPHA}; 'n/a' when fewer than 2 matched seeds.",
-        f"{SMALL_N}: n < 3; with n pairs the exact test cannot go below p = 2/2^n (0.50 at 2, 0.25 at 3, 0.0625 at 5).",
-        "MDD 80%: the smallest true difference detected with 80% power at p < 0.05 from the observed std of the paired "
-        "differences (paired t approximation); inf when n is too small for any test to reach 0.05.",
-        f"Best: bold only when its interval does not overlap the runner-up's; otherwise the tied cells carry {TIE}.",
+        f"{SMALL_N}: n < 3; with n pairs the exact test cannot go below p = 2/2^n (0.50 at 2, 0.25 at 3, 0.0625 at 5); "
+        f"corrected over a family of m it can be significant only from the least n with m x 2/2^n < {stats.ALPHA} "
+        f"(here m = {report.family}: n ≥ {stats.least_n(report.family) if report.family else '-'}); cells below it say "
+        "'impossible' in words.",
+        f"Δ 95% CI (exact): {stats.INTERVAL_METHOD}.",
+        f"MDD 80%: {stats.POWER_METHOD}.",
+        f"Practical margin: the smallest difference that matters, per task (the suite's 'margins', else {DEFAULT_MARGIN:g} "
+        f"point for proportions and correlations on the x100 scale, none for other metrics): {margins_text(report)}. "
+        f"A significant difference smaller than it is 'significant, below the margin' ({WIN_SMALL}/{LOSS_SMALL}); "
+        f"'equivalent' ({EQUIV}) only when two one-sided exact sign-flip tests (TOST), corrected over their own family, "
+        f"reject a difference of at least the margin each way. A task whose teacher is not above the chance row by more "
+        f"than its margin is flagged {FLAGGED} and left out of the averages over tasks.",
+        f"Best: bold only when its interval does not overlap the runner-up's; otherwise the tied cells carry {TIE}, "
+        "except a cell significantly worse than the baseline, which is never tied for best.",
         "Failed, diverged and running runs are listed and counted, never averaged; so are runs of one row whose data "
         "fingerprints differ ('mixed data'), and runs in the store outside the suite.",
         "Average over tasks: the unweighted mean of the per-task mean score; a task's score is its main metric "
         "averaged over its test splits (e.g. MNLI matched and mismatched); shown only for rows with every task.",
         "Sensitivity: spread of the per-level mean scores across a sweep (std ddof=1; max - min; drop from best = best - "
-        "mean of the levels) beside the pooled within-setting seed std and a one-way ANOVA (scipy.stats.f_oneway) of the "
-        "seed scores across levels, corrected over the report's sweeps; only the ANOVA says whether a factor matters.",
+        "mean of the levels) beside the pooled within-setting seed std and an ANOVA of the seed scores across levels, "
+        "blocked by seed where every level ran the same seeds (two-way without replication), else one-way "
+        "(scipy.stats.f_oneway); corrected over the report's sweeps; only the ANOVA says whether a factor matters. "
+        "Less sensitive than the baseline: the method x factor interaction (the ANOVA blocked by seed of the per-seed "
+        "difference across the levels, corrected over the report's interaction tests) beside each one's spread (max - "
+        f"min of the level means) with a percentile bootstrap interval resampling seeds ({stats.BOOTSTRAP_DRAWS} draws, "
+        f"seed {stats.BOOTSTRAP_SEED}; with few seeds such intervals are too narrow: the interaction test decides).",
         f"Cost: mean ± std over finished runs; train = training steps only (no evaluation, no one-off preparation, shown "
         f"as prep); step = median of the runs' median step time [their quartiles]; memory = the run's own figure "
         f"(its kind beside it); relative columns divide by the baseline '{report.cost_reference}' on the same task (and "
         "student); 'train + teacher share' adds the teacher's fine-tuning time divided by the runs that used it "
-        "(labels-only runs add nothing); n/a = not recorded by this store's version.",
+        "(labels-only runs add nothing); n/a = not recorded by this store's version. Pauses: 'CPU' is the process "
+        "CPU time, 'active train' the steps x the median step time (a pause moves neither); the relative training and "
+        f"CPU columns divide those, never the wall time; a run whose wall time exceeds {PAUSE_RATIO:g}x its CPU time "
+        "(stopped, or starved by other load) is counted under 'paused or starved' and beside the leaderboard's time.",
         "Chance: a constant prediction scored with the task's metric (majority class of the test split; regression: the "
         "training mean).",
         "Reference values are compared on the leaderboard's x100 scale.",
     ] + ([f"Learning curves: the validation main metric x100 at every evaluation step, mean ± std over finished seeds; "
           f"a curve is flat when its last change is at most max({MIN_TOLERANCE} points, the standard error of its last mean)."]
          if getattr(report, "curves", None) is not None and not report.curves.empty else [])
+
+
+def margins_text(report: Any) -> str:
+    """Each task's margin as the report used it."""
+    if report.board.empty or "margin" not in report.board:
+        return "no comparisons"
+    pairs = report.board.dropna(subset=["margin"]).drop_duplicates("task")
+    declared = getattr(report, "margins", {}) or {}
+    parts = [f"{t} {m:.2f}" + (" (declared)" if t in declared else " (default)") for t, m in zip(pairs["task"], pairs["margin"])]
+    return ", ".join(parts) or "none applies"
+
+
+def interactions_display(inter: pd.DataFrame) -> pd.DataFrame:
+    """Is a method less sensitive than the baseline to a factor: spreads with intervals and the interaction test."""
+    def ci(a: float, lo: float, hi: float) -> str:
+        return f"{a:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    return pd.DataFrame.from_records([{
+        "task": r.task, "factor": r.factor, "method": r.method, "vs": r.other, "levels x seeds": f"{r.levels} x {r.seeds}",
+        "spread (max - min) [95% CI]": ci(r.range, r.range_low, r.range_high),
+        f"spread of {r.other} [95% CI]": ci(r.other_range, r.other_range_low, r.other_range_high),
+        "difference [95% CI]": ci(r.range - r.other_range, r.range_diff_low, r.range_diff_high),
+        "interaction F": fmt_num(r.interaction_f), "interaction p adj": fmt_p(r.interaction_p_adj),
+    } for r in inter.itertuples()])
 
 
 def provenance_sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
@@ -207,6 +274,10 @@ def sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
     if not report.sens_scores.empty:
         verdicts = " ".join(f"{r.task}: {r.verdict}." for r in report.sens_scores.itertuples())
         out.append(("Sensitivity", sensitivity_display(report.sens_scores), verdicts))
+        inter = getattr(report, "interactions", None)
+        if inter is not None and not inter.empty:
+            out.append((f"Less sensitive than {report.baseline}?", interactions_display(inter),
+                        " ".join(f"{r.task}: {r.answer}." for r in inter.itertuples())))
         out.append(("Sweeps", sweep_display(report.sens_levels), ""))
     if not report.cost.empty:
         out.append(("Cost", cost_display(report.cost, report.cost_reference), ""))

@@ -16,7 +16,11 @@ from kdbench.store import DONE
 
 LEVEL_COLS = ["task", "method", "factor", "level", "at", "mean", "std", "n", "ci_low", "ci_high"]
 SCORE_COLS = ["task", "method", "factor", "levels", "at", "std", "range", "drop_from_best", "best_level", "worst_level",
-              "seed_std", "anova_f", "anova_p", "anova_p_adj", "verdict"]
+              "seed_std", "design", "anova_f", "anova_p", "anova_p_adj", "verdict"]
+INTERACTION_COLS = ["task", "factor", "method", "other", "levels", "seeds", "range", "range_low", "range_high", "other_range",
+                    "other_range_low", "other_range_high", "range_diff_low", "range_diff_high", "interaction_f", "interaction_p",
+                    "interaction_p_adj", "answer"]
+BLOCKED, ONE_WAY = "blocked by seed", "one-way (levels do not share seeds)"
 
 
 def _level_key(v: Any) -> tuple:
@@ -43,9 +47,24 @@ def _line(settings: list[dict], factors: list[str], f: str, keys: list[str]) -> 
     return fixed, [all(json.dumps(s.get(k)) == json.dumps(fixed.get(k)) for k in others) for s in settings]
 
 
+def seed_table(sub: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, list[Any]] | None:
+    """The levels x seeds table of scores (x100) of one sweep line when every level has
+    the same seeds (at least 2, one score each), else None."""
+    per = [sub[sub["level"].map(json.dumps) == k].dropna(subset=["score"]) for k in keys]
+    seeds = [sorted(p["seed"].tolist(), key=repr) for p in per]
+    if not seeds or len(seeds[0]) < 2 or any(s != seeds[0] for s in seeds) or len(set(map(repr, seeds[0]))) != len(seeds[0]):
+        return None
+    table = np.array([[float(p.set_index("seed").loc[seed, "score"]) * SCALE for seed in seeds[0]] for p in per])
+    return table, seeds[0]
+
+
+def _level_keys(sub: pd.DataFrame, order: dict[str, int]) -> list[str]:
+    return sorted(sub["level"].map(json.dumps).unique(), key=lambda v: (order.get(json.loads(v), len(order)), _level_key(json.loads(v))))
+
+
 def _sweep(task: str, name: str, f: str, sub: pd.DataFrame, at: str, order: dict[str, int]) -> tuple[list[dict], dict]:
     levels, means, groups = [], {}, []
-    keys = sorted(sub["level"].map(json.dumps).unique(), key=lambda v: (order.get(json.loads(v), len(order)), _level_key(json.loads(v))))
+    keys = _level_keys(sub, order)
     for key in keys:
         level = json.loads(key)
         scores = sub.loc[sub["level"].map(json.dumps) == key, "score"].dropna()
@@ -55,9 +74,14 @@ def _sweep(task: str, name: str, f: str, sub: pd.DataFrame, at: str, order: dict
         levels.append({"task": task, "method": name, "factor": f, "level": level, "at": at, "mean": s.mean, "std": s.std,
                        "n": s.n, "ci_low": s.ci_low, "ci_high": s.ci_high})
     sp, an = stats.spread(means), stats.factor_anova(groups)
+    table = seed_table(sub, keys)
+    f_stat, p, design = an.f, an.p, ONE_WAY
+    if table is not None:  # the settings share seeds: the seed-to-seed variation is a block, not error
+        blocked = stats.blocked_anova(table[0])
+        f_stat, p, design = blocked.f, blocked.p, BLOCKED
     score = {"task": task, "method": name, "factor": f, "levels": sp.levels, "at": at, "std": sp.std, "range": sp.range,
              "drop_from_best": sp.drop_from_best, "best_level": sp.best_level, "worst_level": sp.worst_level,
-             "seed_std": an.within_std, "anova_f": an.f, "anova_p": an.p, "anova_p_adj": np.nan, "verdict": ""}
+             "seed_std": an.within_std, "design": design, "anova_f": f_stat, "anova_p": p, "anova_p_adj": np.nan, "verdict": ""}
     return levels, score
 
 
@@ -67,10 +91,83 @@ def verdict(r: dict[str, Any], alpha: float = stats.ALPHA) -> str:
     if p != p:
         return (f"no test: {r['factor']} needs at least 2 seeds per level and some seed noise; the spread "
                 f"{r['range']:.2f} cannot be told apart from seed noise")
+    how = "ANOVA blocked by seed" if r.get("design") == BLOCKED else "one-way ANOVA"
     if p < alpha:
-        return f"{r['factor']} changes {r['method']}'s score beyond seed noise (ANOVA adjusted p {p:.3g})"
-    return (f"no evidence that {r['factor']} changes {r['method']}'s score beyond seed noise (ANOVA adjusted p {p:.3g}; "
+        return f"{r['factor']} changes {r['method']}'s score beyond seed noise ({how}, adjusted p {p:.3g})"
+    return (f"no evidence that {r['factor']} changes {r['method']}'s score beyond seed noise ({how}, adjusted p {p:.3g}; "
             f"spread {r['range']:.2f} vs within-setting seed std {r['seed_std']:.2f})")
+
+
+def sweep_lines(df: pd.DataFrame):
+    """``(task, method name, factor, held-at text, runs with a 'level' column)`` for every
+    factor each method sweeps (finished runs), along the line of :func:`_line`."""
+    done = df[df["status"] == DONE]
+    for (task, name), g in done.groupby(["task", "method_name"], sort=True):
+        configs = g.assign(p=g["params"].map(json.loads))
+        settings = [dict(p) | {"student": s} for p, s in zip(configs["p"], configs["student"])]
+        keys = sorted(set().union(*(s.keys() for s in settings)))
+        factors = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
+        for f in factors:
+            found = _line(settings, factors, f, keys)
+            if found is None:
+                continue
+            fixed, mask = found
+            at = ", ".join(f"{k}={fixed.get(k)}" for k in factors if k != f)
+            yield task, name, f, at, configs[mask].assign(level=[s.get(f) for s, m in zip(settings, mask) if m])
+
+
+def _answer(r: dict[str, Any], alpha: float = stats.ALPHA) -> str:
+    """The sentence the interaction test and the spreads support."""
+    m, o, f = r["method"], r["other"], r["factor"]
+    spreads = (f"{f} moves {m} by {r['range']:.2f} [{r['range_low']:.2f}, {r['range_high']:.2f}] and {o} by "
+               f"{r['other_range']:.2f} [{r['other_range_low']:.2f}, {r['other_range_high']:.2f}] (max - min of the level means; "
+               f"difference in 95% bootstrap interval [{r['range_diff_low']:.2f}, {r['range_diff_high']:.2f}])")
+    p = r["interaction_p_adj"]
+    if p != p:
+        return f"no interaction test (needs 2 seeds shared by every level and some noise); {spreads}"
+    if p < alpha:
+        less = m if r["range"] < r["other_range"] else o
+        more = o if less == m else m
+        return f"{m} and {o} respond differently to {f} (interaction adjusted p {p:.3g}): {less} less sensitive than {more}; {spreads}"
+    return (f"no evidence that {m} and {o} respond differently to {f} (interaction adjusted p {p:.3g}): neither shown less "
+            f"sensitive; {spreads}")
+
+
+def interactions(df: pd.DataFrame, student_order: list[str] | None = None, correction: str = "holm",
+                 baseline: str | None = None) -> pd.DataFrame:
+    """Is a method less sensitive than the baseline to a factor? For each task and factor
+    that a method and ``baseline`` both sweep over the same levels and seeds: the method
+    x factor interaction (the ANOVA blocked by seed of their per-seed difference across
+    the levels, corrected over the report's interaction tests) and each one's spread (max
+    - min of the level means) with seeded bootstrap intervals over seeds
+    (:func:`kdbench.stats.interaction_test`)."""
+    if df.empty or not baseline:
+        return pd.DataFrame(columns=INTERACTION_COLS)
+    order = {s: i for i, s in enumerate(student_order or [])}
+    lines = {(task, name, f): sub for task, name, f, _, sub in sweep_lines(df)}
+    out = []
+    for (task, name, f), sub in lines.items():
+        base = lines.get((task, baseline, f))
+        if name == baseline or base is None:
+            continue
+        keys = _level_keys(sub, order)
+        if keys != _level_keys(base, order):
+            continue
+        mine, theirs = seed_table(sub, keys), seed_table(base, keys)
+        if mine is None or theirs is None or mine[1] != theirs[1]:
+            continue
+        it = stats.interaction_test(mine[0], theirs[0])
+        out.append({"task": task, "factor": f, "method": name, "other": baseline, "levels": it.levels, "seeds": it.seeds,
+                    "range": it.spread_a, "range_low": it.ci_a[0], "range_high": it.ci_a[1], "other_range": it.spread_b,
+                    "other_range_low": it.ci_b[0], "other_range_high": it.ci_b[1], "range_diff_low": it.ci_diff[0],
+                    "range_diff_high": it.ci_diff[1], "interaction_f": it.f, "interaction_p": it.p, "interaction_p_adj": np.nan,
+                    "answer": ""})
+    res = pd.DataFrame.from_records(out, columns=INTERACTION_COLS)
+    tested = res["interaction_p"].notna()
+    if tested.any():
+        res.loc[tested, "interaction_p_adj"] = stats.adjust(res.loc[tested, "interaction_p"].tolist(), correction)
+    res["answer"] = [_answer(r) for r in res.to_dict("records")]
+    return res
 
 
 def sensitivity(df: pd.DataFrame, student_order: list[str] | None = None, correction: str = "holm") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -84,22 +181,10 @@ def sensitivity(df: pd.DataFrame, student_order: list[str] | None = None, correc
     if df.empty:
         return pd.DataFrame(columns=LEVEL_COLS), pd.DataFrame(columns=SCORE_COLS)
     order = {s: i for i, s in enumerate(student_order or [])}
-    done = df[df["status"] == DONE]
-    for (task, name), g in done.groupby(["task", "method_name"], sort=True):
-        configs = g.assign(p=g["params"].map(json.loads))
-        settings = [dict(p) | {"student": s} for p, s in zip(configs["p"], configs["student"])]
-        keys = sorted(set().union(*(s.keys() for s in settings)))
-        factors = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
-        for f in factors:
-            found = _line(settings, factors, f, keys)
-            if found is None:
-                continue
-            fixed, mask = found
-            at = ", ".join(f"{k}={fixed.get(k)}" for k in factors if k != f)
-            sub = configs[mask].assign(level=[s.get(f) for s, m in zip(settings, mask) if m])
-            lv, sc = _sweep(task, name, f, sub, at, order)
-            levels += lv
-            scores.append(sc)
+    for task, name, f, at, sub in sweep_lines(df):
+        lv, sc = _sweep(task, name, f, sub, at, order)
+        levels += lv
+        scores.append(sc)
     scores_df = pd.DataFrame.from_records(scores, columns=SCORE_COLS)
     tested = scores_df["anova_p"].notna()
     if tested.any():

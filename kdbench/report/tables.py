@@ -12,6 +12,9 @@ from kdbench import stats
 from kdbench.report.frame import LOSS, TEST, WIN
 
 SMALL_N, TIE = "†", "≈"
+#: significant but smaller than the task's practical margin (win / loss); equivalent by TOST
+WIN_SMALL, LOSS_SMALL, EQUIV = "△", "▽", "≡"
+FLAGGED = "[flagged]"
 SPECIAL_ROWS = ("teacher", "chance")
 
 
@@ -51,8 +54,18 @@ def _cell_text(r: pd.Series) -> str:
     return cell(r["mean"], r["std"], r["n"])
 
 
-def column_name(task: str, split: str, metric: Any) -> str:
-    return f"{task} ({metric})" if split == TEST else f"{task} {split} ({metric})"
+def column_name(task: str, split: str, metric: Any, flagged: bool = False) -> str:
+    name = f"{task} ({metric})" if split == TEST else f"{task} {split} ({metric})"
+    return f"{name} {FLAGGED}" if flagged else name
+
+
+def marker(practical: Any) -> str:
+    """The leaderboard's mark for a practical verdict (kdbench.report.aggregate.practical)."""
+    if not isinstance(practical, str):
+        return ""
+    if practical.endswith("below the margin"):
+        return WIN_SMALL if practical.startswith("win") else LOSS_SMALL
+    return {"win": WIN, "loss": LOSS, "equivalent": EQUIV}.get(practical, "")
 
 
 def row_names(board: pd.DataFrame) -> list[str]:
@@ -70,7 +83,9 @@ def row_names(board: pd.DataFrame) -> list[str]:
 
 def best_marks(board: pd.DataFrame) -> dict[int, str]:
     """Per board index: "best" when the column's best mean has an interval that does not
-    overlap the runner-up's, else "tie" for the best and every row whose interval overlaps it."""
+    overlap the runner-up's, else "tie" for the best and every row whose interval overlaps
+    it, except a row significantly worse than the baseline (result "loss"): a cell is never
+    tied for best and significantly worse at once."""
     out: dict[int, str] = {}
     rows = board[~board["method"].isin(SPECIAL_ROWS) & board["mean"].notna() & (board["data_flag"] == "")]
     for _, g in rows.groupby("col"):
@@ -84,7 +99,7 @@ def best_marks(board: pd.DataFrame) -> dict[int, str]:
         if not overlap:
             out[g.index[0]] = "best"
         else:
-            out.update({i: "tie" for i in [g.index[0], *overlap]})
+            out.update({i: "tie" for i in [g.index[0], *overlap] if board.loc[i].get("result") != "loss"})
     return out
 
 
@@ -98,7 +113,8 @@ def _decorate(text: str, r: pd.Series, mark: str | None, marks: bool, bold: str 
     elif mark == "tie" and (marks or bold):
         text += f" {TIE}"
     if marks and isinstance(r.get("result"), str) and r.get("p_adj") == r.get("p_adj") and r.get("p_adj") is not None:
-        text += f" p_adj={fmt_p(r['p_adj'])}" + {"win": f" {WIN}", "loss": f" {LOSS}"}.get(r["result"], "")
+        mark = marker(r.get("practical", r["result"]))
+        text += f" p_adj={fmt_p(r['p_adj'])}" + (f" {mark}" if mark else "")
     return text
 
 
@@ -115,7 +131,8 @@ def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None
         return pd.DataFrame()
     board = board.copy()
     board["row"] = row_names(board)
-    board["col"] = [column_name(t, s, m) for t, s, m in zip(board["task"], board["split"], board["metric"])]
+    flags = board["task_flag"] if "task_flag" in board else pd.Series("", index=board.index)
+    board["col"] = [column_name(t, s, m, bool(f)) for t, s, m, f in zip(board["task"], board["split"], board["metric"], flags)]
     best = best_marks(board)
     board["cell"] = [_decorate(_cell_text(r), r, best.get(i), marks, bold) for i, r in board.iterrows()]
     order_key = board.drop_duplicates("col").set_index("col")
@@ -124,8 +141,12 @@ def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None
     students = board[~board["method"].isin(SPECIAL_ROWS)]
     avgs = averages(students)
     if avgs:
-        wide[f"avg over {next(iter(avgs.values()))[1]} tasks"] = pd.Series({r: f"{v:.2f}" for r, (v, _) in avgs.items()})
-    wide["time/run (s)"] = board.groupby("row")["time_per_run_s"].mean().map(lambda v: "-" if np.isnan(v) else f"{v:.1f}")
+        left_out = sorted({t for t, f in zip(board["task"], flags) if f})
+        header = f"avg over {next(iter(avgs.values()))[1]} tasks" + (f" (without flagged {', '.join(left_out)})" if left_out else "")
+        wide[header] = pd.Series({r: f"{v:.2f}" for r, (v, _) in avgs.items()})
+    paused = board.groupby("row")["paused"].sum() if "paused" in board else pd.Series(dtype=float)
+    wide["time/run (s)"] = pd.Series({row: "-" if np.isnan(v) else f"{v:.1f}" + (f" ({int(paused[row])} paused)" if paused.get(row, 0) else "")
+                                      for row, v in board.groupby("row")["time_per_run_s"].mean().items()})
     nd = students[students["split"] == TEST].groupby("row")[["failed", "diverged", "running"]].sum()
     wide["not done"] = nd.apply(lambda r: ", ".join(f"{int(r[k])} {k}" for k in ("failed", "diverged", "running") if r[k]) or "0", axis=1)
     order = sorted(wide.index, key=lambda r: (0 if r.startswith("teacher") else 1 if r == "chance" else 2, r))
@@ -134,7 +155,10 @@ def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None
 
 def averages(board: pd.DataFrame) -> dict[str, tuple[float, int]]:
     """Per leaderboard row: mean over tasks of the per-task mean score (a task's score
-    averages its test splits), only for rows with a score on every task."""
+    averages its test splits), only for rows with a score on every task; tasks flagged as
+    unable to separate methods (``task_flag``) are left out."""
+    if "task_flag" in board:
+        board = board[board["task_flag"].fillna("") == ""]
     tasks = sorted(board["task"].unique())
     out = {}
     for row, g in board.groupby("row"):
@@ -148,6 +172,37 @@ def small_n_note(n: Any) -> str:
     if n is None or n != n or n >= 3:
         return ""
     return f"n < 3: smallest attainable p {stats.min_p(int(n)):.2f}" if n >= 1 else ""
+
+
+def diff_interval(r: Any) -> str:
+    """The paired difference's interval (the exact test inverted), "unbounded" where no p
+    below 0.05 is attainable at this n."""
+    low, high = getattr(r, "diff_low", np.nan), getattr(r, "diff_high", np.nan)
+    if low != low or high != high:
+        return "-"
+    if math.isinf(low) and math.isinf(high):
+        return f"unbounded (n = {int(r.pairs)})"
+    return f"[{low:.2f}, {high:.2f}]"
+
+
+def mdd_text(r: Any) -> str:
+    """The procedure's MDD, or in words why significance is impossible here."""
+    possible, need = getattr(r, "possible", None), getattr(r, "least_n", np.nan)
+    if possible is False and need == need:
+        return f"impossible: n = {int(r.pairs)}, needs n ≥ {int(need)} in this family"
+    return fmt_num(getattr(r, "mdd", np.nan))
+
+
+def result_text(r: Any, result: str) -> str:
+    """The practical verdict in words, with its mark."""
+    practical = getattr(r, "practical", result)
+    practical = practical if isinstance(practical, str) else result
+    mark = marker(practical)
+    if practical.endswith("below the margin"):
+        return f"significant {practical.split(',')[0]}, below the margin {r.margin:.2f} {mark}"
+    if practical == "equivalent":
+        return f"equivalent within ±{r.margin:.2f} (TOST) {mark}"
+    return f"{practical} {mark}" if mark else practical
 
 
 def comparison_display(board: pd.DataFrame, baseline: str, correction: str = "holm") -> pd.DataFrame:
@@ -164,12 +219,15 @@ def comparison_display(board: pd.DataFrame, baseline: str, correction: str = "ho
             "mean": fmt_num(r.mean), "std": fmt_num(r.std), "n": str(r.n),
             "95% CI": "-" if np.isnan(r.ci_low) else f"[{r.ci_low:.2f}, {r.ci_high:.2f}]",
             f"Δ vs {baseline}": fmt_num(getattr(r, "diff", np.nan)) if tested else "-",
+            "Δ 95% CI (exact)": diff_interval(r) if tested else "-",
             "p": fmt_p(getattr(r, "p", np.nan)) if tested else "-",
             f"p ({correction})": fmt_p(getattr(r, "p_adj", np.nan)) if tested else "-",
             "pairs": fmt_num(getattr(r, "pairs", np.nan), 0) if tested else "-",
-            "MDD 80%": fmt_num(getattr(r, "mdd", np.nan)) if tested else "-",
-            "result": {"win": f"win {WIN}", "loss": f"loss {LOSS}"}.get(result, result),
-            "flags": "; ".join(x for x in (small_n_note(r.n), r.data_flag) if x),
+            f"MDD 80% ({correction})": mdd_text(r) if tested else "-",
+            "margin": fmt_num(getattr(r, "margin", np.nan)) if tested else "-",
+            f"TOST p ({correction})": fmt_p(getattr(r, "tost_p_adj", np.nan)) if tested else "-",
+            "result": result_text(r, result),
+            "flags": "; ".join(x for x in (small_n_note(r.n), r.data_flag, getattr(r, "task_flag", "")) if isinstance(x, str) and x),
             "failed": str(r.failed), "diverged": str(r.diverged),
         })
     return pd.DataFrame.from_records(rows)
