@@ -255,10 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = suite_cmd("report", "print the leaderboard, statistics, sweeps and cost from the results store", cmd_report)
     rep.add_argument("--format", action="append", choices=_ReportFormatNames(), metavar="FORMAT",
-                     help="also write the report in this format (repeatable; built-in md, csv, json, latex, html, all, "
-                          "and any a plugin adds): md, latex and html hold every table "
-                          "(html: one self-contained file with plots); csv and json the statistics. Default files: "
-                          "<results>/leaderboard.{md,csv,json,tex}, <results>/report.html (json also report.json)")
+                     help="also write the report in this format (repeatable; built-in md, csv, json, latex, html, summary, "
+                          "all, and any a plugin adds): md, latex and html hold every table "
+                          "(html: one self-contained file with plots); csv and json the statistics; summary plain sentences "
+                          "with the numbers (refreshing the summary block of the results folder's README.md). Default files: "
+                          "<results>/leaderboard.{md,csv,json,tex}, <results>/report.html (json also report.json), "
+                          "<results>/summary.md")
     rep.add_argument("--output", help="file for a single --format")
     rep.add_argument("--method", action="append", help="only this method (repeatable)")
     rep.add_argument("--task", action="append", help="only this task (repeatable)")

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from kdbench.api import KDBenchError
 from kdbench.report.html import render_html
+from kdbench.report.summary import write_summary
 from kdbench.report.text import render, render_report, report_json
 
 Writer = Callable[[Any, Path, dict[str, bytes]], list[Path]]
@@ -57,7 +58,8 @@ def _write_csv(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
     written = []
     for name, df in (("cost", report.cost), ("teacher_cost", report.teacher_cost), ("sensitivity", report.sens_levels),
                      ("sensitivity_tests", report.sens_scores), ("references", report.references), ("teacher_drift", report.drift),
-                     ("disagreements", report.disagreements), ("curves", report.curves), ("curves_flatness", report.flatness)):
+                     ("disagreements", report.disagreements), ("curves", report.curves), ("curves_flatness", report.flatness),
+                     ("sensitivity_interactions", report.interactions)):
         if not df.empty:
             side = out.with_name(f"{out.stem}.{name}.csv")
             df.to_csv(side, index=False)
@@ -84,6 +86,8 @@ BUILTIN = {f.name: f for f in (
     ReportFormat("json", "the leaderboard rows; report.json holds everything", "leaderboard.json", _write_json),
     ReportFormat("latex", "booktabs tables", "leaderboard.tex", _write_latex),
     ReportFormat("html", "one self-contained page with the figures", "report.html", _write_html, uses_plots=True),
+    ReportFormat("summary", "plain sentences with the numbers, intervals and power (no date: regenerates byte for byte); "
+                 "refreshes the summary block of the folder's README.md", "summary.md", write_summary),
 )}
 
 

@@ -18,6 +18,8 @@ STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1b1b1b;padding:0 1rem}
 h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.85rem}
+div.wide{max-width:100%;overflow-x:auto}
+p.note{overflow-wrap:anywhere}
 th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right;white-space:nowrap}
 th{background:#f0f3f7}td:first-child,th:first-child{text-align:left}
 td.win{background:#dff3e0}td.loss{background:#f8dddd}
@@ -42,7 +44,8 @@ def _table(df: pd.DataFrame, table_id: str, classes: dict[tuple[int, str], str] 
             text = str(v) if col in (raw or set()) else html.escape(str(v))
             cells.append(f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    # a wide table scrolls inside its own box: the page keeps the window's width
+    return f'<div class="wide"><table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _leaderboard(report: Any) -> str:

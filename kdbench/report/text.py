@@ -4,6 +4,7 @@ report as terminal, Markdown or LaTeX text."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pandas as pd
@@ -44,7 +45,8 @@ def md_safe(table: pd.DataFrame) -> pd.DataFrame:
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", WIN: r"$\blacktriangle$",
-                  LOSS: r"$\blacktriangledown$", "Δ": r"$\Delta$", "×": r"$\times$", "†": r"$\dagger$", "≈": r"$\approx$"}
+                  LOSS: r"$\blacktriangledown$", "△": r"$\vartriangle$", "▽": r"$\triangledown$", "≡": r"$\equiv$", "≥": r"$\geq$",
+                  "Δ": r"$\Delta$", "×": r"$\times$", "†": r"$\dagger$", "≈": r"$\approx$"}
 
 
 def latex_escape(text: str) -> str:
@@ -125,7 +127,8 @@ def render_report(report: Any, fmt: str, plot_links: dict[str, str] | None = Non
 def report_json(report: Any) -> dict[str, Any]:
     """Everything, numeric, for programs."""
     def rec(df: pd.DataFrame) -> list[dict[str, Any]]:
-        return json.loads(df.drop(columns=[c for c in ("_metrics", "splits") if c in df.columns]).to_json(orient="records"))
+        df = df.drop(columns=[c for c in ("_metrics", "splits") if c in df.columns])
+        return json.loads(df.astype(object).map(_inf_text).to_json(orient="records"))
 
     return {"title": report.title, "date": report.date, "baseline": report.baseline, "subset": report.subset,
             "correction": report.correction, "family": report.family, "legend": legend(report),
@@ -136,7 +139,19 @@ def report_json(report: Any) -> dict[str, Any]:
             "teacher_drift": rec(report.drift), "validation_test_disagreements": rec(report.disagreements),
             "teacher_updating_methods": list(report.updating), "learning_curves": rec(report.curves),
             "learning_curve_flatness": rec(report.flatness),
-            "environment": report.env, "config": report.config, **_selection_json(report, rec)}
+            "environment": report.env, "config": report.config, "infinity": INF_NOTE,
+            "margins": report.margins, "flagged_tasks": report.flagged, "sensitivity_interactions": rec(report.interactions),
+            **_selection_json(report, rec)}
+
+
+INF_NOTE = ('infinite values are the strings "inf" and "-inf" (an MDD where significance is impossible at that n, an unbounded '
+            'interval); null means missing or not computed')
+
+
+def _inf_text(v: Any) -> Any:
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
 
 
 def _selection_json(report: Any, rec: Any) -> dict[str, Any]:
