@@ -132,3 +132,25 @@ def test_html_in_headless_chromium(html_report, tmp_path):
     assert colour[:1000].mean() > 0.001  # the green/red leaderboard cells
     assert colour[1000:].mean() > 0.001  # the coloured plot lines further down
     shutil.copy(shot, path.with_suffix(".png"))  # kept beside the report for a person to look at
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent: run `make browser` (Debian's chromium)")
+def test_html_page_fits_a_1400_px_window(html_report, tmp_path):
+    """Laid out by Chromium at 1,400 px: the page is no wider than the window, while its
+    widest table is (it scrolls inside its own box). A probe script added to a copy of the
+    page writes the measured widths into the DOM (the report itself has no script)."""
+    _, path = html_report
+    probe = ("<script>window.onload=function(){var w=0;document.querySelectorAll('table').forEach(function(t){"
+             "w=Math.max(w,t.scrollWidth)});var p=document.createElement('p');p.id='probe';p.textContent="
+             "document.documentElement.scrollWidth+' '+w;document.body.appendChild(p)}</script>")
+    page = tmp_path / "probe.html"
+    page.write_text(path.read_text().replace("</body>", probe + "</body>"))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900",
+             "--virtual-time-budget=5000"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    found = re.search(r'<p id="probe">(\d+) (\d+)</p>', dom.stdout)
+    assert found, dom.stdout[-500:]
+    page_width, widest_table = int(found.group(1)), int(found.group(2))
+    assert page_width <= 1400 < widest_table

@@ -192,7 +192,11 @@ def check_rows(stats_rows: list[dict[str, str]], board_rows: list[dict[str, str]
             p, p_adj = float(r["p"]), float(r["p (holm)"])
             assert abs(p - e["p"]) <= max(0.00005, 0.051 * e["p"]), (p, e["p"])
             assert abs(p_adj - e["p_adj"]) <= max(0.00005, 0.051 * e["p_adj"]), (p_adj, e["p_adj"])
-            assert int(r["pairs"]) == e["pairs"] and r["result"].split()[0] == e["result"]
+            shown = r["result"].split()
+            word = shown[1] if shown[0] == "significant" else ("n.s." if shown[0] == "equivalent" else shown[0])
+            assert int(r["pairs"]) == e["pairs"] and word == e["result"], (r["result"], e["result"])
+            # significant differences under the default 1-point margin of accuracy say so
+            assert ("below the margin" in r["result"]) == (e["result"] in ("win", "loss") and abs(e["diff"]) < 1.0)
             checked += 5
         else:
             assert r["result"] == "baseline"
@@ -205,8 +209,8 @@ def check_rows(stats_rows: list[dict[str, str]], board_rows: list[dict[str, str]
         col = next(c for c in r if c.startswith("movie-sentiment"))
         mean, std, n = parse_cell(r[col])
         assert abs(mean - e["mean"]) <= 0.005 + 1e-9 and abs(std - e["std"]) <= 0.005 + 1e-9 and n == e["n"]
-        marks = {"win": "▲", "loss": "▼"}
-        assert r[col].rstrip().endswith(marks[e["result"]]) if e.get("result") in marks else not r[col].rstrip().endswith(("▲", "▼"))
+        marks = {"win": "▲", "loss": "▼"} if abs(e.get("diff", 0.0)) >= 1.0 else {"win": "△", "loss": "▽"}
+        assert r[col].rstrip().endswith(marks[e["result"]]) if e.get("result") in marks else not r[col].rstrip().endswith(("▲", "▼", "△", "▽"))
         checked += 3
     return checked
 
