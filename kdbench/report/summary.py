@@ -127,7 +127,8 @@ def summary_text(report: Any) -> str:
     parts = [BEGIN, "",
              f"{done} finished runs of {len(report.runs)} in the store for this suite; scores x100, mean ± std over seeds. "
              f"Every comparison is the exact paired sign-flip test against '{report.baseline}' over matched seeds, "
-             f"{report.family} comparisons corrected together by {corr}"
+             + (f"{report.family} comparisons corrected together by {corr}" if report.family != 1 else
+                f"1 comparison ({corr}, which leaves a single p-value as it is)")
              + (f": with this family no difference can be significant below {stats.least_n(report.family)} pairs." if report.family else ".")
              + " Intervals: the exact test inverted (95%, per comparison). Power: the smallest true difference this "
              f"procedure detects with {stats.POWER:.0%} power (seeded simulation; power ± {stats.POWER_SE:.3f}).", ""]
