@@ -192,7 +192,8 @@ def test_references_and_cost_against_the_rows(synthetic):
     assert (kd["params_deployed"], kd["params_training"], kd["shared_teacher_outputs"]) == (1000, 1200, "yes")
     md_cost = {(r["method"], r["student"]): r for r in md_tables((folder / "leaderboard.md").read_text())["Cost"]}
     shown = md_cost[("kd(alpha=0.5, temperature=2.0)", "tiny-1L")]
-    assert shown["train vs none"] == f"{kd['train_rel']:.2f}x" and shown["cached teacher outputs"] == "yes"
+    assert shown["active train vs none"] == f"{kd['train_rel']:.2f}x" and shown["cached teacher outputs"] == "yes"
+    assert shown["CPU vs none"] == f"{kd['cpu_rel']:.2f}x"
     assert shown["train (s)"] == f"{kd['train_s']:.2f} ± {kd['train_s_std']:.2f}" and shown["prep (s)"].startswith("1.50")
     assert shown["step (ms) median [IQR]"] == f"{kd['step_s_median'] * 1000:.1f} [90.0, 120.0]"
     assert md_cost[("none", "tiny-1L")]["params deployed"] == "n/a" and md_cost[("none", "tiny-1L")]["prep (s)"] == "n/a"
