@@ -33,10 +33,6 @@ class ReservedNameError(KDBenchError):
     """A plugin contribution that takes a name kdbench reserves (e.g. a method ``teacher``)."""
 
 
-class PluginError(KDBenchError):
-    """A plugin that fails to import or returns something that is not a valid contribution."""
-
-
 @dataclass(frozen=True)
 class Entry:
     name: str

@@ -34,7 +34,7 @@ import pandas as pd
 
 from kdbench.report.aggregate import comparisons, leaderboard
 from kdbench.report.cost import cost_table, teacher_cost
-from kdbench.report.formats import BUILTIN, ReportFormat, report_formats, write_outputs
+from kdbench.report.formats import ReportFormat, report_formats, write_outputs
 from kdbench.report.frame import LOSS, SCALE, TEST, WIN, filter_runs, runs_frame, task_score
 from kdbench.report.model import Report, build_report
 from kdbench.report.references import references_table
@@ -43,9 +43,7 @@ from kdbench.report.sweeps import sensitivity
 from kdbench.report.tables import cell, wide_table
 from kdbench.report.text import latex_escape, latex_table, render, render_report, report_json
 
-FORMATS = tuple(BUILTIN)  # the built-in format names; report_formats() adds the plugins'
-
-__all__ = ["FORMATS", "LOSS", "SCALE", "TEST", "WIN", "Report", "ReportFormat", "build_report", "cell", "comparisons", "cost_table",
+__all__ = ["LOSS", "SCALE", "TEST", "WIN", "Report", "ReportFormat", "build_report", "cell", "comparisons", "cost_table",
            "filter_runs", "latex_escape", "latex_table", "leaderboard", "legend", "references_table", "render", "render_report",
            "report_formats", "report_json", "runs_frame", "sections", "sensitivity", "suite_report", "task_score", "teacher_cost",
            "wide_table", "write_outputs"]
