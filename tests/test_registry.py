@@ -111,11 +111,18 @@ def _builtin_entry_points():
 
 @pytest.mark.parametrize("ep", _builtin_entry_points(), ids=lambda ep: ep.name)
 def test_every_builtin_entry_point_registers_its_contributions(ep):
-    """Each built-in plugin (methods, tasks, models, trackers, executors) loads through its
+    """Each built-in plugin (methods, tasks, models, trackers, executors, report formats) loads through its
     entry point, contributes at least one named class of its kind, and the registry
     indexes every one of them under that entry point's name."""
-    kind = {"method": "methods", "task": "tasks", "model": "models", "logger": "trackers", "executor": "executors"}[ep.name.split("-")[1]]
     module = ep.load()
+    if ep.name == "builtin-report-formats":  # formats are objects, not classes, and have their own table
+        from kdbench.report.formats import report_formats
+
+        formats = module.kdbench_report_formats()
+        assert {f.name for f in formats} == {"md", "csv", "json", "latex", "html"}
+        assert all(report_formats(get_registry())[f.name] is f for f in formats)
+        return
+    kind = {"method": "methods", "task": "tasks", "model": "models", "logger": "trackers", "executor": "executors"}[ep.name.split("-")[1]]
     contributed = getattr(module, f"kdbench_{kind}")()
     assert contributed and all(isinstance(cls.name, str) for cls in contributed)
     reg = get_registry()
