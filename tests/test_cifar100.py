@@ -331,7 +331,7 @@ def test_task_augment_is_seeded_and_optional(tmp_path):
 
 
 def test_tiny_distillation_run_on_fake_files(tmp_path, monkeypatch):
-    from kdbench.executor import open_store
+    from kdbench.executors.phases import open_store
     from kdbench.train.runner import Runner
     from kdbench.train.teachers import provide_teacher
     from kdbench.spec import build_suite
