@@ -7,11 +7,16 @@ by concern, each module importing only the ones above it:
 * :mod:`.aggregate`: the leaderboard per (task, split, method, student), every teacher in
   its own row, a chance row per task; the paired comparisons with the suite's baseline
   (exact sign-flip test over matched seeds, Holm or Benjamini-Hochberg over the report's
-  family of comparisons; :mod:`kdbench.stats`).
+  family of comparisons; the difference's interval from the same test inverted, the
+  procedure's power, the practical verdict against each task's margin with TOST
+  equivalence; :mod:`kdbench.stats`), and the tasks whose teacher is not above chance by
+  the margin (flagged, left out of averages).
 * :mod:`.references`, :mod:`.sweeps`, :mod:`.cost`, :mod:`.provenance`, :mod:`.chance`:
-  published numbers, sensitivity (with a one-way ANOVA against seed noise), cost with
-  spreads relative to the baseline, commits / data fingerprints / runs outside the
-  suite, and the constant-prediction scores.
+  published numbers, sensitivity (an ANOVA against seed noise, blocked by seed where the
+  levels share seeds, and the method x factor interaction against the baseline), cost
+  with spreads relative to the baseline (CPU and active training time, paused runs
+  counted), commits / data fingerprints / runs outside the suite, and the
+  constant-prediction scores.
 * :mod:`.drift`: the live teacher's drift per evaluation step and the validation/test
   disagreement notes, for methods that update their teacher.
 * :mod:`.curves`: the students' validation score per evaluation step and whether each
@@ -19,7 +24,8 @@ by concern, each module importing only the ones above it:
 * :mod:`.model`: :class:`Report` and :func:`build_report`.
 * :mod:`.tables`, :mod:`.sections`: display tables and the legend; :mod:`.text`,
   :mod:`.html`, :mod:`.plots`: renderers; :mod:`.formats`: one writer per format in one
-  table, extended by plugins through the ``kdbench_report_formats`` hook.
+  table, extended by plugins through the ``kdbench_report_formats`` hook; :mod:`.summary`:
+  the report as plain sentences (``--format summary``), which results READMEs quote.
 
 Scores are shown x100. A task's score for the average over tasks is its ``main_metric``
 on the test split, averaged with the same metric on any further test splits the task
