@@ -120,7 +120,7 @@ def test_every_builtin_entry_point_registers_its_contributions(ep):
         from kdbench.report.formats import report_formats
 
         formats = module.kdbench_report_formats()
-        assert {f.name for f in formats} == {"md", "csv", "json", "latex", "html"}
+        assert {f.name for f in formats} == {"md", "csv", "json", "latex", "html", "summary"}
         assert all(report_formats(get_registry())[f.name] is f for f in formats)
         return
     if ep.name == "builtin-recipes":  # folders of recipe files, searched after a suite's own
