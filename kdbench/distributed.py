@@ -53,6 +53,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from kdbench.api import KDBenchError
+from kdbench.display import run_line, run_titles
 from kdbench.executor import (MAX_ATTEMPTS, SuiteOutcome, _say, describe_result, note_blocked, note_unclaimed, open_store,
                               pending_runs, record, teachers_needed)
 from kdbench.hookspecs import hookimpl
@@ -257,6 +258,7 @@ class _Driver:
         self.ray = ray
         self.suite, self.results_dir, self.store, self.registry = suite, results_dir, store, registry
         self.rerun, self.max_attempts, self.specs = rerun, max_attempts, specs
+        self.titles = run_titles(suite, registry)
         res = suite.spec.resources
         modules, objects = plugins_for_workers(registry)
         self.ctx = {
@@ -292,8 +294,8 @@ class _Driver:
         self.outcome.trained.append(spec.hash)
         self.outcome.statuses[spec.hash] = result.status
         self.n_done += 1
-        _say(f"[{self.n_done}/{len(self.specs)}] {spec.method} {spec.params_label()} | {spec.task.name} | {spec.student_label} "
-             f"| seed {spec.seed} ({spec.hash}) -> {describe_result(spec, result)}")
+        title = self.titles.get(spec.hash, spec.method)
+        _say(f"[{self.n_done}/{len(self.specs)}] {run_line(spec, title)} -> {describe_result(spec, result)}")
 
     # -- submission --------------------------------------------------------------------
     def _submit_teacher(self, th: str, spec: RunSpec) -> None:
