@@ -7,7 +7,8 @@ output and is not compared); ``# exit N`` after a command says the exit code it 
 return (default 0). A fenced block whose info string has ``file=PATH`` (e.g.
 ```` ```yaml file=my-suite.yaml ````) is written to PATH before the commands after it run.
 Blocks tagged ``bash`` are shown, not run (``make demo`` and the like). All pages run in
-one temporary working folder holding a copy of ``benchmarks/``, README.md first, so a
+one temporary working folder holding a copy of ``benchmarks/`` and links to the committed
+``results/`` folders, README.md first, so a
 page may read what an earlier one wrote (e.g. the smoke suite's results). ``kdbench``
 commands and ``python -m kdbench.<module>`` run in this process (no interpreter start-up:
 seconds, not minutes)."""
@@ -28,7 +29,7 @@ from kdbench.registry import set_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [README, ROOT / "results" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 EXIT = re.compile(r"#\s*exit\s+(\d+)\s*$")
 
@@ -78,6 +79,10 @@ def run_here(capsys, command: str) -> tuple[int, str]:
 def workdir(tmp_path_factory):
     work = tmp_path_factory.mktemp("docs")
     shutil.copytree(ROOT / "benchmarks", work / "benchmarks", ignore=shutil.ignore_patterns("*.py", "*.sh", "__pycache__"))
+    for folder in (ROOT / "results").iterdir():  # the committed stores, read where the pages say they are
+        if (folder / "store.sqlite").exists():
+            (work / "results").mkdir(exist_ok=True)
+            (work / "results" / folder.name).symlink_to(folder, target_is_directory=True)
     return work
 
 
@@ -95,10 +100,12 @@ def test_every_runnable_command_of_the_page_runs(page, workdir, capsys, monkeypa
 
 
 def test_the_readme_and_the_docs_show_runnable_commands():
-    shown = {p.name: sum(1 for s in steps(p.read_text(encoding="utf-8")) if s[0] == "run") for p in PAGES}
+    shown = {str(p.relative_to(ROOT)): sum(1 for s in steps(p.read_text(encoding="utf-8")) if s[0] == "run") for p in PAGES}
     assert shown["README.md"] >= 5, shown  # the quick start's commands, at least
-    for name in ("extending.md", "reports.md", "suite-file.md"):
-        assert name in shown, f"docs/{name} is missing"
+    for name in ("extending", "reports", "development", "fault-tolerance", "performance", "suite-file"):
+        assert f"docs/{name}.md" in shown, f"docs/{name}.md is missing"
+    for name in ("extending", "reports", "development"):
+        assert shown[f"docs/{name}.md"] >= 1, f"docs/{name}.md runs no command"
 
 
 def test_the_suite_file_reference_is_generated_from_the_schema_now():
