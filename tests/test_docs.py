@@ -139,6 +139,26 @@ def test_the_readme_is_short_and_holds_no_commit_or_dated_measurement():
     assert "<!-- methods:begin -->" in text and "<!-- methods:end -->" in text
 
 
+def _shown_table(text: str, first: str) -> list[str]:
+    """The lines of the README's plain code block that starts with ``first``."""
+    body = next(b for info, b in blocks(text) if info == "" and b.lstrip().startswith(first))
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def test_the_readme_tables_are_the_ones_the_committed_files_hold():
+    """The demo's leaderboard and the vision-cpu excerpt are copied from the files they
+    came from, line for line, so they cannot be edited into numbers nobody measured."""
+    text = README.read_text(encoding="utf-8")
+    demo = (ROOT / "results" / "perf-cpu-2026-11-30" / "make_demo_25ceb49.txt").read_text(encoding="utf-8")
+    demo_lines = {line.strip() for line in demo.splitlines()}
+    for line in _shown_table(text, "method      movie-sentiment"):
+        assert line in demo_lines, line
+    board = (ROOT / "results" / "vision-cpu" / "leaderboard.md").read_text(encoding="utf-8")
+    board_lines = {line.strip() for line in board.splitlines()}
+    for line in _shown_table(text, "| method     | mnist5k"):
+        assert line in board_lines, line
+
+
 def test_every_results_folder_is_indexed_and_says_how_it_was_made():
     index = (ROOT / "results" / "README.md").read_text(encoding="utf-8")
     for folder in sorted(p for p in (ROOT / "results").iterdir() if p.is_dir()):
