@@ -53,7 +53,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from kdbench.api import KDBenchError
-from kdbench.display import run_line, run_titles
+from kdbench.display import SuiteProgress, run_line, run_titles
 from kdbench.executor import (MAX_ATTEMPTS, SuiteOutcome, _say, describe_result, note_blocked, note_unclaimed, open_store,
                               pending_runs, record, teachers_needed)
 from kdbench.hookspecs import hookimpl
@@ -288,6 +288,7 @@ class _Driver:
         failure = TeacherFailed(th, (reason.strip().splitlines() or [""])[-1][:300])
         for spec in self.blocked.pop(th, []):
             note_blocked(self.store, spec, failure, self.outcome)
+            self.bar.finished("blocked")
 
     def _record(self, spec: RunSpec, result: RunResult) -> None:
         record(self.store, self.registry, spec, result)
@@ -296,6 +297,7 @@ class _Driver:
         self.n_done += 1
         title = self.titles.get(spec.hash, spec.method)
         _say(f"[{self.n_done}/{len(self.specs)}] {run_line(spec, title)} -> {describe_result(spec, result)}")
+        self.bar.finished(result.status)
 
     # -- submission --------------------------------------------------------------------
     def _submit_teacher(self, th: str, spec: RunSpec) -> None:
@@ -313,6 +315,7 @@ class _Driver:
     def _plan(self) -> None:
         """Skip finished runs; start (or wait for) each distinct teacher the rest need."""
         pending = pending_runs(self.store, self.specs, self.rerun, self.outcome)
+        self.bar = SuiteProgress(len(pending), self.suite.name, None)  # the suite's one bar (on a terminal)
         for spec in pending:
             if needs_teacher(self.registry, spec):
                 self.blocked.setdefault(spec.teacher_hash, []).append(spec)  # type: ignore[arg-type]
@@ -345,6 +348,7 @@ class _Driver:
             spec = self.ready.popleft()
             if not self.store.claim(spec, rerun=self.rerun, max_crashes=self.max_attempts):
                 note_unclaimed(self.store, spec, self.outcome)
+                self.bar.skipped()
                 continue
             self._submit_run(spec)
 
@@ -443,6 +447,7 @@ class _Driver:
             raise
         for th in list(self.blocked):  # a teacher that no one could train (should not happen)
             self._fail_blocked(th, "the teacher was never trained")
+        self.bar.close()
         return self.outcome
 
 
