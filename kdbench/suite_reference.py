@@ -97,7 +97,8 @@ RECIPES = """\
 ## Expanded before validation
 
 - `methods[i].recipe: NAME` fills the entry's `name` and `params` from
-  `benchmarks/recipes/NAME.yaml` (a cited official setting); `params` given beside it
+  the recipe NAME (a cited official setting: `plugins/kdbench_plugins/recipes/NAME.yaml`, or
+  a recipe folder a plugin adds through `kdbench_recipe_dirs`); `params` given beside it
   override single values.
 - `recipe_training: NAME` at the top adopts that recipe's `optimizer` and `budget` for the
   whole suite (every method trains under it).

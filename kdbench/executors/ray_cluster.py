@@ -54,8 +54,8 @@ from typing import Any, Callable
 
 from kdbench.api import KDBenchError
 from kdbench.display import SuiteProgress, run_line, run_titles
-from kdbench.executor import (MAX_ATTEMPTS, SuiteOutcome, _say, describe_result, note_blocked, note_unclaimed, open_store,
-                              pending_runs, record, teachers_needed)
+from kdbench.executors.phases import (MAX_ATTEMPTS, SuiteOutcome, describe_result, note_blocked, note_unclaimed, open_store,
+                                      pending_runs, record, say, teachers_needed)
 from kdbench.hookspecs import hookimpl
 from kdbench.protocols import Executor
 from kdbench.registry import ENTRY_POINT_GROUP, Registry, get_registry
@@ -296,7 +296,7 @@ class _Driver:
         self.outcome.statuses[spec.hash] = result.status
         self.n_done += 1
         title = self.titles.get(spec.hash, spec.method)
-        _say(f"[{self.n_done}/{len(self.specs)}] {run_line(spec, title)} -> {describe_result(spec, result)}")
+        say(f"[{self.n_done}/{len(self.specs)}] {run_line(spec, title)} -> {describe_result(spec, result)}")
         self.bar.finished(result.status)
 
     # -- submission --------------------------------------------------------------------
@@ -338,7 +338,7 @@ class _Driver:
             self._release_blocked(th)
         elif self.store.claim_teacher(th, spec.task.name, spec.teacher.model_dump(mode="json")):  # type: ignore[union-attr]
             self.waiting_teachers.pop(th, None)
-            _say(f"teacher {th} ({spec.task.name}): training once for {len(self.blocked.get(th, []))} run(s)")
+            say(f"teacher {th} ({spec.task.name}): training once for {len(self.blocked.get(th, []))} run(s)")
             self._submit_teacher(th, spec)
         else:
             self.waiting_teachers[th] = spec  # another live process trains it: look again later
@@ -357,7 +357,7 @@ class _Driver:
         """Count a dead worker; True if the task should be started again."""
         self.crashes[key] = self.crashes.get(key, 0) + 1
         n = self.crashes[key]
-        _say(f"    {key}: the worker process died ({type(exc).__name__}); attempt {n} of {self.max_attempts}")
+        say(f"    {key}: the worker process died ({type(exc).__name__}); attempt {n} of {self.max_attempts}")
         return n < self.max_attempts
 
     def _crash_error(self, key: str, exc: Exception) -> str:
@@ -397,11 +397,11 @@ class _Driver:
             outcome = self._write_teacher(th, outcome, blob_ref)
         record_teacher(self.store, th, outcome)
         if outcome.status != DONE:
-            _say(f"teacher {th} failed: {(outcome.error or '').strip().splitlines()[-1][:200]}")
+            say(f"teacher {th} failed: {(outcome.error or '').strip().splitlines()[-1][:200]}")
             self._fail_blocked(th, outcome.error or "")
             return
         main = outcome.metrics["main_metric"]  # type: ignore[index]
-        _say(f"teacher {th}: done, test {main} {outcome.metrics.get('test', {}).get(main, float('nan')):.4f}")  # type: ignore[union-attr]
+        say(f"teacher {th}: done, test {main} {outcome.metrics.get('test', {}).get(main, float('nan')):.4f}")  # type: ignore[union-attr]
         self._release_blocked(th)
 
     def _write_teacher(self, th: str, outcome: TeacherOutcome, blob_ref: Any) -> TeacherOutcome:
