@@ -7,15 +7,15 @@ output and is not compared); ``# exit N`` after a command says the exit code it 
 return (default 0). A fenced block whose info string has ``file=PATH`` (e.g.
 ```` ```yaml file=my-suite.yaml ````) is written to PATH before the commands after it run.
 Blocks tagged ``bash`` are shown, not run (``make demo`` and the like). All pages run in
-one temporary working folder holding a copy of ``benchmarks/`` and links to the committed
-``results/`` folders, README.md first, so a
-page may read what an earlier one wrote (e.g. the smoke suite's results). ``kdbench``
+one temporary working folder holding a copy of ``benchmarks/``, links to the committed
+``results/`` folders and the smoke suite's finished store, README.md first. ``kdbench``
 commands and ``python -m kdbench.<module>`` run in this process (no interpreter start-up:
 seconds, not minutes)."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 import shutil
@@ -83,6 +83,16 @@ def workdir(tmp_path_factory):
         if (folder / "store.sqlite").exists():
             (work / "results").mkdir(exist_ok=True)
             (work / "results" / folder.name).symlink_to(folder, target_is_directory=True)
+    # The smoke suite's store, which several pages read, is made here once, so that a page
+    # passes on its own (pytest-xdist may give the pages to different workers)
+    cwd = Path.cwd()
+    try:
+        os.chdir(work)
+        set_registry(None)
+        assert cli.main(["run", "benchmarks/smoke.yaml", "--no-report"]) == 0
+    finally:
+        os.chdir(cwd)
+        set_registry(None)
     return work
 
 
