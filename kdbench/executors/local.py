@@ -46,8 +46,7 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
         return spec.teacher_hash in checkpoints or spec.teacher_hash in failures
 
     bar = SuiteProgress(len(pending), suite.name, runner.progress)
-    if len(pending) > 1:  # the suite's bar is the one bar: a run's steps draw none of their own
-        runner.progress = False
+    runner.progress = runner.progress and len(pending) < 2  # the suite's bar is the one bar: no step bars under it
     titles = run_titles(suite, registry)
     queue, held, i = list(pending), [], 0
     while queue or held:
