@@ -132,6 +132,10 @@ ATTENTION_SCORES = "attention_scores"
 FEATURES = "features"
 PREACT_FEATURES = "preact_features"
 EMBEDDING = "embedding"
+ATTENTION_PROBS = "attention_probs"
+QUERIES = "queries"
+KEYS = "keys"
+VALUES = "values"
 
 
 @dataclass
@@ -149,6 +153,11 @@ class ModelOutput:
     ``preact_features``: CNNs only; for each feature map, the tensor whose ReLU the network
     takes next (ResNet/VGG: the map before its ReLU; WRN: the next BatchNorm's output).
     ``embedding``: the penultimate representation fed to the classifier, (B, D).
+    ``attention_probs``: transformers only; the model's own attention probabilities per
+    layer (its ``output_attentions``), (B, heads, L, L), rows over keys summing to 1.
+    ``queries`` / ``keys`` / ``values``: transformers only; each layer's query, key and
+    value projections split into heads, (B, heads, L, head_dim) (MiniLM's value relations,
+    MiniLMv2's q/k/v relations), where the model family declares them.
     Fields a forward pass was not asked for are ``None``.
     """
 
@@ -159,6 +168,10 @@ class ModelOutput:
     features: tuple[Tensor, ...] | None = None
     preact_features: tuple[Tensor, ...] | None = None
     embedding: Tensor | None = None
+    attention_probs: tuple[Tensor, ...] | None = None
+    queries: tuple[Tensor, ...] | None = None
+    keys: tuple[Tensor, ...] | None = None
+    values: tuple[Tensor, ...] | None = None
 
 
 class KDModel(nn.Module):

