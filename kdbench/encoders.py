@@ -119,10 +119,11 @@ def resolve_path(root: Any, dotted: str) -> Any:
     return obj
 
 
-def resolve_pretrained(name: str) -> str:
+def resolve_pretrained(name: str, what: str = "pretrained model") -> str:
     """A local path for an offline alias (``minilm``); a folder (a name with a path
     separator or starting with ``.``) is checked to exist and hold a ``config.json``;
-    anything else is passed to transformers as a hub name."""
+    anything else is passed to transformers as a hub name. ``what="tokenizer"`` checks a
+    tokenizer folder (no ``config.json`` needed)."""
     if name in OFFLINE_ALIASES:
         module, how = OFFLINE_ALIASES[name]
         try:
@@ -132,8 +133,8 @@ def resolve_pretrained(name: str) -> str:
         return str(mod.get_model_path())
     if os.path.sep in name or name.startswith("."):
         if not os.path.isdir(name):
-            raise KDBenchError(f"pretrained model folder '{name}' does not exist")
-        if not os.path.exists(os.path.join(name, "config.json")):
+            raise KDBenchError(f"{what} folder '{name}' does not exist")
+        if what == "pretrained model" and not os.path.exists(os.path.join(name, "config.json")):
             raise KDBenchError(f"pretrained model folder '{name}' has no config.json")
     return name
 

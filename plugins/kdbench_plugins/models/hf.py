@@ -145,7 +145,7 @@ def _tokenizer(options: HFOptions) -> Any:
     source = options.tokenizer if options.tiny is not None else options.pretrained
     if source is None:
         return HashingTokenizer(options.tiny.vocab_size)  # type: ignore[union-attr]
-    path = resolve_pretrained(source)
+    path = resolve_pretrained(source, "pretrained model" if options.tiny is None else "tokenizer")
     if path not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
