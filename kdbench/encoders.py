@@ -147,6 +147,9 @@ class HashingTokenizer:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
+    def __len__(self) -> int:
+        return self.vocab_size
+
     def ids(self, text: str) -> list[int]:
         return [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in re.findall(r"\w+|[^\w\s]", text.lower())]
 
