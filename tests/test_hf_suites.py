@@ -29,7 +29,8 @@ def toks(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tokenizers")
     return {"roberta": str(write_tokenizer(root / "roberta", "roberta")),
             "bert": str(write_tokenizer(root / "bert", "bert", tuple(reversed(WORDS)))),
-            "big": str(write_tokenizer(root / "big", "bert", extra=200))}
+            "big": str(write_tokenizer(root / "big", "bert", extra=200)),
+            "plain": str(write_tokenizer(root / "plain", "roberta", specials=False))}
 
 
 def hf(family: str, layers: int, tokenizer: str | None, **more) -> dict:
@@ -88,6 +89,15 @@ def test_pkd_across_tokenizers_is_refused_naming_method_tokenizers_and_why(toks)
     assert "method 'pkd' needs teacher and student to see the same token positions" in text
     assert "position 0 ([CLS])" in text and "hf tiny roberta" in text and "hf tiny bert" in text
     assert text.count("TokenizersBackend#") == 2
+
+
+def test_pkd_refuses_a_tokenizer_with_no_classification_token_first(toks):
+    data = suite(toks, hf("distilbert", 2, toks["plain"]), [{"name": "pkd", "params": {"beta": 10.0}}])
+    data["teacher"] = hf("roberta", 3, toks["plain"])
+    with pytest.raises(SuiteError, match=r"pkd's patient term reads the \[CLS\] vector at position 0, but the student's tokenizer puts no "
+                                         "special token first"):
+        build_suite(data)
+    build_suite({**data, "methods": [{"name": "pkd", "params": {"beta": 0.0}}]})  # no patient term: nothing read at position 0
 
 
 # ----------------------------------------------------------------------------- bad input
