@@ -13,7 +13,8 @@ import yaml
 
 from kdbench import cli
 from kdbench.data import TRAIN
-from kdbench.executor import open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import open_store
 from kdbench.spec import SuiteError, build_suite
 from kdbench.train import Runner
 from kdbench.train.teachers import provide_teacher

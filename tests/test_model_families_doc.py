@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kdbench.api import ATTENTION_PROBS, ATTENTION_SCORES, HIDDEN_STATES, VALUES, Problem
-from kdbench.executor import open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import open_store
 from kdbench.registry import get_registry, set_registry
 from kdbench.spec import SuiteError, build_suite
 from support.suites import smoke_data
