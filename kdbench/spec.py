@@ -765,7 +765,10 @@ class _SuiteBuilder:
         problems = {}
         for task, _, _ in self.tasks:
             task_cls = self.registry.task(task.name)
-            problem = task_cls(task_cls.Options(**task.options)).problem
+            try:
+                problem = task_cls(task_cls.Options.model_validate(task.options)).problem
+            except Exception:  # noqa: BLE001 - a task whose problem needs its data: the runner checks the built models
+                continue
             for i, (teacher, _, student, _) in enumerate(self.pairs):
                 where = f"pairs[{i}]" if self.spec.pairs else "teacher"
                 t_facts = self._facts(teacher, f"{where}.teacher" if self.spec.pairs else "teacher") if teacher is not None else None
