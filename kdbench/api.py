@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
@@ -132,6 +133,12 @@ ATTENTION_SCORES = "attention_scores"
 FEATURES = "features"
 PREACT_FEATURES = "preact_features"
 EMBEDDING = "embedding"
+#: Causal language models: ``logits`` are per-token next-token distributions ``(B, R, V)``
+#: over the response positions of the prompt/response layout (:mod:`kdbench.generation`).
+TOKEN_LOGITS = "token_logits"
+#: The model decodes responses: ``model.generate(inputs, max_new_tokens, greedy,
+#: temperature, generator, use_cache)`` returns a :class:`kdbench.generation.Generation`.
+GENERATION = "generation"
 
 
 @dataclass
@@ -401,7 +408,36 @@ class StepContext:
     #: Examples in the quiz split (0: unknown or none), so a method can run one pass
     #: over it (MetaDistil's ``quiz_batches: all``) with ``next_quiz_batch``.
     quiz_size: int = 0
+    #: One pass over the training split in example order, in batches of the given size
+    #: (both roles' inputs), for a method that precomputes something per training example
+    #: in :meth:`Method.setup`; None where the caller gives none.
+    train_batches: Callable[[int], Iterator[Batch]] | None = None
+    #: ``teacher_cache(name, compute)``: tensors computed once from the *fixed* teacher
+    #: (``compute()``), e.g. its greedy responses or top-k log-probabilities over the
+    #: training split; the runner keeps them beside the teacher's checkpoint with a
+    #: checksum, shared by every method and seed, so ``name`` must say everything they
+    #: depend on besides the teacher and the task. Default: computed now, not kept.
+    teacher_cache: Callable[[str, Callable[[], dict[str, Tensor]]], dict[str, Tensor]] = lambda name, compute: compute()
+    #: Seconds of named parts of the steps (``ctx.timed("generation")``), summed over the
+    #: run; the runner stores them in the run's cost as ``<name>_s`` beside ``train_s``.
+    timings: dict[str, float] = field(default_factory=dict)
     _generators: dict[str, torch.Generator] = field(default_factory=dict, repr=False)
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Time a part of a training step (e.g. sampling responses, apart from the update)
+        into ``timings[part]``; on a GPU the device is synchronised at both ends so the
+        seconds are the part's own."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - t0
 
     def generator(self, stream: str, device: torch.device | str | None = None) -> torch.Generator:
         """The run's seeded random stream named ``stream`` (created on first use, then

@@ -202,6 +202,10 @@ class Runner:
         student = s_factory.build(s_options, p.data.task.problem).to(self.device)
         p.method.check_models(student, p.teacher)
         ctx, steps, n_training = self._context(spec, p, student)
+        ctx.train_batches = lambda size: ordered_batches(p.factory, p.encoded[TRAIN], labels_tensor(p.data, TRAIN), size, self.device,
+                                                         p.teacher_side(TRAIN))
+        if checkpoint is not None and p.teacher is not None and not p.method.updates_teacher:
+            ctx.teacher_cache = lambda name, compute: teachers.shared_teacher_tensors(checkpoint, name, compute)
         if p.teacher is not None:
             set_trainable(p.teacher, p.method.updates_teacher)
         p.method.setup(ctx)
@@ -237,6 +241,7 @@ class Runner:
         cost["params_deployed"] = sum(x.numel() for x in student.parameters())
         cost["params_training"] = cost["student_params"] = n_training
         cost["shared_teacher_outputs"] = p.shared is not None
+        cost.update({f"{part}_s": seconds for part, seconds in ctx.timings.items()})  # parts of train_s (generation, ...)
         metrics = select_metrics(history, spec.selection, p.data.task.main_metric)
         return RunResult(DONE, metrics=metrics, history=history, cost=cost, env=env)
 

@@ -11,6 +11,7 @@ relative to the results folder, so a results folder can be moved or copied.
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 import warnings
@@ -20,7 +21,7 @@ from typing import Any, Callable, Literal, overload
 
 import torch
 
-from kdbench.api import Batch, KDModel, task_loss
+from kdbench.api import Batch, KDBenchError, KDModel, task_loss
 from kdbench.data import TRAIN, TaskData, labels_tensor, load_task_data
 from kdbench.registry import Registry
 from kdbench.spec import RunSpec
@@ -280,6 +281,28 @@ def shared_train_logits(checkpoint: TeacherCheckpoint, compute: Callable[[], tor
     logits = compute()
     artefacts.write_tensors(path, {"logits": logits})
     return logits
+
+
+def shared_teacher_tensors(checkpoint: TeacherCheckpoint, name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Tensors a fixed teacher produced for a method over the training split (its greedy
+    responses, its top-k log-probabilities), named ``name`` (which says everything they
+    depend on besides the teacher), kept beside the checkpoint with a checksum and reused
+    by every method and seed (``StepContext.teacher_cache``); a damaged or unverifiable
+    file is named and rebuilt from ``compute``."""
+    if not re.fullmatch(r"[A-Za-z0-9_.=-]{1,120}", name):
+        raise KDBenchError(f"teacher cache name {name!r}: use letters, digits and _ . = - only (it names a file)")
+    path = checkpoint.path.with_name(f"teacher-{name}.safetensors")
+    what = f"teacher {checkpoint.hash}'s {name}"
+    if path.exists():
+        try:
+            if artefacts.expected_sha(path) is not None:
+                return artefacts.read_tensors(path, what)
+            warnings.warn(f"{what}: {path} has no checksum; computing it again", stacklevel=2)
+        except artefacts.ArtefactError as exc:
+            warnings.warn(f"{exc}; computing it again", stacklevel=2)
+    tensors = compute()
+    artefacts.write_tensors(path, tensors)
+    return tensors
 
 
 def train_logits(teacher: KDModel, spec: RunSpec, registry: Registry, data: TaskData, device: torch.device) -> torch.Tensor:

