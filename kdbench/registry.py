@@ -15,18 +15,18 @@ from typing import Any, Iterable
 import pluggy
 
 from kdbench import hookspecs
-from kdbench.api import KDBenchError, Method, ModelFactory, Task
+from kdbench.api import KDBenchError, Method, ModelFactory, Objective, Task
 from kdbench.protocols import Executor, Tracker
 
 ENTRY_POINT_GROUP = "kdbench"
-KINDS = {"methods": Method, "tasks": Task, "models": ModelFactory, "executors": Executor, "trackers": Tracker}
+KINDS = {"methods": Method, "tasks": Task, "models": ModelFactory, "objectives": Objective, "executors": Executor, "trackers": Tracker}
 #: Names a plugin may not take, per kind, and why: ``teacher`` names the teacher's own rows
 #: in the store and the report.
 RESERVED = {"methods": {"teacher": "it names the teacher's rows in results and reports"}}
 
 
 class UnknownNameError(KDBenchError):
-    """A method, task or model name that no plugin provides."""
+    """A method, task, model or objective name that no plugin provides."""
 
 
 class ReservedNameError(KDBenchError):
@@ -123,6 +123,17 @@ class Registry:
 
     def model(self, name: str) -> type[ModelFactory]:
         return self.get("models", name)
+
+    def objective(self, name: str) -> type[Objective]:
+        return self.get("objectives", name)
+
+    def objective_for(self, task: Task) -> Objective:
+        """The objective ``task`` names, built for it; :class:`UnknownNameError` (with
+        "did you mean") naming the task when no plugin provides it."""
+        name = task.objective
+        if name not in self.entries["objectives"]:
+            raise UnknownNameError(f"task '{task.name}' names its objective '{name}', but: {self.unknown_message('objectives', name)}")
+        return self.objective(name)(task)
 
     def executor(self, name: str) -> type[Executor]:
         return self.get("executors", name)
