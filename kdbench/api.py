@@ -381,7 +381,12 @@ class Evaluator(ABC):
     """One streaming evaluation of a split: :meth:`update` per batch (the model's output
     and the batch with its labels), then :meth:`finish` once. Keep what the metrics need
     (predicted ids, running sums), not the logits: a split of token logits does not fit
-    in memory. Made by :meth:`Objective.start`."""
+    in memory. Made by :meth:`Objective.start`. Before the first :meth:`update` the
+    caller sets :attr:`model` to the model being evaluated (in eval mode), for evaluators
+    that decode with it (generation objectives); ``batch.inputs`` is that model's input."""
+
+    #: The model being evaluated (set by the caller); None when the caller gives none.
+    model: "KDModel | None" = None
 
     @abstractmethod
     def update(self, output: ModelOutput, batch: Batch) -> None:
@@ -446,6 +451,12 @@ class Objective(ABC):
     @abstractmethod
     def labels(self, labels: np.ndarray) -> Tensor:
         """A split's labels as the tensor :meth:`loss` and the evaluator read."""
+
+    def targets(self, batch: "Batch") -> Tensor:
+        """What :meth:`loss` compares a model's output with on ``batch``. Default: the
+        batch's labels (one per example); an objective whose targets are tokens of the
+        input itself (language modelling) reads them from ``batch.inputs``."""
+        return batch.labels
 
     def check_labels(self, split: str, labels: np.ndarray) -> None:
         """Raise :class:`DataError` naming the task, ``split`` and the offending values

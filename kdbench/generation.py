@@ -288,7 +288,7 @@ def use_topk_teacher(ctx: StepContext, k: int, batch_size: int = 64) -> dict[str
         width = batch.teacher_inputs[RESPONSE_IDS].shape[1]
         rows = batch.index.to(ctx.device)
         logits = dense_topk_logits(cache["log_probs"][rows, :width], cache["indices"][rows, :width], vocab)
-        return ModelOutput(logits=logits, attention_mask=batch.teacher_inputs[RESPONSE_MASK])
+        return ModelOutput(logits=logits, attention_mask=batch.teacher_inputs[RESPONSE_MASK], mask=batch.teacher_inputs[RESPONSE_MASK].bool())
 
     ctx.teacher_forward = teacher_forward
     return cache

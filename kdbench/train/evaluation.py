@@ -22,7 +22,7 @@ def _batched(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Ten
              need: frozenset[str], begin: Any, take: Any) -> Any:
     """Run ``model`` over a whole split in eval mode under inference mode: ``begin()``
     makes a fresh accumulator, ``take(acc, output, index)`` feeds it each batch, and the
-    accumulator is returned. On a GPU that runs out of memory the batch is halved and the
+    accumulator is returned (``take`` also gets the batch's inputs). On a GPU that runs out of memory the batch is halved and the
     split run again from a fresh accumulator (``batch_size`` is the first try)."""
     was_training = model.training
     model.eval()
@@ -35,7 +35,7 @@ def _batched(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Ten
                     for start in range(0, n, batch_size):
                         index = torch.arange(start, min(start + batch_size, n))
                         inputs = {k: v.to(device, non_blocking=True) for k, v in factory.collate(encoded, index).items()}
-                        take(acc, model(inputs, need=need), index)
+                        take(acc, model(inputs, need=need), index, inputs)
                 return acc
             except torch.OutOfMemoryError:
                 if batch_size == 1 or device.type != "cuda":
@@ -52,7 +52,7 @@ def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tens
     goes through :func:`evaluate_split`, which keeps only what the metrics read."""
     out: list[torch.Tensor] = []
     _batched(model, factory, encoded, batch_size, device, need, lambda: out.clear() or out,
-             lambda acc, o, index: acc.append(o.logits.float().cpu()))
+             lambda acc, o, index, inputs: acc.append(o.logits.float().cpu()))
     return torch.cat(out)
 
 
@@ -61,10 +61,15 @@ def evaluate_split(model: KDModel, factory: ModelFactory, encoded: dict[str, tor
     """The metrics of ``model`` on one split, streamed through ``objective.start()``: each
     batch's output and labels go to the evaluator's ``update`` (on the CPU side it keeps
     what it chooses, e.g. one class id per example), then ``finish``."""
-    def take(ev: Any, out: ModelOutput, index: torch.Tensor) -> None:
-        ev.update(out, Batch(inputs={}, labels=labels[index], index=index))
+    def take(ev: Any, out: ModelOutput, index: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
+        ev.update(out, Batch(inputs=inputs, labels=labels[index], index=index))
 
-    return _batched(model, factory, encoded, batch_size, device, frozenset(), objective.start, take).finish()
+    def begin() -> Any:
+        ev = objective.start()
+        ev.model = model  # for evaluators that decode (generation objectives)
+        return ev
+
+    return _batched(model, factory, encoded, batch_size, device, frozenset(), begin, take).finish()
 
 
 def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device,
@@ -72,9 +77,16 @@ def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dic
     """The task's metrics on ``splits`` (default: every evaluation split: validation, test).
     The labels reach the evaluator as the task stored them (their own dtype), so the
     metrics read exactly the values a whole-split computation would."""
-    return {split: evaluate_split(model, factory, encoded[split], torch.as_tensor(np.asarray(data.labels(split))), data.objective,
-                                  batch_size, device)
+    return {split: evaluate_split(model, factory, encoded[split], _label_tensor(data, split), data.objective, batch_size, device)
             for split in (data.eval_splits if splits is None else splits)}
+
+
+def _label_tensor(data: TaskData, split: str) -> torch.Tensor:
+    """A split's labels as stored (their own dtype); labels that are no numbers (a
+    generation task's reference texts, which travel in the inputs) in the objective's
+    layout instead."""
+    raw = np.asarray(data.labels(split))
+    return data.objective.labels(raw) if raw.dtype == object else torch.as_tensor(raw)
 
 
 class DeferredTest:

@@ -154,7 +154,7 @@ def _train_teacher(model: KDModel, factory: Any, data: TaskData, encoded: dict, 
     def step_fn(batch: Batch, step: int) -> dict[str, torch.Tensor]:
         with autocast():
             out = model(batch.inputs)
-            loss = task_loss(out.logits, batch.labels, data.objective, out.mask)
+            loss = task_loss(out.logits, data.objective.targets(batch), data.objective, out.mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

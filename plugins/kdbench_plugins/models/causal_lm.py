@@ -232,7 +232,7 @@ class CausalLM(KDModel):
         if ids.shape[1] > self.context:
             raise GenerationError(f"prompt and response of {ids.shape[1]} tokens exceed the model's context of {self.context}")
         logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        return ModelOutput(logits=response_logits(logits, index), attention_mask=inputs[RESPONSE_MASK])
+        return ModelOutput(logits=response_logits(logits, index), attention_mask=inputs[RESPONSE_MASK], mask=inputs[RESPONSE_MASK].bool())
 
     def generate(self, inputs: dict[str, Tensor], max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
                  generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
