@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 
 from kdbench.api import Batch, DataError, ModelOutput
-from kdbench.executor import open_store
+from kdbench.executors.phases import open_store
 from kdbench.generation import Generation
 from kdbench_plugins.models.causal_lm import CausalLMFactory, CausalLMOptions, CharTokenizer
 from kdbench_plugins.objectives.generation import Generation as GenerationObjective
