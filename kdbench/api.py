@@ -149,6 +149,10 @@ TOKEN_LOGITS = "token_logits"
 #: The model decodes responses: ``model.generate(inputs, max_new_tokens, greedy,
 #: temperature, generator, use_cache)`` returns a :class:`kdbench.generation.Generation`.
 GENERATION = "generation"
+ATTENTION_PROBS = "attention_probs"
+QUERIES = "queries"
+KEYS = "keys"
+VALUES = "values"
 
 
 @dataclass
@@ -171,6 +175,11 @@ class ModelOutput:
     dimension (e.g. (B, L) for token logits (B, L, V)); ``None``: every position counts
     (per-example logits (B, C) need none). Losses that read logits reduce over the masked
     positions only (:func:`task_loss`, :mod:`kdbench.losses`).
+    ``attention_probs``: transformers only; the model's own attention probabilities per
+    layer (its ``output_attentions``), (B, heads, L, L), rows over keys summing to 1.
+    ``queries`` / ``keys`` / ``values``: transformers only; each layer's query, key and
+    value projections split into heads, (B, heads, L, head_dim) (MiniLM's value relations,
+    MiniLMv2's q/k/v relations), where the model family declares them.
     Fields a forward pass was not asked for are ``None``.
     """
 
@@ -182,6 +191,10 @@ class ModelOutput:
     preact_features: tuple[Tensor, ...] | None = None
     embedding: Tensor | None = None
     mask: Tensor | None = None
+    attention_probs: tuple[Tensor, ...] | None = None
+    queries: tuple[Tensor, ...] | None = None
+    keys: tuple[Tensor, ...] | None = None
+    values: tuple[Tensor, ...] | None = None
 
 
 class KDModel(nn.Module):
@@ -842,9 +855,10 @@ class Method(ABC):
                 continue
             missing = sorted(set(needs) - set(model.capabilities))
             if missing:
+                what = model.name if isinstance(model, ModelFacts) else type(model).__name__
                 raise IncompatibleModelError(
                     f"method '{self.name}' needs the {role} to expose {missing}, but the "
-                    f"{role} model ({type(model).__name__}, family '{model.family}') only exposes "
+                    f"{role} model ({what}, family '{model.family}') only exposes "
                     f"{sorted(model.capabilities)}"
                 )
 
