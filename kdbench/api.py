@@ -395,6 +395,9 @@ class Objective(ABC):
     description: ClassVar[str] = ""
     label_layout: ClassVar[str] = "class"
     shares_teacher_outputs: ClassVar[bool] = True
+    #: :class:`ModelOutput` fields (beyond logits) the evaluator reads, asked of the
+    #: model's forward in evaluation (e.g. ``EMBEDDING`` for a retrieval objective)
+    eval_needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, task: Task | None = None, problem: Problem | None = None):
         """For ``task`` (its ``problem`` and metrics); ``problem`` alone serves code that

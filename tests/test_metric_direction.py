@@ -106,6 +106,7 @@ def test_latex_and_html_bold_the_lowest_mean(written) -> None:
     low = f"{expected_mean('kd', 2.0):.2f}"
     high = f"{expected_mean('kd', 4.0):.2f}"
     assert f"\\textbf{{{low}" in tex and f"\\textbf{{{high}" not in tex
+    assert "movie-sentiment (mse, $\\downarrow$ better)" in tex and "↓" not in tex
     assert f"<b>{low}" in html and f"<b>{high}" not in html
 
 

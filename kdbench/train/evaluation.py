@@ -21,7 +21,7 @@ LIVE_TEACHER = "live_teacher"  # the chosen evaluation's teacher entry, in the r
 def _batched(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], batch_size: int, device: torch.device,
              need: frozenset[str], begin: Any, take: Any) -> Any:
     """Run ``model`` over a whole split in eval mode under inference mode: ``begin()``
-    makes a fresh accumulator, ``take(acc, output, index)`` feeds it each batch, and the
+    makes a fresh accumulator, ``take(acc, output, index, inputs)`` feeds it each batch, and the
     accumulator is returned. On a GPU that runs out of memory the batch is halved and the
     split run again from a fresh accumulator (``batch_size`` is the first try)."""
     was_training = model.training
@@ -35,7 +35,7 @@ def _batched(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Ten
                     for start in range(0, n, batch_size):
                         index = torch.arange(start, min(start + batch_size, n))
                         inputs = {k: v.to(device, non_blocking=True) for k, v in factory.collate(encoded, index).items()}
-                        take(acc, model(inputs, need=need), index)
+                        take(acc, model(inputs, need=need), index, inputs)
                 return acc
             except torch.OutOfMemoryError:
                 if batch_size == 1 or device.type != "cuda":
@@ -52,19 +52,21 @@ def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tens
     goes through :func:`evaluate_split`, which keeps only what the metrics read."""
     out: list[torch.Tensor] = []
     _batched(model, factory, encoded, batch_size, device, need, lambda: out.clear() or out,
-             lambda acc, o, index: acc.append(o.logits.float().cpu()))
+             lambda acc, o, index, inputs: acc.append(o.logits.float().cpu()))
     return torch.cat(out)
 
 
 def evaluate_split(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], labels: torch.Tensor, objective: Objective,
                    batch_size: int, device: torch.device) -> dict[str, float]:
     """The metrics of ``model`` on one split, streamed through ``objective.start()``: each
-    batch's output and labels go to the evaluator's ``update`` (on the CPU side it keeps
-    what it chooses, e.g. one class id per example), then ``finish``."""
-    def take(ev: Any, out: ModelOutput, index: torch.Tensor) -> None:
-        ev.update(out, Batch(inputs={}, labels=labels[index], index=index))
+    batch's output (with the outputs ``objective.eval_needs`` names) and the batch (its
+    inputs on the device, its labels as stored, its indices in the split) go to the
+    evaluator's ``update``, which keeps what it chooses (e.g. one class id per example);
+    then ``finish``."""
+    def take(ev: Any, out: ModelOutput, index: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
+        ev.update(out, Batch(inputs=inputs, labels=labels[index], index=index))
 
-    return _batched(model, factory, encoded, batch_size, device, frozenset(), objective.start, take).finish()
+    return _batched(model, factory, encoded, batch_size, device, frozenset(objective.eval_needs), objective.start, take).finish()
 
 
 def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device,
