@@ -351,7 +351,10 @@ class Evaluator(ABC):
 
     @abstractmethod
     def update(self, output: ModelOutput, batch: Batch) -> None:
-        """Take one batch's predictions (``output``, in eval mode, without gradient)."""
+        """Take one batch: ``output`` from the model in eval mode under inference mode
+        (logits, plus the fields ``Objective.eval_needs`` names), ``batch.inputs`` on the
+        device, ``batch.labels`` as the task stored them (their own dtype, on the CPU),
+        ``batch.index`` the examples' positions in the split."""
 
     @abstractmethod
     def finish(self) -> dict[str, float]:

@@ -143,3 +143,12 @@ def test_an_older_store_is_read_with_the_defaults_and_says_so(tmp_path) -> None:
     assert b.loc["kd(temperature=2.0)", "result"] == "loss"  # read as higher is better
     (md,) = [p.read_text() for p in write_outputs(report, ["md"], tmp_path, plots=False)]
     assert "stored without metric directions and scales" in md
+
+
+def test_sensitivity_names_the_lowest_level_best(written) -> None:
+    report, _, _ = written
+    (sweep,) = report.sens_scores[report.sens_scores["factor"] == "temperature"].itertuples()
+    low, high = expected_mean("kd", 2.0), expected_mean("kd", 4.0)
+    assert sweep.best_level == 2.0 and sweep.worst_level == 4.0
+    assert sweep.range == pytest.approx(high - low, rel=1e-9)  # x1
+    assert sweep.drop_from_best == pytest.approx((low + high) / 2 - low, rel=1e-9)  # how much worse than the best, on average
