@@ -136,8 +136,9 @@ def divergence(start: torch.Tensor, now: torch.Tensor, regression: bool) -> tupl
     """(value, kind) of how far predictions ``now`` moved from ``start`` (both ``(N, C)``):
     classification ``kl``, the mean over examples of KL(p_start || p_now) at temperature 1;
     regression ``mse``, the mean over examples of the squared difference of the
-    predictions (summed over outputs). Computed in float64. The two built-in objectives'
-    :meth:`~kdbench.api.Objective.divergence`."""
+    predictions (summed over outputs). Computed in float64; the formulas of the built-in
+    objectives' :meth:`~kdbench.api.Objective.divergence`, which a live teacher's drift
+    reads (:class:`TeacherDrift`)."""
     start, now = start.double(), now.double()
     if regression:
         return float(((now - start) ** 2).sum(-1).mean()), "mse"
