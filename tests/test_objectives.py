@@ -234,3 +234,15 @@ def test_kd_on_token_logits_averages_over_the_students_masked_positions() -> Non
     assert parts["soft"].item() == pytest.approx(temp**2 * kl / 3, rel=1e-12)
     assert parts["hard"].item() == pytest.approx(ce / 3, rel=1e-12)
     assert loss.item() == pytest.approx(0.25 * temp**2 * kl / 3 + 0.75 * ce / 3, rel=1e-12)
+
+
+def test_a_task_may_override_its_objectives_reading_of_a_metric() -> None:
+    from kdbench.api import MetricInfo
+
+    class Calibrated(_Acc):
+        def metric_info(self, metric: str) -> MetricInfo | None:
+            return MetricInfo(False, 10.0, (0.0, 1.0)) if metric == "accuracy" else None  # made up: the task's word wins
+
+    objective = get_registry().objective_for(Calibrated(Calibrated.Options()))
+    assert objective.metric_info("accuracy") == MetricInfo(False, 10.0, (0.0, 1.0))
+    assert objective.metric_info("f1") == MetricInfo(True, 100.0, (0.0, 1.0))  # the objective's default for the rest
