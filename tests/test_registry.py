@@ -129,7 +129,7 @@ def test_every_builtin_entry_point_registers_its_contributions(ep):
         assert get_registry().recipe_dirs()[0] == Path(folder)
         return
     kind = {"method": "methods", "task": "tasks", "model": "models", "logger": "trackers", "executor": "executors",
-            "objective": "objectives"}[ep.name.split("-")[1]]
+            "families": "families", "objective": "objectives"}[ep.name.split("-")[1]]
     contributed = getattr(module, f"kdbench_{kind}")()
     assert contributed and all(isinstance(cls.name, str) for cls in contributed)
     reg = get_registry()
