@@ -171,15 +171,15 @@ class ModelOutput:
     ``preact_features``: CNNs only; for each feature map, the tensor whose ReLU the network
     takes next (ResNet/VGG: the map before its ReLU; WRN: the next BatchNorm's output).
     ``embedding``: the penultimate representation fed to the classifier, (B, D).
-    ``mask``: which positions of ``logits`` count, shaped as ``logits`` without its last
-    dimension (e.g. (B, L) for token logits (B, L, V)); ``None``: every position counts
-    (per-example logits (B, C) need none). Losses that read logits reduce over the masked
-    positions only (:func:`task_loss`, :mod:`kdbench.losses`).
     ``attention_probs``: transformers only; the model's own attention probabilities per
     layer (its ``output_attentions``), (B, heads, L, L), rows over keys summing to 1.
     ``queries`` / ``keys`` / ``values``: transformers only; each layer's query, key and
     value projections split into heads, (B, heads, L, head_dim) (MiniLM's value relations,
     MiniLMv2's q/k/v relations), where the model family declares them.
+    ``mask``: which positions of ``logits`` count, shaped as ``logits`` without its last
+    dimension (e.g. (B, L) for token logits (B, L, V)); ``None``: every position counts
+    (per-example logits (B, C) need none). Losses that read logits reduce over the masked
+    positions only (:func:`task_loss`, :mod:`kdbench.losses`).
     Fields a forward pass was not asked for are ``None``.
     """
 
@@ -190,11 +190,11 @@ class ModelOutput:
     features: tuple[Tensor, ...] | None = None
     preact_features: tuple[Tensor, ...] | None = None
     embedding: Tensor | None = None
-    mask: Tensor | None = None
     attention_probs: tuple[Tensor, ...] | None = None
     queries: tuple[Tensor, ...] | None = None
     keys: tuple[Tensor, ...] | None = None
     values: tuple[Tensor, ...] | None = None
+    mask: Tensor | None = None
 
 
 class KDModel(nn.Module):
@@ -403,7 +403,10 @@ class Evaluator(ABC):
 
     @abstractmethod
     def update(self, output: ModelOutput, batch: Batch) -> None:
-        """Take one batch's predictions (``output``, in eval mode, without gradient)."""
+        """Take one batch: ``output`` from the model in eval mode under inference mode
+        (logits, plus the fields ``Objective.eval_needs`` names), ``batch.inputs`` on the
+        device, ``batch.labels`` as the task stored them (their own dtype, on the CPU),
+        ``batch.index`` the examples' positions in the split."""
 
     @abstractmethod
     def finish(self) -> dict[str, float]:
@@ -447,6 +450,9 @@ class Objective(ABC):
     description: ClassVar[str] = ""
     label_layout: ClassVar[str] = "class"
     shares_teacher_outputs: ClassVar[bool] = True
+    #: :class:`ModelOutput` fields (beyond logits) the evaluator reads, asked of the
+    #: model's forward in evaluation (e.g. ``EMBEDDING`` for a retrieval objective)
+    eval_needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, task: Task | None = None, problem: Problem | None = None):
         """For ``task`` (its ``problem`` and metrics); ``problem`` alone serves code that

@@ -106,6 +106,7 @@ def test_latex_and_html_bold_the_lowest_mean(written) -> None:
     low = f"{expected_mean('kd', 2.0):.2f}"
     high = f"{expected_mean('kd', 4.0):.2f}"
     assert f"\\textbf{{{low}" in tex and f"\\textbf{{{high}" not in tex
+    assert "movie-sentiment (mse, $\\downarrow$ better)" in tex and "↓" not in tex
     assert f"<b>{low}" in html and f"<b>{high}" not in html
 
 
@@ -142,3 +143,71 @@ def test_an_older_store_is_read_with_the_defaults_and_says_so(tmp_path) -> None:
     assert b.loc["kd(temperature=2.0)", "result"] == "loss"  # read as higher is better
     (md,) = [p.read_text() for p in write_outputs(report, ["md"], tmp_path, plots=False)]
     assert "stored without metric directions and scales" in md
+
+
+def test_sensitivity_names_the_lowest_level_best(written) -> None:
+    report, _, _ = written
+    (sweep,) = report.sens_scores[report.sens_scores["factor"] == "temperature"].itertuples()
+    low, high = expected_mean("kd", 2.0), expected_mean("kd", 4.0)
+    assert sweep.best_level == 2.0 and sweep.worst_level == 4.0
+    assert sweep.range == pytest.approx(high - low, rel=1e-9)  # x1
+    assert sweep.drop_from_best == pytest.approx((low + high) / 2 - low, rel=1e-9)  # how much worse than the best, on average
+
+
+# ----------------------------------------------------------------- end to end: train, store, report
+
+
+def _error_task() -> type:
+    """cifar100 on the generated images, reporting its error rate (lower is better) as the
+    main metric: the classification objective reads "error" as lower-is-better x1."""
+    from kdbench.registry import get_registry
+    from kdbench.metrics import accuracy
+
+    base = get_registry().task("cifar100")
+
+    class ErrorRate(base):  # type: ignore[misc, valid-type]
+        name = "images-error"
+
+        @property
+        def main_metric(self) -> str:
+            return "error"
+
+        def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+            acc = accuracy(predictions, labels)
+            return {"error": 1.0 - acc, "accuracy": acc}
+
+    return ErrorRate
+
+
+def test_a_trained_lower_is_better_metric_is_stored_selected_and_reported(tmp_path) -> None:
+    import types
+
+    from kdbench.executors.local import run_local
+    from kdbench.executors.phases import open_store
+    from kdbench.hookspecs import hookimpl
+    from kdbench.registry import Registry, make_plugin_manager
+    from support.suites import image_data
+
+    task = _error_task()
+    pm, broken = make_plugin_manager([types.SimpleNamespace(kdbench_tasks=hookimpl(lambda: [task]))])
+    registry = Registry(pm, broken)
+    data = image_data(tmp_path / "images", selection="validation", seeds=[0, 1])
+    data["tasks"][0]["name"] = "images-error"
+    suite = build_suite(data, registry=registry)
+    results = tmp_path / "results"
+    run_local(suite, results, registry=registry, progress=False)
+    rows = open_store(results).runs([r.hash for r in suite.runs])
+    assert [r["status"] for r in rows] == [DONE] * 4, [r["error"] for r in rows]
+    for r in rows:
+        m = r["metrics"]
+        assert m["metric_info"]["error"] == {"higher_is_better": False, "scale": 1.0, "bounds": [0.0, None]}
+        assert m["metric_info"]["accuracy"] == {"higher_is_better": True, "scale": 100.0, "bounds": [0.0, 1.0]}
+        errors = [(h["validation"]["error"], h["step"]) for h in r["history"]]
+        assert m["step"] == min(errors)[1]  # the lowest validation error, earliest on ties
+        assert m["validation"]["error"] == pytest.approx(1 - m["validation"]["accuracy"])
+    report = build_report(open_store(results), [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False)
+    none = report.board[(report.board["method"] == "none")].iloc[0]
+    assert none["mean"] == pytest.approx(np.mean([r["metrics"]["test"]["error"] for r in rows if r["method"] == "none"]), rel=1e-12)
+    assert not none["higher_is_better"] and none["scale"] == 1.0
+    (md,) = [p.read_text() for p in write_outputs(report, ["md"], tmp_path, plots=False)]
+    assert "images-error (error, ↓ better)" in md and "images-error: error x1, lower is better" in md

@@ -221,3 +221,28 @@ def test_the_built_in_objectives_read_metrics_by_name() -> None:
     assert objective.metric_info("accuracy").scale == 100.0 and objective.metric_info("accuracy").bounds == (0.0, 1.0)
     assert objective.metric_info("mcc").bounds == (-1.0, 1.0)
     assert not objective.metric_info("perplexity").higher_is_better
+
+
+def test_kd_on_token_logits_averages_over_the_students_masked_positions() -> None:
+    s, t, temp = _logits(8), _logits(9), 2.0
+    y = torch.tensor([[0, 3, 1], [2, 2, 0]])
+    problem = Problem("classification", C)
+    loss, parts = KD(KDParams(alpha=0.25, temperature=temp), problem).loss(  # type: ignore[arg-type]
+        ModelOutput(logits=s, mask=MASK), ModelOutput(logits=t), Batch(inputs={}, labels=y, index=torch.arange(B)), None)
+    kl = sum(sum(q * math.log(q / p) for p, q in zip(_softmax(s[b, i].tolist(), temp), _softmax(t[b, i].tolist(), temp))) for b, i in _kept())
+    ce = sum(-math.log(_softmax(s[b, i].tolist(), 1.0)[int(y[b, i])]) for b, i in _kept())
+    assert parts["soft"].item() == pytest.approx(temp**2 * kl / 3, rel=1e-12)
+    assert parts["hard"].item() == pytest.approx(ce / 3, rel=1e-12)
+    assert loss.item() == pytest.approx(0.25 * temp**2 * kl / 3 + 0.75 * ce / 3, rel=1e-12)
+
+
+def test_a_task_may_override_its_objectives_reading_of_a_metric() -> None:
+    from kdbench.api import MetricInfo
+
+    class Calibrated(_Acc):
+        def metric_info(self, metric: str) -> MetricInfo | None:
+            return MetricInfo(False, 10.0, (0.0, 1.0)) if metric == "accuracy" else None  # made up: the task's word wins
+
+    objective = get_registry().objective_for(Calibrated(Calibrated.Options()))
+    assert objective.metric_info("accuracy") == MetricInfo(False, 10.0, (0.0, 1.0))
+    assert objective.metric_info("f1") == MetricInfo(True, 100.0, (0.0, 1.0))  # the objective's default for the rest

@@ -21,8 +21,8 @@ LIVE_TEACHER = "live_teacher"  # the chosen evaluation's teacher entry, in the r
 def _batched(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], batch_size: int, device: torch.device,
              need: frozenset[str], begin: Any, take: Any) -> Any:
     """Run ``model`` over a whole split in eval mode under inference mode: ``begin()``
-    makes a fresh accumulator, ``take(acc, output, index)`` feeds it each batch, and the
-    accumulator is returned (``take`` also gets the batch's inputs). On a GPU that runs out of memory the batch is halved and the
+    makes a fresh accumulator, ``take(acc, output, index, inputs)`` feeds it each batch, and the
+    accumulator is returned. On a GPU that runs out of memory the batch is halved and the
     split run again from a fresh accumulator (``batch_size`` is the first try)."""
     was_training = model.training
     model.eval()
@@ -59,8 +59,10 @@ def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tens
 def evaluate_split(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], labels: torch.Tensor, objective: Objective,
                    batch_size: int, device: torch.device) -> dict[str, float]:
     """The metrics of ``model`` on one split, streamed through ``objective.start()``: each
-    batch's output and labels go to the evaluator's ``update`` (on the CPU side it keeps
-    what it chooses, e.g. one class id per example), then ``finish``."""
+    batch's output (with the outputs ``objective.eval_needs`` names) and the batch (its
+    inputs on the device, its labels as stored, its indices in the split) go to the
+    evaluator's ``update``, which keeps what it chooses (e.g. one class id per example);
+    then ``finish``."""
     def take(ev: Any, out: ModelOutput, index: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
         ev.update(out, Batch(inputs=inputs, labels=labels[index], index=index))
 
@@ -69,7 +71,7 @@ def evaluate_split(model: KDModel, factory: ModelFactory, encoded: dict[str, tor
         ev.model = model  # for evaluators that decode (generation objectives)
         return ev
 
-    return _batched(model, factory, encoded, batch_size, device, frozenset(), begin, take).finish()
+    return _batched(model, factory, encoded, batch_size, device, frozenset(objective.eval_needs), begin, take).finish()
 
 
 def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device,
@@ -146,8 +148,9 @@ def divergence(start: torch.Tensor, now: torch.Tensor, regression: bool) -> tupl
     """(value, kind) of how far predictions ``now`` moved from ``start`` (both ``(N, C)``):
     classification ``kl``, the mean over examples of KL(p_start || p_now) at temperature 1;
     regression ``mse``, the mean over examples of the squared difference of the
-    predictions (summed over outputs). Computed in float64. The two built-in objectives'
-    :meth:`~kdbench.api.Objective.divergence`."""
+    predictions (summed over outputs). Computed in float64; the formulas of the built-in
+    objectives' :meth:`~kdbench.api.Objective.divergence`, which a live teacher's drift
+    reads (:class:`TeacherDrift`)."""
     start, now = start.double(), now.double()
     if regression:
         return float(((now - start) ** 2).sum(-1).mean()), "mse"
