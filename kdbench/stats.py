@@ -149,10 +149,13 @@ class Paired:
     diffs: tuple[float, ...] = ()  # the paired differences, in seed order
 
 
-def verdict(p: float, diff: float, alpha: float = ALPHA) -> str:
+def verdict(p: float, diff: float, alpha: float = ALPHA, higher_is_better: bool = True) -> str:
+    """win / loss / n.s. (n/a without a p-value) of a difference ``diff`` (method -
+    baseline) at ``p``: a win is a significant move in the better direction, up when
+    ``higher_is_better`` (the metric's stored direction), down otherwise."""
     if p is None or math.isnan(p):
         return "n/a"
-    return "n.s." if not p < alpha else ("win" if diff > 0 else "loss")
+    return "n.s." if not p < alpha else ("win" if (diff > 0) == bool(higher_is_better) else "loss")
 
 
 def paired_test(method: Mapping[Hashable, float], baseline: Mapping[Hashable, float], alpha: float = ALPHA) -> Paired:

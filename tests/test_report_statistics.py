@@ -188,6 +188,29 @@ def test_flagged_tasks_are_left_out_of_the_averages():
     assert avg == [] or wide.loc["kd", avg[0]] == "80.00"  # sst alone: no average over one task
 
 
+def test_the_flag_and_verdicts_follow_the_stored_direction():
+    """A lower-is-better metric (an error): the teacher far below chance is not flagged, one
+    just below it by less than the margin is; a significant decrease is a win."""
+    def board(teacher: float) -> pd.DataFrame:
+        return pd.DataFrame([{"task": "t", "split": "test", "method": m, "metric": "mse", "mean": v, "higher_is_better": False}
+                             for m, v in [("teacher", teacher), ("chance", 2.5)]])
+    margins = {"t": 0.5}
+    assert task_flags(board(0.25), margins) == {}  # 2.25 better than chance (lower), above the margin
+    assert set(task_flags(board(2.3), margins)) == {"t"}  # better by 0.2 only
+    assert set(task_flags(board(2.3).assign(higher_is_better=True), margins)) == {"t"}  # worse than chance when higher is better
+    assert stats.verdict(0.01, -0.3, higher_is_better=False) == "win" and stats.verdict(0.01, 0.3, higher_is_better=False) == "loss"
+    assert stats.verdict(0.01, 0.3) == "win" and stats.verdict(0.2, -0.3, higher_is_better=False) == "n.s."
+
+
+def test_default_margin_reads_the_stored_scale_and_bounds():
+    from kdbench.api import MetricInfo
+    from kdbench.report.frame import default_margin, task_margin
+    assert default_margin("accuracy") == 1.0  # pre-metric-info store: one point of an x100 accuracy
+    assert default_margin("accuracy", MetricInfo(True, 1.0, (0.0, 1.0))) == pytest.approx(0.01)  # the same point shown x1
+    assert math.isnan(default_margin("mse", MetricInfo(False, 1.0, (0.0, None))))  # unbounded: the suite must declare one
+    assert task_margin("t", "mse", {"t": 0.2}, MetricInfo(False, 1.0, (0.0, None))) == 0.2
+
+
 def test_paused_runs_are_marked_and_cost_is_relative_to_cpu_and_active_time(tmp_path):
     suite, store = _flag_store(tmp_path, 0.9)
     report = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False)

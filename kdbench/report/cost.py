@@ -44,7 +44,8 @@ def with_active(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _row(task: str, method: str, student: str, g: pd.DataFrame, ref: pd.DataFrame) -> dict[str, Any]:
     g, ref = with_active(g), with_active(ref)
-    row: dict[str, Any] = {"task": task, "method": method, "student": student, "n": len(g), "score": g["score"].mean() * SCALE}
+    row: dict[str, Any] = {"task": task, "method": method, "student": student, "n": len(g),
+                           "score": g["score"].mean() * (g["scale"].iloc[0] if "scale" in g else SCALE)}
     row["cpu_s"] = g["cpu_s"].mean()
     row["wall_cpu_max"] = (g["wall_s"] / g["cpu_s"]).max() if g["cpu_s"].notna().any() else np.nan
     row["paused"] = int(paused(g).sum())

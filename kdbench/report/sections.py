@@ -11,7 +11,7 @@ import pandas as pd
 from kdbench import stats
 from kdbench.report.curves import CURVES_NOTE, MIN_TOLERANCE, curves_display
 from kdbench.report.drift import DRIFT_NOTE, disagreement_notes, drift_display
-from kdbench.report.frame import LOSS, PAUSE_RATIO, WIN
+from kdbench.report.frame import LOSS, PAUSE_RATIO, WIN, reading_note
 from kdbench.report.selection import selection_sections
 from kdbench.report.frame import DEFAULT_MARGIN
 from kdbench.report.tables import (EQUIV, FLAGGED, LOSS_SMALL, SMALL_N, TIE, WIN_SMALL, cell, comparison_display, fmt_num, fmt_p,
@@ -138,7 +138,7 @@ def flagged_line(report: Any) -> str:
 def legend(report: Any) -> list[str]:
     """The sentences that say how every number was computed (in every file, and --verbose)."""
     return [
-        f"Report made {report.date}. Scores are test-split values x100 of each task's main metric; cells are mean ± std "
+        f"Report made {report.date}. {reading_note(report.runs)}; cells are mean ± std "
         "(ddof=1) over seeds, n = finished seeds.",
         f"95% CI: {stats.CI_METHOD}.",
         f"Comparison with the baseline '{report.baseline}': {stats.TEST_METHOD} on the same task, student and seed. "
@@ -152,7 +152,7 @@ def legend(report: Any) -> list[str]:
         f"Δ 95% CI (exact): {stats.INTERVAL_METHOD}.",
         f"MDD 80%: {stats.POWER_METHOD}.",
         f"Practical margin: the smallest difference that matters, per task (the suite's 'margins', else {DEFAULT_MARGIN:g} "
-        f"point for proportions and correlations on the x100 scale, none for other metrics): {margins_text(report)}. "
+        f"point for proportions and correlations on the x100 scale, none for unbounded metrics such as errors and losses): {margins_text(report)}. "
         f"A significant difference smaller than it is 'significant, below the margin' ({WIN_SMALL}/{LOSS_SMALL}); "
         f"'equivalent' ({EQUIV}) only when two one-sided exact sign-flip tests (TOST), corrected over their own family, "
         f"reject a difference of at least the margin each way. A task whose teacher is not above the chance row by more "

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench import stats
-from kdbench.report.aggregate import summ
+from kdbench.report.aggregate import group_info, summ
 from kdbench.report.frame import SCALE
 from kdbench.store import DONE
 
@@ -47,14 +47,14 @@ def _line(settings: list[dict], factors: list[str], f: str, keys: list[str]) -> 
     return fixed, [all(json.dumps(s.get(k)) == json.dumps(fixed.get(k)) for k in others) for s in settings]
 
 
-def seed_table(sub: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, list[Any]] | None:
-    """The levels x seeds table of scores (x100) of one sweep line when every level has
-    the same seeds (at least 2, one score each), else None."""
+def seed_table(sub: pd.DataFrame, keys: list[str], scale: float = SCALE) -> tuple[np.ndarray, list[Any]] | None:
+    """The levels x seeds table of scores (x ``scale``, the runs' stored one) of one sweep
+    line when every level has the same seeds (at least 2, one score each), else None."""
     per = [sub[sub["level"].map(json.dumps) == k].dropna(subset=["score"]) for k in keys]
     seeds = [sorted(p["seed"].tolist(), key=repr) for p in per]
     if not seeds or len(seeds[0]) < 2 or any(s != seeds[0] for s in seeds) or len(set(map(repr, seeds[0]))) != len(seeds[0]):
         return None
-    table = np.array([[float(p.set_index("seed").loc[seed, "score"]) * SCALE for seed in seeds[0]] for p in per])
+    table = np.array([[float(p.set_index("seed").loc[seed, "score"]) * scale for seed in seeds[0]] for p in per])
     return table, seeds[0]
 
 
@@ -64,17 +64,19 @@ def _level_keys(sub: pd.DataFrame, order: dict[str, int]) -> list[str]:
 
 def _sweep(task: str, name: str, f: str, sub: pd.DataFrame, at: str, order: dict[str, int]) -> tuple[list[dict], dict]:
     levels, means, groups = [], {}, []
+    info = group_info(sub)  # the runs' stored scale and direction
     keys = _level_keys(sub, order)
     for key in keys:
         level = json.loads(key)
         scores = sub.loc[sub["level"].map(json.dumps) == key, "score"].dropna()
-        s = summ(scores)
-        groups.append([float(v) * SCALE for v in scores])
+        s = summ(scores, info=info)
+        groups.append([float(v) * info.scale for v in scores])
         means[level if not isinstance(level, list) else key] = s.mean
         levels.append({"task": task, "method": name, "factor": f, "level": level, "at": at, "mean": s.mean, "std": s.std,
                        "n": s.n, "ci_low": s.ci_low, "ci_high": s.ci_high})
-    sp, an = stats.spread(means), stats.factor_anova(groups)
-    table = seed_table(sub, keys)
+    sign = 1.0 if info.higher_is_better else -1.0  # spread's best is the highest: negated, a lower-is-better best is the lowest
+    sp, an = stats.spread({k: sign * v for k, v in means.items()}), stats.factor_anova(groups)
+    table = seed_table(sub, keys, info.scale)
     f_stat, p, design = an.f, an.p, ONE_WAY
     if table is not None:  # the settings share seeds: the seed-to-seed variation is a block, not error
         blocked = stats.blocked_anova(table[0])

@@ -56,11 +56,27 @@ def write_sidecar(path: Path, sha: str | None = None) -> str:
     return sha
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies that share no storage: safetensors refuses tensors that share
+    memory (a language model's tied input and output embeddings); the second name gets
+    its own copy, and loading the state dict ties them again through the model."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, value in tensors.items():
+        t = value.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[name] = t
+    return out
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """Save tensors as safetensors at ``path`` with a checksum; returns the sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    save_file(_unshared(tensors), str(tmp))
     blob = tmp.read_bytes()
     tmp.unlink()
     return write_bytes(path, blob)
