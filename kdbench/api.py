@@ -444,6 +444,8 @@ class Method(ABC):
       models that cannot expose them are refused before training.
       ``uses_quiz``: the method draws quiz batches (the quiz split is carved out for every
       method anyway, so all methods see the same training data).
+      ``augments_quiz``: the quiz batches get the task's training augmentation (where the
+      task has one); an instance may set it from its params (MetaDistil's ``quiz_augment``).
     """
 
     name: ClassVar[str]
@@ -458,6 +460,7 @@ class Method(ABC):
     student_needs: ClassVar[frozenset[str]] = frozenset({LOGITS})
     teacher_needs: ClassVar[frozenset[str]] = frozenset({LOGITS})
     uses_quiz: ClassVar[bool] = False
+    augments_quiz: bool = False
 
     def __init__(self, params: Options, problem: Problem):
         self.params = params

@@ -91,6 +91,8 @@ OFFICIAL: dict[str, dict[str, tuple[Any, str]]] = {
         "method.params.teacher_grad_clip": (None, f"{MD}:cv/helper/meta_loops.py:115-122"),
         "method.params.quiz_mode": ("train", f"{MD}:cv/helper/meta_loops.py:55, 104"),
         "method.params.quiz_batches": ("all", f"{TSM}:62 -> {MD}:cv/dataset/meta_cifar100.py:81-86"),
+        "method.params.quiz_augment": (True, f"{MD}:cv/dataset/meta_cifar100.py:68-73 (held set with train_transform)"),
+        "method.params.teacher_warm_steps": (66, f"{TSM}:191-194, 209-210: teacher SGD at lr 0 from epoch 1 (0.9**66 < 1e-3)"),
         "training.optimizer.name": ("sgd", f"{TSM}:187"),
         "training.optimizer.lr": (0.05, f"{TSM}:52"),
         "training.optimizer.momentum": (0.9, f"{TSM}:57"),

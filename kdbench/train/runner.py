@@ -160,7 +160,8 @@ class Runner:
                 raise KDBenchError(f"method '{spec.method}' needs a quiz split; set quiz_fraction > 0")
             if quiz_iter is None:
                 quiz_gen = torch.Generator().manual_seed(spec.seed + 1)
-                quiz_iter = batches(p.factory, p.encoded[QUIZ], labels_tensor(p.data, QUIZ), spec.budget.batch_size, quiz_gen, self.device)
+                quiz_iter = batches(p.factory, p.encoded[QUIZ], labels_tensor(p.data, QUIZ), spec.budget.batch_size, quiz_gen, self.device,
+                                    p.data.task, p.data.task.has_augmentation and p.method.augments_quiz)
             return next(quiz_iter)
 
         return next_quiz_batch
