@@ -66,10 +66,16 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperatu
 
 
 def soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, problem: Problem,
-              kind: SoftKind = "kl", reduction: Literal["batchmean", "mean"] = "batchmean") -> Tensor:
+              kind: SoftKind = "kl", reduction: Literal["batchmean", "mean"] = "batchmean",
+              regression: Literal["logits", "probabilities"] = "logits") -> Tensor:
     """The soft (teacher) term of KD-style losses. Classification: :func:`softened_kl`
     (``kind="kl"``, with ``reduction``) or :func:`probability_mse` (``kind="mse"``).
-    Regression, where a temperature means nothing: ``MSE(s, t)`` on the logits."""
+    Regression, where a temperature means nothing: ``regression="logits"``, ``MSE(s, t)`` on
+    the logits (MetaDistil's official ``--logits_mse``); ``"probabilities"``,
+    :func:`probability_mse` of the one-output softmax, identically 0 with zero gradient: what
+    MetaDistil's official GLUE code computes on STS-B by default, kept to reproduce it."""
+    if problem.is_regression and regression == "probabilities":
+        return probability_mse(student_logits, teacher_logits, temperature)
     if problem.is_regression:
         s = full_precision(student_logits)
         return F.mse_loss(s, full_precision(teacher_logits).to(s.dtype))

@@ -55,6 +55,7 @@ OFFICIAL: dict[str, dict[str, tuple[Any, str]]] = {
         "method.params.teacher_start": (0.0, f"{RGDM}:152-268"),
         "method.params.teacher_grad_clip": (1.0, f"{RGDM}:263, 585"),
         "method.params.quiz_mode": ("eval", f"{MD}:nlp/distillation_meta.py:82"),
+        "method.params.regression_soft": ("probabilities", f"{MD}:nlp/distillation_meta.py:44-51, {RGDM}:607 (--logits_mse off)"),
         "method.params.quiz_batches": ("all", f"{RGDM}:594, 104-105"),
         "training.optimizer.name": ("adamw", f"{RGDM}:90"),
         "training.optimizer.lr": (5e-5, f"{RGDM}:575"),
