@@ -63,3 +63,39 @@ def test_metadistil_teacher_learns_only_through_pkd_under_the_official_soft_term
     assert norms["probabilities", 0.0] == 0.0  # no term reads the teacher: no meta-gradient at all
     assert norms["probabilities", 100.0] > 0 and norms["logits", 0.0] > 0
     assert norms["logits", 100.0] != pytest.approx(norms["probabilities", 100.0])
+
+
+def test_regression_meta_gradient_sign_and_scale_against_the_unrolled_quiz_loss() -> None:
+    """Issue 28 item 5: the teacher's meta-gradient for regression (MSE quiz loss, as the
+    official MD:nlp/functional_forward_bert.py:27-29) is d/dT of MSE(S'(T)(x_q), y_q) with
+    S'(T) = S - eta grad_S L_kd(S, T): checked against autograd through the unrolled step, and
+    a small teacher step along minus it lowers the unrolled quiz loss (the sign)."""
+    from support.helpers_models import LinearNet
+
+    torch.manual_seed(0)
+    student, teacher = LinearNet(3, 1).double(), LinearNet(3, 1).double().eval().requires_grad_(True)
+    x, xq = torch.randn(6, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    y, yq = torch.randn(6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    batch, quiz = Batch(inputs={"x": x}, labels=y, index=torch.arange(6)), Batch(inputs={"x": xq}, labels=yq, index=torch.arange(5))
+    eta, alpha = 0.7, 0.4
+    method = MetaDistil(MetaDistilParams(inner="kd", alpha=alpha, virtual_lr=eta, teacher_lr=0.1), REG)
+    ctx = make_ctx(student, teacher, torch.optim.SGD(student.parameters(), lr=0.1), quiz=quiz, problem=REG)
+    method.setup(ctx)
+    grads, _, quiz_loss = method.meta_gradient(ctx, batch)
+
+    def unrolled(tw: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        sw, sb = (p.detach().clone().requires_grad_() for p in student.parameters())
+        s, t = (x @ sw.T + sb).squeeze(-1), (x @ tw.T + tb).squeeze(-1)
+        inner = alpha * ((s - t) ** 2).mean() + (1 - alpha) * ((s - y) ** 2).mean()
+        gw, gb = torch.autograd.grad(inner, [sw, sb], create_graph=True)
+        return ((((xq @ (sw - eta * gw).T) + (sb - eta * gb)).squeeze(-1) - yq) ** 2).mean()
+
+    tw, tb = (p.detach().clone().requires_grad_() for p in teacher.parameters())
+    loss = unrolled(tw, tb)
+    ref = torch.autograd.grad(loss, [tw, tb])
+    assert quiz_loss.item() == pytest.approx(loss.item(), rel=1e-12)
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    step = 1e-3
+    moved = unrolled((tw - step * ref[0]).detach(), (tb - step * ref[1]).detach())
+    assert moved.item() < loss.item()  # minus the meta-gradient lowers the quiz loss of S'
