@@ -186,12 +186,12 @@ def mutants() -> list[Mutant]:
         Mutant("recipe budget length ignored", rc, "budget = {**length, **budget}", "budget = budget", rt),
         Mutant("recipe task_options ignored", rc, "if training.task_options and isinstance", "if False and isinstance", rt),
         Mutant("recipe entry params do not override", rc, '"params": {**recipe.method.params, **params}', '"params": {**params, **recipe.method.params}', rt),
-        Mutant("metadistil-cifar quiz_augment off", "benchmarks/recipes/metadistil-cifar.yaml", "    quiz_augment: true ", "    quiz_augment: false ", official),
-        Mutant("metadistil-cifar momentum buffer cold", "benchmarks/recipes/metadistil-cifar.yaml", "    teacher_warm_steps: 66 ", "    teacher_warm_steps: 0 ", official),
-        Mutant("metadistil-glue regression soft term not official", "benchmarks/recipes/metadistil-glue.yaml",
+        Mutant("metadistil-cifar quiz_augment off", "plugins/kdbench_plugins/recipes/metadistil-cifar.yaml", "    quiz_augment: true ", "    quiz_augment: false ", official),
+        Mutant("metadistil-cifar momentum buffer cold", "plugins/kdbench_plugins/recipes/metadistil-cifar.yaml", "    teacher_warm_steps: 66 ", "    teacher_warm_steps: 0 ", official),
+        Mutant("metadistil-glue regression soft term not official", "plugins/kdbench_plugins/recipes/metadistil-glue.yaml",
                "    regression_soft: probabilities ", "    regression_soft: logits ", official),
-        Mutant("metadistil-glue teacher schedule constant", "benchmarks/recipes/metadistil-glue.yaml", "teacher_schedule: linear ", "teacher_schedule: constant ", official),
-        Mutant("prokt-glue lam", "benchmarks/recipes/prokt-glue.yaml", "lam: 0.4", "lam: 0.5", official),
+        Mutant("metadistil-glue teacher schedule constant", "plugins/kdbench_plugins/recipes/metadistil-glue.yaml", "teacher_schedule: linear ", "teacher_schedule: constant ", official),
+        Mutant("prokt-glue lam", "plugins/kdbench_plugins/recipes/prokt-glue.yaml", "lam: 0.4", "lam: 0.5", official),
     ]
     return out
 

@@ -227,7 +227,7 @@ def test_metadistil_warm_steps_fill_the_momentum_buffer_without_moving_the_teach
 def test_quiz_augment_reaches_the_runners_quiz_stream() -> None:
     from types import SimpleNamespace
 
-    from kdbench.runner import Runner
+    from kdbench.train import Runner
 
     class Task:
         has_augmentation = True

@@ -86,7 +86,7 @@ values); both schedules constant (the official GLUE teacher lr decays linearly t
 ``teacher_schedule: linear`` in the ``metadistil-glue`` recipe; its pilot step is
 constant); one quiz batch per teacher step (official: the whole quiz set); inner ``kd`` with
 its defaults (the official GLUE student loss is ``pkd`` with alpha 0.5, beta 100, T 5 and
-``soft_loss: mse``). ``benchmarks/recipes/metadistil-*.yaml`` hold the official settings.
+``soft_loss: mse``). ``plugins/kdbench_plugins/recipes/metadistil-*.yaml`` hold the official settings.
 """
 
 from __future__ import annotations
