@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kdbench.api import Method, ModelFactory, Task
+    from kdbench.api import Method, ModelFactory, Objective, Task
+    from kdbench.encoders import EncoderFamily
     from kdbench.protocols import Executor, Tracker
 
 # ``RunSpec`` (kdbench.spec) is named, not imported: spec imports the registry, which
@@ -40,6 +41,22 @@ def kdbench_tasks() -> list[type[Task]]:
 @hookspec
 def kdbench_models() -> list[type[ModelFactory]]:
     """Return the model factory classes (:class:`kdbench.api.ModelFactory`) this plugin provides."""
+
+
+@hookspec
+def kdbench_objectives() -> list[type[Objective]]:
+    """Return the objective classes (:class:`kdbench.api.Objective` subclasses, each with a
+    unique ``name``) this plugin provides. A task names its objective
+    (:attr:`kdbench.api.Task.objective`); the built-in ``classification`` and
+    ``regression`` objectives are registered through this hook too."""
+
+
+@hookspec
+def kdbench_families() -> list[type[EncoderFamily]]:
+    """Return the Hugging Face encoder families (:class:`kdbench.encoders.EncoderFamily`
+    subclasses, each with a unique ``name``) this plugin provides: the ``hf`` model factory
+    builds any of them (``family: NAME``, or a pretrained checkpoint of one of its
+    ``model_types``). See docs/model-families.md."""
 
 
 @hookspec

@@ -16,18 +16,20 @@ from typing import Any, Iterable
 import pluggy
 
 from kdbench import hookspecs
-from kdbench.api import KDBenchError, Method, ModelFactory, Task
+from kdbench.api import KDBenchError, Method, ModelFactory, Objective, Task
+from kdbench.encoders import EncoderFamily
 from kdbench.protocols import Executor, Tracker
 
 ENTRY_POINT_GROUP = "kdbench"
-KINDS = {"methods": Method, "tasks": Task, "models": ModelFactory, "executors": Executor, "trackers": Tracker}
+KINDS = {"methods": Method, "tasks": Task, "models": ModelFactory, "objectives": Objective, "executors": Executor, "trackers": Tracker,
+         "families": EncoderFamily}
 #: Names a plugin may not take, per kind, and why: ``teacher`` names the teacher's own rows
 #: in the store and the report.
 RESERVED = {"methods": {"teacher": "it names the teacher's rows in results and reports"}}
 
 
 class UnknownNameError(KDBenchError):
-    """A method, task or model name that no plugin provides."""
+    """A method, task, model or objective name that no plugin provides."""
 
 
 class ReservedNameError(KDBenchError):
@@ -105,7 +107,7 @@ class Registry:
         return entry.cls
 
     def unknown_message(self, kind: str, name: str) -> str:
-        singular = kind[:-1]
+        singular = "family" if kind == "families" else kind[:-1]
         msg = f"unknown {singular} '{name}'.{did_you_mean(name, self.entries[kind])}"
         msg += f" Known {kind}: {', '.join(self.names(kind)) or '(none)'}."
         if self.broken:
@@ -137,11 +139,25 @@ class Registry:
     def model(self, name: str) -> type[ModelFactory]:
         return self.get("models", name)
 
+    def objective(self, name: str) -> type[Objective]:
+        return self.get("objectives", name)
+
+    def objective_for(self, task: Task) -> Objective:
+        """The objective ``task`` names, built for it; :class:`UnknownNameError` (with
+        "did you mean") naming the task when no plugin provides it."""
+        name = task.objective
+        if name not in self.entries["objectives"]:
+            raise UnknownNameError(f"task '{task.name}' names its objective '{name}', but: {self.unknown_message('objectives', name)}")
+        return self.objective(name)(task)
+
     def executor(self, name: str) -> type[Executor]:
         return self.get("executors", name)
 
     def tracker(self, name: str) -> type[Tracker]:
         return self.get("trackers", name)
+
+    def family(self, name: str) -> type[EncoderFamily]:
+        return self.get("families", name)
 
     def listing(self, kind: str, pattern: str = "*") -> list[Entry]:
         return [self.entries[kind][n] for n in self.names(kind, pattern)]

@@ -77,7 +77,7 @@ def mutants() -> list[Mutant]:
                "with training_mode(student, False):", md_tests),
         Mutant("metadistil quiz_mode train writes running statistics", md,
                'buffers = {k: b.clone() for k, b in student.named_buffers()} if self.params.quiz_mode == "train" else {}', "buffers = {}", md_tests),
-        Mutant("metadistil quiz_augment ignored", md, "self.augments_quiz = params.quiz_augment", "self.augments_quiz = False", md_tests),
+        Mutant("metadistil quiz_augment ignored", md, "self.inner.aligned_positions, params.quiz_augment)", "self.inner.aligned_positions, False)", md_tests),
         Mutant("metadistil pilot teacher in train mode", md, "training_mode(teacher, False)", "training_mode(teacher, True)", md_tests),
         Mutant("metadistil meta-gradient sign flipped", md, "phi = sum(((-eta * d) * g)", "phi = sum(((eta * d) * g)", md_tests),
         # -- ProKT
@@ -127,7 +127,7 @@ def mutants() -> list[Mutant]:
     loss_options = [
         (kd, "kd alpha", "return p.alpha * soft + (1 - p.alpha) * hard", "return 0.5 * soft + (1 - 0.5) * hard", "tests/test_kd.py"),
         (kd, "kd temperature", "soft_loss(student.logits, teacher.logits, p.temperature,", "soft_loss(student.logits, teacher.logits, 4.0,", "tests/test_kd.py"),
-        (kd, "kd soft_loss", "kind=p.soft_loss, regression", 'kind="kl", regression', "tests/test_kd.py tests/test_metadistil_options.py tests/test_soft_regression.py"),
+        (kd, "kd soft_loss", "kind=p.soft_loss, mask", 'kind="kl", mask', "tests/test_kd.py tests/test_metadistil_options.py tests/test_soft_regression.py"),
         (kd, "kd regression_soft", "regression=p.regression_soft)", 'regression="logits")', "tests/test_kd.py tests/test_soft_regression.py"),
         (pkd, "pkd alpha", "loss = p.alpha * soft + (1 - p.alpha) * hard", "loss = 0.7 * soft + (1 - 0.7) * hard", "tests/test_pkd.py"),
         (pkd, "pkd temperature", "soft_loss(student.logits, teacher.logits, p.temperature,", "soft_loss(student.logits, teacher.logits, 10.0,", "tests/test_pkd.py"),

@@ -236,14 +236,14 @@ def test_quiz_augment_reaches_the_runners_quiz_stream() -> None:
         def augment(self, inputs: dict, generator: torch.Generator) -> dict:
             return {k: v + 1000 for k, v in inputs.items()}
 
-    data = SimpleNamespace(task=Task(), labels=lambda split: [0, 1, 0, 1])
+    data = SimpleNamespace(task=Task(), labels=lambda split: [0, 1, 0, 1], objective=SimpleNamespace(labels=torch.tensor))
     encoded = {"quiz": {"x": torch.zeros(4, 4)}}
     factory = SimpleNamespace(collate=lambda enc, index: {k: v[index] for k, v in enc.items()})
     spec = SimpleNamespace(seed=0, method="metadistil", budget=SimpleNamespace(batch_size=2))
     runner = SimpleNamespace(device=torch.device("cpu"))
     for flag in (False, True):
         method = MetaDistil(MetaDistilParams(quiz_augment=flag), CLASSIFICATION)
-        prepared = SimpleNamespace(method=method, data=data, encoded=encoded, factory=factory)
+        prepared = SimpleNamespace(method=method, data=data, encoded=encoded, factory=factory, teacher_side=lambda split: None)
         quiz = Runner._quiz_batches(runner, spec, prepared)()  # type: ignore[arg-type]
         assert bool((quiz.inputs["x"] >= 1000).all()) == flag
     assert MetaDistilParams(quiz_augment=False).model_dump(mode="json").keys() == MetaDistilParams().model_dump(mode="json").keys()

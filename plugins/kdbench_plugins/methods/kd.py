@@ -17,6 +17,9 @@ MetaDistil's official GLUE code; see :func:`kdbench.losses.probability_mse`).
 identically 0, so the student learns from the labels alone (what the official GLUE code
 computes on STS-B unless ``--logits_mse`` is given); default ``logits``, the MSE above.
 
+Both terms come from the task's objective and average over the positions the student's
+output mask keeps (token logits (B, L, V)); per-example logits have no mask.
+
 Defaults: alpha 0.5, T 4, KL (the CRD/RepDistiller CIFAR setting uses alpha 0.9, T 4).
 """
 
@@ -49,8 +52,8 @@ class KD(Method):
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None
         p = self.params
-        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss, regression=p.regression_soft)
-        hard = task_loss(student.logits, batch.labels, self.problem)
+        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss, mask=student.mask, regression=p.regression_soft)
+        hard = task_loss(student.logits, batch.labels, self.problem, student.mask)
         return p.alpha * soft + (1 - p.alpha) * hard, {"soft": soft.detach(), "hard": hard.detach()}
 
 
