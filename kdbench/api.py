@@ -237,6 +237,12 @@ class ModelFactory(ABC):
         """A string that identifies the encoding (tokenizer), for caching encoded splits."""
         return self.name
 
+    def encoder_fingerprint(self, options: Options) -> str:
+        """A content hash of the files the encoding reads (e.g. a local tokenizer's
+        vocabulary), so that changed files under the same name never reuse a cached
+        encoding; '' (the default) when :meth:`encoder_id` says it all."""
+        return ""
+
     def collate(self, encoded: Encoded, index: Tensor) -> dict[str, Tensor]:
         """Select a batch from an encoded split. Default: index every tensor."""
         return {k: v[index] for k, v in encoded.items()}

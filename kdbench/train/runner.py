@@ -124,9 +124,9 @@ class Runner:
         return _Prepared(method, data, factory, encoded, teacher, shared)
 
     def _shared_logits(self, checkpoint: TeacherCheckpoint, teacher: KDModel, spec: RunSpec, data: TaskData) -> torch.Tensor:
-        key = f"{checkpoint.hash}:{checkpoint.sha256}"
+        key = teachers.logits_inputs(checkpoint, spec, self.registry, data)
         if key not in self._teacher_logits:
-            logits = teachers.shared_train_logits(checkpoint, lambda: teachers.train_logits(teacher, spec, self.registry, data, self.device))
+            logits = teachers.shared_train_logits(checkpoint, lambda: teachers.train_logits(teacher, spec, self.registry, data, self.device), key)
             self._teacher_logits[key] = logits.to(self.device)
         return self._teacher_logits[key]
 

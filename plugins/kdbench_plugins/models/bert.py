@@ -19,6 +19,7 @@ backward, and MetaDistil differentiates through the student's update.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -108,6 +109,23 @@ def resolve_pretrained(name: str) -> str:
         if not os.path.exists(os.path.join(name, "config.json")):
             raise KDBenchError(f"pretrained model folder '{name}' has no config.json")
     return name
+
+
+#: Files in a pretrained folder that decide how text is tokenised.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_files_sha256(folder: str) -> str:
+    """sha256 over the tokenizer files present in ``folder`` (names and bytes)."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as fh:
+                blob = fh.read()
+            digest.update(f"\0{name}\0{len(blob)}\0".encode() + blob)
+    return digest.hexdigest()
 
 
 class HashingTokenizer:
@@ -265,6 +283,14 @@ class BertFactory(ModelFactory):
 
     def encoder_id(self, options: BertOptions) -> str:
         return f"bert:tiny{options.tiny.vocab_size}" if options.tiny is not None else f"bert:{options.pretrained}"
+
+    def encoder_fingerprint(self, options: BertOptions) -> str:
+        """A hash of a local pretrained folder's tokenizer files (a new vocabulary in the
+        same folder is another encoding); '' for tiny models and hub names."""
+        if options.tiny is not None:
+            return ""
+        folder = resolve_pretrained(options.pretrained)
+        return tokenizer_files_sha256(folder) if os.path.isdir(folder) else ""
 
     def encode(self, options: BertOptions, examples: Examples, max_length: int | None) -> Encoded:
         max_length = max_length or 128
