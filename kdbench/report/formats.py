@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
+
 from kdbench.api import KDBenchError
 from kdbench.report.html import render_html
 from kdbench.report.text import render, render_report, report_json
@@ -57,7 +59,8 @@ def _write_csv(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
     written = []
     for name, df in (("cost", report.cost), ("teacher_cost", report.teacher_cost), ("sensitivity", report.sens_levels),
                      ("sensitivity_tests", report.sens_scores), ("references", report.references), ("teacher_drift", report.drift),
-                     ("disagreements", report.disagreements), ("curves", report.curves), ("curves_flatness", report.flatness)):
+                     ("disagreements", report.disagreements), ("curves", report.curves), ("curves_flatness", report.flatness),
+                     ("store_integrity", report.integrity.table() if getattr(report, "integrity", None) else pd.DataFrame())):
         if not df.empty:
             side = out.with_name(f"{out.stem}.{name}.csv")
             df.to_csv(side, index=False)

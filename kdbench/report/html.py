@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from kdbench.report.frame import LOSS, WIN
+from kdbench.report.integrity import store_lines
 from kdbench.report.sections import CURVES, figures_for, legend, sections
 from kdbench.report.text import config_yaml
 
@@ -84,8 +85,7 @@ def render_html(report: Any, pngs: dict[str, bytes] | None = None) -> str:
         if note:
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
         parts += _figures(title, pngs)
-    if report.missing:
-        parts.append(f"<p>{report.missing} runs of the suite are not in the store yet.</p>")
+    parts += [f"<p class='store-note'>{html.escape(line)}.</p>" for line in store_lines(getattr(report, "integrity", None))]
     cfg = config_yaml(report)
     if cfg:
         parts.append("<h2 id='section-configuration'>Suite configuration</h2>")

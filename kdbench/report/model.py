@@ -14,11 +14,12 @@ from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods, 
 from kdbench.report.curves import curve_table, flatness
 from kdbench.report.drift import disagreements, drift_table, updating_methods
 from kdbench.report.frame import filter_runs, runs_frame
+from kdbench.report.integrity import StoreIntegrity, store_integrity
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
 from kdbench.report.selection import GridSelection, select_on_validation
 from kdbench.report.sweeps import sensitivity
-from kdbench.store import DONE, ResultsStore
+from kdbench.store import CORRUPT, DONE, ResultsStore
 
 PROBLEM_COLS = ["hash", "task", "method", "student", "seed", "status", "diverged_step", "error"]
 
@@ -55,6 +56,7 @@ class Report:
     updating: list[str] = field(default_factory=list)  # methods that update their teacher
     curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # validation score per step (kdbench.report.curves)
     flatness: pd.DataFrame = field(default_factory=pd.DataFrame)  # per row: has its curve flattened
+    integrity: StoreIntegrity | None = None  # verified / unverified / corrupt / missing runs of the suite
 
     @property
     def family(self) -> int:
@@ -96,8 +98,10 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     ``baseline`` (else the first method of the store). ``correction``: holm or bh over
     every comparison of the report. ``chance``: True computes the chance rows from the
     runs' task data, a dict gives them, False leaves them out."""
-    all_rows = store.runs()
+    checked = store.runs(include_corrupt=True)  # corrupt rows: counted and named, never read
     wanted = set(hashes) if hashes is not None else None
+    integrity = store_integrity(checked, wanted)
+    all_rows = [r for r in checked if r["integrity"] != CORRUPT]
     rows = [r for r in all_rows if wanted is None or r["hash"] in wanted]
     df = filter_runs(runs_frame(rows), tasks, methods, students, where)
     kept = set(df["hash"]) if not df.empty else set()
@@ -121,7 +125,7 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
         sens_levels=levels, sens_scores=scores, cost=with_teacher_share(cost_table(df, baseline), df, tcost, free), cost_reference=baseline,
         env=environments([r for r in rows if r["hash"] in kept]),
         config=suite_spec.model_dump(mode="json") if suite_spec is not None else None, subset=_subset(tasks, methods, students, where),
-        missing=(len(wanted) - len(rows)) if wanted is not None else 0, correction=correction, date=report_date(),
+        missing=integrity.missing, correction=correction, date=report_date(), integrity=integrity,
         teacher_cost=tcost, commits=commits(df), data=data_fingerprints(df),
         outside=outside_runs(all_rows, hashes), chance=chance or {}, selection=selection,
         drift=drift_table([r for r in rows if r["hash"] in kept], df, teachers), disagreements=disagreements(df, baseline, updating),
