@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from kdbench.loader import printable
 from kdbench.report.frame import LOSS, WIN
 from kdbench.report.integrity import store_lines
 from kdbench.report.sections import CURVES, figures_for, legend, sections
@@ -91,4 +92,4 @@ def render_html(report: Any, pngs: dict[str, bytes] | None = None) -> str:
         parts.append("<h2 id='section-configuration'>Suite configuration</h2>")
         parts.append(f"<pre id='config'>{html.escape(cfg)}</pre>")
     parts.append("</body></html>")
-    return "\n".join(parts)
+    return printable("\n".join(parts))  # labels from a store: never raw controls or bidi overrides in the page

@@ -3,11 +3,13 @@ the results store alone (plus the task data for the chance row)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
+from kdbench.api import KDBenchError
 from kdbench.report.aggregate import family, leaderboard
 from kdbench.report.chance import chance_scores
 from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods, with_teacher_share
@@ -88,6 +90,26 @@ def _subset(tasks, methods, students, where) -> str:
                                  f"students {students}" if students else "", f"where {where}" if where else ""] if x)
 
 
+def check_filters(df: pd.DataFrame, tasks: list[str] | None, methods: list[str] | None, students: list[str] | None,
+                  where: dict[str, Any] | None) -> pd.DataFrame:
+    """``df`` filtered (:func:`filter_runs`); a :class:`KDBenchError` naming the filter
+    and what the runs hold when a ``where`` key is no run's parameter (nor seed, status,
+    student, task), or when runs exist but none passes the filter."""
+    if df.empty or not (tasks or methods or students or where):
+        return filter_runs(df, tasks, methods, students, where)
+    params = set().union(*(json.loads(p) for p in df["params"]))
+    unknown = [k for k in where or {} if k not in params | {"seed", "status", "student", "task"}]
+    if unknown:
+        raise KDBenchError(f"--where {unknown[0]!r}: no run has such a parameter; parameters: {', '.join(sorted(params)) or 'none'}, "
+                           "or seed, status, student, task")
+    out = filter_runs(df, tasks, methods, students, where)
+    if out.empty:
+        raise KDBenchError(f"no stored run matches the filter ({_subset(tasks, methods, students, where)}); the runs have "
+                           f"tasks {sorted(set(df['task']))}, methods {sorted(set(df['method_name']))}, "
+                           f"students {sorted(set(df['student']))}")
+    return out
+
+
 def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_hashes: set[str] | None = None, *,
                  suite_spec: Any = None, title: str = "", tasks: list[str] | None = None, methods: list[str] | None = None,
                  students: list[str] | None = None, where: dict[str, Any] | None = None, baseline: str | None = None,
@@ -103,7 +125,7 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     integrity = store_integrity(checked, wanted)
     all_rows = [r for r in checked if r["integrity"] != CORRUPT]
     rows = [r for r in all_rows if wanted is None or r["hash"] in wanted]
-    df = filter_runs(runs_frame(rows), tasks, methods, students, where)
+    df = check_filters(runs_frame(rows), tasks, methods, students, where)
     kept = set(df["hash"]) if not df.empty else set()
     teachers = [t for t in store.teachers() if teacher_hashes is None or t["hash"] in teacher_hashes]
     teachers = [t for t in teachers if (not tasks or t["task"] in tasks) and (not methods or "teacher" in methods)]

@@ -10,6 +10,7 @@ import pandas as pd
 import yaml
 from tabulate import tabulate
 
+from kdbench.loader import printable
 from kdbench.report.frame import LOSS, WIN
 from kdbench.report.integrity import store_lines
 from kdbench.report.sections import CURVES, family_line, figures_for, legend, sections
@@ -100,7 +101,7 @@ def render_report(report: Any, fmt: str, plot_links: dict[str, str] | None = Non
     if fmt in ("md", "latex"):
         parts = _file_report(report, fmt, plot_links)
         parts += [f"({line})\n" if fmt == "md" else f"% {line}\n" for line in store_lines(getattr(report, "integrity", None))]
-        return "\n".join(parts)
+        return printable("\n".join(parts))  # labels from a store: never raw controls or bidi overrides in a file
     parts = [report.title + (f"  [subset: {report.subset}]" if report.subset else "") + "\n"]
     if verbose:
         parts.append("\n".join(legend(report)) + "\n")
