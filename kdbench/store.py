@@ -36,6 +36,7 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -141,7 +142,11 @@ def owner_alive(owner: str | None, heartbeat: float | None) -> bool:
         except PermissionError:
             pass
         # the PID is in use: by the same process only if it started at the same time
-        return not start or process_start(int(pid)) in (None, start)
+        now_start = process_start(int(pid))
+        if start and now_start is not None:
+            return now_start == start
+        # the owner cannot be identified (no start time recorded, or /proc unreadable): a
+        # reused PID must not hold the claim forever, so its heartbeat decides, as across hosts
     return heartbeat is not None and time.time() - heartbeat < STALE_AFTER_S
 
 
@@ -383,9 +388,33 @@ class ResultsStore:
                 )
         return True
 
-    def heartbeat(self, spec_hash: str) -> None:
+    def heartbeat(self, spec_hash: str, *, teacher: bool = False) -> None:
+        """Record that this process still holds its claim on a run (or a teacher)."""
         with self.transaction() as con:
-            con.execute("UPDATE runs SET heartbeat=? WHERE hash=? AND owner=?", (time.time(), spec_hash, owner_id()))
+            con.execute(f"UPDATE {'teachers' if teacher else 'runs'} SET heartbeat=? WHERE hash=? AND owner=?",
+                        (time.time(), spec_hash, owner_id()))
+
+    @contextmanager
+    def keep_claim(self, spec_hash: str, *, teacher: bool = False, every_s: float = 30.0) -> Iterator[None]:
+        """Beat the claim's heart from a background thread while the body runs, so other
+        processes (on other hosts, or where this owner's start time is unknown) see it
+        held; a failed beat (a busy disk) is skipped, never fatal."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.heartbeat(spec_hash, teacher=teacher)
+                except Exception:  # noqa: BLE001 - the next beat tries again
+                    pass
+
+        thread = threading.Thread(target=beat, name=f"kdbench-claim-{spec_hash}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def finish(self, spec: RunSpec, status: str, *, metrics: dict | None = None, history: list | None = None,
                cost: dict | None = None, env: dict | None = None, error: str | None = None,

@@ -3,6 +3,7 @@ atomically with a sha256 sidecar, verified when read, named when damaged."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -19,6 +20,11 @@ SIDECAR_SUFFIX = ".sha256"
 
 class ArtefactError(KDBenchError):
     """A stored artefact that is missing, unreadable or does not match its checksum."""
+
+
+class DiskFull(KDBenchError):
+    """An artefact could not be written: the disk (or the user's quota) is full. Not a
+    failed run or teacher: the command stops with exit code 2, naming the file."""
 
 
 def sha256_file(path: Path) -> str:
@@ -43,9 +49,16 @@ def write_bytes(path: Path, blob: bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     sha = hashlib.sha256(blob).hexdigest()
     tmp = _temp(path)
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
-    return write_sidecar(path, sha)
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+        return write_sidecar(path, sha)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"cannot write {path} ({len(blob):,} bytes): {exc.strerror}; free space on that disk "
+                           "(or use --results on another disk) and run the same command again") from None
+        raise
 
 
 def write_sidecar(path: Path, sha: str | None = None) -> str:
@@ -131,6 +144,11 @@ def remove_stale_temps(folder: Path) -> list[Path]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID runs on this host (one we may not signal counts)."""
+    return _alive(pid)
 
 
 def _alive(pid: int) -> bool:

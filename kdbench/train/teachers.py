@@ -107,7 +107,7 @@ def fine_tune_teacher(spec: RunSpec, registry: Registry, device: torch.device, p
             return _fine_tune(spec, registry, device, path, progress)
     except Diverged as exc:
         return TeacherOutcome(FAILED, error=f"the teacher diverged during fine-tuning: {exc}")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, artefacts.DiskFull):  # a full disk is the environment's, not the teacher's: exit 2
         raise
     except Exception as exc:
         return TeacherOutcome(FAILED, error="".join(traceback.format_exception(exc)))
@@ -235,7 +235,8 @@ def provide_teacher(spec: RunSpec, results_dir: Path, store: ResultsStore, regis
         time.sleep(wait_s)
     path = checkpoint_path(results_dir, th)
     try:
-        outcome = fine_tune_teacher(spec, registry, device, path, progress)
+        with store.keep_claim(th, teacher=True):  # a long fine-tuning is not taken for a dead claim
+            outcome = fine_tune_teacher(spec, registry, device, path, progress)
     except BaseException as exc:  # interrupted: the row must not stay claimed by us
         store.finish_teacher(th, FAILED, error=f"interrupted: {type(exc).__name__}")
         raise
