@@ -527,7 +527,7 @@ def _fmt_loc(prefix: str, loc: tuple) -> str:
 def _pydantic_problems(prefix: str, err: ValidationError) -> list[str]:
     out = []
     for e in err.errors():
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = e["msg"]
         ctx = e.get("ctx") or {}
         if e["type"] == "literal_error" and "expected" in ctx:
             msg = f"{msg} (allowed: {ctx['expected']})"
