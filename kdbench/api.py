@@ -73,7 +73,7 @@ def _admits(annotation: Any, kinds: tuple[type, ...]) -> bool:
 def _bool_problems(value: Any, annotation: Any, where: str) -> list[str]:
     if isinstance(value, bool):
         numeric = _admits(annotation, (int, float)) and not _admits(annotation, (bool,))
-        return [f"{where}: expected a number, got {str(value).lower()} (true/false are not numbers)"] if numeric else []
+        return [f"{where}: must be a number, not true/false (got {str(value).lower()})"] if numeric else []
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType, typing.Annotated):
         # containers inside a union (``tuple[float, ...] | None``): check against each member that is one

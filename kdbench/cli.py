@@ -17,8 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 EXIT_USAGE = 2
 #: ``kdbench run``: every run was trained or skipped, but some run failed or diverged.
 EXIT_RUNS_FAILED = 3
-#: ``kdbench verify``: some store row failed its checksum.
-EXIT_CORRUPT = 1
+#: ``kdbench verify``: some store row failed its checksum (1 stays "a bug in kdbench").
+EXIT_CORRUPT = 5
 #: ``kdbench run``: nothing failed here, but some selected runs are still held (being
 #: trained) by another live process, so not every selected run is done yet.
 EXIT_RUNS_HELD = 4
@@ -207,7 +207,7 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
             + ("evaluation selected on validation" if suite.spec.selection == "validation" else "final evaluation")
     report = build_report(store, hashes, teacher_hashes, suite_spec=suite.spec, title=title, tasks=args.task, methods=args.method,
                           students=getattr(args, "student", None), where=where, baseline=getattr(args, "baseline", None),
-                          correction=getattr(args, "correction", None) or "holm")
+                          correction=getattr(args, "correction", None) or "holm", strict_filters=True)
     print(printable(render_report(report, "terminal", verbose=getattr(args, "verbose", False))))
     formats = list(dict.fromkeys(args.format or []))
     if "all" in formats:
@@ -229,7 +229,7 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every store row of the suite against its checksum: say how many runs (and
     teachers) are verified, unverified (written before checksums) and corrupt, naming the
-    latter two. Exit 0 when none is corrupt, 1 otherwise."""
+    latter two. Exit 0 when none is corrupt, 5 (EXIT_CORRUPT) otherwise."""
     import warnings
 
     from kdbench.report.integrity import store_integrity, store_lines
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-v", "--verbose", action="store_true", help="also print the legend and the environment")
 
     suite_cmd("verify", "check the suite's store rows against their checksums: verified, unverified, corrupt "
-              "(exit 1 when any is corrupt)", cmd_verify)
+              "(exit 5 when any is corrupt)", cmd_verify)
 
     sh = suite_cmd("show", "print one run's spec, metrics, cost and environment", cmd_show)
     sh.add_argument("hash")

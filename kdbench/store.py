@@ -374,10 +374,14 @@ class ResultsStore:
                     return False
                 if row["status"] == FAILED and max_attempts is not None and row["attempts"] >= max_attempts and not rerun:
                     return False
+                # the identity columns are written again from the spec: a row retrained because they
+                # were damaged must not keep the damage under a fresh checksum
                 con.execute(
                     "UPDATE runs SET status=?, owner=?, heartbeat=?, attempts=attempts+1, started_at=?, error=NULL, "
-                    "metrics=NULL, history=NULL, cost=NULL, diverged_step=NULL, finished_at=NULL, checksum=NULL WHERE hash=?",
-                    (RUNNING, me, now, now, spec.hash),
+                    "metrics=NULL, history=NULL, cost=NULL, diverged_step=NULL, finished_at=NULL, checksum=NULL, "
+                    "task=?, method=?, student=?, seed=?, params=?, teacher_hash=?, spec=? WHERE hash=?",
+                    (RUNNING, me, now, now, spec.task.name, spec.method, spec.student_label, spec.seed, _dumps(spec.params),
+                     spec.teacher_hash, spec.model_dump_json(), spec.hash),
                 )
             else:
                 con.execute(

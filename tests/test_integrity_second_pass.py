@@ -250,6 +250,22 @@ def test_one_changed_identity_column_makes_the_row_corrupt(tmp_path, specs, colu
         assert column in row["integrity_problem"]
 
 
+def test_a_row_retrained_for_a_damaged_identity_is_whole_again(tmp_path, specs):
+    """case: --rerun of a row whose method column was changed: the damage is not kept under a new checksum."""
+    from kdbench.integrity import preflight
+
+    path = tmp_path / "store.sqlite"
+    spec = next(s for s in specs if s.method == "kd")
+    store = finished_store(path, [spec])
+    sql(path, "UPDATE runs SET method='phantom'")
+    out = preflight(build_suite(smoke()), store, [spec], rerun=False, load_data=lambda s: SimpleNamespace(fingerprints={}))
+    assert out.corrupt == 1
+    assert store.claim(spec)
+    store.finish(spec, DONE, metrics=METRICS, cost={}, env={})
+    (row,) = store.runs()
+    assert row["method"] == "kd" and row["integrity"] == VERIFIED
+
+
 def test_seed_stored_as_text_or_real_is_corrupt(tmp_path, specs):
     """case: the seed column holds text or a fraction: pairing by seed must not move."""
     path = tmp_path / "store.sqlite"
@@ -291,7 +307,7 @@ def test_verify_counts_verified_unverified_and_corrupt(tmp_path, monkeypatch, ca
     assert "3 finished and verified" in out and "0 corrupt" in out and f"{len(suite.runs) - 3} not in the store" in out
     sql(db, "UPDATE runs SET checksum=NULL, finished_at=0 WHERE hash=?", suite.runs[0].hash)  # from before checksums
     sql(db, "UPDATE runs SET method='phantom' WHERE hash=?", suite.runs[1].hash)
-    assert cli.main(["verify", str(suite_path)]) == 1
+    assert cli.main(["verify", str(suite_path)]) == cli.EXIT_CORRUPT == 5
     out = capsys.readouterr().out
     assert "1 finished and verified" in out and "1 finished but unverified" in out and "1 corrupt" in out
     assert suite.runs[0].hash in out and f"{suite.runs[1].hash}: method disagree" in out
@@ -405,7 +421,7 @@ def test_a_boolean_is_never_a_number(path, change):
     change(data)
     with pytest.raises(SuiteError) as err:
         build_suite(data)
-    assert path in str(err.value) and "true/false are not numbers" in str(err.value)
+    assert path in str(err.value) and "must be a number, not true/false" in str(err.value)
 
 
 def test_source_files_of_every_kind_are_named(tmp_path, monkeypatch):

@@ -113,19 +113,21 @@ def check_filters(df: pd.DataFrame, tasks: list[str] | None, methods: list[str] 
 def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_hashes: set[str] | None = None, *,
                  suite_spec: Any = None, title: str = "", tasks: list[str] | None = None, methods: list[str] | None = None,
                  students: list[str] | None = None, where: dict[str, Any] | None = None, baseline: str | None = None,
-                 correction: str = "holm", chance: bool | dict[str, dict[str, Any]] = True) -> Report:
+                 correction: str = "holm", chance: bool | dict[str, dict[str, Any]] = True, strict_filters: bool = False) -> Report:
     """Collect and compute every table for the runs ``hashes`` (a suite, or the store).
 
     ``baseline``: the method compared with and the cost reference; default the suite's
     ``baseline`` (else the first method of the store). ``correction``: holm or bh over
     every comparison of the report. ``chance``: True computes the chance rows from the
-    runs' task data, a dict gives them, False leaves them out."""
+    runs' task data, a dict gives them, False leaves them out. ``strict_filters`` (the
+    command line): a filter that matches no stored run, or a ``where`` key no run has, is
+    a :class:`KDBenchError` (:func:`check_filters`) instead of an empty report."""
     checked = store.runs(include_corrupt=True)  # corrupt rows: counted and named, never read
     wanted = set(hashes) if hashes is not None else None
     integrity = store_integrity(checked, wanted)
     all_rows = [r for r in checked if r["integrity"] != CORRUPT]
     rows = [r for r in all_rows if wanted is None or r["hash"] in wanted]
-    df = check_filters(runs_frame(rows), tasks, methods, students, where)
+    df = (check_filters if strict_filters else filter_runs)(runs_frame(rows), tasks, methods, students, where)
     kept = set(df["hash"]) if not df.empty else set()
     teachers = [t for t in store.teachers() if teacher_hashes is None or t["hash"] in teacher_hashes]
     teachers = [t for t in teachers if (not tasks or t["task"] in tasks) and (not methods or "teacher" in methods)]
