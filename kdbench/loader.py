@@ -59,7 +59,10 @@ def printable(text: str, keep: str = "\n\t") -> str:
     Markdown, LaTeX, HTML) can then neither drive the terminal nor hide or reorder text."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+    # line by line: a report page is megabytes of printable lines (figures in base64)
+    return "\n".join(line if line.isprintable() else "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in line)
+                     for line in text.split("\n")) if "\n" in keep else "".join(
+        c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
 
 
 class _BoundedLoader(yaml.SafeLoader):

@@ -290,12 +290,13 @@ def shared_train_logits(checkpoint: TeacherCheckpoint, compute: Callable[[], tor
     if path.exists():
         if artefacts.expected_sha(path) is None:
             warnings.warn(f"{what}: {path} has no checksum (written by an older kdbench); computing them again", stacklevel=2)
-        elif artefacts.read_metadata(path).get(LOGITS_KEY) != inputs:
-            warnings.warn(f"{what}: {path} was computed from another checkpoint, data or tokenisation than this run's; "
-                          "computing them again", stacklevel=2)
         else:
-            try:
-                return artefacts.read_tensors(path, what)["logits"]
+            try:  # damage first (named as such), then whether they are this run's logits at all
+                logits = artefacts.read_tensors(path, what)["logits"]
+                if artefacts.read_metadata(path).get(LOGITS_KEY) == inputs:
+                    return logits
+                warnings.warn(f"{what}: {path} was computed from another checkpoint, data or tokenisation than this run's; "
+                              "computing them again", stacklevel=2)
             except (artefacts.ArtefactError, KeyError) as exc:
                 warnings.warn(f"{exc}; computing them again", stacklevel=2)
     logits = compute()
