@@ -179,7 +179,7 @@ LINES = [f"{i}\t{(-1) ** i * 1.5}\tsnippet number {i} is {'good' if i % 2 == 0 e
 
 def test_rerun_after_new_data_uses_logits_of_the_new_teacher_on_the_new_data(tmp_path, monkeypatch, fault_registry):
     """case: the issue's scenario end to end: data changed at the same path, --rerun."""
-    from kdbench.executor import run_local
+    from kdbench.executors.local import run_local
     from kdbench.spec import load_suite
     from kdbench.train.inputs import encoded_splits
     from kdbench.train.evaluation import predict
@@ -201,7 +201,7 @@ def test_rerun_after_new_data_uses_logits_of_the_new_teacher_on_the_new_data(tmp
     monkeypatch.setattr(data_module, "_TASK_DATA", {})
     suite = load_suite(path, fault_registry)
     from kdbench.integrity import preflight
-    from kdbench.executor import open_store
+    from kdbench.executors.phases import open_store
 
     preflight(suite, open_store(results), suite.runs, rerun=True)
     run_local(suite, results, rerun=True, registry=fault_registry, progress=False)
@@ -611,7 +611,7 @@ def test_teacher_claim_beats_its_heart_while_it_trains(tmp_path):
 
 def test_run_exits_4_while_runs_are_held_by_another_process(tmp_path, monkeypatch, capsys):
     """case: kdbench run while another process trains some selected runs (was: exit 0)."""
-    from kdbench.executor import SuiteOutcome
+    from kdbench.executors.phases import SuiteOutcome
 
     monkeypatch.chdir(tmp_path)
     suite = tmp_path / "suite.yaml"

@@ -120,14 +120,14 @@ def describe_result(spec: RunSpec, result: RunResult) -> str:
 
 
 @contextlib.contextmanager
-def heartbeat(store: ResultsStore, spec_hash: str, every_s: float = HEARTBEAT_S, teacher: bool = False) -> Iterator[None]:
-    """Beat a claimed run's (or ``teacher``'s) heart from a background thread while it trains."""
+def heartbeat(store: ResultsStore, spec_hash: str, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """Beat a claimed run's heart from a background thread while it trains."""
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(every_s):
             try:
-                store.heartbeat(spec_hash, teacher=teacher)
+                store.heartbeat(spec_hash)
             except Exception as exc:  # a busy or full disk must not kill the run
                 say(f"    {spec_hash}: heartbeat not written ({type(exc).__name__}: {exc})")
 
