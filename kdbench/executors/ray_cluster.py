@@ -183,8 +183,7 @@ def plugins_for_workers(registry: Registry) -> tuple[list[tuple[str, str | None]
 
 #: Ray starts its worker processes at niceness 15, below its own daemons. Here the workers
 #: do all the training, and at 15 any normal-priority process on the machine starves them
-#: (measured on 2 cores beside two busy processes: a worker got about 4% of a core, and a
-#: 4-run test sweep took 706 s instead of 37 s). A cluster kdbench starts runs them at the
+#: (a busy machine slows a sweep many times over). A cluster kdbench starts runs them at the
 #: driver's priority; a cluster you start yourself keeps its own setting
 #: (``RAY_worker_niceness``).
 LOCAL_CLUSTER_SYSTEM_CONFIG: dict[str, Any] = {"worker_niceness": 0}
