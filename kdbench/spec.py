@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator,
                       model_serializer, model_validator)
 
-from kdbench.api import KDBenchError, added, omit_added_defaults, refuse_bool_numbers, unhashed_fields
+from kdbench.api import KDBenchError, ModelFacts, added, check_alignment, omit_added_defaults, refuse_bool_numbers, unhashed_fields
 from kdbench.loader import MAX_BYTES, LoadError, parse_yaml, printable, snippet, unprintable
 from kdbench.registry import Registry, did_you_mean, get_registry
 from kdbench.recipes import expand_recipes
@@ -252,8 +252,10 @@ class MethodEntry(Frozen):
 
     name: Label
     params: dict[str, Any] = Field(default_factory=dict)
-    label: Label | None = Field(None, description="the leaderboard row's name of a grid_selection entry; other entries' rows "
-                                                "are named by the method and the parameters that tell them apart, and ignore it")
+    label: Label | None = Field(None, min_length=1, max_length=100,
+                              description="the name of this entry's leaderboard row (with the swept parameters' values when "
+                                          "it sweeps), in reports and run lines; default: the method's name and the parameters "
+                                          "that tell its rows apart. Display only: never part of a run's hash")
     students: list[Label] | None = Field(None, min_length=1, description="only with these students (labels); default all")
     #: Report-only (never part of a run's hash): per task and student, the report keeps the
     #: setting of this entry's sweep with the best mean validation score over seeds (ties:
@@ -468,6 +470,35 @@ def selected_label(entry: MethodEntry) -> str:
     return entry.label or entry.name
 
 
+#: leaderboard rows of their own that a method entry's label may not take
+RESERVED_ROWS = ("teacher", "chance")
+
+
+def _overlap(a: MethodEntry, b: MethodEntry) -> bool:
+    return a.students is None or b.students is None or bool(set(a.students) & set(b.students))
+
+
+def _row_name_clashes(methods: list[MethodEntry]) -> list[str]:
+    """Two entries whose rows would share a name (for a shared student) would be averaged
+    together in the report as if they were seeds of one setting: a label must differ from
+    every other entry's label and from the method name of every unlabelled entry.
+    (Two grid-selection entries are checked by :func:`_selection_clashes`.)"""
+    problems = []
+    for i, m in enumerate(methods):
+        if m.label is None:
+            continue
+        if m.label in RESERVED_ROWS:
+            problems.append(f"methods[{i}].label: '{m.label}' names the report's {m.label} row; choose another label")
+        for j, other in enumerate(methods):
+            if j == i or not _overlap(m, other) or (m.grid_selection and other.grid_selection):
+                continue
+            if (j < i and other.label == m.label) or (other.label is None and other.name == m.label):
+                what = "has the same label" if other.label == m.label else f"is the method '{other.name}' without a label"
+                problems.append(f"methods[{i}].label: methods[{j}] {what}, so both would be the leaderboard row "
+                                f"'{m.label[:100]}' for the same students; give each entry its own label")
+    return problems
+
+
 def _selection_clashes(methods: list[MethodEntry]) -> list[str]:
     """Two entries selected on validation under one row name (and a shared student) would
     be averaged together in the report as if they were seeds of one setting."""
@@ -656,6 +687,7 @@ class _SuiteBuilder:
         for i, m in enumerate(spec.methods):
             self._check_method(i, m, student_labels)
         self.problems.extend(_selection_clashes(spec.methods))
+        self.problems.extend(_row_name_clashes(spec.methods))
         if spec.baseline not in {m.name for m in spec.methods}:
             self.problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
         for i, tracker in enumerate(spec.trackers):
@@ -664,6 +696,8 @@ class _SuiteBuilder:
         n_runs = len(self.tasks) * len(self.pairs) * len(self.methods) * len(spec.seeds)
         if n_runs > MAX_RUNS:
             self.problems.append(f"(top level): the suite expands to {n_runs:,} runs, more than the bound of {MAX_RUNS:,}")
+        if not self.problems:  # the models' configs are read only for an otherwise valid suite
+            self._check_models()
 
     def _lookup(self, kind: str, name: str, where: str) -> type | None:
         entry = self.registry.entries[kind].get(name)
@@ -752,6 +786,51 @@ class _SuiteBuilder:
             if missing:
                 self.problems.append(f"methods[{i}]: method '{name}' needs the {role} to expose {missing}, but model "
                                      f"'{model}' ({factory.family}) only exposes {sorted(factory.capabilities)}")
+
+    def _facts(self, m: ModelSpec, where: str) -> ModelFacts | None:
+        """``m``'s facts from its factory's :meth:`~kdbench.api.ModelFactory.inspect`
+        (memoised per model spec), a problem recorded when it is refused."""
+        key = m.model_dump_json()
+        if key not in self._facts_memo:
+            factory = self.factories[m.model]
+            try:
+                self._facts_memo[key] = factory().inspect(factory.Options(**m.options))
+            except KDBenchError as exc:
+                self._facts_memo[key] = None
+                self.problems.append(f"{where}: model '{m.model}': {exc}")
+        return self._facts_memo[key]
+
+    def _check_models(self) -> None:
+        """Each method against each teacher/student pair, before anything is built: the
+        models' facts (layers, width, heads, tokenizer), the method's own
+        :meth:`~kdbench.api.Method.check_models`, and aligned token positions."""
+        self._facts_memo: dict[str, ModelFacts | None] = {}
+        problems = {}
+        for task, _, _ in self.tasks:
+            task_cls = self.registry.task(task.name)
+            try:
+                problem = task_cls(task_cls.Options.model_validate(task.options)).problem
+            except Exception:  # noqa: BLE001 - a task whose problem needs its data: the runner checks the built models
+                continue
+            for i, (teacher, _, student, _) in enumerate(self.pairs):
+                where = f"pairs[{i}]" if self.spec.pairs else "teacher"
+                t_facts = self._facts(teacher, f"{where}.teacher" if self.spec.pairs else "teacher") if teacher is not None else None
+                s_facts = self._facts(student, f"{where}.student" if self.spec.pairs else f"students[{i}]")
+                for j, (name, params, only, uses_teacher) in enumerate(self.methods):
+                    if s_facts is None or (only is not None and (student.label or describe_model(student)) not in only):
+                        continue
+                    if uses_teacher and teacher is not None and t_facts is None:
+                        continue
+                    cls = self.registry.method(name)
+                    try:
+                        method = cls(cls.Params(**params), problem)
+                        if uses_teacher and t_facts is not None:
+                            check_alignment(method, t_facts.encoder_id, s_facts.encoder_id, t_facts.name, s_facts.name)
+                        method.check_models(s_facts, t_facts if uses_teacher else None)  # type: ignore[arg-type]
+                    except KDBenchError as exc:
+                        problems.setdefault(str(exc), f"methods ({name}) with teacher {t_facts.name if t_facts else '-'} and "
+                                                      f"student {s_facts.name}: {exc}")
+        self.problems.extend(problems.values())
 
     def _unhashed(self, task: TaskSpec, teacher: TeacherSpec | None, student: ModelSpec, uses_teacher: bool) -> tuple[str, ...]:
         return (self.unhashed[f"task:{task.name}"]

@@ -124,23 +124,6 @@ def test_tokenisation_cache_is_rebuilt_when_any_input_changes(tmp_path, monkeypa
     assert not list((tmp_path / "encoded").glob("*tmp*"))
 
 
-def test_bert_encoder_fingerprint_follows_the_tokenizer_files(tmp_path):
-    """case: a new vocabulary in the same pretrained folder."""
-    from kdbench_plugins.models.bert import BertFactory, BertOptions
-
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "vocab.txt").write_text("[PAD]\n[CLS]\nhello\n")
-    options = BertOptions(pretrained=str(folder))
-    factory = BertFactory()
-    first = factory.encoder_fingerprint(options)
-    assert len(first) == 64 and factory.encoder_fingerprint(options) == first
-    (folder / "vocab.txt").write_text("[PAD]\n[CLS]\nworld\n")
-    assert factory.encoder_fingerprint(options) != first
-    assert factory.encoder_fingerprint(BertOptions(tiny={"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32})) == ""
-
-
 def _logits_key(monkeypatch, tmp_path, *, weights=1.0, texts=("a", "bb"), encoder="enc-a", files="", max_length=8):
     path = tmp_path / f"ckpt-{weights}.safetensors"
     sha = artefacts.write_tensors(path, {"w": torch.full((2,), weights)})

@@ -17,6 +17,7 @@ from kdbench.report.curves import curve_table, flatness
 from kdbench.report.drift import disagreements, drift_table, updating_methods
 from kdbench.report.frame import filter_runs, runs_frame
 from kdbench.report.integrity import StoreIntegrity, store_integrity
+from kdbench.report.labels import entry_rows
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
 from kdbench.report.selection import GridSelection, select_on_validation
@@ -127,7 +128,8 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     integrity = store_integrity(checked, wanted)
     all_rows = [r for r in checked if r["integrity"] != CORRUPT]
     rows = [r for r in all_rows if wanted is None or r["hash"] in wanted]
-    df = (check_filters if strict_filters else filter_runs)(runs_frame(rows), tasks, methods, students, where)
+    df = (check_filters if strict_filters else filter_runs)(entry_rows(runs_frame(rows), suite_spec), tasks, methods, students,
+                                                            where)  # rows named by labels
     kept = set(df["hash"]) if not df.empty else set()
     teachers = [t for t in store.teachers() if teacher_hashes is None or t["hash"] in teacher_hashes]
     teachers = [t for t in teachers if (not tasks or t["task"] in tasks) and (not methods or "teacher" in methods)]

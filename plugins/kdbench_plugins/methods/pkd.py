@@ -109,6 +109,7 @@ class PKD(Method):
     Params = PKDParams
     student_needs = frozenset({LOGITS, HIDDEN_STATES})
     teacher_needs = frozenset({LOGITS, HIDDEN_STATES})
+    aligned_positions = "its patient term compares the teacher's and the student's hidden states at position 0 ([CLS]) layer by layer"
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
@@ -120,6 +121,10 @@ class PKD(Method):
                 raise IncompatibleModelError(f"pkd's patient term maps the student's layers 1..M-1, and a {s['num_layers']}-layer student has "
                                              "none: the term would be 0 and the run plain KD under pkd's name; use a student with at least "
                                              "2 layers, or beta: 0 for pkd's soft and hard terms alone")
+        if self.params.beta > 0 and False in (s.get("first_token_special"), t.get("first_token_special")):
+            raise IncompatibleModelError("pkd's patient term reads the [CLS] vector at position 0, but the "
+                                         f"{'student' if s.get('first_token_special') is False else 'teacher'}'s tokenizer puts no "
+                                         "special token first; use a tokenizer that starts every sequence with one, or beta: 0")
         if self.params.beta > 0 and s.get("hidden_size") != t.get("hidden_size"):
             raise IncompatibleModelError(f"pkd compares [CLS] states without a projection, but the student is {s.get('hidden_size')} wide "
                                          f"and the teacher {t.get('hidden_size')}; use equal widths (or tinybert, which learns a projection)")
