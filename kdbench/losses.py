@@ -1,15 +1,18 @@
 """Distillation losses and teacher-update helpers shared by methods.
 
 Every function here is public and has one formula. ``p = softmax(z / T)`` is a softened
-distribution; ``s``/``t`` are student/teacher logits (B, C). Losses run in float32 under
-half-precision autocast (see :func:`kdbench.api.full_precision`).
+distribution; ``s``/``t`` are student/teacher logits (..., C): (B, C) per example, or
+(B, L, V) per token with a ``mask`` (B, L) of the positions that count, over which every
+loss here reduces (a position is then what an example is for (B, C): "batch mean" is the
+mean over kept positions). Losses run in float32 under half-precision autocast (see
+:func:`kdbench.api.full_precision`).
 
 * :func:`softened_kl`: ``T^2 * KL(p_t || p_s)``, batch mean (Hinton et al.) or element mean.
 * :func:`probability_mse`: ``T^2 * mean (p_s - p_t)^2`` (MetaDistil's official GLUE soft term).
 * :func:`soft_cross_entropy`: ``-sum_c p_t log p_s`` averaged per example, or per element
   (TinyBERT's official prediction-layer loss).
-* :func:`soft_loss`: the soft term of KD-style methods: one of the two above for
-  classification, MSE between logits for regression.
+* :func:`soft_loss`: the soft term of KD-style methods, the objective's (a bare Problem:
+  :func:`class_soft_loss` for classification, :func:`logit_mse` for regression).
 * :func:`build_teacher_optimizer`, :func:`schedule_ratio`, :func:`teacher_lr_factor`,
   :func:`apply_teacher_gradient`: for methods that update a run's teacher (ProKT, MetaDistil).
 * :func:`output_tensors`, :func:`rng_state`, :func:`replayed_rng`, :func:`output_jvp`,
@@ -33,49 +36,68 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from kdbench.api import ModelOutput, Problem, StepContext, full_precision
+from kdbench.api import ModelOutput, Objective, Problem, StepContext, flat_positions, full_precision
 
 SoftKind = Literal["kl", "mse"]
 
 
-def softened_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: Literal["batchmean", "mean"] = "batchmean") -> Tensor:
+def softened_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: Literal["batchmean", "mean"] = "batchmean",
+                mask: Tensor | None = None) -> Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))``. ``batchmean``: summed over classes,
     averaged over the batch (the KL itself); ``mean``: averaged over batch x classes, as
     ``nn.KLDivLoss(reduction="mean")`` (PKD's official code), C times smaller."""
-    s, t = full_precision(student_logits), full_precision(teacher_logits)
+    s, t = flat_positions(full_precision(student_logits), mask, full_precision(teacher_logits))
     log_p_s = F.log_softmax(s / temperature, dim=-1)
     log_p_t = F.log_softmax(t.to(s.dtype) / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
     return kl / s.shape[-1] if reduction == "mean" else kl  # mean = sum / (B * C), without torch's warning
 
 
-def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
     """``T^2 * mean_{b,c} (softmax(s/T) - softmax(t/T))^2``: MetaDistil's official GLUE soft
     term (``nn.MSELoss()`` on the softened probabilities, times T^2)."""
-    s, t = full_precision(student_logits), full_precision(teacher_logits)
+    s, t = flat_positions(full_precision(student_logits), mask, full_precision(teacher_logits))
     return F.mse_loss(F.softmax(s / temperature, dim=-1), F.softmax(t.to(s.dtype) / temperature, dim=-1)) * temperature**2
 
 
-def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: Literal["mean", "sum"] = "mean",
+                       mask: Tensor | None = None) -> Tensor:
     """``-softmax(t/T) * log_softmax(s/T)``: ``mean`` averages over batch x classes
     (TinyBERT's official ``soft_cross_entropy``); ``sum`` sums over classes and averages
     over the batch (the cross-entropy per example, C times larger)."""
-    s, t = full_precision(student_logits), full_precision(teacher_logits)
+    s, t = flat_positions(full_precision(student_logits), mask, full_precision(teacher_logits))
     terms = -F.softmax(t.to(s.dtype) / temperature, dim=-1) * F.log_softmax(s / temperature, dim=-1)
     return terms.mean() if reduction == "mean" else terms.sum(-1).mean()
 
 
-def soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, problem: Problem,
-              kind: SoftKind = "kl", reduction: Literal["batchmean", "mean"] = "batchmean") -> Tensor:
-    """The soft (teacher) term of KD-style losses. Classification: :func:`softened_kl`
-    (``kind="kl"``, with ``reduction``) or :func:`probability_mse` (``kind="mse"``).
-    Regression, where a temperature means nothing: ``MSE(s, t)`` on the logits."""
+def soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, problem: Problem | Objective,
+              kind: SoftKind = "kl", reduction: Literal["batchmean", "mean"] = "batchmean", mask: Tensor | None = None) -> Tensor:
+    """The soft (teacher) term of KD-style losses: the run's objective's
+    (:meth:`kdbench.api.Objective.soft_loss`) when ``problem`` is one. For a bare
+    :class:`~kdbench.api.Problem`, classification: :func:`softened_kl` (``kind="kl"``, with
+    ``reduction``) or :func:`probability_mse` (``kind="mse"``); regression, where a
+    temperature means nothing: :func:`logit_mse`."""
+    if isinstance(problem, Objective):
+        return problem.soft_loss(student_logits, teacher_logits, temperature, kind, reduction, mask)
     if problem.is_regression:
-        s = full_precision(student_logits)
-        return F.mse_loss(s, full_precision(teacher_logits).to(s.dtype))
+        return logit_mse(student_logits, teacher_logits, mask)
+    return class_soft_loss(student_logits, teacher_logits, temperature, kind, reduction, mask)
+
+
+def class_soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, kind: SoftKind = "kl",
+                    reduction: Literal["batchmean", "mean"] = "batchmean", mask: Tensor | None = None) -> Tensor:
+    """The soft term over class distributions: :func:`softened_kl` (``kind="kl"``) or
+    :func:`probability_mse` (``kind="mse"``)."""
     if kind == "mse":
-        return probability_mse(student_logits, teacher_logits, temperature)
-    return softened_kl(student_logits, teacher_logits, temperature, reduction)
+        return probability_mse(student_logits, teacher_logits, temperature, mask)
+    return softened_kl(student_logits, teacher_logits, temperature, reduction, mask)
+
+
+def logit_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``mean (s - t)^2`` over the logits at the positions ``mask`` keeps (regression's
+    soft term)."""
+    s, t = flat_positions(full_precision(student_logits), mask, full_precision(teacher_logits))
+    return F.mse_loss(s, t.to(s.dtype))
 
 
 # --------------------------------------------------------------------------- teacher updates

@@ -71,12 +71,28 @@ def write_sidecar(path: Path, sha: str | None = None) -> str:
     return sha
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies that share no storage: safetensors refuses tensors that share
+    memory (a language model's tied input and output embeddings); the second name gets
+    its own copy, and loading the state dict ties them again through the model."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, value in tensors.items():
+        t = value.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[name] = t
+    return out
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Save tensors (and string ``metadata``) as safetensors at ``path`` with a checksum;
     returns the sha256. Serialised in memory and written by :func:`write_bytes`: the
     library's own file writer renames a ``.tmpXXXXXX`` file of its own, which a kill at
     the wrong moment would leave behind."""
-    return write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+    return write_bytes(path, save(_unshared(tensors), metadata=metadata))
 
 
 def read_metadata(path: Path) -> dict[str, str]:

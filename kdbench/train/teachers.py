@@ -11,6 +11,7 @@ relative to the results folder, so a results folder can be moved or copied.
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 import warnings
@@ -20,7 +21,7 @@ from typing import Any, Callable, Literal, overload
 
 import torch
 
-from kdbench.api import Batch, KDModel, task_loss
+from kdbench.api import Batch, KDBenchError, KDModel, task_loss
 from kdbench.data import TRAIN, TaskData, labels_tensor, load_task_data
 from kdbench.registry import Registry
 from kdbench.spec import RunSpec, content_hash
@@ -28,7 +29,7 @@ from kdbench.store import DONE, FAILED, ResultsStore
 import kdbench.train.artefacts as artefacts
 from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, seed_everything
-from kdbench.train.evaluation import evaluate, predict
+from kdbench.train.evaluation import METRIC_INFO, evaluate, metric_infos, predict
 from kdbench.train.inputs import ResolvedModel, encoded_splits, model_factory
 from kdbench.train.loop import Diverged, autocast_for, batches, train_loop
 from kdbench.train.optim import build_optimizer, total_steps
@@ -132,6 +133,7 @@ def _fine_tune(spec: RunSpec, registry: Registry, device: torch.device, path: Pa
     sha = artefacts.write_tensors(path, model.state_dict())
     metrics = {k: v for k, v in final.items() if k != "step"}
     metrics["main_metric"] = data.task.main_metric
+    metrics[METRIC_INFO] = {k: v.to_dict() for k, v in metric_infos(data.objective, history or [final], data.task.main_metric).items()}
     cost = meter.summary()
     cost["params_deployed"] = cost["params_training"] = sum(p.numel() for p in model.parameters())
     env = environment(device, data)
@@ -152,7 +154,8 @@ def _train_teacher(model: KDModel, factory: Any, data: TaskData, encoded: dict, 
 
     def step_fn(batch: Batch, step: int) -> dict[str, torch.Tensor]:
         with autocast():
-            loss = task_loss(model(batch.inputs).logits, batch.labels, data.task.problem)
+            out = model(batch.inputs)
+            loss = task_loss(out.logits, data.objective.targets(batch), data.objective, out.mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -305,6 +308,28 @@ def shared_train_logits(checkpoint: TeacherCheckpoint, compute: Callable[[], tor
     logits = compute()
     artefacts.write_tensors(path, {"logits": logits}, metadata={LOGITS_KEY: inputs})
     return logits
+
+
+def shared_teacher_tensors(checkpoint: TeacherCheckpoint, name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Tensors a fixed teacher produced for a method over the training split (its greedy
+    responses, its top-k log-probabilities), named ``name`` (which says everything they
+    depend on besides the teacher), kept beside the checkpoint with a checksum and reused
+    by every method and seed (``StepContext.teacher_cache``); a damaged or unverifiable
+    file is named and rebuilt from ``compute``."""
+    if not re.fullmatch(r"[A-Za-z0-9_.=-]{1,120}", name):
+        raise KDBenchError(f"teacher cache name {name!r}: use letters, digits and _ . = - only (it names a file)")
+    path = checkpoint.path.with_name(f"teacher-{name}.safetensors")
+    what = f"teacher {checkpoint.hash}'s {name}"
+    if path.exists():
+        try:
+            if artefacts.expected_sha(path) is not None:
+                return artefacts.read_tensors(path, what)
+            warnings.warn(f"{what}: {path} has no checksum; computing it again", stacklevel=2)
+        except artefacts.ArtefactError as exc:
+            warnings.warn(f"{exc}; computing it again", stacklevel=2)
+    tensors = compute()
+    artefacts.write_tensors(path, tensors)
+    return tensors
 
 
 def train_logits(teacher: KDModel, spec: RunSpec, registry: Registry, data: TaskData, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,9 @@ Regression (e.g. STS-B), where a temperature has no meaning::
 ``soft_loss: mse`` replaces the KL by ``T^2 * mean_{b,c} (p_s - p_t)^2`` (the soft term of
 MetaDistil's official GLUE code; see :func:`kdbench.losses.probability_mse`).
 
+Both terms come from the task's objective and average over the positions the student's
+output mask keeps (token logits (B, L, V)); per-example logits have no mask.
+
 Defaults: alpha 0.5, T 4, KL (the CRD/RepDistiller CIFAR setting uses alpha 0.9, T 4).
 """
 
@@ -44,8 +47,8 @@ class KD(Method):
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None
         p = self.params
-        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss)
-        hard = task_loss(student.logits, batch.labels, self.problem)
+        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss, mask=student.mask)
+        hard = task_loss(student.logits, batch.labels, self.problem, student.mask)
         return p.alpha * soft + (1 - p.alpha) * hard, {"soft": soft.detach(), "hard": hard.detach()}
 
 
