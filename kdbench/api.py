@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer, model_validator
 from torch import Tensor, nn
 
 # --------------------------------------------------------------------------- errors
@@ -45,9 +47,63 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
+
     @model_serializer(mode="wrap")
     def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
         return omit_added_defaults(self, handler(self))
+
+
+def _admits(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field annotation accepts a value of one of ``kinds`` as such."""
+    if annotation in (Any, object):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _admits(typing.get_args(annotation)[0], kinds)
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits(a, kinds) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return any(isinstance(v, kinds) for v in typing.get_args(annotation))
+    return isinstance(annotation, type) and issubclass(annotation, kinds)
+
+
+def _bool_problems(value: Any, annotation: Any, where: str) -> list[str]:
+    if isinstance(value, bool):
+        numeric = _admits(annotation, (int, float)) and not _admits(annotation, (bool,))
+        return [f"{where}: must be a number, not true/false (got {str(value).lower()})"] if numeric else []
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType, typing.Annotated):
+        # containers inside a union (``tuple[float, ...] | None``): check against each member that is one
+        members = args[:1] if origin is typing.Annotated else args
+        return next((p for a in members if typing.get_origin(a) in (list, tuple, dict) and (p := _bool_problems(value, a, where))), [])
+    if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+        item = args[0] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else None
+        return [p for i, v in enumerate(value) for p in _bool_problems(v, item if item is not None else
+                                                                        (args[i] if i < len(args) else Any), f"{where}[{i}]")]
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return [p for k, v in value.items() for p in _bool_problems(v, args[1], f"{where}.{k}")]
+    return []
+
+
+def refuse_bool_numbers(model: type[BaseModel], data: Any) -> Any:
+    """``data`` unchanged, or a ``ValueError`` naming every field of ``model`` where a
+    boolean was given for a number. Pydantic would turn ``alpha: true`` into 1.0 (YAML's
+    ``yes``/``true``/``on`` are booleans), a silently different hyper-parameter. A model
+    validator (``mode="before"``) of :class:`Options` and of the suite models calls it."""
+    if not isinstance(data, dict):
+        return data
+    problems = []
+    for name, f in model.model_fields.items():
+        key = name if name in data else f.alias if f.alias in data else None
+        if key is not None:
+            problems += _bool_problems(data[key], f.annotation, name)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return data
 
 
 def omit_added_defaults(model: BaseModel, data: Any) -> Any:
@@ -291,6 +347,12 @@ class ModelFactory(ABC):
     def encoder_id(self, options: Options) -> str:
         """A string that identifies the encoding (tokenizer), for caching encoded splits."""
         return self.name
+
+    def encoder_fingerprint(self, options: Options) -> str:
+        """A content hash of the files the encoding reads (e.g. a local tokenizer's
+        vocabulary), so that changed files under the same name never reuse a cached
+        encoding; '' (the default) when :meth:`encoder_id` says it all."""
+        return ""
 
     def inspect(self, options: Options) -> ModelFacts | None:
         """The model's :class:`ModelFacts` read from its configuration, raising a
@@ -812,6 +874,8 @@ class Method(ABC):
       models that cannot expose them are refused before training.
       ``uses_quiz``: the method draws quiz batches (the quiz split is carved out for every
       method anyway, so all methods see the same training data).
+      ``augments_quiz``: the quiz batches get the task's training augmentation (where the
+      task has one); an instance may set it from its params (MetaDistil's ``quiz_augment``).
     """
 
     name: ClassVar[str]
@@ -832,6 +896,7 @@ class Method(ABC):
     #: tokenizers. A suite pairing such a method with models of different encodings
     #: (:meth:`ModelFactory.encoder_id`) is refused at validation.
     aligned_positions: ClassVar[str | None] = None
+    augments_quiz: bool = False
 
     def __init__(self, params: Options, problem: Problem | Objective):
         """``problem``: the task's :class:`Objective` (what the runner passes), or a bare

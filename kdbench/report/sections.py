@@ -10,7 +10,7 @@ import pandas as pd
 
 from kdbench import stats
 from kdbench.report.curves import CURVES_NOTE, MIN_TOLERANCE, curves_display
-from kdbench.report.drift import DRIFT_NOTE, disagreement_notes, drift_display
+from kdbench.report.drift import DRIFT_NOTE, damage_note, disagreement_notes, drift_display
 from kdbench.report.frame import LOSS, PAUSE_RATIO, WIN, reading_note
 from kdbench.report.selection import selection_sections
 from kdbench.report.frame import DEFAULT_MARGIN
@@ -123,7 +123,7 @@ def family_line(report: Any) -> str:
             f"than the task's practical margin; {EQUIV}: equivalent within the margin (two one-sided tests).{power} "
             f"{SMALL_N} n < 3 (smallest attainable p: {stats.min_p(2):.2f} at n = 2, {stats.min_p(1):.0f} at n = 1). "
             f"{TIE} tied for best: 95% interval overlapping the best's and not significantly worse than the baseline."
-            + flagged_line(report))
+            + flagged_line(report) + (f" {damage_note()}" if _any_damaged(report) else ""))
 
 
 def flagged_line(report: Any) -> str:
@@ -133,6 +133,11 @@ def flagged_line(report: Any) -> str:
         return ""
     return " " + " ".join(f"{FLAGGED} {task}: {why}; its column ranks nothing and is left out of the averages."
                           for task, why in flagged.items())
+
+
+def _any_damaged(report: Any) -> bool:
+    board = report.board
+    return "teacher_damaged" in board and bool((board["teacher_damaged"] != "").any())
 
 
 def legend(report: Any) -> list[str]:
@@ -149,6 +154,7 @@ def legend(report: Any) -> list[str]:
         f"corrected over a family of m it can be significant only from the least n with m x 2/2^n < {stats.ALPHA} "
         f"(here m = {report.family}: n ≥ {stats.least_n(report.family) if report.family else '-'}); cells below it say "
         "'impossible' in words.",
+        damage_note(),
         f"Δ 95% CI (exact): {stats.INTERVAL_METHOD}.",
         f"MDD 80%: {stats.POWER_METHOD}.",
         f"Practical margin: the smallest difference that matters, per task (the suite's 'margins', else {DEFAULT_MARGIN:g} "

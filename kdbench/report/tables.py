@@ -15,6 +15,7 @@ SMALL_N, TIE = "†", "≈"
 #: significant but smaller than the task's practical margin (win / loss); equivalent by TOST
 WIN_SMALL, LOSS_SMALL, EQUIV = "△", "▽", "≡"
 FLAGGED = "[flagged]"
+DAMAGED = "‡"  # the method's live teacher ended clearly worse than it started (kdbench.report.drift.TEACHER_DROP)
 SPECIAL_ROWS = ("teacher", "chance")
 
 
@@ -122,6 +123,8 @@ def _decorate(text: str, r: pd.Series, mark: str | None, marks: bool, bold: str 
         return text
     if (marks or bold) and bool(r.get("small_n")):
         text += f" {SMALL_N}"
+    if (marks or bold) and r.get("teacher_damaged"):
+        text += f" {DAMAGED} {r['teacher_damaged']}"
     if mark == "best" and bold:
         text = {"md": f"**{text}**", "latex": f"\x01{text}\x02", "html": f"<b>{text}</b>"}[bold]
     elif mark == "tie" and (marks or bold):
@@ -164,7 +167,8 @@ def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None
     wide["time/run (s)"] = pd.Series({row: "-" if np.isnan(v) else f"{v:.1f}" + (f" ({int(paused[row])} paused)" if paused.get(row, 0) else "")
                                       for row, v in board.groupby("row")["time_per_run_s"].mean().items()})
     nd = students[students["split"] == TEST].groupby("row")[["failed", "diverged", "running"]].sum()
-    wide["not done"] = nd.apply(lambda r: ", ".join(f"{int(r[k])} {k}" for k in ("failed", "diverged", "running") if r[k]) or "0", axis=1)
+    wide["not done"] = pd.Series({row: ", ".join(f"{int(r[k])} {k}" for k in ("failed", "diverged", "running") if r[k]) or "0"
+                                  for row, r in nd.iterrows()}, dtype=object)  # no student rows (only teachers): empty, not a crash
     order = sorted(wide.index, key=lambda r: (0 if r.startswith("teacher") else 1 if r == "chance" else 2, r))
     return wide.reindex(order).fillna("-").rename_axis("method").reset_index()
 
@@ -225,6 +229,11 @@ def result_text(r: Any, result: str) -> str:
     return f"{practical} {mark}" if mark else practical
 
 
+def damaged_note(k_of_n: Any) -> str:
+    """The flags-column text of a row whose live teacher was damaged in ``k_of_n`` seeds."""
+    return f"{DAMAGED} live teacher ended clearly below its start in {k_of_n} seeds" if isinstance(k_of_n, str) and k_of_n else ""
+
+
 def comparison_display(board: pd.DataFrame, baseline: str, correction: str = "holm") -> pd.DataFrame:
     """The statistics table: each task (split), method and student with its interval and
     the paired comparison with the baseline (raw and adjusted p, detectable difference)."""
@@ -247,7 +256,8 @@ def comparison_display(board: pd.DataFrame, baseline: str, correction: str = "ho
             "margin": fmt_num(getattr(r, "margin", np.nan)) if tested else "-",
             f"TOST p ({correction})": fmt_p(getattr(r, "tost_p_adj", np.nan)) if tested else "-",
             "result": result_text(r, result),
-            "flags": "; ".join(x for x in (small_n_note(r.n), r.data_flag, getattr(r, "task_flag", "")) if isinstance(x, str) and x),
+            "flags": "; ".join(x for x in (small_n_note(r.n), r.data_flag, getattr(r, "task_flag", ""),
+                                           damaged_note(getattr(r, "teacher_damaged", ""))) if isinstance(x, str) and x),
             "failed": str(r.failed), "diverged": str(r.diverged),
         })
     return pd.DataFrame.from_records(rows)

@@ -11,7 +11,9 @@ import pandas as pd
 import yaml
 from tabulate import tabulate
 
+from kdbench.loader import printable
 from kdbench.report.frame import LOSS, WIN
+from kdbench.report.integrity import store_lines
 from kdbench.report.sections import CURVES, family_line, figures_for, legend, sections
 
 
@@ -46,7 +48,7 @@ def md_safe(table: pd.DataFrame) -> pd.DataFrame:
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", WIN: r"$\blacktriangle$",
                   LOSS: r"$\blacktriangledown$", "△": r"$\vartriangle$", "▽": r"$\triangledown$", "≡": r"$\equiv$", "≥": r"$\geq$",
-                  "Δ": r"$\Delta$", "×": r"$\times$", "†": r"$\dagger$", "≈": r"$\approx$", "↓": r"$\downarrow$"}
+                  "Δ": r"$\Delta$", "×": r"$\times$", "†": r"$\dagger$", "‡": r"$\ddagger$", "≈": r"$\approx$", "↓": r"$\downarrow$"}
 
 
 def latex_escape(text: str) -> str:
@@ -100,9 +102,8 @@ def render_report(report: Any, fmt: str, plot_links: dict[str, str] | None = Non
     is printed only when ``verbose``."""
     if fmt in ("md", "latex"):
         parts = _file_report(report, fmt, plot_links)
-        if report.missing:
-            parts.append(f"({report.missing} runs of the suite not in the store yet)\n")
-        return "\n".join(parts)
+        parts += [f"({line})\n" if fmt == "md" else f"% {line}\n" for line in store_lines(getattr(report, "integrity", None))]
+        return printable("\n".join(parts))  # labels from a store: never raw controls or bidi overrides in a file
     parts = [report.title + (f"  [subset: {report.subset}]" if report.subset else "") + "\n"]
     if verbose:
         parts.append("\n".join(legend(report)) + "\n")
@@ -117,8 +118,7 @@ def render_report(report: Any, fmt: str, plot_links: dict[str, str] | None = Non
             table = table[[c for c in table.columns if not c.startswith("step ")]]
             note = "Scores at every step: in the report files and with --verbose. " + note
         parts.append(f"\n{title}\n" + render(table, "terminal") + (f"{note}\n" if note else ""))
-    if report.missing:
-        parts.append(f"({report.missing} runs of the suite not in the store yet)\n")
+    parts += [f"({line})\n" for line in store_lines(getattr(report, "integrity", None))]
     title, note = board or ("Leaderboard", family_line(report))
     parts.append(f"\n{title}\n" + render(report.wide(marks=True), "terminal") + note + "\n")
     return "\n".join(parts)
@@ -141,7 +141,9 @@ def report_json(report: Any) -> dict[str, Any]:
             "learning_curve_flatness": rec(report.flatness),
             "environment": report.env, "config": report.config, "infinity": INF_NOTE,
             "margins": report.margins, "flagged_tasks": report.flagged, "sensitivity_interactions": rec(report.interactions),
-            **_selection_json(report, rec)}
+            **_selection_json(report, rec),
+            "store_integrity": report.integrity.as_dict() if getattr(report, "integrity", None) else None,
+            "store_notes": store_lines(getattr(report, "integrity", None))}
 
 
 INF_NOTE = ('infinite values are the strings "inf" and "-inf" (an MDD where significance is impossible at that n, an unbounded '

@@ -138,9 +138,9 @@ class Runner:
         return _Prepared(method, data, factory, encoded, teacher, shared, t_factory, t_encoded, student_model)
 
     def _shared_logits(self, checkpoint: TeacherCheckpoint, teacher: KDModel, spec: RunSpec, data: TaskData) -> torch.Tensor:
-        key = f"{checkpoint.hash}:{checkpoint.sha256}"
+        key = teachers.logits_inputs(checkpoint, spec, self.registry, data)
         if key not in self._teacher_logits:
-            logits = teachers.shared_train_logits(checkpoint, lambda: teachers.train_logits(teacher, spec, self.registry, data, self.device))
+            logits = teachers.shared_train_logits(checkpoint, lambda: teachers.train_logits(teacher, spec, self.registry, data, self.device), key)
             self._teacher_logits[key] = logits.to(self.device)
         return self._teacher_logits[key]
 
@@ -168,7 +168,7 @@ class Runner:
             if quiz_iter is None:
                 quiz_gen = torch.Generator().manual_seed(spec.seed + 1)
                 quiz_iter = batches(p.factory, p.encoded[QUIZ], labels_tensor(p.data, QUIZ), spec.budget.batch_size, quiz_gen, self.device,
-                                    teacher=p.teacher_side(QUIZ))
+                                    p.data.task, p.data.task.has_augmentation and p.method.augments_quiz, teacher=p.teacher_side(QUIZ))
             return next(quiz_iter)
 
         return next_quiz_batch
