@@ -4,6 +4,10 @@ Every function here is public and has one formula. ``p = softmax(z / T)`` is a s
 distribution; ``s``/``t`` are student/teacher logits (B, C). Losses run in float32 under
 half-precision autocast (see :func:`kdbench.api.full_precision`).
 
+* :func:`standardize_logits`: ``(z - mean(z)) / (std(z) + 1e-7)`` per example (logit
+  standardisation, Sun et al. CVPR 2024), the option of every method that softens logits.
+* :func:`soften`: ``z / T`` after optional standardisation: the one place softened
+  logits are made, so an option of one method is the same formula in all of them.
 * :func:`softened_kl`: ``T^2 * KL(p_t || p_s)``, batch mean (Hinton et al.) or element mean.
 * :func:`probability_mse`: ``T^2 * mean (p_s - p_t)^2`` (MetaDistil's official GLUE soft term).
 * :func:`soft_cross_entropy`: ``-sum_c p_t log p_s`` averaged per example, or per element
@@ -25,7 +29,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,27 +37,71 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from kdbench.api import ModelOutput, Problem, StepContext, full_precision
+from kdbench.api import IncompatibleModelError, ModelOutput, Problem, StepContext, added, full_precision
 
 SoftKind = Literal["kl", "mse"]
 
 
-def softened_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: Literal["batchmean", "mean"] = "batchmean") -> Tensor:
+#: what logit standardisation adds to the standard deviation (the authors' ``1e-7``)
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize_logits(logits: Tensor) -> Tensor:
+    """``(z - mean_c z) / (std_c z + 1e-7)`` over the class dimension (the last), with the
+    unbiased (n - 1) standard deviation: ``normalize`` of logit standardisation's official
+    code (sunshangquan/logit-standardization-KD, ``mdistiller/distillers/KD.py`` lines
+    7-10, ``logit.std`` being torch's unbiased default). Sun et al., "Logit
+    Standardization in Knowledge Distillation", CVPR 2024 (arXiv:2403.01427)."""
+    z = full_precision(logits)
+    return (z - z.mean(dim=-1, keepdim=True)) / (STANDARDIZE_EPS + z.std(dim=-1, keepdim=True))
+
+
+def standardization_option() -> Any:
+    """The ``logit_standardization`` field of a method's params: off by default and
+    declared with :func:`kdbench.api.added`, so adding it to a method keeps the hashes of
+    its stored runs; on, the method's softened terms read :func:`standardize_logits`."""
+    return added(False, description="z-score each example's logits before softening (logit standardisation, Sun et al. CVPR 2024: KD+LS, DKD+LS)")
+
+
+def refuse_standardized_regression(method: str, problem: Problem, standardize: bool) -> None:
+    """A regression output is one number per example: standardising it over a single
+    'class' divides zero by zero. Refused before training."""
+    if standardize and problem.is_regression:
+        raise IncompatibleModelError(f"method '{method}': logit_standardization z-scores logits over the classes; "
+                                     "a regression task has one output, so it cannot be used there")
+
+
+def soften(logits: Tensor, temperature: float | Tensor, standardize: bool = False) -> Tensor:
+    """``z / T``, with ``z`` first standardised (:func:`standardize_logits`) when
+    ``standardize``: the logits whose softmax a method compares. Every method with a
+    ``logit_standardization`` option softens through here. ``temperature`` may be a tensor
+    (a learned temperature, CTKD), broadcast against ``logits``."""
+    z = standardize_logits(logits) if standardize else full_precision(logits)
+    return z / temperature
+
+
+def softened_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float | Tensor, reduction: Literal["batchmean", "mean", "none"] = "batchmean",
+                standardize: bool = False) -> Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))``. ``batchmean``: summed over classes,
     averaged over the batch (the KL itself); ``mean``: averaged over batch x classes, as
-    ``nn.KLDivLoss(reduction="mean")`` (PKD's official code), C times smaller."""
-    s, t = full_precision(student_logits), full_precision(teacher_logits)
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    log_p_t = F.log_softmax(t.to(s.dtype) / temperature, dim=-1)
+    ``nn.KLDivLoss(reduction="mean")`` (PKD's official code), C times smaller; ``none``:
+    one value per example. ``standardize``: both sides' logits z-scored first (see
+    :func:`soften`)."""
+    s, t = full_precision(student_logits), full_precision(teacher_logits).to(full_precision(student_logits).dtype)
+    log_p_s = F.log_softmax(soften(s, temperature, standardize), dim=-1)
+    log_p_t = F.log_softmax(soften(t, temperature, standardize), dim=-1)
+    if reduction == "none":
+        return F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1) * temperature**2
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
     return kl / s.shape[-1] if reduction == "mean" else kl  # mean = sum / (B * C), without torch's warning
 
 
-def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float, standardize: bool = False) -> Tensor:
     """``T^2 * mean_{b,c} (softmax(s/T) - softmax(t/T))^2``: MetaDistil's official GLUE soft
     term (``nn.MSELoss()`` on the softened probabilities, times T^2)."""
     s, t = full_precision(student_logits), full_precision(teacher_logits)
-    return F.mse_loss(F.softmax(s / temperature, dim=-1), F.softmax(t.to(s.dtype) / temperature, dim=-1)) * temperature**2
+    t = t.to(s.dtype)
+    return F.mse_loss(F.softmax(soften(s, temperature, standardize), dim=-1), F.softmax(soften(t, temperature, standardize), dim=-1)) * temperature**2
 
 
 def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: Literal["mean", "sum"] = "mean") -> Tensor:
@@ -66,16 +114,17 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperatu
 
 
 def soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, problem: Problem,
-              kind: SoftKind = "kl", reduction: Literal["batchmean", "mean"] = "batchmean") -> Tensor:
+              kind: SoftKind = "kl", reduction: Literal["batchmean", "mean"] = "batchmean", standardize: bool = False) -> Tensor:
     """The soft (teacher) term of KD-style losses. Classification: :func:`softened_kl`
-    (``kind="kl"``, with ``reduction``) or :func:`probability_mse` (``kind="mse"``).
-    Regression, where a temperature means nothing: ``MSE(s, t)`` on the logits."""
+    (``kind="kl"``, with ``reduction``) or :func:`probability_mse` (``kind="mse"``), on
+    standardised logits when ``standardize``. Regression, where a temperature means
+    nothing: ``MSE(s, t)`` on the logits (``standardize`` is refused there by the methods)."""
     if problem.is_regression:
         s = full_precision(student_logits)
         return F.mse_loss(s, full_precision(teacher_logits).to(s.dtype))
     if kind == "mse":
-        return probability_mse(student_logits, teacher_logits, temperature)
-    return softened_kl(student_logits, teacher_logits, temperature, reduction)
+        return probability_mse(student_logits, teacher_logits, temperature, standardize)
+    return softened_kl(student_logits, teacher_logits, temperature, reduction, standardize)
 
 
 # --------------------------------------------------------------------------- teacher updates

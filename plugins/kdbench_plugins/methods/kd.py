@@ -14,6 +14,13 @@ Regression (e.g. STS-B), where a temperature has no meaning::
 ``soft_loss: mse`` replaces the KL by ``T^2 * mean_{b,c} (p_s - p_t)^2`` (the soft term of
 MetaDistil's official GLUE code; see :func:`kdbench.losses.probability_mse`).
 
+``logit_standardization: true`` z-scores each example's student and teacher logits before
+dividing by T (KD+LS of Sun et al., "Logit Standardization in Knowledge Distillation",
+CVPR 2024; :func:`kdbench.losses.standardize_logits`). Their CIFAR-100 KD+LS runs
+(``tools/train.py --logit-stand --base-temp 2 --kd-weight 9``) weigh CE 0.1 and KD 9:
+``alpha`` 9/9.1 keeps that ratio at 1/9.1 of its scale (the student's learning rate
+sees the difference). Classification only.
+
 Defaults: alpha 0.5, T 4, KL (the CRD/RepDistiller CIFAR setting uses alpha 0.9, T 4).
 """
 
@@ -24,15 +31,16 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import Batch, Method, ModelOutput, Options, StepContext, added, task_loss
+from kdbench.api import Batch, KDModel, Method, ModelOutput, Options, StepContext, added, task_loss
 from kdbench.hookspecs import hookimpl
-from kdbench.losses import soft_loss
+from kdbench.losses import refuse_standardized_regression, soft_loss, standardization_option
 
 
 class KDParams(Options):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft (teacher) term")
     temperature: float = Field(4.0, gt=0, description="softmax temperature T")
     soft_loss: Literal["kl", "mse"] = added("kl", description="soft term: T^2*KL (Hinton) or T^2*MSE of softened probabilities (MetaDistil's GLUE code)")
+    logit_standardization: bool = standardization_option()
 
 
 class KD(Method):
@@ -41,10 +49,14 @@ class KD(Method):
     citation = "Hinton, Vinyals, Dean 2015, arXiv:1503.02531"
     Params = KDParams
 
+    def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
+        super().check_models(student, teacher)
+        refuse_standardized_regression(self.name, self.problem, self.params.logit_standardization)
+
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None
         p = self.params
-        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss)
+        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss, standardize=p.logit_standardization)
         hard = task_loss(student.logits, batch.labels, self.problem)
         return p.alpha * soft + (1 - p.alpha) * hard, {"soft": soft.detach(), "hard": hard.detach()}
 
