@@ -63,12 +63,15 @@ def standardization_option() -> Any:
     return added(False, description="z-score each example's logits before softening (logit standardisation, Sun et al. CVPR 2024: KD+LS, DKD+LS)")
 
 
-def refuse_standardized_regression(method: str, problem: Problem, standardize: bool) -> None:
-    """A regression output is one number per example: standardising it over a single
-    'class' divides zero by zero. Refused before training."""
-    if standardize and problem.is_regression:
-        raise IncompatibleModelError(f"method '{method}': logit_standardization z-scores logits over the classes; "
-                                     "a regression task has one output, so it cannot be used there")
+def check_standardization(method: str, problem: Problem, standardize: bool) -> None:
+    """Refuse logit standardisation where it carries no information, before training: a
+    regression output is one number (its z-score divides zero by zero), and two classes
+    z-score to (+-1/sqrt 2) whatever the margin, so the teacher would only say which class
+    wins. It needs a classification task with at least three classes."""
+    if standardize and (problem.is_regression or problem.num_labels < 3):
+        what = "a regression task has one output" if problem.is_regression else f"with {problem.num_labels} classes every example z-scores to the same two values"
+        raise IncompatibleModelError(f"method '{method}': logit_standardization z-scores logits over the classes, and {what}; "
+                                     "it needs a classification task with at least 3 classes")
 
 
 def soften(logits: Tensor, temperature: float | Tensor, standardize: bool = False) -> Tensor:

@@ -102,6 +102,13 @@ def test_the_option_keeps_stored_hashes_and_refuses_regression() -> None:
     assert KDParams(logit_standardization=True).model_dump(mode="json")["logit_standardization"] is True
     with pytest.raises(IncompatibleModelError, match="logit_standardization.*regression"):
         KD(KDParams(logit_standardization=True), Problem("regression", 1)).check_models(tiny_bert(problem=Problem("regression", 1)), None)
+    # two classes z-score to +-1/sqrt(2) whatever the margin: the teacher's soft targets say nothing more than the label
+    two = standardize_logits(t64(np.array([[0.1, 0.2], [5.0, -3.0]])))
+    np.testing.assert_allclose(two.abs().numpy(), 2**-0.5, rtol=1e-5)
+    for cls, params in ((KD, KDParams), (DKD, DKDParams), (DIST, DISTParams), (MLKD, MLKDParams), (CTKD, CTKDParams)):
+        with pytest.raises(IncompatibleModelError, match="at least 3 classes"):
+            cls(params(logit_standardization=True), Problem("classification", 2)).check_models(tiny_cnn(), tiny_cnn())
+        cls(params(logit_standardization=True), C3).check_models(tiny_cnn(problem=C3), tiny_cnn(problem=C3))
 
 
 # ------------------------------------------------------------------ DIST

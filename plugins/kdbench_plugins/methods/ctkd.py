@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from kdbench.api import Batch, IncompatibleModelError, KDModel, Method, ModelOutput, Options, SetupInfo, StepContext, task_loss
 from kdbench.hookspecs import hookimpl
-from kdbench.losses import softened_kl, standardization_option
+from kdbench.losses import check_standardization, softened_kl, standardization_option
 
 
 class CTKDParams(Options):
@@ -97,6 +97,7 @@ class CTKD(Method):
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
+        check_standardization(self.name, self.problem, self.params.logit_standardization)
         if self.problem.is_regression:
             raise IncompatibleModelError("method 'ctkd' learns a softmax temperature; it needs a classification task, not regression")
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from kdbench.api import Batch, IncompatibleModelError, KDModel, Method, ModelOutput, Options, StepContext, task_loss
 from kdbench.hookspecs import hookimpl
-from kdbench.losses import soften, standardization_option
+from kdbench.losses import check_standardization, soften, standardization_option
 
 EPS = 1e-8  # the authors' cosine_similarity eps
 
@@ -67,6 +67,7 @@ class DIST(Method):
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
+        check_standardization(self.name, self.problem, self.params.logit_standardization)
         if self.problem.is_regression:
             raise IncompatibleModelError("method 'dist' correlates class probabilities; it needs a classification task, not regression")
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from kdbench.api import Batch, IncompatibleModelError, KDModel, Method, ModelOutput, Options, StepContext, task_loss
 from kdbench.hookspecs import hookimpl
-from kdbench.losses import soften, standardization_option
+from kdbench.losses import check_standardization, soften, standardization_option
 
 #: what the paper's code subtracts from the target logit to drop it from the softmax
 TARGET_MASK = 1000.0
@@ -85,6 +85,7 @@ class DKD(Method):
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
+        check_standardization(self.name, self.problem, self.params.logit_standardization)
         if self.problem.is_regression:
             raise IncompatibleModelError("method 'dkd' splits class probabilities into target and non-target parts; "
                                          "it needs a classification task, not regression")

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from kdbench.api import Batch, KDModel, Method, ModelOutput, Options, StepContext, added, task_loss
 from kdbench.hookspecs import hookimpl
-from kdbench.losses import refuse_standardized_regression, soft_loss, standardization_option
+from kdbench.losses import check_standardization, soft_loss, standardization_option
 
 
 class KDParams(Options):
@@ -51,7 +51,7 @@ class KD(Method):
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
-        refuse_standardized_regression(self.name, self.problem, self.params.logit_standardization)
+        check_standardization(self.name, self.problem, self.params.logit_standardization)
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from kdbench.api import Batch, IncompatibleModelError, KDModel, Method, ModelOutput, Options, StepContext, task_loss
 from kdbench.hookspecs import hookimpl
-from kdbench.losses import soften, softened_kl, standardization_option
+from kdbench.losses import check_standardization, soften, softened_kl, standardization_option
 
 
 class MLKDParams(Options):
@@ -86,6 +86,7 @@ class MLKD(Method):
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
+        check_standardization(self.name, self.problem, self.params.logit_standardization)
         if self.problem.is_regression:
             raise IncompatibleModelError("method 'mlkd' aligns class probabilities; it needs a classification task, not regression")
 
