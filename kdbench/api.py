@@ -449,6 +449,9 @@ class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     citation: ClassVar[str] = ""
+    #: The loss on one line, as ``kdbench list methods --format md`` shows it (plain text,
+    #: e.g. ``alpha*T^2*KL(p_t||p_s) + (1-alpha)*CE``); empty: the description is shown.
+    formula: ClassVar[str] = ""
     #: Bumped when what a run of this method computes changes under the same params
     #: (a default's meaning, a loss's reduction); say in the docstring what changed.
     version: ClassVar[int] = 1

@@ -92,6 +92,7 @@ class CTKD(Method):
 
     name = "ctkd"
     description = "Curriculum temperature KD: KD at a learned temperature trained adversarially (gradient reversal), cosine curriculum on its strength."
+    formula = 'gamma*CE + alpha*T^2*KL at T = t0 + r*sigmoid(GRL_lambda(w)), lambda cosine 0 -> 1'
     citation = "Li et al. 2023, Curriculum Temperature for Knowledge Distillation, AAAI (arXiv:2211.16231)"
     Params = CTKDParams
 

@@ -62,6 +62,7 @@ class DIST(Method):
 
     name = "dist"
     description = "DIST: 1 - Pearson correlation of softened probabilities, per example (inter-class) and per class (intra-class), + CE."
+    formula = 'CE + beta*T^2*(1 - rho_rows(p_s, p_t)) + gamma*T^2*(1 - rho_cols(p_s, p_t))'
     citation = "Huang et al. 2022, Knowledge Distillation from A Stronger Teacher, NeurIPS (arXiv:2205.10536)"
     Params = DISTParams
 

@@ -80,6 +80,7 @@ class DKD(Method):
 
     name = "dkd"
     description = "Decoupled KD: target-class (TCKD) and non-target-class (NCKD) KL terms weighted separately, with a warm-up."
+    formula = 'gamma*CE + w(step)*(alpha*TCKD + beta*NCKD)'
     citation = "Zhao et al. 2022, Decoupled Knowledge Distillation, CVPR (arXiv:2203.08679)"
     Params = DKDParams
 

@@ -46,6 +46,7 @@ class KDParams(Options):
 class KD(Method):
     name = "kd"
     description = "Hinton KD: alpha*T^2*KL(teacher||student) + (1-alpha)*CE (MSE on logits for regression)."
+    formula = 'alpha*T^2*KL(p_t^T || p_s^T) + (1-alpha)*CE'
     citation = "Hinton, Vinyals, Dean 2015, arXiv:1503.02531"
     Params = KDParams
 

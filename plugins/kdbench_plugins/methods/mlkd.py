@@ -81,6 +81,7 @@ class MLKD(Method):
 
     name = "mlkd"
     description = "Multi-level logit KD: instance (KL), batch and class correlation alignment at several temperatures, confidence-weighted (one view)."
+    formula = '0.1*CE + 0.9*sum_T (f*KD_T + f*BC_T + f_c*CC_T)'
     citation = "Jin, Wang, Lin 2023, Multi-Level Logit Distillation, CVPR"
     Params = MLKDParams
 

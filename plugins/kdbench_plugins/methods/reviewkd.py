@@ -116,6 +116,7 @@ class ReviewKD(Method):
 
     name = "reviewkd"
     description = "Knowledge review: student stages fused deepest-first by attention (ABF), each matched to the teacher's stage by a pyramid MSE (HCL)."
+    formula = 'CE + w(step)*sum_i HCL(ABF_i(F_s), G_t^i)'
     citation = "Chen et al. 2021, Distilling Knowledge via Knowledge Review, CVPR (arXiv:2104.09044)"
     Params = ReviewKDParams
     student_needs = frozenset({LOGITS, FEATURES, PREACT_FEATURES, EMBEDDING})
