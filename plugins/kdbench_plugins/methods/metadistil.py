@@ -161,7 +161,6 @@ class MetaDistil(Method):
 
     name = "metadistil"
     description = "MetaDistil: the teacher is meta-updated from the virtual student's quiz loss (pilot update), around any loss-based method."
-    formula = 'T <- T - lr * d/dT CE(S - eta*grad_S L_inner(S, T); quiz), then S on L_inner(S, T)'
     citation = "Zhou, Xu, McAuley 2022, ACL, arXiv:2106.04570"
     version = 2  # 2: follow_student_schedule renormalises the teacher lr to 1 at teacher_start (was x the student's ratio)
     Params = MetaDistilParams
