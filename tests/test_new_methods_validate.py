@@ -1,0 +1,61 @@
+"""Bad input for the methods published since 2021, refused by `kdbench validate` / `run`
+with exit code 2 and a message naming the field, before anything is written: a method that
+needs feature maps on a model exposing none, a temperature curriculum with no steps,
+MLKD's empty temperature list, and the companion suite itself valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdbench import cli
+from kdbench.registry import set_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "benchmarks" / "smoke.yaml"
+VISION = ROOT / "benchmarks" / "vision-cpu-2021.yaml"
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    set_registry(None)
+    try:
+        code = cli.main(list(args))
+    finally:
+        set_registry(None)
+    return code, capsys.readouterr().err
+
+
+def suite_with(tmp_path: Path, base: Path, methods: list[dict]) -> Path:
+    data = yaml.safe_load(base.read_text())
+    data["methods"] = [{"name": "kd"}, *methods]
+    data["baseline"] = "kd"
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("base, method, expected", [
+    (SMOKE, {"name": "reviewkd"}, "methods[1]: method 'reviewkd' needs the student to expose ['features', 'preact_features'], but model 'bert' (transformer)"),
+    (VISION, {"name": "ctkd", "params": {"curriculum_fraction": 0}}, "methods[1].params.curriculum_fraction: Input should be greater than 0"),
+    (VISION, {"name": "mlkd", "params": {"temperatures": []}}, "methods[1].params.temperatures: List should have at least 1 item"),
+    (VISION, {"name": "mlkd", "params": {"temperatures": [2.0, -1.0]}}, "methods[1].params.temperatures[1]: Input should be greater than 0"),
+])
+def test_refused_at_validate_and_nothing_written(tmp_path, capsys, base: Path, method: dict, expected: str) -> None:
+    suite = suite_with(tmp_path, base, [method])
+    code, err = run_cli(capsys, "validate", str(suite))
+    assert code == 2 and expected in err, err
+    results = tmp_path / "results"
+    code, err = run_cli(capsys, "run", str(suite), "--results", str(results))
+    assert code == 2 and expected in err and not results.exists()
+
+
+def test_companion_suite_expands_as_designed() -> None:
+    from kdbench.spec import load_suite
+
+    suite = load_suite(VISION)
+    assert len(suite.runs) == 8 * (5 + 4 * 3)  # 5 single settings, 4 swept over 3 values
+    ls = [r for r in suite.runs if r.params.get("logit_standardization")]
+    assert {r.method for r in ls} == {"kd", "dkd"} and len(ls) == 2 * 3 * 8
+    assert {r.method for r in suite.runs} == {"none", "kd", "dkd", "dist", "mlkd", "ctkd", "reviewkd"}
