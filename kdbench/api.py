@@ -132,6 +132,10 @@ ATTENTION_SCORES = "attention_scores"
 FEATURES = "features"
 PREACT_FEATURES = "preact_features"
 EMBEDDING = "embedding"
+ATTENTION_PROBS = "attention_probs"
+QUERIES = "queries"
+KEYS = "keys"
+VALUES = "values"
 
 
 @dataclass
@@ -149,6 +153,11 @@ class ModelOutput:
     ``preact_features``: CNNs only; for each feature map, the tensor whose ReLU the network
     takes next (ResNet/VGG: the map before its ReLU; WRN: the next BatchNorm's output).
     ``embedding``: the penultimate representation fed to the classifier, (B, D).
+    ``attention_probs``: transformers only; the model's own attention probabilities per
+    layer (its ``output_attentions``), (B, heads, L, L), rows over keys summing to 1.
+    ``queries`` / ``keys`` / ``values``: transformers only; each layer's query, key and
+    value projections split into heads, (B, heads, L, head_dim) (MiniLM's value relations,
+    MiniLMv2's q/k/v relations), where the model family declares them.
     Fields a forward pass was not asked for are ``None``.
     """
 
@@ -159,6 +168,10 @@ class ModelOutput:
     features: tuple[Tensor, ...] | None = None
     preact_features: tuple[Tensor, ...] | None = None
     embedding: Tensor | None = None
+    attention_probs: tuple[Tensor, ...] | None = None
+    queries: tuple[Tensor, ...] | None = None
+    keys: tuple[Tensor, ...] | None = None
+    values: tuple[Tensor, ...] | None = None
 
 
 class KDModel(nn.Module):
@@ -209,6 +222,25 @@ Encoded = dict[str, Tensor]
 """A split encoded for a model: tensors with the example index as first dimension."""
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a factory can say about a model from its options alone, without building it
+    (a config file and a tokenizer read, no weights): what :meth:`ModelFactory.inspect`
+    returns. It answers ``capabilities``, ``family`` and ``describe()`` as the built model
+    would, so ``kdbench validate`` runs each method's :meth:`Method.check_models` on it and
+    refuses an incompatible pair before anything is trained or written."""
+
+    name: str  # the model as a reader knows it (factory and checkpoint), for messages
+    family: str
+    capabilities: frozenset[str]
+    encoder_id: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """The built model's :meth:`KDModel.describe` (layers, width, heads, ...)."""
+        return dict(self.facts)
+
+
 class ModelFactory(ABC):
     """Builds models of one family from validated options.
 
@@ -236,6 +268,14 @@ class ModelFactory(ABC):
     def encoder_id(self, options: Options) -> str:
         """A string that identifies the encoding (tokenizer), for caching encoded splits."""
         return self.name
+
+    def inspect(self, options: Options) -> ModelFacts | None:
+        """The model's :class:`ModelFacts` read from its configuration, raising a
+        :class:`KDBenchError` naming what is wrong (an unknown checkpoint folder, layers it
+        does not have, a tokenizer that does not fit the model); called by ``kdbench
+        validate``. Default None: nothing to check before building (the runner still
+        checks the built models)."""
+        return None
 
     def collate(self, encoded: Encoded, index: Tensor) -> dict[str, Tensor]:
         """Select a batch from an encoded split. Default: index every tensor."""
@@ -292,13 +332,41 @@ class Task(ABC):
 # --------------------------------------------------------------------------- methods
 
 
+STUDENT, TEACHER = "student", "teacher"
+"""The two roles a model plays in a run (:meth:`Batch.inputs_for`)."""
+
+
 @dataclass
 class Batch:
-    """A training or evaluation batch on the training device."""
+    """A training or evaluation batch on the training device.
+
+    ``inputs`` is the student's encoding of the batch's examples, ``teacher_inputs`` the
+    teacher's encoding of the same examples in the same order. When the two models share
+    an encoding (the same :meth:`ModelFactory.encoder_id`: one tokenizer) both names hold
+    the *same* object, so a shared tokenizer costs nothing extra; leaving
+    ``teacher_inputs`` out means exactly that. Read them through :meth:`inputs_for`."""
 
     inputs: dict[str, Tensor]
     labels: Tensor
     index: Tensor  # example indices within the split (keys the shared teacher outputs)
+    teacher_inputs: dict[str, Tensor] = None  # type: ignore[assignment]  # None -> the student's (same object)
+
+    def __post_init__(self) -> None:
+        if self.teacher_inputs is None:
+            self.teacher_inputs = self.inputs
+
+    def inputs_for(self, role: str) -> dict[str, Tensor]:
+        """The encoding of this batch for ``role`` (``"student"`` or ``"teacher"``)."""
+        if role == STUDENT:
+            return self.inputs
+        if role == TEACHER:
+            return self.teacher_inputs
+        raise ValueError(f"unknown role {role!r} (allowed: {STUDENT!r}, {TEACHER!r})")
+
+    @property
+    def shares_inputs(self) -> bool:
+        """True when teacher and student read one encoding (token positions line up)."""
+        return self.teacher_inputs is self.inputs
 
 
 @dataclass
@@ -461,6 +529,12 @@ class Method(ABC):
     student_needs: ClassVar[frozenset[str]] = frozenset({LOGITS})
     teacher_needs: ClassVar[frozenset[str]] = frozenset({LOGITS})
     uses_quiz: ClassVar[bool] = False
+    #: Why the method needs teacher and student to see the *same token positions* (e.g.
+    #: "it compares the [CLS] vectors at position 0 layer by layer"), or None for a method
+    #: that reads per-example outputs only (logits, pooled embeddings) and so works across
+    #: tokenizers. A suite pairing such a method with models of different encodings
+    #: (:meth:`ModelFactory.encoder_id`) is refused at validation.
+    aligned_positions: ClassVar[str | None] = None
 
     def __init__(self, params: Options, problem: Problem):
         self.params = params
@@ -468,7 +542,9 @@ class Method(ABC):
 
     # -- checks and set-up -------------------------------------------------------------
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
-        """Raise :class:`IncompatibleModelError` naming what a model lacks."""
+        """Raise :class:`IncompatibleModelError` naming what a model lacks. Called at
+        validation with :class:`ModelFacts` (read ``capabilities``, ``family`` and
+        ``describe()`` only) and again on the built models before training."""
         for role, model, needs in (("student", student, self.student_needs), ("teacher", teacher, self.teacher_needs)):
             if model is None or (role == "teacher" and not self.uses_teacher):
                 continue
@@ -505,9 +581,9 @@ class Method(ABC):
 
     def train_step(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
         """One student optimizer step; returns named scalars, ``loss`` first."""
-        teacher_out = ctx.teacher_forward(batch, self.teacher_needs) if self.uses_teacher else None
+        teacher_out = ctx.teacher_forward(batch, self.teacher_needs) if self.uses_teacher else None  # reads batch.teacher_inputs
         with ctx.autocast():
-            student_out = ctx.student(batch.inputs, need=self.student_needs)
+            student_out = ctx.student(batch.inputs_for(STUDENT), need=self.student_needs)
             loss, parts = self.loss(student_out, teacher_out, batch, ctx)
         ctx.student_step(loss)
         return step_values(loss, parts)
@@ -522,6 +598,21 @@ class Method(ABC):
     def can_share_teacher_outputs(self) -> bool:
         """Fixed-teacher methods may read precomputed teacher outputs (logits only)."""
         return self.uses_teacher and not self.updates_teacher and set(self.teacher_needs) <= {LOGITS}
+
+
+def check_alignment(method: Method | type[Method], teacher_encoding: str, student_encoding: str,
+                    teacher_name: str = "", student_name: str = "") -> None:
+    """Refuse a method that declares :attr:`Method.aligned_positions` on a teacher and a
+    student that encode inputs differently (two tokenizers: position ``i`` is not the same
+    token in both), naming the method, both encodings (and models) and why it needs them."""
+    why = method.aligned_positions
+    if why is not None and teacher_encoding != student_encoding:
+        t = f"{teacher_encoding} (model {teacher_name})" if teacher_name else teacher_encoding
+        s = f"{student_encoding} (model {student_name})" if student_name else student_encoding
+        raise IncompatibleModelError(
+            f"method '{method.name}' needs teacher and student to see the same token positions: {why}; but the teacher's "
+            f"tokenizer is {t} and the student's {s}, so position i is not the same token in both. Use models that share "
+            "a tokenizer, or a method that reads per-example outputs only (logits, pooled embeddings)")
 
 
 def step_values(loss: Tensor, parts: dict[str, Tensor], **more: Tensor) -> dict[str, Tensor]:

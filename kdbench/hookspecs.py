@@ -12,6 +12,7 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdbench.api import Method, ModelFactory, Task
+    from kdbench.encoders import EncoderFamily
     from kdbench.protocols import Executor, Tracker
 
 # ``RunSpec`` (kdbench.spec) is named, not imported: spec imports the registry, which
@@ -40,6 +41,14 @@ def kdbench_tasks() -> list[type[Task]]:
 @hookspec
 def kdbench_models() -> list[type[ModelFactory]]:
     """Return the model factory classes (:class:`kdbench.api.ModelFactory`) this plugin provides."""
+
+
+@hookspec
+def kdbench_families() -> list[type[EncoderFamily]]:
+    """Return the Hugging Face encoder families (:class:`kdbench.encoders.EncoderFamily`
+    subclasses, each with a unique ``name``) this plugin provides: the ``hf`` model factory
+    builds any of them (``family: NAME``, or a pretrained checkpoint of one of its
+    ``model_types``). See docs/model-families.md."""
 
 
 @hookspec

@@ -16,10 +16,12 @@ import pluggy
 
 from kdbench import hookspecs
 from kdbench.api import KDBenchError, Method, ModelFactory, Task
+from kdbench.encoders import EncoderFamily
 from kdbench.protocols import Executor, Tracker
 
 ENTRY_POINT_GROUP = "kdbench"
-KINDS = {"methods": Method, "tasks": Task, "models": ModelFactory, "executors": Executor, "trackers": Tracker}
+KINDS = {"methods": Method, "tasks": Task, "models": ModelFactory, "executors": Executor, "trackers": Tracker,
+         "families": EncoderFamily}
 #: Names a plugin may not take, per kind, and why: ``teacher`` names the teacher's own rows
 #: in the store and the report.
 RESERVED = {"methods": {"teacher": "it names the teacher's rows in results and reports"}}
@@ -129,6 +131,9 @@ class Registry:
 
     def tracker(self, name: str) -> type[Tracker]:
         return self.get("trackers", name)
+
+    def family(self, name: str) -> type[EncoderFamily]:
+        return self.get("families", name)
 
     def listing(self, kind: str, pattern: str = "*") -> list[Entry]:
         return [self.entries[kind][n] for n in self.names(kind, pattern)]

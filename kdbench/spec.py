@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer, model_validator
 
-from kdbench.api import KDBenchError, added, omit_added_defaults, unhashed_fields
+from kdbench.api import KDBenchError, ModelFacts, added, check_alignment, omit_added_defaults, unhashed_fields
 from kdbench.loader import MAX_BYTES, LoadError, parse_yaml, snippet
 from kdbench.registry import Registry, did_you_mean, get_registry
 from kdbench.recipes import expand_recipes
@@ -619,6 +619,8 @@ class _SuiteBuilder:
         for i, m in enumerate(spec.methods):
             self._check_method(i, m, student_labels)
         self.problems.extend(_selection_clashes(spec.methods))
+        if not self.problems:
+            self._check_models()
         if spec.baseline not in {m.name for m in spec.methods}:
             self.problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
         for i, tracker in enumerate(spec.trackers):
@@ -713,6 +715,48 @@ class _SuiteBuilder:
             if missing:
                 self.problems.append(f"methods[{i}]: method '{name}' needs the {role} to expose {missing}, but model "
                                      f"'{model}' ({factory.family}) only exposes {sorted(factory.capabilities)}")
+
+    def _facts(self, m: ModelSpec, where: str) -> ModelFacts | None:
+        """``m``'s facts from its factory's :meth:`~kdbench.api.ModelFactory.inspect`
+        (memoised per model spec), a problem recorded when it is refused."""
+        key = m.model_dump_json()
+        if key not in self._facts_memo:
+            factory = self.factories[m.model]
+            try:
+                self._facts_memo[key] = factory().inspect(factory.Options(**m.options))
+            except KDBenchError as exc:
+                self._facts_memo[key] = None
+                self.problems.append(f"{where}: model '{m.model}': {exc}")
+        return self._facts_memo[key]
+
+    def _check_models(self) -> None:
+        """Each method against each teacher/student pair, before anything is built: the
+        models' facts (layers, width, heads, tokenizer), the method's own
+        :meth:`~kdbench.api.Method.check_models`, and aligned token positions."""
+        self._facts_memo: dict[str, ModelFacts | None] = {}
+        problems = {}
+        for task, _, _ in self.tasks:
+            task_cls = self.registry.task(task.name)
+            problem = task_cls(task_cls.Options(**task.options)).problem
+            for i, (teacher, _, student, _) in enumerate(self.pairs):
+                where = f"pairs[{i}]" if self.spec.pairs else "teacher"
+                t_facts = self._facts(teacher, f"{where}.teacher" if self.spec.pairs else "teacher") if teacher is not None else None
+                s_facts = self._facts(student, f"{where}.student" if self.spec.pairs else f"students[{i}]")
+                for j, (name, params, only, uses_teacher) in enumerate(self.methods):
+                    if s_facts is None or (only is not None and (student.label or describe_model(student)) not in only):
+                        continue
+                    if uses_teacher and teacher is not None and t_facts is None:
+                        continue
+                    cls = self.registry.method(name)
+                    try:
+                        method = cls(cls.Params(**params), problem)
+                        if uses_teacher and t_facts is not None:
+                            check_alignment(method, t_facts.encoder_id, s_facts.encoder_id, t_facts.name, s_facts.name)
+                        method.check_models(s_facts, t_facts if uses_teacher else None)  # type: ignore[arg-type]
+                    except KDBenchError as exc:
+                        problems.setdefault(str(exc), f"methods ({name}) with teacher {t_facts.name if t_facts else '-'} and "
+                                                      f"student {s_facts.name}: {exc}")
+        self.problems.extend(problems.values())
 
     def _unhashed(self, task: TaskSpec, teacher: TeacherSpec | None, student: ModelSpec, uses_teacher: bool) -> tuple[str, ...]:
         return (self.unhashed[f"task:{task.name}"]

@@ -19,6 +19,13 @@ def model_factory(registry: Registry, spec: ModelSpec) -> tuple[ModelFactory, An
     return cls(), cls.Options(**spec.options)
 
 
+def encoding_id(registry: Registry, spec: ModelSpec) -> str:
+    """The identity of ``spec``'s encoding (its factory's ``encoder_id``): two models with
+    the same one read the same tensors, so a run encodes the split once for both."""
+    factory, options = model_factory(registry, spec)
+    return factory.encoder_id(options)
+
+
 def encoded_splits(registry: Registry, run: RunSpec, data: TaskData, model_spec: ModelSpec,
                    splits: list[str]) -> tuple[ModelFactory, dict[str, dict[str, torch.Tensor]]]:
     """The splits of ``data`` (those that exist) encoded for ``model_spec``, cached per

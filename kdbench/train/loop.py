@@ -8,11 +8,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kdbench.api import Batch, KDModel, ModelFactory, iter_batches
+from kdbench.api import Batch, KDBenchError, KDModel, ModelFactory, iter_batches
 from kdbench.spec import Budget
 from kdbench.train.cost import CostMeter
 
 Evaluation = dict[str, dict[str, float]]
+RoleInputs = tuple[ModelFactory, dict[str, torch.Tensor]]
+"""A model's factory and its encoding of one split (what collates that model's inputs)."""
 
 
 class Diverged(Exception):
@@ -30,21 +32,33 @@ def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContex
     return contextlib.nullcontext
 
 
+def _to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        inputs = {k: v.pin_memory() for k, v in inputs.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
 def batches(factory: ModelFactory, encoded: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int,
             generator: torch.Generator, device: torch.device, task: Any = None, augment: bool = False,
-            meter: CostMeter | None = None) -> Iterator[Batch]:
+            meter: CostMeter | None = None, teacher: RoleInputs | None = None) -> Iterator[Batch]:
     """Endless shuffled batches on ``device`` (epoch after epoch, order from ``generator``),
-    augmented by the task when asked; time spent here counts as waiting for data."""
-    pin = device.type == "cuda"
+    augmented by the task when asked; time spent here counts as waiting for data.
+
+    ``teacher``: the teacher's factory and encoding of the same split, collated with the
+    same example indices into ``Batch.teacher_inputs``. When it is None or its encoding is
+    the student's own object (one tokenizer), the batch's two inputs are one object and
+    nothing is collated twice."""
+    separate = teacher is not None and teacher[1] is not encoded
+    if separate and augment:
+        raise KDBenchError("a task that augments its inputs needs teacher and student to share one encoding: the augmentation "
+                           "draws once per batch and cannot be applied alike to two encodings")
     for index in iter_batches(labels.shape[0], batch_size, generator):
         t0 = time.perf_counter()
-        inputs = factory.collate(encoded, index)
-        if pin:
-            inputs = {k: v.pin_memory() for k, v in inputs.items()}
-        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        inputs = _to_device(factory.collate(encoded, index), device)
         if augment:
             inputs = task.augment(inputs, generator)
-        batch = Batch(inputs, labels[index].to(device, non_blocking=True), index)
+        teacher_inputs = _to_device(teacher[0].collate(teacher[1], index), device) if separate else inputs  # type: ignore[index]
+        batch = Batch(inputs, labels[index].to(device, non_blocking=True), index, teacher_inputs)
         if meter is not None:
             meter.data_wait += time.perf_counter() - t0
         yield batch

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kdbench.api import LOGITS, Batch, KDBenchError, KDModel, Method, ModelOutput, SetupInfo, StepContext, set_trainable
+from kdbench.api import LOGITS, TEACHER as TEACHER_ROLE, Batch, KDBenchError, KDModel, Method, ModelOutput, SetupInfo, StepContext, check_alignment, set_trainable
 from kdbench.data import QUIZ, TRAIN, VALIDATION, TaskData, labels_tensor, load_task_data
 from kdbench.registry import Registry, call_lifecycle, get_registry
 from kdbench.spec import RunSpec
@@ -23,8 +23,8 @@ import kdbench.train.teachers as teachers
 from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
 from kdbench.train.evaluation import TEACHER, DeferredTest, TeacherDrift, evaluate, select_metrics
-from kdbench.train.inputs import encoded_splits, model_factory
-from kdbench.train.loop import Diverged, autocast_for, batches, train_loop
+from kdbench.train.inputs import encoded_splits, encoding_id, model_factory
+from kdbench.train.loop import Diverged, RoleInputs, autocast_for, batches, train_loop
 from kdbench.train.optim import build_optimizer, total_steps
 from kdbench.train.teachers import TeacherCheckpoint
 from kdbench.train.trackers import RunTrackers
@@ -51,6 +51,14 @@ class _Prepared:
     encoded: dict[str, dict[str, torch.Tensor]]
     teacher: KDModel | None
     shared: torch.Tensor | None
+    #: the teacher's factory and encoded splits; a split's encoding is the student's own
+    #: object when the two share a tokenizer (``encoder_id``), so nothing is encoded twice
+    teacher_factory: Any = None
+    teacher_encoded: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def teacher_side(self, split: str) -> RoleInputs | None:
+        """What :func:`~kdbench.train.loop.batches` needs to collate the teacher's inputs."""
+        return (self.teacher_factory, self.teacher_encoded[split]) if self.teacher is not None else None
 
 
 class Runner:
@@ -115,13 +123,16 @@ class Runner:
                 raise KDBenchError(f"run {spec.hash} needs the checkpoint of teacher {spec.teacher_hash}: "
                                    "the executor's teachers-first phase provides it (kdbench.train.teachers.provide_teacher)")
             teacher = teachers.load_teacher(checkpoint, spec, self.registry, data, self.device)
-        factory, encoded = encoded_splits(self.registry, spec, data, spec.student, [TRAIN, QUIZ, *data.eval_splits])
+        splits = [TRAIN, QUIZ, *data.eval_splits]
+        factory, encoded = encoded_splits(self.registry, spec, data, spec.student, splits)
+        t_factory, t_encoded = None, {}
+        if teacher is not None:
+            t_factory, t_encoded = encoded_splits(self.registry, spec, data, spec.teacher, splits)  # type: ignore[arg-type]
+            check_alignment(method, encoding_id(self.registry, spec.teacher), encoding_id(self.registry, spec.student))  # type: ignore[arg-type]
         shared = None
         if teacher is not None and self.share_teacher_outputs and method.can_share_teacher_outputs and not data.task.has_augmentation:
             shared = self._shared_logits(checkpoint, teacher, spec, data)  # type: ignore[arg-type]
-        if teacher is not None:
-            self._check_same_encoding(spec)
-        return _Prepared(method, data, factory, encoded, teacher, shared)
+        return _Prepared(method, data, factory, encoded, teacher, shared, t_factory, t_encoded)
 
     def _shared_logits(self, checkpoint: TeacherCheckpoint, teacher: KDModel, spec: RunSpec, data: TaskData) -> torch.Tensor:
         key = f"{checkpoint.hash}:{checkpoint.sha256}"
@@ -129,13 +140,6 @@ class Runner:
             logits = teachers.shared_train_logits(checkpoint, lambda: teachers.train_logits(teacher, spec, self.registry, data, self.device))
             self._teacher_logits[key] = logits.to(self.device)
         return self._teacher_logits[key]
-
-    def _check_same_encoding(self, spec: RunSpec) -> None:
-        t_factory, t_options = model_factory(self.registry, spec.teacher)  # type: ignore[arg-type]
-        s_factory, s_options = model_factory(self.registry, spec.student)
-        if t_factory.encoder_id(t_options) != s_factory.encoder_id(s_options):
-            raise KDBenchError(f"teacher ({t_factory.encoder_id(t_options)}) and student ({s_factory.encoder_id(s_options)}) "
-                               "encode inputs differently; kdbench feeds both the same batch, so they must share a tokenizer")
 
     def _teacher_forward(self, teacher: KDModel | None, shared: torch.Tensor | None) -> Callable[[Batch, frozenset[str]], ModelOutput]:
         def teacher_forward(batch: Batch, need: frozenset[str]) -> ModelOutput:
@@ -145,7 +149,7 @@ class Runner:
             was_training = teacher.training
             teacher.eval()
             with torch.no_grad():
-                out = teacher(batch.inputs, need=need)
+                out = teacher(batch.inputs_for(TEACHER_ROLE), need=need)
             teacher.train(was_training)
             return out
 
@@ -160,7 +164,8 @@ class Runner:
                 raise KDBenchError(f"method '{spec.method}' needs a quiz split; set quiz_fraction > 0")
             if quiz_iter is None:
                 quiz_gen = torch.Generator().manual_seed(spec.seed + 1)
-                quiz_iter = batches(p.factory, p.encoded[QUIZ], labels_tensor(p.data, QUIZ), spec.budget.batch_size, quiz_gen, self.device)
+                quiz_iter = batches(p.factory, p.encoded[QUIZ], labels_tensor(p.data, QUIZ), spec.budget.batch_size, quiz_gen, self.device,
+                                    teacher=p.teacher_side(QUIZ))
             return next(quiz_iter)
 
         return next_quiz_batch
@@ -170,7 +175,8 @@ class Runner:
         step count and the deployed parameter count."""
         labels = labels_tensor(p.data, TRAIN)
         steps = total_steps(spec.budget, labels.shape[0])
-        sample = next(batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, torch.Generator().manual_seed(spec.seed), self.device))
+        sample = next(batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, torch.Generator().manual_seed(spec.seed), self.device,
+                              teacher=p.teacher_side(TRAIN)))
         extra = p.method.extra_modules(student, p.teacher, SetupInfo(sample=sample, train_size=labels.shape[0], device=self.device))
         extra = extra.to(self.device) if extra is not None else None
         params = list(student.parameters()) + (list(extra.parameters()) if extra is not None else [])
@@ -202,7 +208,7 @@ class Runner:
         meter = CostMeter(self.device)
         labels = labels_tensor(p.data, TRAIN)
         train_batches = batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, torch.Generator().manual_seed(spec.seed),
-                                self.device, p.data.task, p.data.task.has_augmentation, meter)
+                                self.device, p.data.task, p.data.task.has_augmentation, meter, teacher=p.teacher_side(TRAIN))
 
         def step_fn(batch: Batch, step: int) -> dict[str, torch.Tensor]:
             ctx.step = step
@@ -241,7 +247,7 @@ class Runner:
         if p.teacher is None or not p.method.updates_teacher:
             return None
         t0 = time.perf_counter()
-        drifts = [TeacherDrift(p.teacher, p.factory, p.data, p.encoded[split], spec.budget.eval_batch_size, self.device, split=split)
+        drifts = [TeacherDrift(p.teacher, p.teacher_factory, p.data, p.teacher_encoded[split], spec.budget.eval_batch_size, self.device, split=split)
                   for split in self.drift_splits]
         meter.eval_time += time.perf_counter() - t0
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdbench.api import EMBEDDING, LOGITS, Batch, KDBenchError, KDModel, Method, ModelOutput, Options, SetupInfo, StepContext, task_loss
+from kdbench.api import EMBEDDING, LOGITS, STUDENT, TEACHER, Batch, KDBenchError, KDModel, Method, ModelOutput, Options, SetupInfo, StepContext, task_loss
 from kdbench.hookspecs import hookimpl
 from kdbench.losses import soft_loss
 
@@ -137,11 +137,11 @@ class CRD(Method):
             raise KDBenchError("method 'crd' needs at least 2 training examples to draw negatives from")
         p = self.params
         dims = []
-        for model in (student, teacher):
+        for model, role in ((student, STUDENT), (teacher, TEACHER)):
             was_training = model.training
             model.eval()  # a probe: leave BatchNorm statistics alone
             with torch.no_grad():
-                emb = model(info.sample.inputs, need=frozenset({EMBEDDING})).embedding
+                emb = model(info.sample.inputs_for(role), need=frozenset({EMBEDDING})).embedding
             model.train(was_training)
             assert emb is not None
             dims.append(emb.flatten(1).shape[1])

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from kdbench.api import (
     FEATURES,
     LOGITS,
+    STUDENT,
+    TEACHER,
     Batch,
     IncompatibleModelError,
     KDModel,
@@ -80,12 +82,12 @@ class HintRegressor(nn.Module):
         return torch.relu(self.bn(self.conv(f)))
 
 
-def _feature_shapes(model: KDModel, info: SetupInfo) -> list[tuple[int, ...]]:
+def _feature_shapes(model: KDModel, info: SetupInfo, role: str) -> list[tuple[int, ...]]:
     """Feature map shapes from one forward on the sample batch, leaving BN statistics alone."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model(info.sample.inputs, need=frozenset({FEATURES}))
+        out = model(info.sample.inputs_for(role), need=frozenset({FEATURES}))
     model.train(was_training)
     assert out.features is not None
     return [tuple(f.shape) for f in out.features]
@@ -117,7 +119,7 @@ class FitNet(Method):
     def extra_modules(self, student: KDModel, teacher: KDModel | None, info: SetupInfo) -> nn.Module:
         assert teacher is not None
         h = self.params.hint_layer
-        s_shapes, t_shapes = _feature_shapes(student, info), _feature_shapes(teacher, info)
+        s_shapes, t_shapes = _feature_shapes(student, info, STUDENT), _feature_shapes(teacher, info, TEACHER)
         if h >= min(len(s_shapes), len(t_shapes)):
             raise IncompatibleModelError(
                 f"method 'fitnet' uses hint_layer {h}, but the student has {len(s_shapes)} and the "

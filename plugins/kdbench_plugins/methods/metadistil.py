@@ -171,8 +171,9 @@ class MetaDistil(Method):
         super().__init__(params, problem)
         assert params._inner_cls is not None and params._inner_params is not None
         self.inner: Method = params._inner_cls(params._inner_params, problem)
-        self.student_needs = self.inner.student_needs
-        self.teacher_needs = self.inner.teacher_needs
+        # what the wrapped loss reads, and whether it compares token positions
+        self.student_needs, self.teacher_needs, self.aligned_positions = (  # type: ignore[misc]
+            self.inner.student_needs, self.inner.teacher_needs, self.inner.aligned_positions)
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         self.inner.check_models(student, teacher)
@@ -212,7 +213,7 @@ class MetaDistil(Method):
         named = [(n, q) for n, q in student.named_parameters() if q.requires_grad]
         eta = self.virtual_step_size(ctx)
         with torch.enable_grad(), ctx.autocast(), ctx.rehearsal(), training_mode(teacher, False):
-            t_out = teacher(batch.inputs, need=self.teacher_needs)
+            t_out = teacher(batch.teacher_inputs, need=self.teacher_needs)
             rng = rng_state(ctx.device)  # the student's dropout masks, replayed by the jvp
             s_out = student(batch.inputs, need=self.student_needs)
             s_all, rebuild = output_tensors(s_out)

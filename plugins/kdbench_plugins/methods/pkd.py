@@ -110,6 +110,7 @@ class PKD(Method):
     Params = PKDParams
     student_needs = frozenset({LOGITS, HIDDEN_STATES})
     teacher_needs = frozenset({LOGITS, HIDDEN_STATES})
+    aligned_positions = "its patient term compares the teacher's and the student's hidden states at position 0 ([CLS]) layer by layer"
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)

@@ -116,7 +116,7 @@ class ProKT(Method):
         teacher.train(p.teacher_train_mode)
         try:
             with ctx.autocast():
-                t_logits = teacher(batch.inputs, need=self.teacher_needs).logits
+                t_logits = teacher(batch.teacher_inputs, need=self.teacher_needs).logits
                 t_loss, t_task, t_pull = teacher_objective(t_logits, s_out.logits, batch.labels, p.lam, p.temperature, self.problem)
             t_opt.zero_grad(set_to_none=True)
             t_loss.backward()

@@ -110,6 +110,7 @@ class TinyBERT(Method):
     Params = TinyBERTParams
     student_needs = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_SCORES})
     teacher_needs = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_SCORES})
+    aligned_positions = "it compares hidden states token by token and attention maps query by key, position for position"
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
@@ -128,7 +129,7 @@ class TinyBERT(Method):
         if s_width is None or t_width is None:  # probe a forward pass for models that do not describe their width
             with torch.no_grad():
                 s_width = student(info.sample.inputs, need=frozenset({HIDDEN_STATES})).hidden_states[-1].shape[-1]
-                t_width = teacher(info.sample.inputs, need=frozenset({HIDDEN_STATES})).hidden_states[-1].shape[-1]
+                t_width = teacher(info.sample.teacher_inputs, need=frozenset({HIDDEN_STATES})).hidden_states[-1].shape[-1]
         return nn.Linear(s_width, t_width)
 
     def in_stage1(self, ctx: StepContext) -> bool:

