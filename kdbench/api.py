@@ -630,6 +630,17 @@ def require_family(method: str, role: str, model: KDModel | None, family: str, w
         )
 
 
+def resolve_layer(method: str, role: str, index: int, num_layers: int) -> int:
+    """``index`` (0-based, negative from the last) as a layer of a ``num_layers``-layer
+    model, or :class:`IncompatibleModelError` naming the method, the role and the valid
+    range: what a method that distils a chosen layer raises from ``check_models`` (at
+    validate, where the factory can say the model's ``num_layers``)."""
+    if not -num_layers <= index < num_layers:
+        raise IncompatibleModelError(f"method '{method}' distils {role} layer {index}, but the {role} model has {num_layers} "
+                                     f"layers (valid: 0..{num_layers - 1}, or -1..-{num_layers} counting from the last)")
+    return index % num_layers
+
+
 def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
     """Endless seeded epochs of shuffled index batches (the last partial batch is dropped
     when the split is larger than a batch, so every step sees ``batch_size`` examples)."""

@@ -21,6 +21,8 @@ half-precision autocast (see :func:`kdbench.api.full_precision`).
   :func:`gradient_or_zeros`, :func:`training_mode`: for meta-gradients (MetaDistil):
   directional derivatives ``J g`` of a model's outputs along a direction ``g`` in its
   parameter space, a virtual step and its pull-back.
+* :func:`relation_logits`, :func:`relation_kl`: self-attention relations and their KL
+  (MiniLM's attention and value relations, MiniLMv2's q/k/v relations over relation heads).
 """
 
 from __future__ import annotations
@@ -347,3 +349,41 @@ def training_mode(module: nn.Module, mode: bool) -> Iterator[nn.Module]:
         yield module
     finally:
         module.train(was)
+
+
+# --------------------------------------------------------------------------- attention relations
+
+
+def relation_logits(x: Tensor, heads: int | None = None) -> Tensor:
+    """``X X^T / sqrt(d)`` per head: ``x`` (B, A, L, d) as a model's q/k/v split into its own
+    heads, or, with ``heads`` given, first concatenated over them to (B, L, A*d) and re-split
+    into ``heads`` relation heads of width A*d / heads (MiniLMv2's relation heads, which let
+    two models of different widths and head counts be compared). Returns (B, heads, L, L)."""
+    x = full_precision(x)
+    if heads is not None:
+        b, a, length, d = x.shape
+        if (a * d) % heads:
+            raise ValueError(f"{heads} relation heads do not divide the width {a * d}")
+        x = x.transpose(1, 2).reshape(b, length, heads, a * d // heads).transpose(1, 2)
+    return x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])
+
+
+def relation_kl(student: Tensor, teacher: Tensor, mask: Tensor | None, probabilities: bool = False) -> Tensor:
+    """``KL(R_t || R_s)`` of two (B, A, L, L) relations, row by row over the keys, averaged
+    over heads and real query positions (MiniLM's ``1 / (A_h |x|) sum_a sum_t KL``, then the
+    batch mean). ``student``/``teacher`` are logits (a softmax over the real keys is taken,
+    padded keys masked out) or, with ``probabilities``, already normalised rows such as a
+    model's attention probabilities (zero at padded keys). ``mask`` (B, L): real tokens."""
+    s, t = full_precision(student), full_precision(teacher).to(full_precision(student).dtype)
+    keys = mask[:, None, None, :].bool() if mask is not None else torch.ones(s.shape[0], 1, 1, s.shape[-1], dtype=torch.bool, device=s.device)
+    if probabilities:
+        log_s, log_t = s.clamp_min(1e-30).log(), t.clamp_min(1e-30).log()
+        t_prob = t
+    else:
+        log_s = F.log_softmax(s.masked_fill(~keys, -torch.inf), dim=-1)
+        log_t = F.log_softmax(t.masked_fill(~keys, -torch.inf), dim=-1)
+        t_prob = log_t.exp()
+    terms = torch.where(keys & (t_prob > 0), t_prob * (log_t - log_s), torch.zeros_like(t_prob)).sum(-1)  # (B, A, L)
+    queries = keys.squeeze(2).to(terms.dtype)  # (B, 1, L): real query positions
+    per_example = (terms * queries).sum((1, 2)) / (queries.sum((1, 2)) * terms.shape[1])
+    return per_example.mean()
