@@ -59,3 +59,20 @@ def test_companion_suite_expands_as_designed() -> None:
     ls = [r for r in suite.runs if r.params.get("logit_standardization")]
     assert {r.method for r in ls} == {"kd", "dkd"} and len(ls) == 2 * 3 * 8
     assert {r.method for r in suite.runs} == {"none", "kd", "dkd", "dist", "mlkd", "ctkd", "reviewkd"}
+
+
+def test_minilm_paper_suite_schema_and_references() -> None:
+    # the hf factory reads bert-base-uncased's configuration at validate (hub or cache), so only
+    # the schema is checked offline here
+    from kdbench.recipes import expand_recipes
+    from kdbench.spec import SuiteSpec
+
+    path = ROOT / "benchmarks" / "paper-glue-minilm.yaml"
+    data, problems = expand_recipes(yaml.safe_load(path.read_text()), str(path))
+    assert not problems
+    spec = SuiteSpec.model_validate(data)
+    assert [m.name for m in spec.methods] == ["none", "kd", "minilm", "minilmv2"]
+    refs = {(r.task, r.method): r.value for r in spec.references}
+    assert refs == {("glue-mnli", "minilm"): 83.3, ("glue-sst2", "minilm"): 91.5, ("glue-qnli", "minilm"): 90.5,
+                    ("glue-cola", "minilm"): 47.5, ("glue-rte", "minilm"): 68.8, ("glue-mnli", "minilmv2"): 82.8}
+    assert all(r.citation.startswith("microsoft/unilm@300eef0 minilm/README.md") and r.protocol for r in spec.references)
