@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from kdbench.data import TEST, VALIDATION
-from kdbench.executor import open_store
+from kdbench.executors.phases import open_store
 from kdbench.spec import load_suite
 from kdbench.train import Runner
 from kdbench.train.evaluation import TEACHER

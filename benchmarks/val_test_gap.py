@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdbench.executor import open_store
+from kdbench.executors.phases import open_store
 from kdbench.report.frame import evaluations
 
 SPLITS = ("validation", "test")

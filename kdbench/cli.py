@@ -71,7 +71,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _read_only_store(results: Path | str):
     """The suite's store opened read-only (report, show, validate): never created or changed."""
-    from kdbench.executor import STORE_NAME
+    from kdbench.executors.phases import STORE_NAME
     from kdbench.store import ResultsStore
 
     return ResultsStore(Path(results) / STORE_NAME, readonly=True)
@@ -163,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _preflight(suite, results: Path, args: argparse.Namespace, only) -> None:
     """Refuse before training: an unwritable results folder or a symlink out of it, runs
     finished on other data (see kdbench.integrity); adopt old-hash rows, requeue corrupt ones."""
-    from kdbench.executor import open_store
+    from kdbench.executors.phases import open_store
     from kdbench.integrity import check_results_folder, preflight
 
     check_results_folder(Path(results))

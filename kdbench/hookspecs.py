@@ -65,6 +65,13 @@ def kdbench_trackers() -> list[type[Tracker]]:
     (``trackers: [tensorboard]``); the runner creates one instance per run."""
 
 
+@hookspec
+def kdbench_recipe_dirs() -> list[str]:
+    """Return the folders of recipe files (``<name>.yaml``, see :mod:`kdbench.recipes`) this
+    plugin ships. A recipe name resolves in the suite's own ``recipes/`` folder first, then
+    in these folders, the built-in plugins' first; the first file found wins."""
+
+
 # --------------------------------------------------------------------- run lifecycle
 # Called in the process that trains the run. Implementations must not raise: an
 # exception is reported as a warning naming the plugin, and the run goes on.

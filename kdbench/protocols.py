@@ -23,7 +23,7 @@ class Executor:
     :func:`kdbench.train.teachers.fine_tune_teacher`; claim a run in the store before
     starting it and keep its heartbeat while it runs; hand the run its teacher checkpoint;
     record its :class:`~kdbench.train.runner.RunResult` with
-    :func:`kdbench.executor.record`. Subclass it, give it a unique ``name`` and return the
+    :func:`kdbench.executors.phases.record`. Subclass it, give it a unique ``name`` and return the
     class from ``kdbench_executors``; ``kdbench run --executor NAME`` then uses it."""
 
     name: ClassVar[str]
@@ -35,7 +35,7 @@ class Executor:
         """Run ``suite`` (a :class:`~kdbench.spec.Suite`) into ``results_dir``; ``only``
         filters its :class:`~kdbench.spec.RunSpec`s; ``registry`` defaults to the process's;
         ``address`` names a cluster for executors that have one (``--address``). Returns a
-        :class:`~kdbench.executor.SuiteOutcome` (trained, skipped, held, given up, statuses)."""
+        :class:`~kdbench.executors.phases.SuiteOutcome` (trained, skipped, held, given up, statuses)."""
         raise NotImplementedError
 
 

@@ -1,7 +1,7 @@
 """Recipes: the settings a paper's official code runs, as named and cited presets.
 
-A recipe is a YAML file ``benchmarks/recipes/<name>.yaml`` (every value carries a comment
-naming the official file and line it comes from)::
+A recipe is a YAML file ``<name>.yaml`` (every value carries a comment naming the official
+file and line it comes from); the built-in ones are in ``plugins/kdbench_plugins/recipes/``::
 
     name: metadistil-glue
     paper: "..."
@@ -38,8 +38,8 @@ that gives ``steps`` or ``epochs`` replaces the recipe's length). The expanded s
 what is validated and hashed: a suite that uses recipes gives exactly the run specs of the
 same suite written out by hand.
 
-Names resolve in ``recipes/`` next to the suite file, then in the built-in folder
-(``benchmarks/recipes`` of this repository). A value with a ``/`` or a ``.yaml`` suffix is a
+Names resolve in ``recipes/`` next to the suite file, then in the folders plugins ship
+through the ``kdbench_recipe_dirs`` hook (the built-in recipes among them). A value with a ``/`` or a ``.yaml`` suffix is a
 path relative to the suite's folder (the working directory for a suite given as data) and
 must stay inside it. Files are read with ``yaml.safe_load``: at most 64 KiB, 16 levels
 deep, no aliases.
@@ -57,8 +57,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kdbench.api import KDBenchError
 
-#: the recipes that ship with kdbench (present in a source checkout / editable install)
-BUILTIN_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes"
 MAX_BYTES = 64 * 1024
 MAX_DEPTH = 16
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
@@ -103,13 +101,19 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def plugin_dirs() -> list[Path]:
+    """The recipe folders the registered plugins ship (the built-in recipes first)."""
+    from kdbench.registry import get_registry
+
+    return get_registry().recipe_dirs()
+
+
 def search_dirs(source: str | None) -> list[Path]:
-    """Where recipe names resolve: ``recipes/`` next to the suite file, then built-in."""
+    """Where recipe names resolve: ``recipes/`` next to the suite file, then the plugins'."""
     dirs = []
     if source and Path(source).is_file():
         dirs.append(Path(source).resolve().parent / "recipes")
-    if BUILTIN_DIR not in dirs:
-        dirs.append(BUILTIN_DIR)
+    dirs += [d for d in plugin_dirs() if d not in dirs]
     return dirs
 
 

@@ -10,6 +10,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Iterable
 
 import pluggy
@@ -33,10 +34,6 @@ class UnknownNameError(KDBenchError):
 
 class ReservedNameError(KDBenchError):
     """A plugin contribution that takes a name kdbench reserves (e.g. a method ``teacher``)."""
-
-
-class PluginError(KDBenchError):
-    """A plugin that fails to import or returns something that is not a valid contribution."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +113,22 @@ class Registry:
         if self.broken:
             msg += " Plugins that failed to load: " + "; ".join(f"{p} ({w})" for p, w in self.broken.items())
         return msg
+
+    def recipe_dirs(self) -> list[Path]:
+        """The recipe folders the plugins ship (``kdbench_recipe_dirs``), built-ins first."""
+        impls = sorted(self.pm.hook.kdbench_recipe_dirs.get_hookimpls(), key=lambda i: not i.plugin_name.startswith("builtin-"))
+        dirs: list[Path] = []
+        for impl in impls:
+            try:
+                contributed = impl.function()
+            except Exception as exc:  # a plugin's bug must not take the others down
+                self._mark_broken(impl.plugin_name, f"kdbench_recipe_dirs() raised {type(exc).__name__}: {exc}")
+                continue
+            for d in contributed or []:
+                path = Path(d)
+                if path not in dirs:
+                    dirs.append(path)
+        return dirs
 
     def method(self, name: str) -> type[Method]:
         return self.get("methods", name)

@@ -387,10 +387,6 @@ class RunSpec(Frozen):
     def student_label(self) -> str:
         return self.student.label or describe_model(self.student)
 
-    @property
-    def method_label(self) -> str:
-        return self.method
-
     def params_label(self) -> str:
         return ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
 

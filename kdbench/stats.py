@@ -53,10 +53,6 @@ class Summary:
     ci_low: float
     ci_high: float
 
-    @property
-    def ci_half(self) -> float:
-        return (self.ci_high - self.ci_low) / 2
-
 
 def summarize(values: Sequence[float], confidence: float = CONFIDENCE,
               bounds: tuple[float, float] | None = None) -> Summary:
@@ -162,10 +158,6 @@ def adjust(pvalues: Sequence[float], method: str = "holm") -> list[float]:
         adj = np.minimum.accumulate((m / np.arange(1, m + 1) * ranked)[::-1])[::-1]
     out[order] = np.minimum(adj, 1.0)
     return out.tolist()
-
-
-def family_size(pvalues: Sequence[float]) -> int:
-    return int(sum(1 for p in pvalues if p is not None and not math.isnan(p)))
 
 
 @dataclass(frozen=True)

@@ -465,13 +465,6 @@ class ResultsStore:
                 moved += 1
         return moved
 
-    def status_counts(self, hashes: list[str]) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for r in self.runs(hashes):
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-        counts["missing"] = len(set(hashes)) - sum(counts.values())
-        return counts
-
     def _row(self, row: sqlite3.Row, since: float | None = None) -> dict[str, Any]:
         d = dict(row)
         d["integrity"] = _integrity(d, RUN_CHECKED, since)

@@ -331,8 +331,9 @@ def test_task_augment_is_seeded_and_optional(tmp_path):
 
 
 def test_tiny_distillation_run_on_fake_files(tmp_path, monkeypatch):
-    from kdbench.executor import open_store
-    from kdbench.runner import Runner
+    from kdbench.executors.phases import open_store
+    from kdbench.train.runner import Runner
+    from kdbench.train.teachers import provide_teacher
     from kdbench.spec import build_suite
 
     monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
@@ -357,9 +358,11 @@ def test_tiny_distillation_run_on_fake_files(tmp_path, monkeypatch):
         },
         registry=registry,
     )
-    runner = Runner(tmp_path / "results", open_store(tmp_path / "results"), registry, device="cpu", progress=False)
+    store = open_store(tmp_path / "results")
+    runner = Runner(tmp_path / "results", registry, device="cpu", progress=False)
     (spec,) = suite.runs
-    result = runner.run(spec)
+    teacher = provide_teacher(spec, runner.results_dir, store, registry, runner.device, progress=False)
+    result = runner.run(spec, teacher)
     assert result.status == "done", result.error
     assert [h["step"] for h in result.history] == [3]
     for split in ("validation", "test"):

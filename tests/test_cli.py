@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from kdbench import cli
-from kdbench.executor import open_store
+from kdbench.executors.phases import open_store
 from kdbench.registry import set_registry
 from support.suites import write_image_suite
 

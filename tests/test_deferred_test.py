@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdbench.executor import open_store
+from kdbench.executors.phases import open_store
 from kdbench.registry import Registry
 from kdbench.spec import build_suite
 from kdbench.train import Runner

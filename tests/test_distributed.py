@@ -20,8 +20,9 @@ ray = pytest.importorskip("ray")
 # (--dist loadfile), so every test here runs on the one worker that started it.
 
 from kdbench.api import KDBenchError  # noqa: E402
-from kdbench.distributed import _check_reachable, local_cluster_options, plugins_for_workers, run_ray  # noqa: E402
-from kdbench.executor import open_store, run_local  # noqa: E402
+from kdbench.executors.ray_cluster import _check_reachable, local_cluster_options, plugins_for_workers, run_ray  # noqa: E402
+from kdbench.executors.local import run_local  # noqa: E402
+from kdbench.executors.phases import open_store
 from kdbench.registry import Registry, make_plugin_manager  # noqa: E402
 from kdbench.spec import build_suite  # noqa: E402
 from support.suites import image_data, write_image_suite, write_image_task  # noqa: E402

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from kdbench import cli
-from kdbench.executor import MAX_ATTEMPTS, open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import MAX_ATTEMPTS, open_store
 from kdbench.registry import Registry
 from kdbench.spec import build_suite
 from kdbench.store import RUNNING, ResultsStore
@@ -77,7 +78,7 @@ def test_a_run_left_running_by_dead_processes_is_retried_then_given_up(tmp_path,
 DRIVER = textwrap.dedent("""
     import sys, yaml
     sys.path.insert(0, {tests!r})
-    from kdbench.executor import run_local
+    from kdbench.executors.local import run_local
     from kdbench.registry import Registry, make_plugin_manager
     from kdbench.spec import build_suite
     reg = Registry(*make_plugin_manager(extra_plugins=["support.fault_methods"]))

@@ -16,7 +16,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from kdbench import cli
-from kdbench.executor import open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import open_store
 from kdbench.registry import set_registry
 from kdbench.spec import build_suite
 from kdbench.store import DONE, FAILED
@@ -45,7 +46,7 @@ def only_teacher_hash(suite) -> str:
 DRIVER = textwrap.dedent("""
     import sys, yaml
     sys.path.insert(0, {tests!r})
-    from kdbench.executor import run_local
+    from kdbench.executors.local import run_local
     from kdbench.registry import Registry, make_plugin_manager
     from kdbench.spec import build_suite
     reg = Registry(*make_plugin_manager(extra_plugins=["support.fault_models"]))
@@ -214,7 +215,7 @@ def test_the_executor_beats_a_claimed_runs_heart_while_it_trains(tmp_path, fault
     """Case: claims and heartbeats belong to the executor (the runner never touches the store)."""
     import time
 
-    from kdbench.executor import heartbeat
+    from kdbench.executors.phases import heartbeat
 
     spec = build_suite(suite_data(teacher=None, methods=[{"name": "none"}], baseline="none"), registry=fault_registry).runs[0]
     store = open_store(tmp_path)

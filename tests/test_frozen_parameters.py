@@ -89,7 +89,7 @@ def test_the_runner_keeps_a_frozen_teacher_parameter_out_of_the_teachers_optimiz
     """Through the runner (which switches the teacher to trainable for MetaDistil): the
     teacher optimizer MetaDistil builds gets every teacher parameter but the frozen one."""
     import kdbench_plugins.methods.metadistil as md
-    from kdbench.executor import run_local
+    from kdbench.executors.local import run_local
     from kdbench.spec import build_suite
     from support.suites import smoke_data
 

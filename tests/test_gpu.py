@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdbench.executor import open_store
+from kdbench.executors.phases import open_store
 from kdbench.spec import build_suite
 from kdbench.train import Runner
 from kdbench.train.teachers import provide_teacher

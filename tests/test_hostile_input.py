@@ -21,7 +21,8 @@ import kdbench.registry as registry_module
 from kdbench import cli
 from kdbench.api import DataError
 from kdbench.data import load_task_data
-from kdbench.executor import open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import open_store
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import Registry, get_registry, make_plugin_manager
 from kdbench.spec import Suite, SuiteError, SuiteSpec, TaskSpec, build_suite, load_suite

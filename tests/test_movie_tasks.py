@@ -11,7 +11,8 @@ from scipy import stats
 
 from kdbench.api import DataError
 from kdbench.data import cache_dir
-from kdbench.executor import open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import open_store
 from kdbench.spec import build_suite
 from kdbench_plugins.tasks.movie_sentiment import (
     SDIST, MovieOptions, MovieRating, MovieRatingPairs, MovieSentiment, PairOptions, parse_ratings, parse_snippets,

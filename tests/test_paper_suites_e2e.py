@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdbench.executor import open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import open_store
 from kdbench.report import suite_report
 from kdbench.spec import SuiteError, build_suite
 from test_cifar100 import write_cifar

@@ -1,4 +1,4 @@
-"""Recipes (benchmarks/recipes/*.yaml) against the official code, and recipe loading in suites.
+"""Recipes (plugins/kdbench_plugins/recipes/*.yaml) against the official code, and recipe loading in suites.
 
 ``OFFICIAL`` is the table of settings read in the official repositories, each with where it
 was read (repo@commit:path:line). The recipe files are checked against it value by value;
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kdbench.recipes import BUILTIN_DIR, RecipeError, available, load_recipe
+from kdbench.recipes import RecipeError, available, load_recipe, plugin_dirs
 from kdbench.registry import get_registry
 from kdbench.spec import SuiteError, TeacherTraining, build_suite, load_suite
 
@@ -242,7 +242,7 @@ def test_recipe_matches_the_official_settings(name):
 def test_every_recipe_value_names_its_source(name):
     """Each `key: value` line of a recipe carries a comment with a file and line (or the
     maintainers' issue); differences are listed."""
-    text = (BUILTIN_DIR / f"{name}.yaml").read_text()
+    text = (plugin_dirs()[0] / f"{name}.yaml").read_text()
     recipe = load_recipe(name)
     assert recipe.differences and recipe.sources and recipe.name == name
     section = None
@@ -471,7 +471,8 @@ def test_paper_cifar100_runs_other_than_metadistil_are_unchanged():
 def test_a_recipe_suite_with_gradient_clipping_trains(tmp_path):
     """The paper suites clip gradients as the official code does: a run with the suite's
     optimizer.grad_clip must train (one CIFAR pair, kd-cifar, two steps)."""
-    from kdbench.executor import open_store, run_local
+    from kdbench.executors.local import run_local
+    from kdbench.executors.phases import open_store
     from test_cifar100 import write_cifar
 
     write_cifar(tmp_path / "data" / "cifar-100-python")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -111,11 +112,23 @@ def _builtin_entry_points():
 
 @pytest.mark.parametrize("ep", _builtin_entry_points(), ids=lambda ep: ep.name)
 def test_every_builtin_entry_point_registers_its_contributions(ep):
-    """Each built-in plugin (methods, tasks, models, trackers, executors) loads through its
+    """Each built-in plugin (methods, tasks, models, trackers, executors, report formats) loads through its
     entry point, contributes at least one named class of its kind, and the registry
     indexes every one of them under that entry point's name."""
-    kind = {"method": "methods", "task": "tasks", "model": "models", "logger": "trackers", "executor": "executors"}[ep.name.split("-")[1]]
     module = ep.load()
+    if ep.name == "builtin-report-formats":  # formats are objects, not classes, and have their own table
+        from kdbench.report.formats import report_formats
+
+        formats = module.kdbench_report_formats()
+        assert {f.name for f in formats} == {"md", "csv", "json", "latex", "html"}
+        assert all(report_formats(get_registry())[f.name] is f for f in formats)
+        return
+    if ep.name == "builtin-recipes":  # folders of recipe files, searched after a suite's own
+        (folder,) = module.kdbench_recipe_dirs()
+        assert Path(folder).is_dir() and any(Path(folder).glob("*.yaml"))
+        assert get_registry().recipe_dirs()[0] == Path(folder)
+        return
+    kind = {"method": "methods", "task": "tasks", "model": "models", "logger": "trackers", "executor": "executors"}[ep.name.split("-")[1]]
     contributed = getattr(module, f"kdbench_{kind}")()
     assert contributed and all(isinstance(cls.name, str) for cls in contributed)
     reg = get_registry()
@@ -126,8 +139,8 @@ def test_every_builtin_entry_point_registers_its_contributions(ep):
 
 def test_executors_come_from_the_registry_and_the_cli_offers_them():
     from kdbench.cli import build_parser
-    from kdbench.distributed import RayExecutor
-    from kdbench.executor import LocalExecutor
+    from kdbench.executors.ray_cluster import RayExecutor
+    from kdbench.executors.local import LocalExecutor
 
     reg = get_registry()
     assert reg.executor("local") is LocalExecutor and reg.executor("ray") is RayExecutor

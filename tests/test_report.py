@@ -253,7 +253,7 @@ def test_a_real_tiny_run_reported_from_the_store(tmp_path):
     results = tmp_path / "results"
     assert cli.main(["run", str(path), "--results", str(results), "--no-report"]) == 0
     assert cli.main(["report", str(path), "--results", str(results), "--format", "md", "--format", "csv"]) == 0
-    from kdbench.executor import open_store
+    from kdbench.executors.phases import open_store
 
     rows = open_store(results).runs()
     scores = np.array([r["metrics"]["test"]["accuracy"] * 100 for r in rows])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kdbench.data import QUIZ, TRAIN, load_task_data, quiz_split
-from kdbench.executor import open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import open_store
 from kdbench.registry import Registry
 from kdbench.spec import build_suite
 from kdbench.train import Runner, predict, select_metrics
@@ -223,7 +224,7 @@ def test_teachers_first_trains_the_unclaimed_teacher_while_another_process_train
     import socket
     import subprocess
 
-    import kdbench.executor as executor_mod
+    import kdbench.executors.phases as executor_mod
     import kdbench.store as store_mod
 
     data = suite_data(tasks=[{"name": "movie-sentiment", "options": {"train_size": 200, "max_length": 24}},
@@ -264,7 +265,7 @@ def test_run_local_trains_the_runs_whose_teacher_is_ready_before_waiting_for_a_h
     import socket
     import subprocess
 
-    import kdbench.executor as executor_mod
+    import kdbench.executors.phases as executor_mod
     import kdbench.store as store_mod
 
     data = suite_data(tasks=[{"name": "movie-sentiment", "options": {"train_size": 200, "max_length": 24}},

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kdbench.executor import open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import open_store
 from kdbench.registry import Registry
 from kdbench.spec import build_suite
 from kdbench.train.evaluation import LIVE_TEACHER, TEACHER, divergence, select_metrics

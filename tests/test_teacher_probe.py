@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdbench.executor import open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import open_store
 from kdbench.spec import load_suite
 from support.suites import smoke_data
 

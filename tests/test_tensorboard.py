@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from kdbench.api import KDBenchError
-from kdbench.executor import open_store, run_local
+from kdbench.executors.local import run_local
+from kdbench.executors.phases import open_store
 from kdbench.registry import Registry, get_registry, make_plugin_manager
 from kdbench.spec import build_suite
 from kdbench.train.trackers import RunTrackers

@@ -28,31 +28,45 @@ evaluates (splits named ``test_*``); the core knows no task by name.
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+# Names are loaded on first use (PEP 562): the plugin registry imports
+# :mod:`kdbench.report.formats` to register the built-in formats, and that must not pull
+# pandas and every report module into each ``kdbench`` start.
+_EXPORTS = {
+    "comparisons": "aggregate", "leaderboard": "aggregate",
+    "cost_table": "cost", "teacher_cost": "cost",
+    "ReportFormat": "formats", "report_formats": "formats", "write_outputs": "formats",
+    "LOSS": "frame", "SCALE": "frame", "TEST": "frame", "WIN": "frame", "filter_runs": "frame", "runs_frame": "frame",
+    "task_score": "frame",
+    "Report": "model", "build_report": "model",
+    "references_table": "references",
+    "legend": "sections", "sections": "sections",
+    "sensitivity": "sweeps",
+    "cell": "tables", "wide_table": "tables",
+    "latex_escape": "text", "latex_table": "text", "render": "text", "render_report": "text", "report_json": "text",
+}
 
-from kdbench.report.aggregate import comparisons, leaderboard
-from kdbench.report.cost import cost_table, teacher_cost
-from kdbench.report.formats import BUILTIN, ReportFormat, report_formats, write_outputs
-from kdbench.report.frame import LOSS, SCALE, TEST, WIN, filter_runs, runs_frame, task_score
-from kdbench.report.model import Report, build_report
-from kdbench.report.references import references_table
-from kdbench.report.sections import legend, sections
-from kdbench.report.sweeps import sensitivity
-from kdbench.report.tables import cell, wide_table
-from kdbench.report.text import latex_escape, latex_table, render, render_report, report_json
+__all__ = sorted([*_EXPORTS, "suite_report"])
 
-FORMATS = tuple(BUILTIN)  # the built-in format names; report_formats() adds the plugins'
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
-__all__ = ["FORMATS", "LOSS", "SCALE", "TEST", "WIN", "Report", "ReportFormat", "build_report", "cell", "comparisons", "cost_table",
-           "filter_runs", "latex_escape", "latex_table", "leaderboard", "legend", "references_table", "render", "render_report",
-           "report_formats", "report_json", "runs_frame", "sections", "sensitivity", "suite_report", "task_score", "teacher_cost",
-           "wide_table", "write_outputs"]
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kdbench.report' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kdbench.report.{module}"), name)
+    globals()[name] = value
+    return value
 
 
 def suite_report(store: Any, hashes: list[str] | None, teacher_hashes: set[str] | None = None, tasks: list[str] | None = None,
                  methods: list[str] | None = None, baseline: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-run frame, wide leaderboard without marks) for the runs of a suite (or the store)."""
+    from kdbench.report.model import build_report
+
     rep = build_report(store, hashes, teacher_hashes, tasks=tasks, methods=methods, baseline=baseline)
     return rep.runs, rep.wide(marks=False)

@@ -1,7 +1,9 @@
-"""Report formats: one writer per format, in one table. Built-ins are listed here; a
-plugin adds its own through the ``kdbench_report_formats`` hook (returning
-:class:`ReportFormat` objects), and ``kdbench report --format`` accepts every name the
-table holds."""
+"""Report formats: one writer per format. Every format, the built-ins included, reaches
+kdbench through the ``kdbench_report_formats`` hook (returning :class:`ReportFormat`
+objects): this module registers the built-ins by the entry point
+``builtin-report-formats``, exactly as a plugin registers its own, and
+``kdbench report --format`` accepts every name contributed. A name is taken by the first
+plugin that contributes it, the built-ins first."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdbench.api import KDBenchError
-from kdbench.report.html import render_html
-from kdbench.report.text import render, render_report, report_json
+from kdbench.hookspecs import hookimpl
+
+# The renderers are imported by the writers that use them: this module is loaded with the
+# plugin registry (it registers the built-in formats), which must stay cheap to build.
 
 Writer = Callable[[Any, Path, dict[str, bytes]], list[Path]]
 
@@ -33,6 +37,8 @@ class ReportFormat:
 
 
 def _write_md(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
+    from kdbench.report.text import render_report
+
     written, links = [], {}
     for name, data in pngs.items():
         p = out.parent / "plots" / f"{name}.png"
@@ -45,6 +51,8 @@ def _write_md(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
 
 
 def _write_latex(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
+    from kdbench.report.text import render_report
+
     out.write_text(render_report(report, "latex"), encoding="utf-8")
     return [out]
 
@@ -67,6 +75,8 @@ def _write_csv(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
 
 def _write_json(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
     """The leaderboard rows (as before) and report.json with everything."""
+    from kdbench.report.text import render, report_json
+
     out.write_text(render(report.wide(marks=False), "json"), encoding="utf-8")
     full = out.with_name("report.json")
     full.write_text(json.dumps(report_json(report), indent=2, default=str), encoding="utf-8")
@@ -74,6 +84,8 @@ def _write_json(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
 
 
 def _write_html(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
+    from kdbench.report.html import render_html
+
     out.write_text(render_html(report, pngs), encoding="utf-8")
     return [out]
 
@@ -87,16 +99,27 @@ BUILTIN = {f.name: f for f in (
 )}
 
 
+#: The plugin name of this module's registration (its entry point's name).
+BUILTIN_PLUGIN = "builtin-report-formats"
+
+
+@hookimpl
+def kdbench_report_formats() -> list[ReportFormat]:
+    """The built-in formats (``--format all`` writes these)."""
+    return list(BUILTIN.values())
+
+
 def _contributed(registry: Any) -> dict[str, ReportFormat]:
     out: dict[str, ReportFormat] = {}
-    for impl in registry.pm.hook.kdbench_report_formats.get_hookimpls():
+    impls = registry.pm.hook.kdbench_report_formats.get_hookimpls()
+    for impl in sorted(impls, key=lambda i: i.plugin_name != BUILTIN_PLUGIN):  # built-ins keep their names
         try:
             formats = impl.function()
         except Exception as exc:  # one broken plugin must not hide the other formats
             warnings.warn(f"plugin {impl.plugin_name}: kdbench_report_formats() raised {type(exc).__name__}: {exc}", stacklevel=2)
             continue
         for f in formats or []:
-            if not isinstance(f, ReportFormat) or f.name in BUILTIN or f.name in out or f.name == "all":
+            if not isinstance(f, ReportFormat) or f.name in out or f.name == "all":
                 warnings.warn(f"plugin {impl.plugin_name}: report format {getattr(f, 'name', f)!r} ignored "
                               "(not a ReportFormat, or its name is taken)", stacklevel=2)
                 continue
@@ -105,19 +128,19 @@ def _contributed(registry: Any) -> dict[str, ReportFormat]:
 
 
 def report_formats(registry: Any = None) -> dict[str, ReportFormat]:
-    """Every report format: the built-ins, then those plugins contribute."""
+    """Every report format the registry's plugins contribute, the built-ins first."""
     if registry is None:
         from kdbench.registry import get_registry
 
         registry = get_registry()
-    return BUILTIN | _contributed(registry)
+    return _contributed(registry)
 
 
 def write_outputs(report: Any, formats: list[str], results_dir: Path, output: str | None = None, plots: bool = True,
                   registry: Any = None) -> list[Path]:
     """Write the report in each format under ``results_dir`` (or ``output`` when one
     format is asked for). Returns the files written."""
-    known = BUILTIN if all(f in BUILTIN for f in formats) else report_formats(registry)
+    known = report_formats(registry)
     unknown = [f for f in formats if f not in known]
     if unknown:
         raise KDBenchError(f"unknown report format {unknown[0]!r}; known: {', '.join(known)}")

@@ -1,7 +1,7 @@
 """One student run: given a run spec and its teacher's checkpoint, train the student for
 the budget with the method's step, evaluate at fixed points and measure the cost. The
 runner never touches the results store: claims, heartbeats and records belong to the
-executor (:mod:`kdbench.executor`)."""
+executor (:mod:`kdbench.executors`)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,7 @@ each run, train it with its teacher checkpoint while its heartbeat beats, record
 
 from __future__ import annotations
 
-from kdbench.executor import (SuiteOutcome, heartbeat, note_blocked, note_unclaimed, open_store, pending_runs, record,
-                              teachers_first)
+from kdbench.executors.phases import SuiteOutcome, heartbeat, note_blocked, note_unclaimed, open_store, pending_runs, record, teachers_first
 from kdbench.hookspecs import hookimpl
 from kdbench.protocols import Executor
 from kdbench.registry import get_registry

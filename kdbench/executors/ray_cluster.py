@@ -53,8 +53,8 @@ from types import ModuleType
 from typing import Any, Callable
 
 from kdbench.api import KDBenchError
-from kdbench.executor import (MAX_ATTEMPTS, SuiteOutcome, _say, describe_result, note_blocked, note_unclaimed, open_store,
-                              pending_runs, record, teachers_needed)
+from kdbench.executors.phases import (MAX_ATTEMPTS, SuiteOutcome, describe_result, note_blocked, note_unclaimed, open_store,
+                                      pending_runs, record, say, teachers_needed)
 from kdbench.hookspecs import hookimpl
 from kdbench.protocols import Executor
 from kdbench.registry import ENTRY_POINT_GROUP, Registry, get_registry
@@ -292,7 +292,7 @@ class _Driver:
         self.outcome.trained.append(spec.hash)
         self.outcome.statuses[spec.hash] = result.status
         self.n_done += 1
-        _say(f"[{self.n_done}/{len(self.specs)}] {spec.method} {spec.params_label()} | {spec.task.name} | {spec.student_label} "
+        say(f"[{self.n_done}/{len(self.specs)}] {spec.method} {spec.params_label()} | {spec.task.name} | {spec.student_label} "
              f"| seed {spec.seed} ({spec.hash}) -> {describe_result(spec, result)}")
 
     # -- submission --------------------------------------------------------------------
@@ -333,7 +333,7 @@ class _Driver:
             self._release_blocked(th)
         elif self.store.claim_teacher(th, spec.task.name, spec.teacher.model_dump(mode="json")):  # type: ignore[union-attr]
             self.waiting_teachers.pop(th, None)
-            _say(f"teacher {th} ({spec.task.name}): training once for {len(self.blocked.get(th, []))} run(s)")
+            say(f"teacher {th} ({spec.task.name}): training once for {len(self.blocked.get(th, []))} run(s)")
             self._submit_teacher(th, spec)
         else:
             self.waiting_teachers[th] = spec  # another live process trains it: look again later
@@ -351,7 +351,7 @@ class _Driver:
         """Count a dead worker; True if the task should be started again."""
         self.crashes[key] = self.crashes.get(key, 0) + 1
         n = self.crashes[key]
-        _say(f"    {key}: the worker process died ({type(exc).__name__}); attempt {n} of {self.max_attempts}")
+        say(f"    {key}: the worker process died ({type(exc).__name__}); attempt {n} of {self.max_attempts}")
         return n < self.max_attempts
 
     def _crash_error(self, key: str, exc: Exception) -> str:
@@ -391,11 +391,11 @@ class _Driver:
             outcome = self._write_teacher(th, outcome, blob_ref)
         record_teacher(self.store, th, outcome)
         if outcome.status != DONE:
-            _say(f"teacher {th} failed: {(outcome.error or '').strip().splitlines()[-1][:200]}")
+            say(f"teacher {th} failed: {(outcome.error or '').strip().splitlines()[-1][:200]}")
             self._fail_blocked(th, outcome.error or "")
             return
         main = outcome.metrics["main_metric"]  # type: ignore[index]
-        _say(f"teacher {th}: done, test {main} {outcome.metrics.get('test', {}).get(main, float('nan')):.4f}")  # type: ignore[union-attr]
+        say(f"teacher {th}: done, test {main} {outcome.metrics.get('test', {}).get(main, float('nan')):.4f}")  # type: ignore[union-attr]
         self._release_blocked(th)
 
     def _write_teacher(self, th: str, outcome: TeacherOutcome, blob_ref: Any) -> TeacherOutcome:

@@ -1,0 +1,102 @@
+"""The local executor: a suite's runs one after another in this process.
+
+Teachers come first (:mod:`kdbench.executors.phases`). A teacher that another process is
+fine-tuning is not waited for there: this process trains the runs whose teachers are
+ready and waits for that teacher (before claiming) only when nothing else is left.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from kdbench.api import KDBenchError
+from kdbench.executors.phases import (MAX_ATTEMPTS, SuiteOutcome, describe_result, heartbeat, note_blocked, note_unclaimed,
+                                      open_store, pending_runs, record, say, teachers_first)
+from kdbench.hookspecs import hookimpl
+from kdbench.protocols import Executor
+from kdbench.registry import Registry, get_registry
+from kdbench.spec import RunSpec, Suite
+from kdbench.train.runner import Runner
+from kdbench.train.teachers import needs_teacher
+
+def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, registry: Registry | None = None,
+              progress: bool | None = None, only: Callable[[RunSpec], bool] | None = None,
+              max_attempts: int = MAX_ATTEMPTS) -> SuiteOutcome:
+    """Run ``suite`` in this process (see the module docstring)."""
+    registry = registry or get_registry()
+    store = open_store(results_dir)
+    runner = Runner(results_dir, registry, device=suite.spec.device, trackers=tuple(suite.spec.trackers), progress=progress)
+    outcome = SuiteOutcome()
+    specs = [s for s in suite.runs if only is None or only(s)]
+    pending = pending_runs(store, specs, rerun, outcome)
+    # A teacher another process is fine-tuning is not waited for up front: this process
+    # first trains the runs whose teachers are ready (in suite order), looking again at
+    # the held teacher before each run, and waits for it only when nothing else is left.
+    checkpoints, failures = teachers_first(runner, store, pending, wait=False)
+
+    def teacher_known(spec: RunSpec, wait: bool) -> bool:
+        """Look (or wait) for ``spec``'s teacher; True once it is ready or failed."""
+        if spec.teacher_hash not in checkpoints and spec.teacher_hash not in failures:
+            more, failed = teachers_first(runner, store, [spec], wait=wait)
+            checkpoints.update(more)
+            failures.update(failed)
+        return spec.teacher_hash in checkpoints or spec.teacher_hash in failures
+
+    bar = suite_progress(len(pending), suite.name, runner.progress)
+    queue, held, i = list(pending), [], 0
+    while queue or held:
+        if not queue:  # only runs whose teacher another process holds: wait for it
+            queue, held = held, []
+            teacher_known(queue[0], wait=True)
+        spec = queue.pop(0)
+        needs = needs_teacher(registry, spec)
+        if needs and not teacher_known(spec, wait=False):
+            held.append(spec)
+            continue
+        i += 1
+        bar.update(1)
+        if needs and spec.teacher_hash in failures:
+            note_blocked(store, spec, failures[spec.teacher_hash], outcome)
+            continue
+        if not store.claim(spec, rerun=rerun, max_crashes=max_attempts):
+            note_unclaimed(store, spec, outcome)
+            continue
+        say(f"[{i}/{len(pending)}] {spec.method} {spec.params_label()} | {spec.task.name} | {spec.student_label} | seed {spec.seed} ({spec.hash})")
+        t0 = time.time()
+        try:
+            with heartbeat(store, spec.hash):
+                result = runner.run(spec, checkpoints.get(spec.teacher_hash) if needs else None)  # type: ignore[arg-type]
+        except KeyboardInterrupt:
+            store.release(spec.hash)
+            raise
+        record(store, registry, spec, result)
+        outcome.trained.append(spec.hash)
+        outcome.statuses[spec.hash] = result.status
+        say(f"    -> {describe_result(spec, result)} ({time.time() - t0:.0f} s in all)")
+    bar.close()
+    return outcome
+
+
+def suite_progress(total: int, name: str, enabled: bool):
+    """The suite-level progress bar (silent when not writing to a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"suite {name}", position=0, disable=not enabled, dynamic_ncols=True)
+
+
+class LocalExecutor(Executor):
+    name = "local"
+    description = "one run after another in this process (teachers first)"
+
+    def run(self, suite: Any, results_dir: str | Path, *, rerun: bool = False, only: Callable[[Any], bool] | None = None,
+            registry: Any = None, address: str | None = None) -> SuiteOutcome:
+        if address:
+            raise KDBenchError("--address is for executors that run on a cluster (e.g. ray), not 'local'")
+        return run_local(suite, results_dir, rerun=rerun, registry=registry, only=only)
+
+
+@hookimpl
+def kdbench_executors() -> list[type[Executor]]:
+    return [LocalExecutor]
