@@ -550,9 +550,10 @@ class Method(ABC):
                 continue
             missing = sorted(set(needs) - set(model.capabilities))
             if missing:
+                what = model.name if isinstance(model, ModelFacts) else type(model).__name__
                 raise IncompatibleModelError(
                     f"method '{self.name}' needs the {role} to expose {missing}, but the "
-                    f"{role} model ({type(model).__name__}, family '{model.family}') only exposes "
+                    f"{role} model ({what}, family '{model.family}') only exposes "
                     f"{sorted(model.capabilities)}"
                 )
 

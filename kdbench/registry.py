@@ -107,7 +107,7 @@ class Registry:
         return entry.cls
 
     def unknown_message(self, kind: str, name: str) -> str:
-        singular = kind[:-1]
+        singular = "family" if kind == "families" else kind[:-1]
         msg = f"unknown {singular} '{name}'.{did_you_mean(name, self.entries[kind])}"
         msg += f" Known {kind}: {', '.join(self.names(kind)) or '(none)'}."
         if self.broken:

@@ -134,3 +134,26 @@ def test_capture_points_are_declared_in_the_family_table():
     assert points["layers"] == "transformer.layer" and points["value"] == "attention.v_lin"
     assert resolve_path(model.encoder, points["layers"]) is model.encoder.transformer.layer
     assert reg.family("modernbert").capture_points()["query"] is None  # fused Wqkv, rotary: not claimed
+
+
+@pytest.mark.parametrize("extra", [{"pooling": "mean"}, {"pooling": "pooler", "layers": (1, 0)}, {"pooling": "cls", "freeze_word_embeddings": True}])
+def test_the_bert_factory_is_the_bert_row_of_the_family_table(extra):
+    """``bert`` (kept for its stored runs' hashes) and ``hf`` with ``family: bert`` build the
+    same model: the same weights for the same seed, the same outputs, dropout included."""
+    from kdbench_plugins.models.bert import BertFactory, BertOptions
+
+    size = {"layers": 2, "hidden": HIDDEN, "heads": HEADS, "intermediate": 32, "vocab_size": VOCAB}
+    torch.manual_seed(0)
+    old = BertFactory().build(BertOptions(tiny=size, dropout=0.1, **extra), PROBLEM)
+    torch.manual_seed(0)
+    new = HFFactory().build(HFOptions(family="bert", tiny=size, dropout=0.1, **extra), PROBLEM)
+    a, b = old.state_dict(), new.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a) and old.frozen == new.frozen
+    need = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_SCORES, ATTENTION_PROBS, VALUES})
+    torch.manual_seed(1)
+    oa = old.train()(batch().inputs, need)
+    torch.manual_seed(1)
+    ob = new.train()(batch().inputs, need)
+    assert torch.equal(oa.logits, ob.logits)
+    for x, y in zip(oa.attention_scores + oa.values + oa.hidden_states, ob.attention_scores + ob.values + ob.hidden_states):
+        assert torch.equal(x, y)

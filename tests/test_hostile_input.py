@@ -231,16 +231,16 @@ def suite_with(**changes) -> dict:
     return data
 
 
-def test_bad_data_and_missing_model_files_fail_their_runs_with_the_message(tmp_path, bad_registry):
+def test_bad_data_fails_its_runs_with_the_message_and_a_missing_model_folder_is_refused(tmp_path, bad_registry):
     """The suite goes on: the good task's run is done, each bad one failed with its culprit."""
     bad_file = small_movie_file(tmp_path, "7\t1.0")
     tasks = [{"name": "bad-labels"}, {"name": "empty-split"}, {"name": "good-task"},
              {"name": "movie-sentiment", "options": {"source_file": str(bad_file), "max_length": 16}}]
     suite = build_suite(suite_with(tasks=tasks), registry=bad_registry)
-    missing = build_suite(suite_with(tasks=[{"name": "good-task"}], students=[{"model": "bert", "options": {"pretrained": "./nonexistent"}}]),
-                          registry=bad_registry)
+    with pytest.raises(SuiteError, match="pretrained model folder './nonexistent' does not exist"):  # refused before any run
+        build_suite(suite_with(tasks=[{"name": "good-task"}], students=[{"model": "bert", "options": {"pretrained": "./nonexistent"}}]),
+                    registry=bad_registry)
     run_local(suite, tmp_path / "r", registry=bad_registry, progress=False)
-    run_local(missing, tmp_path / "r", registry=bad_registry, progress=False)
     rows = open_store(tmp_path / "r").runs()
     by_task = {r["task"]: r for r in rows if r["student"] == "tiny-1L"}
     assert by_task["good-task"]["status"] == "done"
@@ -248,8 +248,7 @@ def test_bad_data_and_missing_model_files_fail_their_runs_with_the_message(tmp_p
     assert by_task["empty-split"]["status"] == "failed" and BAD_TASKS["empty-split"][1] in by_task["empty-split"]["error"]
     assert by_task["movie-sentiment"]["status"] == "failed"
     assert f"{bad_file}:4: expected 3 tab-separated fields" in by_task["movie-sentiment"]["error"]
-    (row,) = [r for r in rows if r["student"] != "tiny-1L"]
-    assert row["status"] == "failed" and "pretrained model folder './nonexistent' does not exist" in row["error"]
+    assert all(r["student"] == "tiny-1L" for r in rows)
 
 
 # ----------------------------------------------------------------------------- broken plugins

@@ -128,8 +128,7 @@ def test_every_builtin_entry_point_registers_its_contributions(ep):
         assert Path(folder).is_dir() and any(Path(folder).glob("*.yaml"))
         assert get_registry().recipe_dirs()[0] == Path(folder)
         return
-    kind = {"method": "methods", "task": "tasks", "model": "models", "logger": "trackers", "executor": "executors",
-            "families": "families"}[ep.name.split("-")[1]]
+    kind = {"method": "methods", "task": "tasks", "model": "models", "logger": "trackers", "executor": "executors", "families": "families"}[ep.name.split("-")[1]]
     contributed = getattr(module, f"kdbench_{kind}")()
     assert contributed and all(isinstance(cls.name, str) for cls in contributed)
     reg = get_registry()

@@ -13,7 +13,7 @@ from kdbench.spec import SuiteError, build_suite
 from kdbench.train import Runner
 from kdbench.train.loop import batches
 from kdbench.train.teachers import provide_teacher
-from kdbench.executor import open_store
+from kdbench.executors.phases import open_store
 from support.suites import smoke_data
 
 

@@ -23,7 +23,7 @@ import kdbench.train.teachers as teachers
 from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
 from kdbench.train.evaluation import TEACHER, DeferredTest, TeacherDrift, evaluate, select_metrics
-from kdbench.train.inputs import encoded_splits, encoding_id, model_factory
+from kdbench.train.inputs import ResolvedModel, encoded_splits
 from kdbench.train.loop import Diverged, RoleInputs, autocast_for, batches, train_loop
 from kdbench.train.optim import build_optimizer, total_steps
 from kdbench.train.teachers import TeacherCheckpoint
@@ -55,6 +55,7 @@ class _Prepared:
     #: object when the two share a tokenizer (``encoder_id``), so nothing is encoded twice
     teacher_factory: Any = None
     teacher_encoded: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    student_model: ResolvedModel | None = None  # the student's factory and options, resolved once
 
     def teacher_side(self, split: str) -> RoleInputs | None:
         """What :func:`~kdbench.train.loop.batches` needs to collate the teacher's inputs."""
@@ -117,22 +118,24 @@ class Runner:
         method_cls = self.registry.method(spec.method)
         data = load_task_data(self.registry, spec.task, spec.quiz_fraction, spec.data_seed)
         method: Method = method_cls(method_cls.Params(**spec.params), data.task.problem)
-        teacher = None
+        teacher, teacher_model = None, None
+        student_model = ResolvedModel.of(self.registry, spec.student)
         if method.uses_teacher and spec.teacher is not None:
             if checkpoint is None:
                 raise KDBenchError(f"run {spec.hash} needs the checkpoint of teacher {spec.teacher_hash}: "
                                    "the executor's teachers-first phase provides it (kdbench.train.teachers.provide_teacher)")
-            teacher = teachers.load_teacher(checkpoint, spec, self.registry, data, self.device)
+            teacher_model = ResolvedModel.of(self.registry, spec.teacher)
+            check_alignment(method, teacher_model.encoder_id, student_model.encoder_id)  # before anything is loaded
+            teacher = teachers.load_teacher(checkpoint, spec, self.registry, data, self.device, teacher_model)
         splits = [TRAIN, QUIZ, *data.eval_splits]
-        factory, encoded = encoded_splits(self.registry, spec, data, spec.student, splits)
+        factory, encoded = encoded_splits(self.registry, spec, data, spec.student, splits, student_model)
         t_factory, t_encoded = None, {}
         if teacher is not None:
-            t_factory, t_encoded = encoded_splits(self.registry, spec, data, spec.teacher, splits)  # type: ignore[arg-type]
-            check_alignment(method, encoding_id(self.registry, spec.teacher), encoding_id(self.registry, spec.student))  # type: ignore[arg-type]
+            t_factory, t_encoded = encoded_splits(self.registry, spec, data, spec.teacher, splits, teacher_model)  # type: ignore[arg-type]
         shared = None
         if teacher is not None and self.share_teacher_outputs and method.can_share_teacher_outputs and not data.task.has_augmentation:
             shared = self._shared_logits(checkpoint, teacher, spec, data)  # type: ignore[arg-type]
-        return _Prepared(method, data, factory, encoded, teacher, shared, t_factory, t_encoded)
+        return _Prepared(method, data, factory, encoded, teacher, shared, t_factory, t_encoded, student_model)
 
     def _shared_logits(self, checkpoint: TeacherCheckpoint, teacher: KDModel, spec: RunSpec, data: TaskData) -> torch.Tensor:
         key = f"{checkpoint.hash}:{checkpoint.sha256}"
@@ -197,9 +200,9 @@ class Runner:
         t0 = time.perf_counter()
         p = self._prepare(spec, checkpoint)
         env["data"] = getattr(p.data, "fingerprints", None)
-        s_factory, s_options = model_factory(self.registry, spec.student)
+        assert p.student_model is not None
         seed_everything(spec.seed)
-        student = s_factory.build(s_options, p.data.task.problem).to(self.device)
+        student = p.student_model.factory.build(p.student_model.options, p.data.task.problem).to(self.device)
         p.method.check_models(student, p.teacher)
         ctx, steps, n_training = self._context(spec, p, student)
         if p.teacher is not None:

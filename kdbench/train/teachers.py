@@ -29,7 +29,7 @@ import kdbench.train.artefacts as artefacts
 from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, seed_everything
 from kdbench.train.evaluation import evaluate, predict
-from kdbench.train.inputs import encoded_splits, model_factory
+from kdbench.train.inputs import ResolvedModel, encoded_splits, model_factory
 from kdbench.train.loop import Diverged, autocast_for, batches, train_loop
 from kdbench.train.optim import build_optimizer, total_steps
 
@@ -117,10 +117,11 @@ def _fine_tune(spec: RunSpec, registry: Registry, device: torch.device, path: Pa
     assert spec.teacher is not None
     t0 = time.perf_counter()
     data = load_task_data(registry, spec.task, spec.quiz_fraction, spec.data_seed)
-    factory, encoded = encoded_splits(registry, spec, data, spec.teacher, [TRAIN, *data.eval_splits])
+    resolved = ResolvedModel.of(registry, spec.teacher)
+    factory, encoded = encoded_splits(registry, spec, data, spec.teacher, [TRAIN, *data.eval_splits], resolved)
     training = spec.teacher.train
     seed_everything(training.seed if training else 0)
-    model = factory.build(model_factory(registry, spec.teacher)[1], data.task.problem).to(device)
+    model = factory.build(resolved.options, data.task.problem).to(device)
     meter = CostMeter(device)
     meter.prep_s = time.perf_counter() - t0
     history: list[dict[str, Any]] = []
@@ -248,9 +249,11 @@ def provide_teacher(spec: RunSpec, results_dir: Path, store: ResultsStore, regis
 # ------------------------------------------------------------------------ reading
 
 
-def load_teacher(checkpoint: TeacherCheckpoint, spec: RunSpec, registry: Registry, data: TaskData, device: torch.device) -> KDModel:
-    """Build the teacher model of ``spec`` with the verified fine-tuned weights."""
-    factory, options = model_factory(registry, spec.teacher)  # type: ignore[arg-type]
+def load_teacher(checkpoint: TeacherCheckpoint, spec: RunSpec, registry: Registry, data: TaskData, device: torch.device,
+                 resolved: ResolvedModel | None = None) -> KDModel:
+    """Build the teacher model of ``spec`` (``resolved``: its factory and options, when the
+    run has resolved them) with the verified fine-tuned weights."""
+    factory, options = (resolved.factory, resolved.options) if resolved is not None else model_factory(registry, spec.teacher)  # type: ignore[arg-type]
     model = factory.build(options, data.task.problem)
     model.load_state_dict(artefacts.read_tensors(checkpoint.path, f"checkpoint of teacher {checkpoint.hash}", checkpoint.sha256))
     return model.to(device).eval()

@@ -17,9 +17,10 @@ WORDS = ("the a an and or but of to in on at for with is was are were be been it
 STYLES = {"bert": ("[PAD]", "[UNK]", "[CLS]", "[SEP]"), "roberta": ("<pad>", "<unk>", "<s>", "</s>")}
 
 
-def write_tokenizer(folder: Path, style: str = "bert", words: tuple[str, ...] = WORDS, extra: int = 0) -> Path:
+def write_tokenizer(folder: Path, style: str = "bert", words: tuple[str, ...] = WORDS, extra: int = 0, specials: bool = True) -> Path:
     """A WordLevel tokenizer of ``len(words) + 4 + extra`` tokens (``extra`` filler tokens
-    make it larger, e.g. larger than a model's embedding) saved in ``folder``."""
+    make it larger, e.g. larger than a model's embedding) saved in ``folder``;
+    ``specials=False``: it adds no classification/separator tokens around the text."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
     from tokenizers.processors import TemplateProcessing
@@ -31,7 +32,8 @@ def write_tokenizer(folder: Path, style: str = "bert", words: tuple[str, ...] = 
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     pair = f"{cls} $A:0 {sep} $B:1 {sep}:1" if style == "bert" else f"{cls} $A:0 {sep} {sep} $B:0 {sep}"
-    tok.post_processor = TemplateProcessing(single=f"{cls} $A:0 {sep}", pair=pair, special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    if specials:
+        tok.post_processor = TemplateProcessing(single=f"{cls} $A:0 {sep}", pair=pair, special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token=unk, cls_token=cls, sep_token=sep,
                                    model_input_names=["input_ids", "token_type_ids", "attention_mask"] if style == "bert"
                                    else ["input_ids", "attention_mask"])

@@ -122,6 +122,10 @@ class PKD(Method):
                 raise IncompatibleModelError(f"pkd's patient term maps the student's layers 1..M-1, and a {s['num_layers']}-layer student has "
                                              "none: the term would be 0 and the run plain KD under pkd's name; use a student with at least "
                                              "2 layers, or beta: 0 for pkd's soft and hard terms alone")
+        if self.params.beta > 0 and False in (s.get("first_token_special"), t.get("first_token_special")):
+            raise IncompatibleModelError("pkd's patient term reads the [CLS] vector at position 0, but the "
+                                         f"{'student' if s.get('first_token_special') is False else 'teacher'}'s tokenizer puts no "
+                                         "special token first; use a tokenizer that starts every sequence with one, or beta: 0")
         if self.params.beta > 0 and s.get("hidden_size") != t.get("hidden_size"):
             raise IncompatibleModelError(f"pkd compares [CLS] states without a projection, but the student is {s.get('hidden_size')} wide "
                                          f"and the teacher {t.get('hidden_size')}; use equal widths (or tinybert, which learns a projection)")

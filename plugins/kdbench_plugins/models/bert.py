@@ -13,37 +13,43 @@ Options choose where the encoder comes from:
   fine-tuning, a method updating its teacher, the student); position and token-type
   embeddings and their LayerNorm still train.
 
-Attention is always the eager implementation: PyTorch's CPU ``sdpa`` kernel has no double
-backward, and MetaDistil differentiates through the student's update.
+The model is the ``bert`` row of the encoder family table built by the shared
+:class:`kdbench.encoders.EncoderClassifier`, exactly as ``hf`` with ``family: bert``
+builds it (the same weights and outputs for the same seed); this factory keeps its own
+options so stored runs keep their hashes. Attention is always the eager implementation:
+PyTorch's CPU ``sdpa`` kernel has no double backward, and MetaDistil differentiates
+through the student's update.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdbench.api import (
+    ATTENTION_PROBS,
     ATTENTION_SCORES,
     EMBEDDING,
     HIDDEN_STATES,
+    KEYS,
     LOGITS,
+    QUERIES,
+    VALUES,
     Encoded,
     Examples,
     KDBenchError,
-    KDModel,
     ModelFactory,
     ModelFacts,
-    ModelOutput,
     Options,
     Problem,
     added,
 )
-from kdbench.encoders import HashingTokenizer, check_vocabulary, resolve_pretrained, tokenizer_identity
+from kdbench.encoders import EncoderClassifier, HashingTokenizer, build_classifier, check_vocabulary, resolve_pretrained, tokenizer_identity
 from kdbench.hookspecs import hookimpl
+from kdbench.registry import get_registry
+
 
 class TinyConfig(Options):
     layers: int = Field(2, gt=0)
@@ -101,76 +107,7 @@ def _pretrained_tokenizer(path: str) -> Any:
     return _TOKENIZERS[path]
 
 
-class BertClassifier(KDModel):
-    """A BERT encoder with a dropout + linear head on the pooled sequence."""
-
-    capabilities = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_SCORES, EMBEDDING})
-    family = "transformer"
-
-    def __init__(self, encoder: nn.Module, num_outputs: int, pooling: str, dropout: float):
-        super().__init__()
-        self.encoder = encoder
-        self.pooling = pooling
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.config.hidden_size, num_outputs)
-        self._scores: list[Tensor] | None = None
-        cfg = encoder.config
-        self._head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self._heads = cfg.num_attention_heads
-        for layer in encoder.encoder.layer:
-            attn = layer.attention.self
-            attn.query.register_forward_hook(self._capture)
-            attn.key.register_forward_hook(self._capture)
-
-    def describe(self) -> dict[str, Any]:
-        cfg = self.encoder.config
-        return {"num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "num_heads": cfg.num_attention_heads}
-
-    def _capture(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        if self._scores is not None:
-            self._scores.append(output)
-
-    def _attention_scores(self, projections: list[Tensor], mask: Tensor) -> tuple[Tensor, ...]:
-        scores = []
-        for q, k in zip(projections[0::2], projections[1::2]):
-            b, length, _ = q.shape
-            q = q.view(b, length, self._heads, self._head_dim).transpose(1, 2)
-            k = k.view(b, length, self._heads, self._head_dim).transpose(1, 2)
-            s = q @ k.transpose(-1, -2) / math.sqrt(self._head_dim)
-            scores.append(s * mask[:, None, None, :].to(s.dtype))  # masked keys -> 0 (TinyBERT)
-        return tuple(scores)
-
-    def forward(self, inputs: dict[str, Tensor], need: frozenset[str] = frozenset()) -> ModelOutput:
-        mask = inputs["attention_mask"]
-        want_scores = ATTENTION_SCORES in need
-        self._scores = [] if want_scores else None
-        try:
-            out = self.encoder(
-                input_ids=inputs["input_ids"],
-                attention_mask=mask,
-                token_type_ids=inputs.get("token_type_ids"),
-                output_hidden_states=HIDDEN_STATES in need,
-                return_dict=True,
-            )
-            projections, self._scores = self._scores, None
-        finally:
-            self._scores = None
-        seq = out.last_hidden_state
-        if self.pooling == "mean":
-            m = mask.unsqueeze(-1).to(seq.dtype)
-            pooled = (seq * m).sum(1) / m.sum(1).clamp_min(1.0)
-        elif self.pooling == "cls":
-            pooled = seq[:, 0]
-        else:
-            pooled = out.pooler_output
-        logits = self.head(self.dropout(pooled))
-        return ModelOutput(
-            logits=logits,
-            hidden_states=tuple(out.hidden_states) if HIDDEN_STATES in need else None,
-            attention_scores=self._attention_scores(projections, mask) if want_scores else None,
-            attention_mask=mask,
-            embedding=pooled if EMBEDDING in need else None,
-        )
+BertClassifier = EncoderClassifier  # the name tests and plugins subclass
 
 
 class BertFactory(ModelFactory):
@@ -178,45 +115,28 @@ class BertFactory(ModelFactory):
     description = "BERT-family classifier (HF transformers): pretrained folder/hub name, a subset of its layers, or a tiny random config."
     modality = "text"
     Options = BertOptions
-    capabilities = BertClassifier.capabilities
-    family = BertClassifier.family
+    capabilities = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_SCORES, EMBEDDING, ATTENTION_PROBS, QUERIES, KEYS, VALUES})
+    family = "transformer"
 
-    def build(self, options: BertOptions, problem: Problem) -> BertClassifier:
-        from transformers import BertConfig, BertModel
-        from transformers.utils import logging as hf_logging
+    def build(self, options: BertOptions, problem: Problem) -> EncoderClassifier:
+        """The ``bert`` row of the family table built by the shared encoder classifier
+        (:func:`kdbench.encoders.build_classifier`), as the ``hf`` factory builds it."""
+        from transformers import AutoConfig
 
-        hf_logging.disable_progress_bar()
-
-        add_pooler = options.pooling == "pooler"
+        family = get_registry().family("bert")
+        path = None
         if options.tiny is not None:
             t = options.tiny
-            config = BertConfig(
-                vocab_size=t.vocab_size,
-                hidden_size=t.hidden,
-                num_hidden_layers=t.layers,
-                num_attention_heads=t.heads,
-                intermediate_size=t.intermediate,
-                max_position_embeddings=512,
-                hidden_dropout_prob=options.dropout,
-                attention_probs_dropout_prob=options.dropout,
-            )
-            config._attn_implementation = "eager"
-            encoder = BertModel(config, add_pooling_layer=add_pooler)
+            config = AutoConfig.for_model("bert", **family.tiny_config(t.layers, t.hidden, t.heads, t.intermediate, t.vocab_size, options.dropout))
         else:
             path = resolve_pretrained(options.pretrained)
             try:
-                encoder = BertModel.from_pretrained(path, attn_implementation="eager", add_pooling_layer=add_pooler)
-            except OSError as exc:
+                config = AutoConfig.from_pretrained(path)
+            except (OSError, ValueError) as exc:
                 raise KDBenchError(f"cannot load pretrained model '{options.pretrained}': {exc}") from None
-        kept = options.kept_layers(encoder.config.num_hidden_layers)
-        if kept != list(range(encoder.config.num_hidden_layers)):
-            encoder.encoder.layer = nn.ModuleList([encoder.encoder.layer[i] for i in kept])
-            encoder.config.num_hidden_layers = len(kept)
-        num_outputs = 1 if problem.is_regression else problem.num_labels
-        model = BertClassifier(encoder, num_outputs, options.pooling, options.dropout)
-        if options.freeze_word_embeddings:
-            model.freeze([n for n, _ in model.named_parameters() if n.endswith("embeddings.word_embeddings.weight")])
-        return model
+        kept = options.kept_layers(config.num_hidden_layers)
+        return build_classifier(family, config, path, kept, 1 if problem.is_regression else problem.num_labels, options.pooling,
+                                options.dropout, options.freeze_word_embeddings)
 
     def _tokenizer(self, options: BertOptions) -> Any:
         if options.tiny is not None:

@@ -27,32 +27,16 @@ MetaDistil differentiates through the student's update).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 
-from kdbench.api import (ATTENTION_PROBS, ATTENTION_SCORES, EMBEDDING, HIDDEN_STATES, KEYS, LOGITS, QUERIES, VALUES, Encoded, Examples,
-                         KDBenchError, KDModel, ModelFactory, ModelFacts, ModelOutput, Options, Problem)
-from kdbench.encoders import (EncoderFamily, HashingTokenizer, check_vocabulary, resolve_path, resolve_pretrained,
-                              tokenizer_identity)
+from kdbench.api import Encoded, Examples, KDBenchError, ModelFactory, ModelFacts, Options, Problem
+from kdbench.encoders import (ALL_CAPABILITIES, EncoderClassifier, EncoderFamily, HashingTokenizer, build_classifier, check_vocabulary,
+                              family_capabilities, resolve_pretrained, tokenizer_identity)
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import get_registry
-
-ALL = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_PROBS, ATTENTION_SCORES, QUERIES, KEYS, VALUES, EMBEDDING})
-
-
-def family_capabilities(family: type[EncoderFamily]) -> frozenset[str]:
-    """What models of ``family`` expose (the rest of :data:`ALL` needs capture points it lacks)."""
-    caps = {LOGITS, HIDDEN_STATES, EMBEDDING, ATTENTION_PROBS}
-    if family.query and family.key and family.value and (family.layers or family.shared_layer):
-        caps |= {QUERIES, KEYS, VALUES}
-        if family.scores_from_qk:
-            caps.add(ATTENTION_SCORES)
-    return frozenset(caps)
-
 
 class TinyEncoder(Options):
     layers: int = Field(2, gt=0)
@@ -145,7 +129,7 @@ def _tokenizer(options: HFOptions) -> Any:
     source = options.tokenizer if options.tiny is not None else options.pretrained
     if source is None:
         return HashingTokenizer(options.tiny.vocab_size)  # type: ignore[union-attr]
-    path = resolve_pretrained(source)
+    path = resolve_pretrained(source, "pretrained model" if options.tiny is None else "tokenizer")
     if path not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
@@ -156,133 +140,20 @@ def _tokenizer(options: HFOptions) -> Any:
     return _TOKENIZERS[path]
 
 
-class HFClassifier(KDModel):
-    """A Hugging Face encoder of a registered family with a dropout + linear head on the
-    pooled sequence; captures what its family declares (see the module doc)."""
-
-    family = "transformer"
-
-    def __init__(self, encoder: nn.Module, encoder_family: type[EncoderFamily], num_outputs: int, pooling: str, dropout: float):
-        super().__init__()
-        self.encoder, self.encoder_family, self.pooling = encoder, encoder_family, pooling
-        self.capabilities = family_capabilities(encoder_family)
-        cfg = encoder.config
-        self._heads = getattr(cfg, encoder_family.num_heads_attr)
-        self._width = getattr(cfg, encoder_family.hidden_size_attr)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(self._width, num_outputs)
-        self._captured: dict[str, list[Tensor]] | None = None
-        if QUERIES in self.capabilities:
-            shared = encoder_family.shared_layer
-            for layer in self.layer_list() or ([resolve_path(encoder, shared)] if shared else []):
-                for kind, path in (("q", encoder_family.query), ("k", encoder_family.key), ("v", encoder_family.value)):
-                    resolve_path(layer, path).register_forward_hook(self._capture(kind))  # type: ignore[arg-type]
-
-    def layer_list(self) -> list[nn.Module]:
-        """The family's transformer layers (its ``layers`` capture point); [] for ALBERT."""
-        path = self.encoder_family.layers
-        return list(resolve_path(self.encoder, path)) if path else []
-
-    def describe(self) -> dict[str, Any]:
-        cfg, fam = self.encoder.config, self.encoder_family
-        return {"num_layers": getattr(cfg, fam.num_layers_attr), "hidden_size": self._width, "num_heads": self._heads,
-                "family": fam.name}
-
-    def _capture(self, kind: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            if self._captured is not None:
-                self._captured[kind].append(output)
-        return hook
-
-    def _heads_split(self, x: Tensor) -> Tensor:
-        b, length, _ = x.shape
-        return x.view(b, length, self._heads, -1).transpose(1, 2)
-
-    def forward(self, inputs: dict[str, Tensor], need: frozenset[str] = frozenset()) -> ModelOutput:
-        mask = inputs["attention_mask"]
-        capture = bool(need & {ATTENTION_SCORES, QUERIES, KEYS, VALUES})
-        self._captured = {"q": [], "k": [], "v": []} if capture else None
-        kwargs = {"token_type_ids": inputs["token_type_ids"]} if self.encoder_family.token_type_ids and "token_type_ids" in inputs else {}
-        try:
-            out = self.encoder(input_ids=inputs["input_ids"], attention_mask=mask, output_hidden_states=HIDDEN_STATES in need,
-                               output_attentions=ATTENTION_PROBS in need, return_dict=True, **kwargs)
-            captured = self._captured
-        finally:
-            self._captured = None
-        seq = out.last_hidden_state
-        if self.pooling == "mean":
-            m = mask.unsqueeze(-1).to(seq.dtype)
-            pooled = (seq * m).sum(1) / m.sum(1).clamp_min(1.0)
-        elif self.pooling == "cls":
-            pooled = seq[:, 0]
-        else:
-            pooled = out.pooler_output
-        q, k, v = ([self._heads_split(x) for x in captured[n]] for n in "qkv") if captured else ([], [], [])
-        scores = None
-        if ATTENTION_SCORES in need:
-            scores = tuple(qi @ ki.transpose(-1, -2) / math.sqrt(qi.shape[-1]) * mask[:, None, None, :].to(qi.dtype) for qi, ki in zip(q, k))
-        return ModelOutput(
-            logits=self.head(self.dropout(pooled)),
-            hidden_states=tuple(out.hidden_states) if HIDDEN_STATES in need else None,
-            attention_scores=scores,
-            attention_mask=mask,
-            embedding=pooled if EMBEDDING in need else None,
-            attention_probs=tuple(out.attentions) if ATTENTION_PROBS in need else None,
-            queries=tuple(q) if QUERIES in need else None,
-            keys=tuple(k) if KEYS in need else None,
-            values=tuple(v) if VALUES in need else None,
-        )
-
-
-def _keep_layers(encoder: nn.Module, family: type[EncoderFamily], kept: list[int]) -> None:
-    cfg = encoder.config
-    available = getattr(cfg, family.num_layers_attr)
-    if kept == list(range(available)):
-        return
-    if family.layers is None:  # one shared layer applied k times: only a prefix means anything
-        if kept != list(range(len(kept))):
-            raise KDBenchError(f"family '{family.name}' applies one shared layer {available} times; keep the first k with num_layers")
-    else:
-        parent, _, leaf = family.layers.rpartition(".")
-        owner = resolve_path(encoder, parent) if parent else encoder
-        layers = getattr(owner, leaf)
-        setattr(owner, leaf, nn.ModuleList([layers[i] for i in kept]))
-    setattr(cfg, family.num_layers_attr, len(kept))
-    if isinstance(getattr(cfg, "layer_types", None), list):  # per-layer attention kinds (ModernBERT local/global)
-        cfg.layer_types = [cfg.layer_types[i] for i in kept]
-
-
 class HFFactory(ModelFactory):
     name = "hf"
     description = ("Any Hugging Face encoder family (bert, roberta, distilbert, deberta-v2, electra, albert, xlm-roberta, modernbert, "
                    "and plugins'): pretrained folder/hub name or tiny random config, a subset of layers, pooling.")
     modality = "text"
     Options = HFOptions
-    capabilities = ALL  # the union; each family's own set is checked at validation (inspect)
+    capabilities = ALL_CAPABILITIES  # the union; each family's own set is checked at validation (inspect)
     family = "transformer"
 
-    def build(self, options: HFOptions, problem: Problem) -> HFClassifier:
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    def build(self, options: HFOptions, problem: Problem) -> EncoderClassifier:
         config, family, path = _config(options)
         kept = options.kept_layers(getattr(config, family.num_layers_attr), f"model {self._label(options)}")
-        extra = {"add_pooling_layer": options.pooling == "pooler"} if family.pooler else {}
-        if options.pooling == "pooler" and not family.pooler:
-            raise KDBenchError(f"family '{family.name}' has no pooler; use pooling: mean or cls")
-        if path is None:
-            encoder = AutoModel.from_config(config, attn_implementation="eager", **extra)
-        else:
-            try:
-                encoder = AutoModel.from_pretrained(path, config=config, attn_implementation="eager", **extra)
-            except OSError as exc:
-                raise KDBenchError(f"cannot load pretrained model '{options.pretrained}': {exc}") from None
-        _keep_layers(encoder, family, kept)
-        model = HFClassifier(encoder, family, 1 if problem.is_regression else problem.num_labels, options.pooling, options.dropout)
-        if options.freeze_word_embeddings:
-            model.freeze([n for n, p in model.named_parameters() if p is encoder.get_input_embeddings().weight])
-        return model
+        return build_classifier(family, config, path, kept, 1 if problem.is_regression else problem.num_labels, options.pooling,
+                                options.dropout, options.freeze_word_embeddings)
 
     @staticmethod
     def _label(options: HFOptions) -> str:
