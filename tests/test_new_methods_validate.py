@@ -62,8 +62,7 @@ def test_companion_suite_expands_as_designed() -> None:
 
 
 def test_minilm_paper_suite_schema_and_references() -> None:
-    # the hf factory reads bert-base-uncased's configuration at validate (hub or cache), so only
-    # the schema is checked offline here
+    # the schema and references (tests/test_suites.py validates every suite against the registry)
     from kdbench.recipes import expand_recipes
     from kdbench.spec import SuiteSpec
 
@@ -76,3 +75,13 @@ def test_minilm_paper_suite_schema_and_references() -> None:
     assert refs == {("glue-mnli", "minilm"): 83.3, ("glue-sst2", "minilm"): 91.5, ("glue-qnli", "minilm"): 90.5,
                     ("glue-cola", "minilm"): 47.5, ("glue-rte", "minilm"): 68.8, ("glue-mnli", "minilmv2"): 82.8}
     assert all(r.citation.startswith("microsoft/unilm@300eef0 minilm/README.md") and r.protocol for r in spec.references)
+
+
+def test_nlp_minilm_suite_shares_nlp_cpus_teacher_and_baseline_runs() -> None:
+    from kdbench.spec import load_suite
+
+    base, new = load_suite(ROOT / "benchmarks" / "nlp-cpu.yaml"), load_suite(ROOT / "benchmarks" / "nlp-cpu-minilm.yaml")
+    assert {r.teacher_hash for r in new.runs} == {r.teacher_hash for r in base.runs}
+    shared = {r.hash for r in new.runs if r.method in ("none", "kd", "pkd", "tinybert")}
+    assert len(shared) == 2 * 4 * 9 and shared <= {r.hash for r in base.runs}
+    assert sorted({r.method for r in new.runs}) == ["kd", "minilm", "minilmv2", "none", "pkd", "tinybert"]
