@@ -1,5 +1,6 @@
 # kdbench: two commands on a fresh machine.
-#   make demo   set up, then run the default suite (benchmarks/quickstart.yaml) and print its leaderboard
+#   make demo   set up, then run the default suite (benchmarks/quickstart.yaml) and print its leaderboard;
+#               results in results/quickstart/ (gitignored: the working tree stays clean)
 #   make test   set up, then run the test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv

@@ -62,8 +62,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     teachers = {r.teacher_hash for r in suite.runs if r.teacher_hash}
     print(f"{suite.source}: valid. {len(suite.runs)} runs, {len(teachers)} teacher(s), results in {suite.results_dir(args.results)}")
     if args.verbose:
-        for r in suite.runs:
-            print(f"  {r.hash}  {r.task.name}  {r.method} {r.params_label()}  {r.student_label}  seed {r.seed}")
+        from kdbench.display import run_titles
+
+        titles = run_titles(suite)
+        for r in suite.runs:  # the full specs: `kdbench show` once run
+            print(f"  {r.hash}  {r.task.name}  {titles[r.hash]}  {r.student_label}  seed {r.seed}")
     for line in _estimate(suite, args):
         print(line)
     return 0

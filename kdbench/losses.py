@@ -139,8 +139,8 @@ def build_teacher_optimizer(teacher: nn.Module, name: str, lr: float, weight_dec
     """The optimizer of a run's trainable teacher (``name``: ``adamw`` or ``sgd``), over its
     parameters that require grad (the runner enables them for ``updates_teacher`` methods).
     AdamW is the fused implementation where PyTorch has it for the parameters' device (CPU
-    and CUDA): the same update rule, one kernel instead of a dozen per parameter (on the
-    reference CPU setup the for-loop AdamW over a MiniLM teacher took about 0.1 s a step)."""
+    and CUDA): the same update rule, one kernel instead of a dozen per parameter
+    (``benchmarks/optimizer_step.py`` measures the two)."""
     params = [p for p in teacher.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the teacher has no trainable parameters; the runner enables them for updates_teacher methods (kdbench.api.set_trainable), and the model keeps none of them frozen")

@@ -219,8 +219,10 @@ class MethodEntry(Frozen):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = Field(None, description="the leaderboard row's name of a grid_selection entry; other entries' rows "
-                                                "are named by the method and the parameters that tell them apart, and ignore it")
+    label: str | None = Field(None, min_length=1, max_length=100,
+                              description="the name of this entry's leaderboard row (with the swept parameters' values when "
+                                          "it sweeps), in reports and run lines; default: the method's name and the parameters "
+                                          "that tell its rows apart. Display only: never part of a run's hash")
     students: list[str] | None = Field(None, min_length=1, description="only with these students (labels); default all")
     #: Report-only (never part of a run's hash): per task and student, the report keeps the
     #: setting of this entry's sweep with the best mean validation score over seeds (ties:
@@ -427,6 +429,35 @@ def selected_label(entry: MethodEntry) -> str:
     return entry.label or entry.name
 
 
+#: leaderboard rows of their own that a method entry's label may not take
+RESERVED_ROWS = ("teacher", "chance")
+
+
+def _overlap(a: MethodEntry, b: MethodEntry) -> bool:
+    return a.students is None or b.students is None or bool(set(a.students) & set(b.students))
+
+
+def _row_name_clashes(methods: list[MethodEntry]) -> list[str]:
+    """Two entries whose rows would share a name (for a shared student) would be averaged
+    together in the report as if they were seeds of one setting: a label must differ from
+    every other entry's label and from the method name of every unlabelled entry.
+    (Two grid-selection entries are checked by :func:`_selection_clashes`.)"""
+    problems = []
+    for i, m in enumerate(methods):
+        if m.label is None:
+            continue
+        if m.label in RESERVED_ROWS:
+            problems.append(f"methods[{i}].label: '{m.label}' names the report's {m.label} row; choose another label")
+        for j, other in enumerate(methods):
+            if j == i or not _overlap(m, other) or (m.grid_selection and other.grid_selection):
+                continue
+            if (j < i and other.label == m.label) or (other.label is None and other.name == m.label):
+                what = "has the same label" if other.label == m.label else f"is the method '{other.name}' without a label"
+                problems.append(f"methods[{i}].label: methods[{j}] {what}, so both would be the leaderboard row "
+                                f"'{m.label[:100]}' for the same students; give each entry its own label")
+    return problems
+
+
 def _selection_clashes(methods: list[MethodEntry]) -> list[str]:
     """Two entries selected on validation under one row name (and a shared student) would
     be averaged together in the report as if they were seeds of one setting."""
@@ -615,8 +646,7 @@ class _SuiteBuilder:
         for i, m in enumerate(spec.methods):
             self._check_method(i, m, student_labels)
         self.problems.extend(_selection_clashes(spec.methods))
-        if not self.problems:
-            self._check_models()
+        self.problems.extend(_row_name_clashes(spec.methods))
         if spec.baseline not in {m.name for m in spec.methods}:
             self.problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
         for i, tracker in enumerate(spec.trackers):
@@ -625,6 +655,8 @@ class _SuiteBuilder:
         n_runs = len(self.tasks) * len(self.pairs) * len(self.methods) * len(spec.seeds)
         if n_runs > MAX_RUNS:
             self.problems.append(f"(top level): the suite expands to {n_runs:,} runs, more than the bound of {MAX_RUNS:,}")
+        if not self.problems:  # the models' configs are read only for an otherwise valid suite
+            self._check_models()
 
     def _lookup(self, kind: str, name: str, where: str) -> type | None:
         entry = self.registry.entries[kind].get(name)
@@ -733,7 +765,10 @@ class _SuiteBuilder:
         problems = {}
         for task, _, _ in self.tasks:
             task_cls = self.registry.task(task.name)
-            problem = task_cls(task_cls.Options(**task.options)).problem
+            try:
+                problem = task_cls(task_cls.Options.model_validate(task.options)).problem
+            except Exception:  # noqa: BLE001 - a task whose problem needs its data: the runner checks the built models
+                continue
             for i, (teacher, _, student, _) in enumerate(self.pairs):
                 where = f"pairs[{i}]" if self.spec.pairs else "teacher"
                 t_facts = self._facts(teacher, f"{where}.teacher" if self.spec.pairs else "teacher") if teacher is not None else None

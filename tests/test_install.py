@@ -5,6 +5,7 @@ methods and trains a suite whose method comes from a built-in recipe."""
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -21,9 +22,11 @@ def _kdbench(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_an_installed_wheel_lists_methods_and_runs_a_suite_with_a_builtin_recipe(tmp_path):
-    wheels, site, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
+    wheels, site, work, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "work", tmp_path / "src"
     work.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+    # built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "results", "build", "*.egg-info", "__pycache__", "tests"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
                    check=True, capture_output=True, timeout=600)
     (wheel,) = wheels.glob("kdbench-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],

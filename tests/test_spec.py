@@ -175,7 +175,7 @@ def test_method_needing_what_the_model_lacks_is_refused_at_validation():
         build_suite(data, registry=Registry(pm, broken))
     assert err.value.problems == [
         "methods[0]: method 'needs-features' needs the student to expose ['features'], but model 'bert' "
-        "(transformer) only exposes ['attention_scores', 'embedding', 'hidden_states', 'logits']"
+        "(transformer) only exposes ['attention_probs', 'attention_scores', 'embedding', 'hidden_states', 'keys', 'logits', 'queries', 'values']"
     ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdbench.api import KDBenchError
+from kdbench.display import SuiteProgress, run_line, run_titles
 from kdbench.executors.phases import (MAX_ATTEMPTS, SuiteOutcome, describe_result, heartbeat, note_blocked, note_unclaimed,
                                       open_store, pending_runs, record, say, teachers_first)
 from kdbench.hookspecs import hookimpl
@@ -44,7 +45,9 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
             failures.update(failed)
         return spec.teacher_hash in checkpoints or spec.teacher_hash in failures
 
-    bar = suite_progress(len(pending), suite.name, runner.progress)
+    bar = SuiteProgress(len(pending), suite.name, runner.progress)
+    runner.progress = runner.progress and len(pending) < 2  # the suite's bar is the one bar: no step bars under it
+    titles = run_titles(suite, registry)
     queue, held, i = list(pending), [], 0
     while queue or held:
         if not queue:  # only runs whose teacher another process holds: wait for it
@@ -56,14 +59,15 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
             held.append(spec)
             continue
         i += 1
-        bar.update(1)
         if needs and spec.teacher_hash in failures:
             note_blocked(store, spec, failures[spec.teacher_hash], outcome)
+            bar.finished("blocked")
             continue
         if not store.claim(spec, rerun=rerun, max_crashes=max_attempts):
             note_unclaimed(store, spec, outcome)
+            bar.skipped()
             continue
-        say(f"[{i}/{len(pending)}] {spec.method} {spec.params_label()} | {spec.task.name} | {spec.student_label} | seed {spec.seed} ({spec.hash})")
+        say(f"[{i}/{len(pending)}] {run_line(spec, titles.get(spec.hash, spec.method))}")
         t0 = time.time()
         try:
             with heartbeat(store, spec.hash):
@@ -75,15 +79,9 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
         outcome.trained.append(spec.hash)
         outcome.statuses[spec.hash] = result.status
         say(f"    -> {describe_result(spec, result)} ({time.time() - t0:.0f} s in all)")
+        bar.finished(result.status)
     bar.close()
     return outcome
-
-
-def suite_progress(total: int, name: str, enabled: bool):
-    """The suite-level progress bar (silent when not writing to a terminal)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"suite {name}", position=0, disable=not enabled, dynamic_ncols=True)
 
 
 class LocalExecutor(Executor):

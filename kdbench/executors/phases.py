@@ -15,12 +15,12 @@ is recorded as failed).
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from kdbench.display import say  # executors print through it (above the suite's progress bar)
 from kdbench.registry import Registry, call_lifecycle
 from kdbench.spec import RunSpec
 from kdbench.store import DIVERGED, FAILED, FINISHED, ResultsStore
@@ -104,10 +104,6 @@ def teachers_needed(registry: Registry, specs: list[RunSpec]) -> dict[str, RunSp
         if needs_teacher(registry, spec):
             needed.setdefault(spec.teacher_hash, spec)
     return needed
-
-
-def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def describe_result(spec: RunSpec, result: RunResult) -> str:

@@ -53,6 +53,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from kdbench.api import KDBenchError
+from kdbench.display import SuiteProgress, run_line, run_titles
 from kdbench.executors.phases import (MAX_ATTEMPTS, SuiteOutcome, describe_result, note_blocked, note_unclaimed, open_store,
                                       pending_runs, record, say, teachers_needed)
 from kdbench.hookspecs import hookimpl
@@ -183,8 +184,7 @@ def plugins_for_workers(registry: Registry) -> tuple[list[tuple[str, str | None]
 
 #: Ray starts its worker processes at niceness 15, below its own daemons. Here the workers
 #: do all the training, and at 15 any normal-priority process on the machine starves them
-#: (measured on 2 cores beside two busy processes: a worker got about 4% of a core, and a
-#: 4-run test sweep took 706 s instead of 37 s). A cluster kdbench starts runs them at the
+#: (a busy machine slows a sweep many times over). A cluster kdbench starts runs them at the
 #: driver's priority; a cluster you start yourself keeps its own setting
 #: (``RAY_worker_niceness``).
 LOCAL_CLUSTER_SYSTEM_CONFIG: dict[str, Any] = {"worker_niceness": 0}
@@ -257,6 +257,7 @@ class _Driver:
         self.ray = ray
         self.suite, self.results_dir, self.store, self.registry = suite, results_dir, store, registry
         self.rerun, self.max_attempts, self.specs = rerun, max_attempts, specs
+        self.titles = run_titles(suite, registry)
         res = suite.spec.resources
         modules, objects = plugins_for_workers(registry)
         self.ctx = {
@@ -286,14 +287,16 @@ class _Driver:
         failure = TeacherFailed(th, (reason.strip().splitlines() or [""])[-1][:300])
         for spec in self.blocked.pop(th, []):
             note_blocked(self.store, spec, failure, self.outcome)
+            self.bar.finished("blocked")
 
     def _record(self, spec: RunSpec, result: RunResult) -> None:
         record(self.store, self.registry, spec, result)
         self.outcome.trained.append(spec.hash)
         self.outcome.statuses[spec.hash] = result.status
         self.n_done += 1
-        say(f"[{self.n_done}/{len(self.specs)}] {spec.method} {spec.params_label()} | {spec.task.name} | {spec.student_label} "
-             f"| seed {spec.seed} ({spec.hash}) -> {describe_result(spec, result)}")
+        title = self.titles.get(spec.hash, spec.method)
+        say(f"[{self.n_done}/{len(self.specs)}] {run_line(spec, title)} -> {describe_result(spec, result)}")
+        self.bar.finished(result.status)
 
     # -- submission --------------------------------------------------------------------
     def _submit_teacher(self, th: str, spec: RunSpec) -> None:
@@ -311,6 +314,7 @@ class _Driver:
     def _plan(self) -> None:
         """Skip finished runs; start (or wait for) each distinct teacher the rest need."""
         pending = pending_runs(self.store, self.specs, self.rerun, self.outcome)
+        self.bar = SuiteProgress(len(pending), self.suite.name, None)  # the suite's one bar (on a terminal)
         for spec in pending:
             if needs_teacher(self.registry, spec):
                 self.blocked.setdefault(spec.teacher_hash, []).append(spec)  # type: ignore[arg-type]
@@ -343,6 +347,7 @@ class _Driver:
             spec = self.ready.popleft()
             if not self.store.claim(spec, rerun=self.rerun, max_crashes=self.max_attempts):
                 note_unclaimed(self.store, spec, self.outcome)
+                self.bar.skipped()
                 continue
             self._submit_run(spec)
 
@@ -441,6 +446,7 @@ class _Driver:
             raise
         for th in list(self.blocked):  # a teacher that no one could train (should not happen)
             self._fail_blocked(th, "the teacher was never trained")
+        self.bar.close()
         return self.outcome
 
 

@@ -14,6 +14,7 @@ from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods, 
 from kdbench.report.curves import curve_table, flatness
 from kdbench.report.drift import disagreements, drift_table, updating_methods
 from kdbench.report.frame import filter_runs, runs_frame
+from kdbench.report.labels import entry_rows
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
 from kdbench.report.selection import GridSelection, select_on_validation
@@ -99,7 +100,7 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     all_rows = store.runs()
     wanted = set(hashes) if hashes is not None else None
     rows = [r for r in all_rows if wanted is None or r["hash"] in wanted]
-    df = filter_runs(runs_frame(rows), tasks, methods, students, where)
+    df = filter_runs(entry_rows(runs_frame(rows), suite_spec), tasks, methods, students, where)  # rows named by labels
     kept = set(df["hash"]) if not df.empty else set()
     teachers = [t for t in store.teachers() if teacher_hashes is None or t["hash"] in teacher_hashes]
     teachers = [t for t in teachers if (not tasks or t["task"] in tasks) and (not methods or "teacher" in methods)]

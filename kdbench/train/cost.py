@@ -71,9 +71,8 @@ def keep_freed_memory() -> bool:
     runner and teacher fine-tuning call it). By default glibc maps every block above its
     dynamic threshold (at most 32 MB) freshly and unmaps it on free, so a tensor of that
     size, made again every step (the gradient of a 30,522 x 384 word embedding: 47 MB),
-    pays its page faults again every step: allocating, zeroing and adding to one took
-    34 ms against 9 ms with this on the reference machine, and the bare KD step of the
-    reference setup 7-9% less (``benchmarks/allocator_step.py``). Results do not change;
+    pays its page faults again every step (``benchmarks/allocator_step.py`` measures the
+    difference; results/perf-cpu-2026-11-30 holds what it printed). Results do not change;
     memory figures stay each run's own, as :class:`CostMeter` returns freed memory to the
     OS (``malloc_trim``) before taking a run's baseline. Returns whether glibc took it
     (False elsewhere: other C libraries are left alone)."""

@@ -1,0 +1,56 @@
+"""Leaderboard row names from the suite's method entries (``MethodEntry.label``).
+
+Without labels a row is named by its method and the parameters that vary among that
+method's runs (:func:`kdbench.report.frame.label`). A method entry with a ``label`` names
+its runs' rows instead: the label alone, or with the values of the parameters that its
+own sweep varies. The method's other runs are then named by what varies among them alone.
+Names only: the runs, their grouping into seeds and every number stay as they were.
+Entries with ``grid_selection`` are named by :mod:`kdbench.report.selection`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+from kdbench.report.frame import label
+from kdbench.spec import entry_settings
+
+
+def _varying(params: list[dict[str, Any]]) -> set[str]:
+    keys = set().union(*params) if params else set()
+    return {k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1}
+
+
+def _rename(df: pd.DataFrame, mask: pd.Series, name: str) -> None:
+    params = [json.loads(p) for p in df.loc[mask, "params"]]
+    varying = _varying(params)
+    df.loc[mask, "method"] = [label(name, p, varying) for p in params]
+
+
+def entry_rows(df: pd.DataFrame, suite_spec: Any, registry: Any = None) -> pd.DataFrame:
+    """``df`` (a runs frame) with the ``method`` column (the row name) taken from the
+    labels of ``suite_spec``'s method entries; unchanged when no entry has a label. A run
+    that two labelled entries produce takes the first one's, in suite order."""
+    methods = list(getattr(suite_spec, "methods", None) or [])
+    labelled = [i for i, m in enumerate(methods) if m.label and not m.grid_selection]
+    if df.empty or not labelled:
+        return df
+    df = df.copy()
+    claimed = pd.Series(False, index=df.index)
+    for i in labelled:
+        entry = methods[i]
+        keys = [json.dumps(s, sort_keys=True) for s in entry_settings(suite_spec, i, registry)]
+        mask = (df["method_name"] == entry.name) & df["params"].isin(keys) & ~claimed
+        if entry.students:
+            mask &= df["student"].isin(entry.students)
+        if mask.any():
+            _rename(df, mask, entry.label)
+            claimed |= mask
+    for name in sorted(set(df.loc[claimed, "method_name"])):
+        rest = ~claimed & (df["method_name"] == name)
+        if rest.any():
+            _rename(df, rest, name)
+    return df
