@@ -113,14 +113,24 @@ def unhashed_fields(options_cls: type[BaseModel]) -> set[str]:
 
 @dataclass(frozen=True)
 class Problem:
-    """What is predicted: ``classification`` with ``num_labels`` classes, or ``regression``."""
+    """A task's label layout: ``kind`` names the task's :class:`Objective` (the built-ins:
+    ``classification`` with ``num_labels`` classes, ``regression`` with one output), and
+    ``num_labels`` is the width of the model's head (classes; 1 for one value per example;
+    a vocabulary size for a token objective). The objective, not this record, decides
+    losses, metrics and directions; code that only holds a ``Problem`` (a test building a
+    method by hand) gets the classification/regression behaviour of the core helpers."""
 
-    kind: Literal["classification", "regression"]
+    kind: str
     num_labels: int
 
     @property
     def is_regression(self) -> bool:
         return self.kind == "regression"
+
+    @property
+    def label_layout(self) -> str:
+        """``"value"`` for regression (one float per example), ``"class"`` otherwise."""
+        return "value" if self.is_regression else "class"
 
 
 # --------------------------------------------------------------------------- models
@@ -142,7 +152,8 @@ VALUES = "values"
 class ModelOutput:
     """Everything a distillation loss may read from a forward pass.
 
-    ``logits``: (B, num_labels); for regression (B, 1).
+    ``logits``: (..., C or V): (B, num_labels) for per-example objectives (regression:
+    (B, 1)); (B, L, V) for token-level ones, with ``mask``.
     ``hidden_states``: transformers only; embedding output then every layer, each (B, L, H).
     ``attention_scores``: transformers only; pre-softmax scores per layer, (B, heads, L, L),
     with masked key positions set to 0 (TinyBERT's convention).
@@ -158,6 +169,10 @@ class ModelOutput:
     ``queries`` / ``keys`` / ``values``: transformers only; each layer's query, key and
     value projections split into heads, (B, heads, L, head_dim) (MiniLM's value relations,
     MiniLMv2's q/k/v relations), where the model family declares them.
+    ``mask``: which positions of ``logits`` count, shaped as ``logits`` without its last
+    dimension (e.g. (B, L) for token logits (B, L, V)); ``None``: every position counts
+    (per-example logits (B, C) need none). Losses that read logits reduce over the masked
+    positions only (:func:`task_loss`, :mod:`kdbench.losses`).
     Fields a forward pass was not asked for are ``None``.
     """
 
@@ -172,6 +187,7 @@ class ModelOutput:
     queries: tuple[Tensor, ...] | None = None
     keys: tuple[Tensor, ...] | None = None
     values: tuple[Tensor, ...] | None = None
+    mask: Tensor | None = None
 
 
 class KDModel(nn.Module):
@@ -312,6 +328,19 @@ class Task(ABC):
     @abstractmethod
     def main_metric(self) -> str: ...
 
+    @property
+    def objective(self) -> str:
+        """The name of the registered :class:`Objective` that owns this task's loss, label
+        layout, evaluation and metric directions. Default: ``problem.kind``
+        (``classification`` or ``regression`` for the built-ins)."""
+        return self.problem.kind
+
+    def metric_info(self, metric: str) -> MetricInfo | None:
+        """Direction, scale and bounds of one of this task's metrics when the task knows
+        better than its objective's defaults (e.g. a regression task reporting an error);
+        None: the objective decides (:meth:`Objective.metric_info`)."""
+        return None
+
     @abstractmethod
     def load(self, cache_dir: str) -> dict[str, Examples]:
         """The splits as raw examples. May download into ``cache_dir`` where online."""
@@ -327,6 +356,208 @@ class Task(ABC):
     @property
     def has_augmentation(self) -> bool:
         return type(self).augment is not Task.augment
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How to read one metric: ``higher_is_better`` (accuracy: True; MSE, perplexity:
+    False), ``scale`` (the factor reports show it at: 100 for proportions and correlations,
+    as KD papers do; 1 for errors and perplexities) and ``bounds`` (its range before
+    scaling, ``None`` for an open end; intervals are clipped to it). Stored with every run,
+    so reports never need the plugin that made it."""
+
+    higher_is_better: bool = True
+    scale: float = 1.0
+    bounds: tuple[float | None, float | None] = (None, None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The form a run's metrics keep it in (``metrics["metric_info"][name]``)."""
+        return {"higher_is_better": self.higher_is_better, "scale": self.scale, "bounds": list(self.bounds)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MetricInfo":
+        lo, hi = (list(d.get("bounds") or (None, None)) + [None, None])[:2]
+        return cls(bool(d.get("higher_is_better", True)), float(d.get("scale", 1.0)), (lo, hi))
+
+
+class Evaluator(ABC):
+    """One streaming evaluation of a split: :meth:`update` per batch (the model's output
+    and the batch with its labels), then :meth:`finish` once. Keep what the metrics need
+    (predicted ids, running sums), not the logits: a split of token logits does not fit
+    in memory. Made by :meth:`Objective.start`."""
+
+    @abstractmethod
+    def update(self, output: ModelOutput, batch: Batch) -> None:
+        """Take one batch: ``output`` from the model in eval mode under inference mode
+        (logits, plus the fields ``Objective.eval_needs`` names), ``batch.inputs`` on the
+        device, ``batch.labels`` as the task stored them (their own dtype, on the CPU),
+        ``batch.index`` the examples' positions in the split."""
+
+    @abstractmethod
+    def finish(self) -> dict[str, float]:
+        """The split's metrics, by name (the task's ``main_metric`` among them)."""
+
+
+@dataclass(frozen=True)
+class Chance:
+    """What a constant, label-blind predictor scores: ``predictions`` fed to the task's
+    metrics in place of the model's, and ``rule`` naming how they were chosen (shown in
+    the report's chance row)."""
+
+    predictions: np.ndarray
+    rule: str
+
+
+class Objective(ABC):
+    """What a task asks of a model: a registered plugin kind (hook ``kdbench_objectives``;
+    a task names its objective in :attr:`Task.objective`). One instance serves one task.
+
+    It owns:
+      * the label layout: :meth:`labels` (a split's raw labels as the tensor the loss
+        reads), :meth:`check_labels` (a named :class:`DataError` for labels that do not
+        fit), :meth:`check_task` (refusals at ``kdbench validate``), :meth:`num_outputs`
+        (the model head's width) and ``label_layout`` (``"class"``: one class id per
+        example; ``"value"``: one float per example; an objective of its own, e.g.
+        ``"token"``, for sequences);
+      * the task loss :meth:`loss` and the soft (teacher) term of KD-style methods
+        :meth:`soft_loss`, both reducing over ``mask`` (the positions that count);
+      * evaluation: :meth:`start` gives a streaming :class:`Evaluator`;
+      * each metric's :class:`MetricInfo` (:meth:`metric_info`), stored with every run;
+      * the chance/baseline rule (:meth:`chance`) of the report's chance row;
+      * ``shares_teacher_outputs``: whether a fixed teacher's logits over the training
+        split may be computed once and shared by every run (False where they are too
+        large to hold, e.g. a vocabulary per token);
+      * :meth:`divergence`: how far two sets of predictions of one split are apart
+        (a live teacher's drift from its start).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    label_layout: ClassVar[str] = "class"
+    shares_teacher_outputs: ClassVar[bool] = True
+    #: :class:`ModelOutput` fields (beyond logits) the evaluator reads, asked of the
+    #: model's forward in evaluation (e.g. ``EMBEDDING`` for a retrieval objective)
+    eval_needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, task: Task | None = None, problem: Problem | None = None):
+        """For ``task`` (its ``problem`` and metrics); ``problem`` alone serves code that
+        has no task (a method's unit test): metrics then need a task."""
+        if task is None and problem is None:
+            raise ValueError("an Objective needs a task or a problem")
+        self.task = task
+        self.problem: Problem = problem if problem is not None else task.problem  # type: ignore[union-attr]
+
+    # -- label layout --------------------------------------------------------------------
+    def num_outputs(self) -> int:
+        """The width of the model's output layer. Default: ``problem.num_labels``."""
+        return self.problem.num_labels
+
+    @abstractmethod
+    def labels(self, labels: np.ndarray) -> Tensor:
+        """A split's labels as the tensor :meth:`loss` and the evaluator read."""
+
+    def check_labels(self, split: str, labels: np.ndarray) -> None:
+        """Raise :class:`DataError` naming the task, ``split`` and the offending values
+        when labels do not fit this objective. Default: accept."""
+
+    def check_task(self, task: Task) -> list[str]:
+        """Why ``task`` cannot use this objective (checked at ``kdbench validate``, before
+        any data is read), one line each; empty when it can."""
+        return []
+
+    # -- losses --------------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The task loss of ``logits`` (..., C) against ``labels``, averaged over the
+        positions ``mask`` keeps (all when None)."""
+
+    @abstractmethod
+    def soft_loss(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float, kind: str = "kl",
+                  reduction: str = "batchmean", mask: Tensor | None = None) -> Tensor:
+        """The soft (teacher) term of KD-style methods; ``kind`` and ``reduction`` as in
+        :func:`kdbench.losses.soft_loss`."""
+
+    # -- evaluation ----------------------------------------------------------------------
+    @abstractmethod
+    def start(self) -> Evaluator:
+        """A fresh evaluator for one split."""
+
+    @abstractmethod
+    def predictions(self, logits: Tensor) -> np.ndarray:
+        """What the task's metrics read for a batch of logits (class ids, values)."""
+
+    def metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """The task's metrics of ``predictions`` (floats)."""
+        if self.task is None:
+            raise ValueError(f"objective '{self.name}' was built without a task: it has no metrics")
+        return {k: float(v) for k, v in self.task.compute_metrics(predictions, labels).items()}
+
+    def metric_info(self, metric: str) -> MetricInfo:
+        """Direction, scale and bounds of ``metric``: the task's own
+        (:meth:`Task.metric_info`) when it has one, else this objective's default."""
+        own = self.task.metric_info(metric) if self.task is not None else None
+        return own if own is not None else self.default_metric_info(metric)
+
+    def default_metric_info(self, metric: str) -> MetricInfo:
+        """This objective's reading of ``metric``. Default: higher is better, x1, unbounded."""
+        return MetricInfo()
+
+    def chance(self, train_labels: np.ndarray, labels: np.ndarray) -> Chance | None:
+        """The constant prediction of the report's chance row for a split with ``labels``
+        (``train_labels``: the training split's); None: this objective has no chance row."""
+        return None
+
+    def divergence(self, start: Tensor, now: Tensor) -> tuple[float, str]:
+        """(value, kind) of how far predictions ``now`` moved from ``start`` (a whole
+        split's logits)."""
+        raise NotImplementedError(f"objective '{self.name}' does not measure divergence")
+
+
+class StreamingMetrics(Evaluator):
+    """The evaluator of per-example objectives: keeps ``objective.predictions`` of each
+    batch (one class id or value per example, not the logits) and the labels, and scores
+    them with the task's metrics at :meth:`finish`."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+        self.preds: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def update(self, output: ModelOutput, batch: Batch) -> None:
+        self.preds.append(self.objective.predictions(output.logits.detach().float().cpu()))
+        self.labels.append(batch.labels.detach().cpu().numpy())
+
+    def finish(self) -> dict[str, float]:
+        return self.objective.metrics(np.concatenate(self.preds), np.concatenate(self.labels))
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """The mean of ``values`` over the positions ``mask`` keeps (all when None); ``mask``
+    has ``values``' shape or its leading dimensions (then broadcast over the rest)."""
+    if mask is None:
+        return values.mean()
+    keep = mask.to(torch.bool)
+    while keep.dim() < values.dim():
+        keep = keep.unsqueeze(-1)
+    keep = keep.expand_as(values)
+    return values[keep].mean()
+
+
+def flat_positions(logits: Tensor, mask: Tensor | None, *others: Tensor) -> tuple[Tensor, ...]:
+    """``logits`` (..., C) as (N, C) over the positions ``mask`` (...,) keeps (all when
+    None), and each of ``others`` (shaped as ``logits`` or as the mask) taken at the same
+    positions: how a per-position loss is reduced over masked positions only. For
+    per-example logits (B, C) without a mask this returns them unchanged."""
+    if logits.dim() == 2 and mask is None:
+        return (logits, *others)
+    c = logits.shape[-1]
+    if mask is None:
+        return (logits.reshape(-1, c), *(o.reshape(-1, c) if o.dim() == logits.dim() else o.reshape(-1) for o in others))
+    keep = mask.to(torch.bool)
+    return (logits[keep], *(o[keep] for o in others))
 
 
 # --------------------------------------------------------------------------- methods
@@ -397,7 +628,7 @@ class StepContext:
     extra: nn.Module | None
     student_optimizer: torch.optim.Optimizer
     scheduler: Any
-    problem: Problem
+    problem: Problem | Objective  # the run's objective; a bare Problem in hand-built contexts
     device: torch.device
     total_steps: int
     train_size: int
@@ -484,12 +715,34 @@ def full_precision(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def task_loss(logits: Tensor, labels: Tensor, problem: Problem) -> Tensor:
-    """Cross-entropy for classification, MSE on the single output for regression."""
-    logits = full_precision(logits)
+def task_loss(logits: Tensor, labels: Tensor, problem: Problem | Objective, mask: Tensor | None = None) -> Tensor:
+    """The task loss: ``problem.loss`` when it is the run's :class:`Objective` (what the
+    runner hands a method); for a bare :class:`Problem`, the core helpers the built-in
+    objectives use: :func:`class_cross_entropy` for classification, :func:`value_mse` for
+    regression. Reduced over the positions ``mask`` keeps."""
+    if isinstance(problem, Objective):
+        return problem.loss(logits, labels, mask)
     if problem.is_regression:
-        return nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-    return nn.functional.cross_entropy(logits, labels)
+        return value_mse(logits, labels, mask)
+    return class_cross_entropy(logits, labels, mask)
+
+
+def class_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Cross-entropy of logits (..., C) against class ids (...), averaged over the
+    positions ``mask`` keeps (all when None); in float32 under half-precision autocast."""
+    flat, target = flat_positions(full_precision(logits), mask, labels)
+    return nn.functional.cross_entropy(flat, target)
+
+
+def value_mse(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error of the single output (..., 1) against float targets (...),
+    averaged over the positions ``mask`` keeps (all when None)."""
+    logits = full_precision(logits)
+    pred = logits.squeeze(-1)
+    err = (pred - targets.to(pred.dtype)) ** 2
+    if mask is None:
+        return nn.functional.mse_loss(pred, targets.to(pred.dtype))
+    return masked_mean(err, mask)
 
 
 class Method(ABC):
@@ -536,9 +789,23 @@ class Method(ABC):
     #: (:meth:`ModelFactory.encoder_id`) is refused at validation.
     aligned_positions: ClassVar[str | None] = None
 
-    def __init__(self, params: Options, problem: Problem):
+    def __init__(self, params: Options, problem: Problem | Objective):
+        """``problem``: the task's :class:`Objective` (what the runner passes), or a bare
+        :class:`Problem` (tests building a method by hand; the core helpers then stand in
+        for the classification/regression objectives). Losses take ``self.problem`` as it
+        is (:func:`task_loss`, :func:`kdbench.losses.soft_loss` accept either)."""
         self.params = params
         self.problem = problem
+
+    @property
+    def objective(self) -> Objective | None:
+        """The run's objective (None when the method was built from a bare Problem)."""
+        return self.problem if isinstance(self.problem, Objective) else None
+
+    @property
+    def label_layout(self) -> str:
+        """``"class"``, ``"value"`` or an objective's own layout (see :class:`Objective`)."""
+        return self.problem.label_layout
 
     # -- checks and set-up -------------------------------------------------------------
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
@@ -597,7 +864,11 @@ class Method(ABC):
 
     @property
     def can_share_teacher_outputs(self) -> bool:
-        """Fixed-teacher methods may read precomputed teacher outputs (logits only)."""
+        """Fixed-teacher methods may read precomputed teacher outputs (logits only), where
+        the objective allows it (:attr:`Objective.shares_teacher_outputs`)."""
+        objective = self.objective
+        if objective is not None and not objective.shares_teacher_outputs:
+            return False
         return self.uses_teacher and not self.updates_teacher and set(self.teacher_needs) <= {LOGITS}
 
 

@@ -9,12 +9,12 @@ strategies can wrap it (:meth:`kdbench.api.Method.is_loss_based`).
 
 from __future__ import annotations
 
-from kdbench.api import ATTENTION_SCORES, EMBEDDING, FEATURES, HIDDEN_STATES, LOGITS, PREACT_FEATURES, Method
+from kdbench.api import ATTENTION_PROBS, ATTENTION_SCORES, EMBEDDING, FEATURES, HIDDEN_STATES, KEYS, LOGITS, PREACT_FEATURES, QUERIES, VALUES, Method
 from kdbench.registry import Registry
 
 #: what a ModelOutput field is called in the table, in the order the table lists them
-NEEDS_WORDS = {LOGITS: "logits", HIDDEN_STATES: "hidden states", ATTENTION_SCORES: "attention", FEATURES: "features",
-               PREACT_FEATURES: "features", EMBEDDING: "embedding"}
+NEEDS_WORDS = {LOGITS: "logits", HIDDEN_STATES: "hidden states", ATTENTION_SCORES: "attention", ATTENTION_PROBS: "attention",
+               QUERIES: "q/k/v", KEYS: "q/k/v", VALUES: "q/k/v", FEATURES: "features", PREACT_FEATURES: "features", EMBEDDING: "embedding"}
 #: the markers between which README.md holds the generated table
 BEGIN, END = "<!-- methods:begin -->", "<!-- methods:end -->"
 

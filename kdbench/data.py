@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kdbench.api import DataError, Encoded, Examples, ModelFactory, Options, Task
-from kdbench.registry import Registry
+from kdbench.api import DataError, Encoded, Examples, ModelFactory, Objective, Options, Task
+from kdbench.registry import Registry, get_registry
 from kdbench.spec import TaskSpec, content_hash
 
 TRAIN, VALIDATION, TEST, QUIZ = "train", "validation", "test", "quiz"
@@ -56,6 +56,15 @@ class TaskData:
     task: Task
     splits: dict[str, Examples]
     _fingerprints: dict[str, dict[str, object]] | None = field(default=None, repr=False)
+    _objective: Objective | None = field(default=None, repr=False)
+
+    @property
+    def objective(self) -> Objective:
+        """The objective the task names, built for it (from the process registry when
+        this TaskData was made by hand)."""
+        if self._objective is None:
+            self._objective = get_registry().objective_for(self.task)
+        return self._objective
 
     @property
     def fingerprints(self) -> dict[str, dict[str, object]]:
@@ -103,7 +112,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _validate_splits(task: Task, splits: dict[str, Examples]) -> None:
+def _validate_splits(task: Task, objective: Objective, splits: dict[str, Examples]) -> None:
     for required in (TRAIN, VALIDATION, TEST):
         if required not in splits:
             raise DataError(f"task '{task.name}' did not provide a '{required}' split")
@@ -116,13 +125,7 @@ def _validate_splits(task: Task, splits: dict[str, Examples]) -> None:
         for key, col in ex.items():
             if len(col) != n:
                 raise DataError(f"task '{task.name}': split '{name}' column '{key}' has {len(col)} rows, labels have {n}")
-        labels = np.asarray(ex["label"])
-        if not task.problem.is_regression:
-            bad = labels[(labels < 0) | (labels >= task.problem.num_labels)]
-            if bad.size:
-                raise DataError(f"task '{task.name}': split '{name}' has labels {sorted(set(bad.tolist()))[:5]} outside 0..{task.problem.num_labels - 1}")
-        elif not np.all(np.isfinite(labels.astype(float))):
-            raise DataError(f"task '{task.name}': split '{name}' has non-finite regression targets")
+        objective.check_labels(name, np.asarray(ex["label"]))
 
 
 _TASK_DATA: dict[tuple, TaskData] = {}
@@ -138,7 +141,8 @@ def load_task_data(registry: Registry, spec: TaskSpec, quiz_fraction: float, dat
         if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
             raise DataError(f"task '{spec.name}': load() returned {type(loaded).__name__}, expected a dict of splits (dicts of columns)")
         splits = dict(loaded)
-        _validate_splits(task, splits)
+        objective = registry.objective_for(task)
+        _validate_splits(task, objective, splits)
         keep, quiz = quiz_split(len(splits[TRAIN]["label"]), quiz_fraction, data_seed)
         if keep.size == 0:
             raise DataError(f"task '{spec.name}': the train split has {len(splits[TRAIN]['label'])} example(s) and "
@@ -148,7 +152,7 @@ def load_task_data(registry: Registry, spec: TaskSpec, quiz_fraction: float, dat
         splits[TRAIN] = _take(train, keep)
         if quiz.size:
             splits[QUIZ] = _take(train, quiz)
-        _TASK_DATA[key] = TaskData(task, splits)
+        _TASK_DATA[key] = TaskData(task, splits, _objective=objective)
     return _TASK_DATA[key]
 
 
@@ -199,7 +203,5 @@ def read_encoded(path: Path) -> Encoded | None:
 
 
 def labels_tensor(data: TaskData, split: str) -> torch.Tensor:
-    labels = data.labels(split)
-    if data.task.problem.is_regression:
-        return torch.as_tensor(labels, dtype=torch.float32)
-    return torch.as_tensor(labels, dtype=torch.long)
+    """A split's labels in the layout its objective trains on (:meth:`Objective.labels`)."""
+    return data.objective.labels(data.labels(split))

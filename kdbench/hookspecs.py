@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kdbench.api import Method, ModelFactory, Task
+    from kdbench.api import Method, ModelFactory, Objective, Task
     from kdbench.encoders import EncoderFamily
     from kdbench.protocols import Executor, Tracker
 
@@ -41,6 +41,14 @@ def kdbench_tasks() -> list[type[Task]]:
 @hookspec
 def kdbench_models() -> list[type[ModelFactory]]:
     """Return the model factory classes (:class:`kdbench.api.ModelFactory`) this plugin provides."""
+
+
+@hookspec
+def kdbench_objectives() -> list[type[Objective]]:
+    """Return the objective classes (:class:`kdbench.api.Objective` subclasses, each with a
+    unique ``name``) this plugin provides. A task names its objective
+    (:attr:`kdbench.api.Task.objective`); the built-in ``classification`` and
+    ``regression`` objectives are registered through this hook too."""
 
 
 @hookspec

@@ -1,8 +1,11 @@
 """Distillation losses and teacher-update helpers shared by methods.
 
 Every function here is public and has one formula. ``p = softmax(z / T)`` is a softened
-distribution; ``s``/``t`` are student/teacher logits (B, C). Losses run in float32 under
-half-precision autocast (see :func:`kdbench.api.full_precision`).
+distribution; ``s``/``t`` are student/teacher logits (..., C): (B, C) per example, or
+(B, L, V) per token with a ``mask`` (B, L) of the positions that count, over which every
+loss here reduces (a position is then what an example is for (B, C): "batch mean" is the
+mean over kept positions). Losses run in float32 under half-precision autocast (see
+:func:`kdbench.api.full_precision`).
 
 * :func:`standardize_logits`: ``(z - mean(z)) / (std(z) + 1e-7)`` per example (logit
   standardisation, Sun et al. CVPR 2024), the option of every method that softens logits.
@@ -12,8 +15,8 @@ half-precision autocast (see :func:`kdbench.api.full_precision`).
 * :func:`probability_mse`: ``T^2 * mean (p_s - p_t)^2`` (MetaDistil's official GLUE soft term).
 * :func:`soft_cross_entropy`: ``-sum_c p_t log p_s`` averaged per example, or per element
   (TinyBERT's official prediction-layer loss).
-* :func:`soft_loss`: the soft term of KD-style methods: one of the two above for
-  classification, MSE between logits for regression.
+* :func:`soft_loss`: the soft term of KD-style methods, the objective's (a bare Problem:
+  :func:`class_soft_loss` for classification, :func:`logit_mse` for regression).
 * :func:`build_teacher_optimizer`, :func:`schedule_ratio`, :func:`teacher_lr_factor`,
   :func:`apply_teacher_gradient`: for methods that update a run's teacher (ProKT, MetaDistil).
 * :func:`output_tensors`, :func:`rng_state`, :func:`replayed_rng`, :func:`output_jvp`,
@@ -39,7 +42,7 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from kdbench.api import IncompatibleModelError, ModelOutput, Problem, StepContext, added, full_precision
+from kdbench.api import IncompatibleModelError, ModelOutput, Objective, Problem, StepContext, added, flat_positions, full_precision
 
 SoftKind = Literal["kl", "mse"]
 
@@ -65,11 +68,13 @@ def standardization_option() -> Any:
     return added(False, description="z-score each example's logits before softening (logit standardisation, Sun et al. CVPR 2024: KD+LS, DKD+LS)")
 
 
-def check_standardization(method: str, problem: Problem, standardize: bool) -> None:
+def check_standardization(method: str, problem: Problem | Objective, standardize: bool) -> None:
     """Refuse logit standardisation where it carries no information, before training: a
     regression output is one number (its z-score divides zero by zero), and two classes
     z-score to (+-1/sqrt 2) whatever the margin, so the teacher would only say which class
-    wins. It needs a classification task with at least three classes."""
+    wins. It needs a classification task with at least three classes. ``problem``: the
+    method's (a :class:`Problem`, or the run's objective, whose problem is read)."""
+    problem = problem.problem if isinstance(problem, Objective) else problem
     if standardize and (problem.is_regression or problem.num_labels < 3):
         what = "a regression task has one output" if problem.is_regression else f"with {problem.num_labels} classes every example z-scores to the same two values"
         raise IncompatibleModelError(f"method '{method}': logit_standardization z-scores logits over the classes, and {what}; "
@@ -86,13 +91,14 @@ def soften(logits: Tensor, temperature: float | Tensor, standardize: bool = Fals
 
 
 def softened_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float | Tensor, reduction: Literal["batchmean", "mean", "none"] = "batchmean",
-                standardize: bool = False) -> Tensor:
+                mask: Tensor | None = None, standardize: bool = False) -> Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))``. ``batchmean``: summed over classes,
     averaged over the batch (the KL itself); ``mean``: averaged over batch x classes, as
     ``nn.KLDivLoss(reduction="mean")`` (PKD's official code), C times smaller; ``none``:
-    one value per example. ``standardize``: both sides' logits z-scored first (see
-    :func:`soften`)."""
-    s, t = full_precision(student_logits), full_precision(teacher_logits).to(full_precision(student_logits).dtype)
+    one value per example (per kept position). ``mask``: the positions that count.
+    ``standardize``: both sides' logits z-scored first (see :func:`soften`)."""
+    s, t = flat_positions(full_precision(student_logits), mask, full_precision(teacher_logits))
+    t = t.to(s.dtype)
     log_p_s = F.log_softmax(soften(s, temperature, standardize), dim=-1)
     log_p_t = F.log_softmax(soften(t, temperature, standardize), dim=-1)
     if reduction == "none":
@@ -101,35 +107,59 @@ def softened_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
     return kl / s.shape[-1] if reduction == "mean" else kl  # mean = sum / (B * C), without torch's warning
 
 
-def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float, standardize: bool = False) -> Tensor:
+def probability_mse(student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None,
+                    standardize: bool = False) -> Tensor:
     """``T^2 * mean_{b,c} (softmax(s/T) - softmax(t/T))^2``: MetaDistil's official GLUE soft
-    term (``nn.MSELoss()`` on the softened probabilities, times T^2)."""
-    s, t = full_precision(student_logits), full_precision(teacher_logits)
+    term (``nn.MSELoss()`` on the softened probabilities, times T^2), on standardised logits
+    when ``standardize``."""
+    s, t = flat_positions(full_precision(student_logits), mask, full_precision(teacher_logits))
     t = t.to(s.dtype)
     return F.mse_loss(F.softmax(soften(s, temperature, standardize), dim=-1), F.softmax(soften(t, temperature, standardize), dim=-1)) * temperature**2
 
 
-def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: Literal["mean", "sum"] = "mean",
+                       mask: Tensor | None = None) -> Tensor:
     """``-softmax(t/T) * log_softmax(s/T)``: ``mean`` averages over batch x classes
     (TinyBERT's official ``soft_cross_entropy``); ``sum`` sums over classes and averages
     over the batch (the cross-entropy per example, C times larger)."""
-    s, t = full_precision(student_logits), full_precision(teacher_logits)
+    s, t = flat_positions(full_precision(student_logits), mask, full_precision(teacher_logits))
     terms = -F.softmax(t.to(s.dtype) / temperature, dim=-1) * F.log_softmax(s / temperature, dim=-1)
     return terms.mean() if reduction == "mean" else terms.sum(-1).mean()
 
 
-def soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, problem: Problem,
-              kind: SoftKind = "kl", reduction: Literal["batchmean", "mean"] = "batchmean", standardize: bool = False) -> Tensor:
-    """The soft (teacher) term of KD-style losses. Classification: :func:`softened_kl`
-    (``kind="kl"``, with ``reduction``) or :func:`probability_mse` (``kind="mse"``), on
-    standardised logits when ``standardize``. Regression, where a temperature means
-    nothing: ``MSE(s, t)`` on the logits (``standardize`` is refused there by the methods)."""
+def soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, problem: Problem | Objective,
+              kind: SoftKind = "kl", reduction: Literal["batchmean", "mean"] = "batchmean", mask: Tensor | None = None,
+              standardize: bool = False) -> Tensor:
+    """The soft (teacher) term of KD-style losses: the run's objective's
+    (:meth:`kdbench.api.Objective.soft_loss`) when ``problem`` is one and ``standardize`` is
+    off. Otherwise, classification: :func:`softened_kl` (``kind="kl"``, with ``reduction``)
+    or :func:`probability_mse` (``kind="mse"``), on standardised logits when
+    ``standardize`` (which the methods allow for classification only, see
+    :func:`check_standardization`); regression, where a temperature means nothing:
+    :func:`logit_mse`."""
+    if isinstance(problem, Objective):
+        if not standardize:
+            return problem.soft_loss(student_logits, teacher_logits, temperature, kind, reduction, mask)
+        problem = problem.problem
     if problem.is_regression:
-        s = full_precision(student_logits)
-        return F.mse_loss(s, full_precision(teacher_logits).to(s.dtype))
+        return logit_mse(student_logits, teacher_logits, mask)
+    return class_soft_loss(student_logits, teacher_logits, temperature, kind, reduction, mask, standardize)
+
+
+def class_soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, kind: SoftKind = "kl",
+                    reduction: Literal["batchmean", "mean"] = "batchmean", mask: Tensor | None = None, standardize: bool = False) -> Tensor:
+    """The soft term over class distributions: :func:`softened_kl` (``kind="kl"``) or
+    :func:`probability_mse` (``kind="mse"``), on standardised logits when ``standardize``."""
     if kind == "mse":
-        return probability_mse(student_logits, teacher_logits, temperature, standardize)
-    return softened_kl(student_logits, teacher_logits, temperature, reduction, standardize)
+        return probability_mse(student_logits, teacher_logits, temperature, mask, standardize)
+    return softened_kl(student_logits, teacher_logits, temperature, reduction, mask, standardize)
+
+
+def logit_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``mean (s - t)^2`` over the logits at the positions ``mask`` keeps (regression's
+    soft term)."""
+    s, t = flat_positions(full_precision(student_logits), mask, full_precision(teacher_logits))
+    return F.mse_loss(s, t.to(s.dtype))
 
 
 # --------------------------------------------------------------------------- teacher updates

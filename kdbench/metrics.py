@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from kdbench.api import MetricInfo
+
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Share of predictions equal to their label."""
@@ -70,6 +72,34 @@ def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
 #: Metrics by the names tasks report them under.
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy, "f1": binary_f1, "mcc": matthews_corrcoef, "pearson": pearson, "spearman": spearman}
+
+
+#: Metric names (or ``name_...`` prefixes) read as proportions in [0, 1], and as correlations
+#: in [-1, 1] ("score": combined GLUE-style scores, which may average a correlation).
+PROPORTIONS = ("accuracy", "f1", "precision", "recall", "exact_match", "auc")
+CORRELATIONS = ("mcc", "matthews", "pearson", "spearman", "corr", "score")
+#: Metric names (or prefixes) where lower is better: errors, losses, perplexities.
+ERRORS = ("mse", "rmse", "mae", "loss", "perplexity", "ppl", "error", "ece", "nll", "bits_per")
+
+
+def _named(name: str, stems: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + "_") for p in stems)
+
+
+def metric_info_by_name(metric: str) -> MetricInfo:
+    """The usual reading of a metric from its name, for objectives' defaults: errors,
+    losses and perplexities (:data:`ERRORS`) lower is better, shown as they are (x1,
+    bounded below by 0); proportions (:data:`PROPORTIONS`) x100 in [0, 1]; correlations
+    (:data:`CORRELATIONS`) x100 in [-1, 1]; any other name higher is better, x100,
+    unbounded (KD papers' convention for scores)."""
+    name = str(metric or "").lower()
+    if _named(name, ERRORS):
+        return MetricInfo(higher_is_better=False, scale=1.0, bounds=(0.0, None))
+    if _named(name, PROPORTIONS):
+        return MetricInfo(True, 100.0, (0.0, 1.0))
+    if any(c in name for c in CORRELATIONS):
+        return MetricInfo(True, 100.0, (-1.0, 1.0))
+    return MetricInfo(True, 100.0, (None, None))
 
 
 def carve_splits(n: int, seed: int, sizes: Mapping[str, int], rest: str = "train",

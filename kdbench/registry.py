@@ -16,12 +16,12 @@ from typing import Any, Iterable
 import pluggy
 
 from kdbench import hookspecs
-from kdbench.api import KDBenchError, Method, ModelFactory, Task
+from kdbench.api import KDBenchError, Method, ModelFactory, Objective, Task
 from kdbench.encoders import EncoderFamily
 from kdbench.protocols import Executor, Tracker
 
 ENTRY_POINT_GROUP = "kdbench"
-KINDS = {"methods": Method, "tasks": Task, "models": ModelFactory, "executors": Executor, "trackers": Tracker,
+KINDS = {"methods": Method, "tasks": Task, "models": ModelFactory, "objectives": Objective, "executors": Executor, "trackers": Tracker,
          "families": EncoderFamily}
 #: Names a plugin may not take, per kind, and why: ``teacher`` names the teacher's own rows
 #: in the store and the report.
@@ -29,7 +29,7 @@ RESERVED = {"methods": {"teacher": "it names the teacher's rows in results and r
 
 
 class UnknownNameError(KDBenchError):
-    """A method, task or model name that no plugin provides."""
+    """A method, task, model or objective name that no plugin provides."""
 
 
 class ReservedNameError(KDBenchError):
@@ -138,6 +138,17 @@ class Registry:
 
     def model(self, name: str) -> type[ModelFactory]:
         return self.get("models", name)
+
+    def objective(self, name: str) -> type[Objective]:
+        return self.get("objectives", name)
+
+    def objective_for(self, task: Task) -> Objective:
+        """The objective ``task`` names, built for it; :class:`UnknownNameError` (with
+        "did you mean") naming the task when no plugin provides it."""
+        name = task.objective
+        if name not in self.entries["objectives"]:
+            raise UnknownNameError(f"task '{task.name}' names its objective '{name}', but: {self.unknown_message('objectives', name)}")
+        return self.objective(name)(task)
 
     def executor(self, name: str) -> type[Executor]:
         return self.get("executors", name)

@@ -671,8 +671,26 @@ class _SuiteBuilder:
             if cls is not None:
                 opts = _check_options(f"tasks[{i}].options", cls.Options, t.options, self.problems)
                 if opts is not None:
+                    self._check_objective(i, cls, t.options)
                     self.tasks.append((TaskSpec(name=t.name, options=opts), cls.version, cls.modality))
                     self.unhashed[f"task:{t.name}"] = tuple(f"task.options.{f}" for f in sorted(unhashed_fields(cls.Options)))
+
+    def _check_objective(self, i: int, cls: type, given: dict[str, Any]) -> None:
+        """The objective the task names exists and accepts the task's label layout.
+        ``given``: the suite's task options, already valid (validated from them, not from
+        their dump, which an options class need not accept back)."""
+        try:
+            task = cls(cls.Options.model_validate(given))
+            name, problem = task.objective, task.problem
+        except Exception as exc:  # a task plugin's bug: named, not a traceback
+            self.problems.append(f"tasks[{i}]: task '{cls.name}' cannot say its objective: {type(exc).__name__}: {exc}")
+            return
+        objective_cls = self.registry.entries["objectives"].get(name)
+        if objective_cls is None:
+            self.problems.append(f"tasks[{i}]: task '{cls.name}' names its objective '{name}', but: "
+                                 f"{self.registry.unknown_message('objectives', name)}")
+            return
+        self.problems.extend(f"tasks[{i}]: {why}" for why in objective_cls.cls(task, problem).check_task(task))
 
     def _model(self, m: ModelSpec, where: str) -> tuple[Any, str] | None:
         """``m`` with its options filled in and checked, and its model's modality."""

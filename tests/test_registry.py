@@ -112,7 +112,7 @@ def _builtin_entry_points():
 
 @pytest.mark.parametrize("ep", _builtin_entry_points(), ids=lambda ep: ep.name)
 def test_every_builtin_entry_point_registers_its_contributions(ep):
-    """Each built-in plugin (methods, tasks, models, trackers, executors, report formats) loads through its
+    """Each built-in plugin (methods, tasks, models, objectives, trackers, executors, report formats) loads through its
     entry point, contributes at least one named class of its kind, and the registry
     indexes every one of them under that entry point's name."""
     module = ep.load()
@@ -128,7 +128,8 @@ def test_every_builtin_entry_point_registers_its_contributions(ep):
         assert Path(folder).is_dir() and any(Path(folder).glob("*.yaml"))
         assert get_registry().recipe_dirs()[0] == Path(folder)
         return
-    kind = {"method": "methods", "task": "tasks", "model": "models", "logger": "trackers", "executor": "executors", "families": "families"}[ep.name.split("-")[1]]
+    kind = {"method": "methods", "task": "tasks", "model": "models", "logger": "trackers", "executor": "executors",
+            "families": "families", "objective": "objectives"}[ep.name.split("-")[1]]
     contributed = getattr(module, f"kdbench_{kind}")()
     assert contributed and all(isinstance(cls.name, str) for cls in contributed)
     reg = get_registry()

@@ -16,7 +16,7 @@ from kdbench.executors.local import run_local
 from kdbench.executors.phases import open_store
 from kdbench.registry import Registry
 from kdbench.spec import build_suite
-from kdbench.train.evaluation import LIVE_TEACHER, TEACHER, divergence, select_metrics
+from kdbench.train.evaluation import LIVE_TEACHER, METRIC_INFO, TEACHER, divergence, select_metrics
 from support.suites import smoke_data
 
 
@@ -83,7 +83,7 @@ def test_a_fixed_teacher_does_not_drift_and_scores_like_the_fine_tuned_one(resul
         assert entry["start_validation"] == entry["validation"]
     # the chosen metrics gain no split; the chosen evaluation's teacher entry has its own key
     assert row["metrics"][LIVE_TEACHER] == row["history"][-1][TEACHER]
-    assert {k for k, v in row["metrics"].items() if isinstance(v, dict)} == {"validation", "test", LIVE_TEACHER}
+    assert {k for k, v in row["metrics"].items() if isinstance(v, dict)} == {"validation", "test", LIVE_TEACHER, METRIC_INFO}
 
 
 def test_a_trained_teacher_drifts(results, registry):
@@ -132,7 +132,7 @@ def test_runs_of_other_methods_record_no_teacher(results, registry):
     rows, _ = run_suite(results, registry, [{"name": "none"}, {"name": "kd"}])
     for row in rows:
         assert [set(h) for h in row["history"]] == [{"step", "validation", "test"}] * 2
-        assert set(row["metrics"]) == {"step", "selection", "main_metric", "validation", "test"}
+        assert set(row["metrics"]) == {"step", "selection", "main_metric", "validation", "test", METRIC_INFO}
 
 
 def test_selection_never_picks_the_teacher_entry_as_a_split():

@@ -11,18 +11,32 @@ import numpy as np
 import pandas as pd
 
 from kdbench import stats
-from kdbench.report.frame import SCALE, TEST, metric_bounds, same, test_splits
+from kdbench.api import MetricInfo
+from kdbench.report.frame import TEST, legacy_info, row_info, same, scaled_bounds, stored_info, test_splits
 from kdbench.store import DIVERGED, DONE, FAILED, RUNNING
 
 MIXED_DATA = "mixed data"
 BOARD_COLS = ["task", "split", "method", "method_name", "params", "student", "metric", "mean", "std", "n", "ci_low", "ci_high",
-              "small_n", "min_p", "data_flag", "failed", "diverged", "running", "not_done", "time_per_run_s"]
+              "small_n", "min_p", "data_flag", "failed", "diverged", "running", "not_done", "time_per_run_s", "higher_is_better", "scale"]
 COMP_COLS = ["task", "split", "method", "student", "baseline_method", "pairs", "diff", "sd", "p", "p_adj", "mdd", "result"]
 
 
-def summ(values: Iterable[float], metric: Any = None) -> stats.Summary:
-    bounds = metric_bounds(metric)
-    return stats.summarize([float(v) * SCALE for v in values], bounds=bounds)
+def summ(values: Iterable[float], metric: Any = None, info: MetricInfo | None = None) -> stats.Summary:
+    """Mean, std and interval of ``values`` on the shown scale: ``info`` (the runs' stored
+    :class:`MetricInfo`), else the pre-metric-info reading of ``metric``
+    (:func:`~kdbench.report.frame.legacy_info`); the interval clipped to its bounds."""
+    info = info or legacy_info(metric)
+    return stats.summarize([float(v) * info.scale for v in values], bounds=scaled_bounds(info))
+
+
+def group_info(g: pd.DataFrame) -> MetricInfo:
+    """The MetricInfo of a group of runs (one row of the board): its finished runs' (the
+    first one's: one task, one metric), else any run's."""
+    ok = g[g["status"] == DONE] if "status" in g else g
+    first = ok if len(ok) else g
+    if "scale" in first and len(first):
+        return row_info(first.iloc[0])
+    return legacy_info(first["metric"].iloc[0] if len(first) else None)
 
 
 def mixed_data(runs: pd.DataFrame) -> bool:
@@ -38,10 +52,11 @@ def _student_rows(task: str, method: str, student: str, g: pd.DataFrame) -> list
     ok = g[g["status"] == DONE]
     metric = ok["metric"].iloc[0] if len(ok) else g["metric"].iloc[0]
     flag = MIXED_DATA if mixed_data(ok) else ""
+    info = group_info(g)
     rows = []
     for split in _splits(ok):
         vals = [] if flag else [d.get(split) for d in ok["splits"] if d.get(split) is not None]
-        s = summ(vals, metric)
+        s = summ(vals, metric, info)
         rows.append({
             "task": task, "split": split, "method": method, "method_name": g["method_name"].iloc[0], "params": g["params"].iloc[0],
             "student": student, "metric": metric, "mean": s.mean, "std": s.std, "n": s.n, "ci_low": s.ci_low, "ci_high": s.ci_high,
@@ -49,6 +64,7 @@ def _student_rows(task: str, method: str, student: str, g: pd.DataFrame) -> list
             "failed": int((g["status"] == FAILED).sum()), "diverged": int((g["status"] == DIVERGED).sum()),
             "running": int((g["status"] == RUNNING).sum()), "not_done": int(len(g) - len(ok)),
             "time_per_run_s": ok["wall_s"].mean() if len(ok) else np.nan,
+            "higher_is_better": info.higher_is_better, "scale": info.scale,
         })
     return rows
 
@@ -71,11 +87,13 @@ def teacher_names(t: dict[str, Any]) -> set[str]:
     return {teacher_label(t), str(spec.get("model"))} | {str(v) for v in opts.values() if isinstance(v, str)}
 
 
-def _fixed_row(task: str, split: str, method: str, student: str, metric: Any, value: float, time_s: float = np.nan) -> dict[str, Any]:
+def _fixed_row(task: str, split: str, method: str, student: str, metric: Any, value: float, info: MetricInfo,
+               time_s: float = np.nan) -> dict[str, Any]:
+    """A teacher or chance row: ``value`` (unscaled) shown on ``info``'s scale."""
     return {"task": task, "split": split, "method": method, "method_name": method, "params": "{}", "student": student,
-            "metric": metric, "mean": value, "std": np.nan, "n": 1 if method == "teacher" else 0, "ci_low": np.nan,
-            "ci_high": np.nan, "small_n": False, "min_p": np.nan, "data_flag": "", "failed": 0, "diverged": 0, "running": 0,
-            "not_done": 0, "time_per_run_s": time_s}
+            "metric": metric, "mean": value * info.scale if value == value else np.nan, "std": np.nan, "n": 1 if method == "teacher" else 0,
+            "ci_low": np.nan, "ci_high": np.nan, "small_n": False, "min_p": np.nan, "data_flag": "", "failed": 0, "diverged": 0,
+            "running": 0, "not_done": 0, "time_per_run_s": time_s, "higher_is_better": info.higher_is_better, "scale": info.scale}
 
 
 def teacher_rows(teachers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -84,19 +102,22 @@ def teacher_rows(teachers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for t in teachers:
         m = t["metrics"] or {}
         main = m.get("main_metric")
+        info = stored_info(m, main)[0]
         for split in test_splits(m) or [TEST]:
             value = m.get(split, {}).get(main, np.nan)
-            out.append(_fixed_row(t["task"], split, "teacher", teacher_label(t), main, float(value) * SCALE,
+            out.append(_fixed_row(t["task"], split, "teacher", teacher_label(t), main, float(value), info,
                                   (t["cost"] or {}).get("wall_s", np.nan)))
     return out
 
 
-def chance_rows(chance: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chance row per task and test split (see :mod:`kdbench.report.chance`)."""
+def chance_rows(chance: dict[str, dict[str, Any]], infos: dict[str, MetricInfo] | None = None) -> list[dict[str, Any]]:
+    """The chance row per task and test split (see :mod:`kdbench.report.chance`), on the
+    scale of the task's runs (``infos`` by task; else the pre-metric-info reading)."""
     out = []
     for task, c in (chance or {}).items():
+        info = (infos or {}).get(task) or legacy_info(c.get("metric"))
         for split, value in (c.get("splits") or {}).items():
-            out.append(_fixed_row(task, split, "chance", "-", c.get("metric"), value * SCALE if value == value else np.nan))
+            out.append(_fixed_row(task, split, "chance", "-", c.get("metric"), value, info))
     return out
 
 
@@ -112,7 +133,8 @@ def leaderboard(df: pd.DataFrame, teachers: list[dict[str, Any]] | None = None, 
     if not df.empty:
         for (task, method, student), g in df.groupby(["task", "method", "student"], sort=True):
             out += _student_rows(task, method, student, g)
-    out += teacher_rows(teachers or []) + chance_rows(chance or {})
+    infos = {task: group_info(g) for task, g in df.groupby("task")} if not df.empty else {}
+    out += teacher_rows(teachers or []) + chance_rows(chance or {}, infos)
     board = pd.DataFrame.from_records(out, columns=BOARD_COLS)
     if baseline is not None and not board.empty:
         board = board.merge(comparisons(df, baseline, correction), on=["task", "split", "method", "student"], how="left")
@@ -135,7 +157,7 @@ def pick_baseline_config(base: pd.DataFrame, params: str) -> tuple[str | None, s
 
 def _no_test(row: dict[str, Any], result: str, baseline_method: Any = None, pairs: float = 0) -> dict[str, Any]:
     return row | {"baseline_method": baseline_method, "pairs": pairs, "diff": np.nan, "sd": np.nan, "p": np.nan,
-                  "p_adj": np.nan, "mdd": np.nan, "result": result}
+                  "p_adj": np.nan, "mdd": np.nan, "result": result, "higher_is_better": True}
 
 
 def _compare(row: dict[str, Any], g: pd.DataFrame, base_all: pd.DataFrame, split: str) -> dict[str, Any]:
@@ -148,11 +170,19 @@ def _compare(row: dict[str, Any], g: pd.DataFrame, base_all: pd.DataFrame, split
     if mixed_data(g) or mixed_data(base) or (g["data"].dropna().nunique() == 1 == base["data"].dropna().nunique()
                                               and set(g["data"].dropna()) != set(base["data"].dropna())):
         return _no_test(row, MIXED_DATA, base["method"].iloc[0])
-    a = {r.seed: r.splits[split] * SCALE for r in g.itertuples() if r.splits.get(split) is not None}
-    b = {r.seed: r.splits[split] * SCALE for r in base.itertuples() if r.splits.get(split) is not None}
+    info = group_info(g)
+    a = {r.seed: r.splits[split] * info.scale for r in g.itertuples() if r.splits.get(split) is not None}
+    b = {r.seed: r.splits[split] * info.scale for r in base.itertuples() if r.splits.get(split) is not None}
     res = stats.paired_test(a, b)
     return row | {"baseline_method": base["method"].iloc[0], "pairs": res.n, "diff": res.diff, "sd": res.sd, "p": res.p,
-                  "p_adj": np.nan, "mdd": res.mdd, "result": res.result}
+                  "p_adj": np.nan, "mdd": res.mdd, "result": oriented_verdict(res.p, res.diff, info.higher_is_better) if res.result in ("win", "loss") else res.result,
+                  "higher_is_better": info.higher_is_better}
+
+
+def oriented_verdict(p: float, diff: float, higher_is_better: Any) -> str:
+    """win / loss / n.s. of a difference ``diff`` (method - baseline) at ``p``: a win is a
+    significant move in the better direction (down for a lower-is-better metric)."""
+    return stats.verdict(p, diff if higher_is_better is not False and higher_is_better != 0 else -diff)
 
 
 def comparisons(df: pd.DataFrame, baseline: str, correction: str = "holm") -> pd.DataFrame:
@@ -172,10 +202,12 @@ def comparisons(df: pd.DataFrame, baseline: str, correction: str = "holm") -> pd
                 out.append(_no_test(row, "baseline", method, np.nan))
             else:
                 out.append(_compare(row, g, base_all, split))
-    comp = pd.DataFrame.from_records(out, columns=COMP_COLS)
+    comp = pd.DataFrame.from_records(out, columns=[*COMP_COLS, "higher_is_better"])
     tested = comp["p"].notna()
     comp.loc[tested, "p_adj"] = stats.adjust(comp.loc[tested, "p"].tolist(), correction)
-    comp.loc[tested, "result"] = [stats.verdict(p, d) for p, d in zip(comp.loc[tested, "p_adj"], comp.loc[tested, "diff"])]
+    comp.loc[tested, "result"] = [oriented_verdict(p, d, h) for p, d, h in
+                                  zip(comp.loc[tested, "p_adj"], comp.loc[tested, "diff"], comp.loc[tested, "higher_is_better"])]
+    comp = comp.drop(columns="higher_is_better")  # the board has it
     return comp
 
 

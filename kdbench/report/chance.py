@@ -4,9 +4,10 @@ The store records no label distributions, so the report builder computes them fr
 task data the runs read: each run's stored spec names its task (and options), quiz
 fraction and data seed, and the registry loads that data from the local cache (no
 download: a task whose data is not at hand gets no chance row, and the report says so).
-Classification: the test split's majority class, scored with the task's own metrics;
-regression: the training-split mean, scored the same way (a correlation of a constant is
-undefined and shown as n/a)."""
+The constant is the task objective's chance rule (:meth:`kdbench.api.Objective.chance`;
+the built-ins: classification the test split's majority class, regression the
+training-split mean), scored with the task's own metrics (a correlation of a constant is
+undefined and shown as n/a). An objective without a chance rule gives no chance row."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import numpy as np
 from kdbench.report.frame import TEST
 
 
-def constant_prediction(task: Any, train_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    if task.problem.is_regression:
-        return np.full(labels.shape, float(np.mean(train_labels)), dtype=np.float64)
-    values, counts = np.unique(labels, return_counts=True)
-    return np.full(labels.shape, values[int(np.argmax(counts))])
+def constant_prediction(data: Any, train_labels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, str] | None:
+    """(the constant predictions, the rule's name) of ``data``'s objective; None when the
+    objective has no chance rule."""
+    chance = data.objective.chance(train_labels, labels)
+    return None if chance is None else (chance.predictions, chance.rule)
 
 
 def _score(task: Any, pred: np.ndarray, labels: np.ndarray, metric: str) -> float:
@@ -56,8 +57,12 @@ def chance_scores(rows: Iterable[dict[str, Any]], registry: Any = None) -> dict[
             continue
         splits = [s for s in data.eval_splits if s == TEST or s.startswith(TEST + "_")]
         train = data.labels("train")
-        scores = {s: _score(data.task, constant_prediction(data.task, train, data.labels(s)), data.labels(s), metric) for s in splits}
-        rule = "training-mean prediction" if data.task.problem.is_regression else "majority class of the test split"
+        consts = {s: constant_prediction(data, train, data.labels(s)) for s in splits}
+        if any(c is None for c in consts.values()):
+            out[r["task"]] = {"metric": metric, "splits": {}, "rule": f"no chance row, objective '{data.objective.name}' has no chance rule", "error": ""}
+            continue
+        scores = {s: _score(data.task, c[0], data.labels(s), metric) for s, c in consts.items() if c is not None}
+        rule = next(iter(consts.values()))[1] if consts else ""  # type: ignore[index]
         out[r["task"]] = {"metric": metric, "splits": scores, "rule": rule, "error": "",
                           "sizes": {s: int(len(data.labels(s))) for s in splits}}
     return dict(sorted(out.items()))

@@ -33,7 +33,7 @@ def _cached(values: pd.Series) -> str:
 
 
 def _row(task: str, method: str, student: str, g: pd.DataFrame, ref: pd.DataFrame) -> dict[str, Any]:
-    row: dict[str, Any] = {"task": task, "method": method, "student": student, "n": len(g), "score": g["score"].mean() * SCALE}
+    row: dict[str, Any] = {"task": task, "method": method, "student": student, "n": len(g), "score": g["score"].mean() * (g["scale"].iloc[0] if "scale" in g else SCALE)}
     for key in SPREAD:
         row[key] = g[key].mean()
         row[f"{key}_std"] = g[key].std(ddof=1) if g[key].notna().sum() > 1 else np.nan

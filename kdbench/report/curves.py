@@ -67,6 +67,11 @@ def interval_lr(schedule: np.ndarray | None, start: int, end: int) -> float:
     return float(schedule[start:end].mean() / peak) if peak > 0 else float("nan")
 
 
+def _scale(run: Any) -> float:
+    """The run's stored scale (x100 for stores from before metric info)."""
+    return float(getattr(run, "scale", SCALE))
+
+
 def _evaluations(rows: list[dict[str, Any]], runs: pd.DataFrame) -> pd.DataFrame:
     """One record per (leaderboard row, run of ``runs``, evaluation step) with the validation
     main metric (x100); a step recorded twice (a resumed run) counts once, its last entry."""
@@ -79,7 +84,7 @@ def _evaluations(rows: list[dict[str, Any]], runs: pd.DataFrame) -> pd.DataFrame
             value = (entry.get(VALIDATION) or {}).get(run.metric)
             if isinstance(value, (int, float)) and np.isfinite(value):
                 out.append({"task": run.task, "method": run.method, "method_name": run.method_name, "student": run.student,
-                            "hash": h, "step": step, "metric": run.metric, "score": float(value) * SCALE})
+                            "hash": h, "step": step, "metric": run.metric, "score": float(value) * _scale(run)})
     cols = [*KEYS, "method_name", "hash", "step", "metric", "score"]
     return pd.DataFrame.from_records(out, columns=cols)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.report.aggregate import pick_baseline_config
-from kdbench.report.frame import SCALE, evaluations
+from kdbench.report.frame import SCALE, evaluations, stored_info
 from kdbench.report.tables import cell
 from kdbench.store import DONE
 
@@ -38,8 +38,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def _fine_tuned(teacher_hashes: Iterable[Any], teachers: dict[str, dict[str, Any]], metric: str) -> float:
     """The fixed fine-tuned teacher's validation score (x100); the mean if the runs used several."""
-    vals = [((teachers.get(h) or {}).get("metrics") or {}).get("validation", {}).get(metric) for h in set(teacher_hashes)]
-    vals = [float(v) * SCALE for v in vals if v is not None]
+    found = [(teachers.get(h) or {}).get("metrics") or {} for h in set(teacher_hashes)]
+    vals = [float(v) * stored_info(m, metric)[0].scale for m in found if (v := m.get("validation", {}).get(metric)) is not None]
     return float(np.mean(vals)) if vals else np.nan
 
 
@@ -58,7 +58,7 @@ def _entries(rows: list[dict[str, Any]], df: pd.DataFrame) -> list[dict[str, Any
         out.append({"task": run["task"], "method": run["method"], "method_name": run["method_name"], "student": run["student"],
                     "step": step, "metric": metric, "teacher_hash": run["teacher_hash"],
                     "score": (t.get("validation") or {}).get(metric), "start": (t.get("start_validation") or {}).get(metric),
-                    "divergence": t.get("divergence"), "kind": t.get("divergence_kind")})
+                    "divergence": t.get("divergence"), "kind": t.get("divergence_kind"), "scale": run.get("scale", SCALE)})
     return out
 
 
@@ -73,9 +73,10 @@ def drift_table(rows: list[dict[str, Any]], df: pd.DataFrame, teachers: list[dic
     by_hash = {t["hash"]: t for t in teachers}
     out = []
     for (task, method, student, step), g in pd.DataFrame.from_records(entries).groupby(["task", "method", "student", "step"], sort=True):
-        scores = [float(v) * SCALE for v in g["score"] if v is not None and v == v]
+        scale = float(g["scale"].iloc[0])  # the run's stored scale (x100 for stores from before metric info)
+        scores = [float(v) * scale for v in g["score"] if v is not None and v == v]
         divs = [float(v) for v in g["divergence"] if v is not None and v == v]
-        starts = [float(v) * SCALE for v in g["start"] if v is not None and v == v]
+        starts = [float(v) * scale for v in g["start"] if v is not None and v == v]
         (t_mean, t_std), (d_mean, d_std) = _mean_std(scores), _mean_std(divs)
         out.append({"task": task, "method": method, "method_name": g["method_name"].iloc[0], "student": student, "step": int(step),
                     "metric": g["metric"].iloc[0], "n": len(scores), "teacher_mean": t_mean, "teacher_std": t_std,

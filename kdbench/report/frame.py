@@ -10,7 +10,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-SCALE = 100.0  # scores are shown x100, as KD papers report them
+from kdbench.api import MetricInfo
+
+SCALE = 100.0  # the scale of stores that predate per-run metric info: every score x100, as KD papers report them
 TEST = "test"
 WIN, LOSS = "▲", "▼"
 NOT_RECORDED = "not recorded"
@@ -30,6 +32,69 @@ def metric_bounds(metric: Any) -> tuple[float, float] | None:
     if any(c in name for c in _CORRELATIONS):
         return (-SCALE, SCALE)
     return None
+
+
+#: A run's metrics key holding each metric's MetricInfo (written by kdbench.train.evaluation).
+METRIC_INFO = "metric_info"
+
+
+def legacy_info(metric: Any) -> MetricInfo:
+    """How a store from before per-run metric info is read (all its runs are
+    classification or regression): higher is better, x100, bounds by the metric's name
+    (:func:`metric_bounds`)."""
+    b = metric_bounds(metric)
+    return MetricInfo(True, SCALE, (b[0] / SCALE, b[1] / SCALE) if b else (None, None))
+
+
+def stored_info(metrics: dict[str, Any] | None, metric: Any) -> tuple[MetricInfo, bool]:
+    """The one place a report learns how to read a metric: (its MetricInfo as the run
+    stored it, True), or (:func:`legacy_info`, False) for runs stored without it. Reports
+    never ask a plugin: a store is read the same wherever the report is made."""
+    recorded = ((metrics or {}).get(METRIC_INFO) or {}).get(metric) if metric else None
+    if isinstance(recorded, dict):
+        return MetricInfo.from_dict(recorded), True
+    return legacy_info(metric), False
+
+
+def row_info(r: Any) -> MetricInfo:
+    """The MetricInfo a runs-frame row carries (its ``higher_is_better``, ``scale``,
+    ``bound_low``/``bound_high`` columns; NaN bounds are open)."""
+    lo, hi = r["bound_low"], r["bound_high"]
+    return MetricInfo(bool(r["higher_is_better"]), float(r["scale"]), (None if lo != lo else float(lo), None if hi != hi else float(hi)))
+
+
+def scaled_bounds(info: MetricInfo) -> tuple[float, float] | None:
+    """``info.bounds`` on the shown scale (x ``info.scale``); open ends infinite; None when
+    unbounded."""
+    lo, hi = info.bounds
+    if lo is None and hi is None:
+        return None
+    return (-math.inf if lo is None else lo * info.scale, math.inf if hi is None else hi * info.scale)
+
+
+def direction_word(higher_is_better: Any) -> str:
+    """"higher" or "lower" (is better), for notes and column names."""
+    return "lower" if higher_is_better is False or higher_is_better == 0 else "higher"
+
+
+def reading_note(runs: pd.DataFrame) -> str:
+    """How the report reads each task's main metric, for the legend: "x100, higher is
+    better" when every task is read so, else per task; and which runs stored no metric
+    info (read with :func:`legacy_info`, said so)."""
+    if runs.empty or "scale" not in runs:
+        return "Scores are test-split values x100 of each task's main metric (higher is better)"
+    per_task = runs.drop_duplicates("task").set_index("task")
+    readings = {t: (r["metric"], float(r["scale"]), direction_word(r["higher_is_better"])) for t, r in per_task.iterrows()}
+    if all(sc == SCALE and d == "higher" for _, sc, d in readings.values()):
+        text = "Scores are test-split values x100 of each task's main metric (higher is better)"
+    else:
+        parts = [f"{t}: {m} x{sc:g}, {d} is better" for t, (m, sc, d) in sorted(readings.items())]
+        text = "Scores are test-split values of each task's main metric, shown as " + "; ".join(parts)
+    legacy = sorted(set(runs.loc[~runs["info_recorded"].astype(bool), "task"])) if "info_recorded" in runs else []
+    if legacy:
+        text += (f" (runs of {', '.join(legacy)} were stored without metric directions and scales, before they were recorded: "
+                 "read with the classification/regression defaults, higher is better and x100)")
+    return text
 
 
 def label(method: str, params: dict[str, Any], varying: set[str]) -> str:
@@ -93,12 +158,15 @@ NUMERIC = ("test", "validation", "score", "wall_s", "train_s", "eval_s", "prep_s
 def _record(r: dict[str, Any], varying: set[str]) -> dict[str, Any]:
     m = r["metrics"] or {}
     main = m.get("main_metric")
+    info, recorded = stored_info(m, main)
     env = r.get("env") or {}
     data = env.get("data")
     return {
         "hash": r["hash"], "task": r["task"], "method": label(r["method"], r["params"], varying),
         "method_name": r["method"], "params": json.dumps(r["params"], sort_keys=True), "student": r["student"],
         "seed": r["seed"], "status": r["status"], "metric": main, "teacher_hash": r.get("teacher_hash"),
+        "higher_is_better": info.higher_is_better, "scale": info.scale, "info_recorded": recorded,
+        "bound_low": np.nan if info.bounds[0] is None else info.bounds[0], "bound_high": np.nan if info.bounds[1] is None else info.bounds[1],
         "test": m.get(TEST, {}).get(main) if main else np.nan,
         "validation": m.get("validation", {}).get(main) if main else np.nan,
         "score": task_score(m), "splits": {s: m[s].get(main) for s in test_splits(m)} if main else {},

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.report.aggregate import summ, teacher_label, teacher_names
-from kdbench.report.frame import SCALE, TEST
+from kdbench.report.frame import TEST, stored_info
 from kdbench.store import DONE
 
 REF_COLS = ["task", "method", "student", "teacher", "metric", "reference", "ref_std", "ref_n", "reproduced", "std", "n",
@@ -33,7 +33,7 @@ def _teacher_refs(ref: Any, teachers: list[dict[str, Any]]) -> list[dict[str, An
         metric = ref.metric or m.get("main_metric")
         if t["task"] != ref.task or metric not in m.get(TEST, {}) or (ref.teacher and ref.teacher not in teacher_names(t)):
             continue
-        v = float(m[TEST][metric]) * SCALE
+        v = float(m[TEST][metric]) * stored_info(m, metric)[0].scale
         out.append(_base(ref) | {"student": "-", "teacher": teacher_label(t), "metric": metric, "reproduced": v, "std": np.nan,
                                  "n": 1, "ci_low": np.nan, "ci_high": np.nan, "difference": v - ref.value, "inside_ci": "n/a"})
     return out
@@ -53,7 +53,8 @@ def _student_refs(ref: Any, done: pd.DataFrame, teachers: list[dict[str, Any]]) 
     out = []
     for (method, student), g in sel.groupby(["method", "student"], sort=True):
         metric = ref.metric or g["metric"].iloc[0]
-        s = summ((float(v) for v in g["_metrics"].map(lambda m: m.get(TEST, {}).get(metric)) if v is not None), metric)
+        s = summ((float(v) for v in g["_metrics"].map(lambda m: m.get(TEST, {}).get(metric)) if v is not None), metric,
+                 stored_info(g["_metrics"].iloc[0], metric)[0])
         out.append(_base(ref) | {"method": method, "student": student, "teacher": ref.teacher or "-", "metric": metric,
                                  "reproduced": s.mean, "std": s.std, "n": s.n, "ci_low": s.ci_low, "ci_high": s.ci_high,
                                  "difference": s.mean - ref.value, "inside_ci": _inside(ref.value, s.ci_low, s.ci_high)})

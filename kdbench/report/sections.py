@@ -11,7 +11,7 @@ import pandas as pd
 from kdbench import stats
 from kdbench.report.curves import CURVES_NOTE, MIN_TOLERANCE, curves_display
 from kdbench.report.drift import DRIFT_NOTE, disagreement_notes, drift_display
-from kdbench.report.frame import LOSS, WIN
+from kdbench.report.frame import LOSS, WIN, reading_note
 from kdbench.report.selection import selection_sections
 from kdbench.report.tables import SMALL_N, TIE, cell, comparison_display, fmt_num, fmt_p, spread_text
 
@@ -113,7 +113,7 @@ def family_line(report: Any) -> str:
 def legend(report: Any) -> list[str]:
     """The sentences that say how every number was computed (in every file, and --verbose)."""
     return [
-        f"Report made {report.date}. Scores are test-split values x100 of each task's main metric; cells are mean ± std "
+        f"Report made {report.date}. {reading_note(report.runs)}; cells are mean ± std "
         "(ddof=1) over seeds, n = finished seeds.",
         f"95% CI: {stats.CI_METHOD}.",
         f"Comparison with the baseline '{report.baseline}': {stats.TEST_METHOD} on the same task, student and seed. "

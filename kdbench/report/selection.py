@@ -2,7 +2,8 @@
 
 For a method entry with ``grid_selection: validation`` whose params sweep, the report
 takes, for each task and student, the entry's setting with the best mean *validation*
-main metric over its finished seeds; ties (within ``TIE_TOL`` on the x100 scale) go to
+main metric over its finished seeds (the highest, or the lowest where the runs' stored
+metric info says lower is better); ties (within ``TIE_TOL`` on the x100 scale) go to
 the first setting in suite order (the order :func:`kdbench.spec.expand_grid` writes).
 Test scores are never read to choose. The leaderboard and the paired comparisons then
 read that setting's runs under one row, "<entry> (selected on validation from N
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.api import KDBenchError
-from kdbench.report.aggregate import summ
+from kdbench.report.aggregate import group_info, summ
 from kdbench.report.tables import cell, fmt_num
 from kdbench.spec import entry_settings, selected_label
 from kdbench.store import DONE
@@ -76,19 +77,21 @@ def _candidates(g: pd.DataFrame, order: list[str]) -> list[dict[str, Any]]:
         runs = done[done["params"] == key]
         if runs.empty:
             continue
-        metric = runs["metric"].iloc[0]
-        val, test = summ(runs["validation"].dropna(), metric), summ(runs["test"].dropna(), metric)
+        metric, info = runs["metric"].iloc[0], group_info(runs)
+        val, test = summ(runs["validation"].dropna(), metric, info), summ(runs["test"].dropna(), metric, info)
         out.append({"params": key, "order": pos, "val_mean": val.mean, "val_std": val.std, "val_n": val.n,
-                    "test_mean": test.mean, "test_std": test.std, "test_n": test.n})
+                    "test_mean": test.mean, "test_std": test.std, "test_n": test.n, "higher_is_better": info.higher_is_better})
     return out
 
 
 def rank_on_validation(cands: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The candidates with a validation score, best first; a later setting passes an
-    earlier one only when its mean is higher by more than ``TIE_TOL``."""
+    earlier one only when its mean is better (higher; lower for a lower-is-better metric,
+    ``higher_is_better`` False on the candidates) by more than ``TIE_TOL``."""
     ranked: list[dict[str, Any]] = []
     for c in sorted((c for c in cands if c["val_n"] > 0), key=lambda c: c["order"]):
-        at = next((i for i, r in enumerate(ranked) if c["val_mean"] > r["val_mean"] + TIE_TOL), len(ranked))
+        sign = -1.0 if c.get("higher_is_better", True) is False else 1.0
+        at = next((i for i, r in enumerate(ranked) if sign * c["val_mean"] > sign * r["val_mean"] + TIE_TOL), len(ranked))
         ranked.insert(at, c)
     return ranked
 
@@ -117,7 +120,7 @@ def _select_one(names: tuple[str, str], task: str, student: str, g: pd.DataFrame
     if best is not None:
         chosen |= {"setting": label[best["params"]], "params": best["params"]}
     if second is not None:
-        chosen |= {"runner_up": label[second["params"]], "gap": best["val_mean"] - second["val_mean"]}
+        chosen |= {"runner_up": label[second["params"]], "gap": (best["val_mean"] - second["val_mean"]) * (-1.0 if best.get("higher_is_better", True) is False else 1.0)}
     return chosen, rows, best["params"] if best else None
 
 

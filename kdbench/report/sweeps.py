@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench import stats
-from kdbench.report.aggregate import summ
-from kdbench.report.frame import SCALE
+from kdbench.report.aggregate import group_info, summ
 from kdbench.store import DONE
 
 LEVEL_COLS = ["task", "method", "factor", "level", "at", "mean", "std", "n", "ci_low", "ci_high"]
@@ -45,16 +44,18 @@ def _line(settings: list[dict], factors: list[str], f: str, keys: list[str]) -> 
 
 def _sweep(task: str, name: str, f: str, sub: pd.DataFrame, at: str, order: dict[str, int]) -> tuple[list[dict], dict]:
     levels, means, groups = [], {}, []
+    info = group_info(sub)  # the runs' stored scale and direction
     keys = sorted(sub["level"].map(json.dumps).unique(), key=lambda v: (order.get(json.loads(v), len(order)), _level_key(json.loads(v))))
     for key in keys:
         level = json.loads(key)
         scores = sub.loc[sub["level"].map(json.dumps) == key, "score"].dropna()
-        s = summ(scores)
-        groups.append([float(v) * SCALE for v in scores])
+        s = summ(scores, info=info)
+        groups.append([float(v) * info.scale for v in scores])
         means[level if not isinstance(level, list) else key] = s.mean
         levels.append({"task": task, "method": name, "factor": f, "level": level, "at": at, "mean": s.mean, "std": s.std,
                        "n": s.n, "ci_low": s.ci_low, "ci_high": s.ci_high})
-    sp, an = stats.spread(means), stats.factor_anova(groups)
+    sign = 1.0 if info.higher_is_better else -1.0  # spread's best is the highest: negated, a lower-is-better best is the lowest
+    sp, an = stats.spread({k: sign * v for k, v in means.items()}), stats.factor_anova(groups)
     score = {"task": task, "method": name, "factor": f, "levels": sp.levels, "at": at, "std": sp.std, "range": sp.range,
              "drop_from_best": sp.drop_from_best, "best_level": sp.best_level, "worst_level": sp.worst_level,
              "seed_std": an.within_std, "anova_f": an.f, "anova_p": an.p, "anova_p_adj": np.nan, "verdict": ""}

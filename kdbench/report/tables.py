@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench import stats
-from kdbench.report.frame import LOSS, TEST, WIN
+from kdbench.report.frame import LOSS, TEST, WIN, direction_word
 
 SMALL_N, TIE = "†", "≈"
 SPECIAL_ROWS = ("teacher", "chance")
@@ -51,8 +51,15 @@ def _cell_text(r: pd.Series) -> str:
     return cell(r["mean"], r["std"], r["n"])
 
 
-def column_name(task: str, split: str, metric: Any) -> str:
-    return f"{task} ({metric})" if split == TEST else f"{task} {split} ({metric})"
+def column_name(task: str, split: str, metric: Any, higher_is_better: Any = True) -> str:
+    """A leaderboard column: task (and split) with its metric; a lower-is-better metric is
+    marked "↓ better" so no reader takes its smallest value for the worst."""
+    shown = f"{metric}, ↓ better" if direction_word(higher_is_better) == "lower" else f"{metric}"
+    return f"{task} ({shown})" if split == TEST else f"{task} {split} ({shown})"
+
+
+def _lower_is_better(g: pd.DataFrame) -> bool:
+    return "higher_is_better" in g and direction_word(g["higher_is_better"].iloc[0]) == "lower"
 
 
 def row_names(board: pd.DataFrame) -> list[str]:
@@ -69,18 +76,24 @@ def row_names(board: pd.DataFrame) -> list[str]:
 
 
 def best_marks(board: pd.DataFrame) -> dict[int, str]:
-    """Per board index: "best" when the column's best mean has an interval that does not
-    overlap the runner-up's, else "tie" for the best and every row whose interval overlaps it."""
+    """Per board index: "best" when the column's best mean (the highest, or the lowest for
+    a lower-is-better metric) has an interval that does not overlap the runner-up's, else
+    "tie" for the best and every row whose interval overlaps it."""
     out: dict[int, str] = {}
     rows = board[~board["method"].isin(SPECIAL_ROWS) & board["mean"].notna() & (board["data_flag"] == "")]
     for _, g in rows.groupby("col"):
-        g = g.sort_values("mean", ascending=False)
+        lower = _lower_is_better(g)  # best is the smallest mean; the intervals mirror
+        g = g.sort_values("mean", ascending=lower)
         top = g.iloc[0]
         if len(g) == 1:
             out[g.index[0]] = "best"
             continue
-        overlap = [i for i, r in g.iloc[1:].iterrows()
-                   if np.isnan(top["ci_low"]) or np.isnan(r["ci_high"]) or r["ci_high"] >= top["ci_low"]]
+        if lower:
+            overlap = [i for i, r in g.iloc[1:].iterrows()
+                       if np.isnan(top["ci_high"]) or np.isnan(r["ci_low"]) or r["ci_low"] <= top["ci_high"]]
+        else:
+            overlap = [i for i, r in g.iloc[1:].iterrows()
+                       if np.isnan(top["ci_low"]) or np.isnan(r["ci_high"]) or r["ci_high"] >= top["ci_low"]]
         if not overlap:
             out[g.index[0]] = "best"
         else:
@@ -115,7 +128,8 @@ def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None
         return pd.DataFrame()
     board = board.copy()
     board["row"] = row_names(board)
-    board["col"] = [column_name(t, s, m) for t, s, m in zip(board["task"], board["split"], board["metric"])]
+    hib = board["higher_is_better"] if "higher_is_better" in board else [True] * len(board)
+    board["col"] = [column_name(t, s, m, h) for t, s, m, h in zip(board["task"], board["split"], board["metric"], hib)]
     best = best_marks(board)
     board["cell"] = [_decorate(_cell_text(r), r, best.get(i), marks, bold) for i, r in board.iterrows()]
     order_key = board.drop_duplicates("col").set_index("col")
@@ -134,8 +148,12 @@ def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None
 
 def averages(board: pd.DataFrame) -> dict[str, tuple[float, int]]:
     """Per leaderboard row: mean over tasks of the per-task mean score (a task's score
-    averages its test splits), only for rows with a score on every task."""
+    averages its test splits), only for rows with a score on every task, and only when
+    every task's metric reads the same way (one direction, one scale): an average of an
+    accuracy x100 and an MSE means nothing, so then there is none."""
     tasks = sorted(board["task"].unique())
+    if {"higher_is_better", "scale"} <= set(board.columns) and len(board[["higher_is_better", "scale"]].drop_duplicates()) > 1:
+        return {}
     out = {}
     for row, g in board.groupby("row"):
         per_task = g.groupby("task")["mean"].mean()

@@ -44,7 +44,7 @@ def md_safe(table: pd.DataFrame) -> pd.DataFrame:
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", WIN: r"$\blacktriangle$",
-                  LOSS: r"$\blacktriangledown$", "Δ": r"$\Delta$", "×": r"$\times$", "†": r"$\dagger$", "≈": r"$\approx$"}
+                  LOSS: r"$\blacktriangledown$", "Δ": r"$\Delta$", "×": r"$\times$", "†": r"$\dagger$", "≈": r"$\approx$", "↓": r"$\downarrow$"}
 
 
 def latex_escape(text: str) -> str:

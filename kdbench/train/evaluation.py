@@ -1,37 +1,42 @@
-"""Predicting a whole split, computing a task's metrics, choosing the reported evaluation,
-and following a trainable teacher's drift (:class:`TeacherDrift`)."""
+"""Evaluating a split through the task's objective (streamed: only what its metrics need
+is kept, never every logit), predicting a whole split where logits are needed (a live
+teacher's drift, shared teacher outputs), choosing the reported evaluation, and following
+a trainable teacher's drift (:class:`TeacherDrift`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdbench.api import KDModel, ModelFactory
+from kdbench.api import Batch, KDModel, MetricInfo, ModelFactory, ModelOutput, Objective
 from kdbench.data import VALIDATION, TaskData
 
 TEACHER = "teacher"  # history key of the live teacher's evaluation (teacher-updating methods)
 LIVE_TEACHER = "live_teacher"  # the chosen evaluation's teacher entry, in the run's metrics
 
 
-def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], batch_size: int, device: torch.device, need: frozenset[str] = frozenset()) -> torch.Tensor:
-    """Logits for a whole split, batched, under inference mode, in eval mode. On a GPU
-    that runs out of memory the batch is halved and the split predicted again, so the
-    largest batch that fits is used (``eval_batch_size`` is the first try)."""
+def _batched(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], batch_size: int, device: torch.device,
+             need: frozenset[str], begin: Any, take: Any) -> Any:
+    """Run ``model`` over a whole split in eval mode under inference mode: ``begin()``
+    makes a fresh accumulator, ``take(acc, output, index, inputs)`` feeds it each batch, and the
+    accumulator is returned. On a GPU that runs out of memory the batch is halved and the
+    split run again from a fresh accumulator (``batch_size`` is the first try)."""
     was_training = model.training
     model.eval()
     n = next(iter(encoded.values())).shape[0]
     try:
         while True:
             try:
-                out = []
+                acc = begin()
                 with torch.inference_mode():
                     for start in range(0, n, batch_size):
                         index = torch.arange(start, min(start + batch_size, n))
                         inputs = {k: v.to(device, non_blocking=True) for k, v in factory.collate(encoded, index).items()}
-                        out.append(model(inputs, need=need).logits.float().cpu())
-                return torch.cat(out)
+                        take(acc, model(inputs, need=need), index, inputs)
+                return acc
             except torch.OutOfMemoryError:
                 if batch_size == 1 or device.type != "cuda":
                     raise
@@ -41,10 +46,36 @@ def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tens
         model.train(was_training)
 
 
+def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], batch_size: int, device: torch.device, need: frozenset[str] = frozenset()) -> torch.Tensor:
+    """Logits for a whole split (float32, on the CPU), batched, in eval mode: for what
+    needs them all (a teacher's shared outputs, a live teacher's drift); scoring a split
+    goes through :func:`evaluate_split`, which keeps only what the metrics read."""
+    out: list[torch.Tensor] = []
+    _batched(model, factory, encoded, batch_size, device, need, lambda: out.clear() or out,
+             lambda acc, o, index, inputs: acc.append(o.logits.float().cpu()))
+    return torch.cat(out)
+
+
+def evaluate_split(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], labels: torch.Tensor, objective: Objective,
+                   batch_size: int, device: torch.device) -> dict[str, float]:
+    """The metrics of ``model`` on one split, streamed through ``objective.start()``: each
+    batch's output (with the outputs ``objective.eval_needs`` names) and the batch (its
+    inputs on the device, its labels as stored, its indices in the split) go to the
+    evaluator's ``update``, which keeps what it chooses (e.g. one class id per example);
+    then ``finish``."""
+    def take(ev: Any, out: ModelOutput, index: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
+        ev.update(out, Batch(inputs=inputs, labels=labels[index], index=index))
+
+    return _batched(model, factory, encoded, batch_size, device, frozenset(objective.eval_needs), objective.start, take).finish()
+
+
 def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device,
              splits: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """The task's metrics on ``splits`` (default: every evaluation split: validation, test)."""
-    return {split: split_metrics(predict(model, factory, encoded[split], batch_size, device), data, split)
+    """The task's metrics on ``splits`` (default: every evaluation split: validation, test).
+    The labels reach the evaluator as the task stored them (their own dtype), so the
+    metrics read exactly the values a whole-split computation would."""
+    return {split: evaluate_split(model, factory, encoded[split], torch.as_tensor(np.asarray(data.labels(split))), data.objective,
+                                  batch_size, device)
             for split in (data.eval_splits if splits is None else splits)}
 
 
@@ -73,6 +104,8 @@ class DeferredTest:
         metrics = self._scores([VALIDATION])
         if self.selection == "validation":
             score = metrics[VALIDATION][self.main_metric]
+            if not self.data.objective.metric_info(self.main_metric).higher_is_better:
+                score = -score  # best is lowest: compare the negation, ties still keep the earliest
             if self.best is None or score > self.best[0]:
                 weights = None if last else {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 self.best = (score, step, weights)
@@ -93,16 +126,19 @@ class DeferredTest:
 
 
 def split_metrics(logits: torch.Tensor, data: TaskData, split: str) -> dict[str, float]:
-    """The task's metrics of ``logits`` (a whole split's) against that split's labels."""
-    preds = logits.squeeze(-1).numpy() if data.task.problem.is_regression else logits.argmax(-1).numpy()
-    return {k: float(v) for k, v in data.task.compute_metrics(preds, data.labels(split)).items()}
+    """The task's metrics of ``logits`` (a whole split's) against that split's labels,
+    read through the task's objective."""
+    objective = data.objective
+    return objective.metrics(objective.predictions(logits), data.labels(split))
 
 
 def divergence(start: torch.Tensor, now: torch.Tensor, regression: bool) -> tuple[float, str]:
     """(value, kind) of how far predictions ``now`` moved from ``start`` (both ``(N, C)``):
     classification ``kl``, the mean over examples of KL(p_start || p_now) at temperature 1;
     regression ``mse``, the mean over examples of the squared difference of the
-    predictions (summed over outputs). Computed in float64."""
+    predictions (summed over outputs). Computed in float64; the formulas of the built-in
+    objectives' :meth:`~kdbench.api.Objective.divergence`, which a live teacher's drift
+    reads (:class:`TeacherDrift`)."""
     start, now = start.double(), now.double()
     if regression:
         return float(((now - start) ** 2).sum(-1).mean()), "mse"
@@ -136,20 +172,40 @@ class TeacherDrift:
 
     def __call__(self) -> dict[str, Any]:
         now = self._predict()
-        value, kind = divergence(self.start, now, self.data.task.problem.is_regression)
+        value, kind = self.data.objective.divergence(self.start, now)
         return {TEACHER: {self.split: split_metrics(now, self.data, self.split), "divergence": value,
                           "divergence_kind": kind, f"start_{self.split}": dict(self.start_metrics)}}
 
 
-def select_metrics(history: list[dict[str, Any]], selection: str, main_metric: str) -> dict[str, Any]:
+#: The key of a run's metrics that keeps each metric's direction, scale and bounds
+#: (:class:`kdbench.api.MetricInfo` as a dict), so reports read them from the store.
+METRIC_INFO = "metric_info"
+
+
+def select_metrics(history: list[dict[str, Any]], selection: str, main_metric: str,
+                   info: dict[str, MetricInfo] | None = None) -> dict[str, Any]:
     """The reported evaluation: the final one, or the one with the best *validation*
-    score (earliest on ties). Never selected on the test split. A live teacher's entry
-    (teacher-updating methods) is kept under ``live_teacher``, never as a split."""
+    score (earliest on ties; best is the highest, or the lowest where ``info`` says the
+    main metric is lower-is-better). Never selected on the test split. A live teacher's
+    entry (teacher-updating methods) is kept under ``live_teacher``, never as a split.
+    ``info`` (each metric's :class:`MetricInfo`, from the task's objective) is stored
+    under :data:`METRIC_INFO`."""
     chosen = history[-1]
     if selection == "validation":
-        chosen = max(history, key=lambda h: (h[VALIDATION][main_metric], -h["step"]))
+        sign = 1.0 if info is None or main_metric not in info or info[main_metric].higher_is_better else -1.0
+        chosen = max(history, key=lambda h: (sign * h[VALIDATION][main_metric], -h["step"]))
     out = {"step": chosen["step"], "selection": selection, "main_metric": main_metric,
            **{split: vals for split, vals in chosen.items() if split not in ("step", TEACHER)}}
     if TEACHER in chosen:
         out[LIVE_TEACHER] = chosen[TEACHER]
+    if info:
+        out[METRIC_INFO] = {name: i.to_dict() for name, i in sorted(info.items())}
     return out
+
+
+def metric_infos(objective: Objective, history: list[dict[str, Any]], main_metric: str) -> dict[str, MetricInfo]:
+    """The :class:`MetricInfo` of every metric the evaluations in ``history`` recorded
+    (and of ``main_metric``), as ``objective`` reads them."""
+    names = {main_metric} | {k for h in history for split, vals in h.items() if split not in ("step", TEACHER) and isinstance(vals, dict)
+                             for k in vals}
+    return {name: objective.metric_info(name) for name in sorted(names)}

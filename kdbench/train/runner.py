@@ -22,7 +22,7 @@ from kdbench.store import DIVERGED, DONE, FAILED
 import kdbench.train.teachers as teachers
 from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
-from kdbench.train.evaluation import TEACHER, DeferredTest, TeacherDrift, evaluate, select_metrics
+from kdbench.train.evaluation import TEACHER, DeferredTest, TeacherDrift, evaluate, metric_infos, select_metrics
 from kdbench.train.inputs import ResolvedModel, encoded_splits
 from kdbench.train.loop import Diverged, RoleInputs, autocast_for, batches, train_loop
 from kdbench.train.optim import build_optimizer, total_steps
@@ -117,7 +117,7 @@ class Runner:
     def _prepare(self, spec: RunSpec, checkpoint: TeacherCheckpoint | None) -> _Prepared:
         method_cls = self.registry.method(spec.method)
         data = load_task_data(self.registry, spec.task, spec.quiz_fraction, spec.data_seed)
-        method: Method = method_cls(method_cls.Params(**spec.params), data.task.problem)
+        method: Method = method_cls(method_cls.Params(**spec.params), data.objective)
         teacher, teacher_model = None, None
         student_model = ResolvedModel.of(self.registry, spec.student)
         if method.uses_teacher and spec.teacher is not None:
@@ -189,7 +189,7 @@ class Runner:
         if spec.teacher is not None and p.teacher is not None:
             build_teacher = lambda: teachers.pretrained_teacher(spec, self.registry, p.data, self.device)  # noqa: E731
         ctx = StepContext(student=student, teacher=p.teacher, extra=extra, student_optimizer=optimizer, scheduler=scheduler,
-                          problem=p.data.task.problem, device=self.device, total_steps=steps, train_size=labels.shape[0],
+                          problem=p.data.objective, device=self.device, total_steps=steps, train_size=labels.shape[0],
                           teacher_forward=self._teacher_forward(p.teacher, p.shared), next_quiz_batch=self._quiz_batches(spec, p),
                           autocast=autocast_for(self.device), seed=spec.seed, build_teacher=build_teacher,
                           quiz_size=int(labels_tensor(p.data, QUIZ).shape[0]) if QUIZ in p.encoded else 0)
@@ -240,7 +240,8 @@ class Runner:
         cost["params_deployed"] = sum(x.numel() for x in student.parameters())
         cost["params_training"] = cost["student_params"] = n_training
         cost["shared_teacher_outputs"] = p.shared is not None
-        metrics = select_metrics(history, spec.selection, p.data.task.main_metric)
+        main = p.data.task.main_metric
+        metrics = select_metrics(history, spec.selection, main, metric_infos(p.data.objective, history, main))
         return RunResult(DONE, metrics=metrics, history=history, cost=cost, env=env)
 
     def _teacher_drift(self, spec: RunSpec, p: _Prepared, meter: CostMeter) -> Callable[[], dict[str, Any]] | None:

@@ -28,7 +28,7 @@ from kdbench.store import DONE, FAILED, ResultsStore
 import kdbench.train.artefacts as artefacts
 from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, seed_everything
-from kdbench.train.evaluation import evaluate, predict
+from kdbench.train.evaluation import METRIC_INFO, evaluate, metric_infos, predict
 from kdbench.train.inputs import ResolvedModel, encoded_splits, model_factory
 from kdbench.train.loop import Diverged, autocast_for, batches, train_loop
 from kdbench.train.optim import build_optimizer, total_steps
@@ -132,6 +132,7 @@ def _fine_tune(spec: RunSpec, registry: Registry, device: torch.device, path: Pa
     sha = artefacts.write_tensors(path, model.state_dict())
     metrics = {k: v for k, v in final.items() if k != "step"}
     metrics["main_metric"] = data.task.main_metric
+    metrics[METRIC_INFO] = {k: v.to_dict() for k, v in metric_infos(data.objective, history or [final], data.task.main_metric).items()}
     cost = meter.summary()
     cost["params_deployed"] = cost["params_training"] = sum(p.numel() for p in model.parameters())
     env = environment(device, data)
@@ -152,7 +153,8 @@ def _train_teacher(model: KDModel, factory: Any, data: TaskData, encoded: dict, 
 
     def step_fn(batch: Batch, step: int) -> dict[str, torch.Tensor]:
         with autocast():
-            loss = task_loss(model(batch.inputs).logits, batch.labels, data.task.problem)
+            out = model(batch.inputs)
+            loss = task_loss(out.logits, batch.labels, data.objective, out.mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -99,8 +99,8 @@ class CTKD(Method):
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
         check_standardization(self.name, self.problem, self.params.logit_standardization)
-        if self.problem.is_regression:
-            raise IncompatibleModelError("method 'ctkd' learns a softmax temperature; it needs a classification task, not regression")
+        if self.label_layout != "class":  # regression, or token labels
+            raise IncompatibleModelError(f"method 'ctkd' learns a softmax temperature; it needs a classification task, not one with the label layout {self.label_layout!r}")
 
     def extra_modules(self, student: KDModel, teacher: KDModel | None, info: SetupInfo) -> nn.Module:
         return GlobalTemperature().to(info.device)

@@ -87,9 +87,10 @@ class DKD(Method):
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
         check_standardization(self.name, self.problem, self.params.logit_standardization)
-        if self.problem.is_regression:
-            raise IncompatibleModelError("method 'dkd' splits class probabilities into target and non-target parts; "
-                                         "it needs a classification task, not regression")
+        if self.label_layout != "class":
+            what = "regression" if self.label_layout == "value" else f"the label layout '{self.label_layout}'"
+            raise IncompatibleModelError("method 'dkd' splits class probabilities into target and non-target parts; it needs a "
+                                         f"classification task, not {what} (one class id per example)")
 
     def warmup_weight(self, step: int, total_steps: int) -> float:
         """Linear ramp of the DKD weight from 1/W to 1 over W = warmup_fraction * total_steps steps."""

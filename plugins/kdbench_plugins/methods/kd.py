@@ -21,6 +21,9 @@ CVPR 2024; :func:`kdbench.losses.standardize_logits`). Their CIFAR-100 KD+LS run
 ``alpha`` 9/9.1 keeps that ratio at 1/9.1 of its scale (the student's learning rate
 sees the difference). Classification only.
 
+Both terms come from the task's objective and average over the positions the student's
+output mask keeps (token logits (B, L, V)); per-example logits have no mask.
+
 Defaults: alpha 0.5, T 4, KL (the CRD/RepDistiller CIFAR setting uses alpha 0.9, T 4).
 """
 
@@ -57,8 +60,9 @@ class KD(Method):
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None
         p = self.params
-        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss, standardize=p.logit_standardization)
-        hard = task_loss(student.logits, batch.labels, self.problem)
+        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss, mask=student.mask,
+                         standardize=p.logit_standardization)
+        hard = task_loss(student.logits, batch.labels, self.problem, student.mask)
         return p.alpha * soft + (1 - p.alpha) * hard, {"soft": soft.detach(), "hard": hard.detach()}
 
 

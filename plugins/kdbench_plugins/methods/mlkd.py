@@ -88,8 +88,8 @@ class MLKD(Method):
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
         check_standardization(self.name, self.problem, self.params.logit_standardization)
-        if self.problem.is_regression:
-            raise IncompatibleModelError("method 'mlkd' aligns class probabilities; it needs a classification task, not regression")
+        if self.label_layout != "class":  # regression, or token labels
+            raise IncompatibleModelError(f"method 'mlkd' aligns class probabilities; it needs a classification task, not one with the label layout {self.label_layout!r}")
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None

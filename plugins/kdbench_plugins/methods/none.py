@@ -2,6 +2,8 @@
 
     L = CE(s, y)            (classification)
     L = MSE(s, y)           (regression)
+
+(the task objective's loss, averaged over the positions the student's output mask keeps)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class NoDistillation(Method):
     uses_teacher = False
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
-        return task_loss(student.logits, batch.labels, self.problem), {}
+        return task_loss(student.logits, batch.labels, self.problem, student.mask), {}
 
 
 @hookimpl

@@ -41,23 +41,25 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import LOGITS, Batch, KDBenchError, Method, ModelOutput, Options, Problem, StepContext, step_values, task_loss
+from kdbench.api import LOGITS, Batch, KDBenchError, Method, ModelOutput, Objective, Options, Problem, StepContext, step_values, task_loss
 from kdbench.hookspecs import hookimpl
 from kdbench.losses import build_teacher_optimizer, schedule_ratio, soft_loss
 
 
-def teacher_objective(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor, lam: float, temperature: float, problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
+def teacher_objective(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor, lam: float, temperature: float,
+                      problem: Problem | Objective) -> tuple[Tensor, Tensor, Tensor]:
     """(L_T, its task part, its KL(p_S || p_T) part); the student's logits are detached."""
     s = student_logits.detach()
     task = task_loss(teacher_logits, labels, problem)
-    if problem.is_regression:
+    if problem.label_layout == "value":
         pull = F.mse_loss(teacher_logits.float(), s.float())
     else:  # KL(p_S || p_T): soft_loss(x, y) is KL(p_y || p_x)
         pull = soft_loss(teacher_logits, s, temperature, problem)
     return (1 - lam) * task + lam * pull, task, pull
 
 
-def student_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, temperature: float, problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
+def student_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, temperature: float,
+                      problem: Problem | Objective) -> tuple[Tensor, Tensor, Tensor]:
     """(L_S, its soft part KL(p_T' || p_S), its task part)."""
     soft = soft_loss(student_logits, teacher_logits.detach(), temperature, problem)
     hard = task_loss(student_logits, labels, problem) if alpha < 1 else soft.new_zeros(())

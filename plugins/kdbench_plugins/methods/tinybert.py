@@ -52,6 +52,7 @@ from kdbench.api import (
     Method,
     ModelOutput,
     Options,
+    Objective,
     Problem,
     SetupInfo,
     StepContext,
@@ -80,9 +81,11 @@ def hidden_loss(student_hidden: tuple[Tensor, ...], teacher_hidden: tuple[Tensor
     return terms[0], sum(terms[2:], terms[1])
 
 
-def prediction_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, problem: Problem,
+def prediction_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, problem: Problem | Objective,
                     regression_pred: str, reduction: Literal["mean", "sum"] = "mean") -> Tensor:
-    if problem.is_regression:
+    """Soft CE over the classes; for one value per example (regression) MSE to the
+    teacher's output or to the label (``regression_pred``)."""
+    if problem.label_layout == "value":
         target = teacher_logits if regression_pred == "teacher" else labels.view_as(student_logits)
         return F.mse_loss(student_logits.float(), target.float())
     return soft_cross_entropy(student_logits, teacher_logits, temperature, reduction)
