@@ -32,7 +32,7 @@ $(VENV)/.ready: pyproject.toml requirements/assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
 	test -x $(BIN)/uv || $(PYTHON) -m pip --python $(BIN)/python install --quiet uv
 	$(PYTHON) -m pip --python $(BIN)/python install --quiet --no-deps --no-compile "$(TORCH)"
-	$(UV) -e ".[dev,ray,tensorboard]" pip setuptools
+	$(UV) -e ".[dev,ray,tensorboard,llm-real,peers]" pip setuptools
 	$(UV) --no-deps --require-hashes -r requirements/assets.txt
 	$(BIN)/kdbench prepare $(SUITE) benchmarks/smoke.yaml
 	touch $@

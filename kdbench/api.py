@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer, model_validator
 from torch import Tensor, nn
 
 # --------------------------------------------------------------------------- errors
@@ -44,9 +47,63 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
+
     @model_serializer(mode="wrap")
     def _omit_added_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
         return omit_added_defaults(self, handler(self))
+
+
+def _admits(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field annotation accepts a value of one of ``kinds`` as such."""
+    if annotation in (Any, object):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _admits(typing.get_args(annotation)[0], kinds)
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits(a, kinds) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return any(isinstance(v, kinds) for v in typing.get_args(annotation))
+    return isinstance(annotation, type) and issubclass(annotation, kinds)
+
+
+def _bool_problems(value: Any, annotation: Any, where: str) -> list[str]:
+    if isinstance(value, bool):
+        numeric = _admits(annotation, (int, float)) and not _admits(annotation, (bool,))
+        return [f"{where}: must be a number, not true/false (got {str(value).lower()})"] if numeric else []
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType, typing.Annotated):
+        # containers inside a union (``tuple[float, ...] | None``): check against each member that is one
+        members = args[:1] if origin is typing.Annotated else args
+        return next((p for a in members if typing.get_origin(a) in (list, tuple, dict) and (p := _bool_problems(value, a, where))), [])
+    if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+        item = args[0] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else None
+        return [p for i, v in enumerate(value) for p in _bool_problems(v, item if item is not None else
+                                                                        (args[i] if i < len(args) else Any), f"{where}[{i}]")]
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return [p for k, v in value.items() for p in _bool_problems(v, args[1], f"{where}.{k}")]
+    return []
+
+
+def refuse_bool_numbers(model: type[BaseModel], data: Any) -> Any:
+    """``data`` unchanged, or a ``ValueError`` naming every field of ``model`` where a
+    boolean was given for a number. Pydantic would turn ``alpha: true`` into 1.0 (YAML's
+    ``yes``/``true``/``on`` are booleans), a silently different hyper-parameter. A model
+    validator (``mode="before"``) of :class:`Options` and of the suite models calls it."""
+    if not isinstance(data, dict):
+        return data
+    problems = []
+    for name, f in model.model_fields.items():
+        key = name if name in data else f.alias if f.alias in data else None
+        if key is not None:
+            problems += _bool_problems(data[key], f.annotation, name)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return data
 
 
 def omit_added_defaults(model: BaseModel, data: Any) -> Any:
@@ -142,6 +199,12 @@ ATTENTION_SCORES = "attention_scores"
 FEATURES = "features"
 PREACT_FEATURES = "preact_features"
 EMBEDDING = "embedding"
+#: Causal language models: ``logits`` are per-token next-token distributions ``(B, R, V)``
+#: over the response positions of the prompt/response layout (:mod:`kdbench.generation`).
+TOKEN_LOGITS = "token_logits"
+#: The model decodes responses: ``model.generate(inputs, max_new_tokens, greedy,
+#: temperature, generator, use_cache)`` returns a :class:`kdbench.generation.Generation`.
+GENERATION = "generation"
 ATTENTION_PROBS = "attention_probs"
 QUERIES = "queries"
 KEYS = "keys"
@@ -285,6 +348,12 @@ class ModelFactory(ABC):
         """A string that identifies the encoding (tokenizer), for caching encoded splits."""
         return self.name
 
+    def encoder_fingerprint(self, options: Options) -> str:
+        """A content hash of the files the encoding reads (e.g. a local tokenizer's
+        vocabulary), so that changed files under the same name never reuse a cached
+        encoding; '' (the default) when :meth:`encoder_id` says it all."""
+        return ""
+
     def inspect(self, options: Options) -> ModelFacts | None:
         """The model's :class:`ModelFacts` read from its configuration, raising a
         :class:`KDBenchError` naming what is wrong (an unknown checkpoint folder, layers it
@@ -387,7 +456,12 @@ class Evaluator(ABC):
     """One streaming evaluation of a split: :meth:`update` per batch (the model's output
     and the batch with its labels), then :meth:`finish` once. Keep what the metrics need
     (predicted ids, running sums), not the logits: a split of token logits does not fit
-    in memory. Made by :meth:`Objective.start`."""
+    in memory. Made by :meth:`Objective.start`. Before the first :meth:`update` the
+    caller sets :attr:`model` to the model being evaluated (in eval mode), for evaluators
+    that decode with it (generation objectives); ``batch.inputs`` is that model's input."""
+
+    #: The model being evaluated (set by the caller); None when the caller gives none.
+    model: "KDModel | None" = None
 
     @abstractmethod
     def update(self, output: ModelOutput, batch: Batch) -> None:
@@ -458,6 +532,12 @@ class Objective(ABC):
     @abstractmethod
     def labels(self, labels: np.ndarray) -> Tensor:
         """A split's labels as the tensor :meth:`loss` and the evaluator read."""
+
+    def targets(self, batch: "Batch") -> Tensor:
+        """What :meth:`loss` compares a model's output with on ``batch``. Default: the
+        batch's labels (one per example); an objective whose targets are tokens of the
+        input itself (language modelling) reads them from ``batch.inputs``."""
+        return batch.labels
 
     def check_labels(self, split: str, labels: np.ndarray) -> None:
         """Raise :class:`DataError` naming the task, ``split`` and the offending values
@@ -645,7 +725,36 @@ class StepContext:
     #: Examples in the quiz split (0: unknown or none), so a method can run one pass
     #: over it (MetaDistil's ``quiz_batches: all``) with ``next_quiz_batch``.
     quiz_size: int = 0
+    #: One pass over the training split in example order, in batches of the given size
+    #: (both roles' inputs), for a method that precomputes something per training example
+    #: in :meth:`Method.setup`; None where the caller gives none.
+    train_batches: Callable[[int], Iterator[Batch]] | None = None
+    #: ``teacher_cache(name, compute)``: tensors computed once from the *fixed* teacher
+    #: (``compute()``), e.g. its greedy responses or top-k log-probabilities over the
+    #: training split; the runner keeps them beside the teacher's checkpoint with a
+    #: checksum, shared by every method and seed, so ``name`` must say everything they
+    #: depend on besides the teacher and the task. Default: computed now, not kept.
+    teacher_cache: Callable[[str, Callable[[], dict[str, Tensor]]], dict[str, Tensor]] = lambda name, compute: compute()
+    #: Seconds of named parts of the steps (``ctx.timed("generation")``), summed over the
+    #: run; the runner stores them in the run's cost as ``<name>_s`` beside ``train_s``.
+    timings: dict[str, float] = field(default_factory=dict)
     _generators: dict[str, torch.Generator] = field(default_factory=dict, repr=False)
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Time a part of a training step (e.g. sampling responses, apart from the update)
+        into ``timings[part]``; on a GPU the device is synchronised at both ends so the
+        seconds are the part's own."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - t0
 
     def generator(self, stream: str, device: torch.device | str | None = None) -> torch.Generator:
         """The run's seeded random stream named ``stream`` (created on first use, then

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from kdbench.api import KDBenchError
+from kdbench.loader import printable
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,6 +17,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 EXIT_USAGE = 2
 #: ``kdbench run``: every run was trained or skipped, but some run failed or diverged.
 EXIT_RUNS_FAILED = 3
+#: ``kdbench verify``: some store row failed its checksum (1 stays "a bug in kdbench").
+EXIT_CORRUPT = 5
+#: ``kdbench run``: nothing failed here, but some selected runs are still held (being
+#: trained) by another live process, so not every selected run is done yet.
+EXIT_RUNS_HELD = 4
+#: The reader of stdout went away (``kdbench validate -v | head``): what a shell reports
+#: for a process ended by SIGPIPE.
+EXIT_BROKEN_PIPE = 141
 
 
 def _registry():
@@ -66,7 +75,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         titles = run_titles(suite)
         for r in suite.runs:  # the full specs: `kdbench show` once run
-            print(f"  {r.hash}  {r.task.name}  {titles[r.hash]}  {r.student_label}  seed {r.seed}")
+            print(printable(f"  {r.hash}  {r.task.name}  {titles[r.hash]}  {r.student_label}  seed {r.seed}"))
     for line in _estimate(suite, args):
         print(line)
     return 0
@@ -142,6 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = _load(args)  # validated before anything is trained or written
     _warn_if_dirty()
     results = suite.results_dir(args.results)
+    if not args.results:
+        check_suite_results(results)
     only = None
     if args.method or args.task:
         only = lambda s: (not args.method or s.method in args.method) and (not args.task or s.task.name in args.task)  # noqa: E731
@@ -160,6 +171,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if code == 0 and getattr(outcome, "unsuccessful", False):
         print(f"error: some runs failed or diverged (see above); exit code {EXIT_RUNS_FAILED}", file=sys.stderr)
         return EXIT_RUNS_FAILED
+    if code == 0 and getattr(outcome, "busy", None):
+        print(f"note: {len(outcome.busy)} selected run(s) are still being trained by another process, so not every "
+              f"selected run is done yet; run the same command again when it ends (exit code {EXIT_RUNS_HELD})", file=sys.stderr)
+        return EXIT_RUNS_HELD
     return code
 
 
@@ -189,9 +204,13 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
     where = {}
     for item in getattr(args, "where", None) or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise KDBenchError(f"--where expects KEY=VALUE (a method parameter, student, seed or status), got {item!r}")
-        where[key.strip()] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise KDBenchError(f"--where expects KEY=VALUE (a method parameter, student, seed or status), got {item[:100]!r}")
+        try:
+            where[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise KDBenchError(f"--where {item[:100]!r}: the value is not a YAML scalar or list "
+                               f"({str(exc).splitlines()[0][:100]}); quote a text value, e.g. {key.strip()}='\"{value[:20]}\"'") from None
     store = _read_only_store(results)  # a read-only store can be reported on
     store.alias_legacy(suite.runs)
     hashes = [r.hash for r in suite.runs]
@@ -200,13 +219,15 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
             + ("evaluation selected on validation" if suite.spec.selection == "validation" else "final evaluation")
     report = build_report(store, hashes, teacher_hashes, suite_spec=suite.spec, title=title, tasks=args.task, methods=args.method,
                           students=getattr(args, "student", None), where=where, baseline=getattr(args, "baseline", None),
-                          correction=getattr(args, "correction", None) or "holm")
-    print(render_report(report, "terminal", verbose=getattr(args, "verbose", False)))
+                          correction=getattr(args, "correction", None) or "holm", strict_filters=True)
+    print(printable(render_report(report, "terminal", verbose=getattr(args, "verbose", False))))
     formats = list(dict.fromkeys(args.format or []))
     if "all" in formats:
         formats = list(BUILTIN)
     if args.output and len(formats) > 1:
         raise KDBenchError("--output names one file: give a single --format with it")
+    if formats and not args.output and not args.results:
+        check_suite_results(Path(results))
     try:
         written = write_outputs(report, formats, Path(results), args.output, plots=not getattr(args, "no_plots", False))
     except OSError as exc:  # a read-only results folder, a full disk, a name too long
@@ -215,6 +236,47 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every store row of the suite against its checksum: say how many runs (and
+    teachers) are verified, unverified (written before checksums) and corrupt, naming the
+    latter two. Exit 0 when none is corrupt, 5 (EXIT_CORRUPT) otherwise."""
+    import warnings
+
+    from kdbench.report.integrity import store_integrity, store_lines
+    from kdbench.store import CHECKSUM_2, CORRUPT, DONE, FINISHED, UNVERIFIED, VERIFIED, StoreIntegrityWarning
+
+    suite = _load(args)
+    store = _read_only_store(suite.results_dir(args.results))
+    store.alias_legacy(suite.runs)
+    rows = store.runs(include_corrupt=True)
+    state = store_integrity(rows, {r.hash for r in suite.runs})
+    print(f"{store.path}: {len(suite.runs)} runs in the suite: {state.verified} finished and verified by their checksum, "
+          f"{len(state.unverified)} finished but unverified (written before checksums), {len(state.corrupt)} corrupt, "
+          f"{state.missing} not in the store")
+    wanted = {r.hash for r in suite.runs}
+    old = sum(1 for r in rows if r["hash"] in wanted and r["integrity"] == VERIFIED and r["status"] in FINISHED
+              and not str(r.get("checksum") or "").startswith(CHECKSUM_2))
+    if old:
+        print(f"  {old} of the verified rows carry the scheme-1 checksum (before identity columns were covered): "
+              "checked under it, their task, method, student, seed, params and teacher checked against their spec")
+    for line in store_lines(state):
+        print(f"  {line}")
+    why = {r["hash"]: r.get("integrity_problem") for r in rows if r.get("integrity_problem")}
+    for h in state.corrupt:
+        if why.get(h):
+            print(f"  {h}: {why[h]}")
+    teachers: dict[str, list[str]] = {VERIFIED: [], UNVERIFIED: [], CORRUPT: []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StoreIntegrityWarning)  # counted here instead
+        for th in sorted({r.teacher_hash for r in suite.runs if r.teacher_hash}):
+            row = store.teacher(th)
+            if row is not None and (row["status"] == DONE or row["integrity"] == CORRUPT):
+                teachers[row["integrity"]].append(th)
+    print(f"teachers: {len(teachers[VERIFIED])} verified, {len(teachers[UNVERIFIED])} unverified, {len(teachers[CORRUPT])} corrupt"
+          + (f" ({', '.join(teachers[CORRUPT])})" if teachers[CORRUPT] else ""))
+    return EXIT_CORRUPT if state.corrupt or teachers[CORRUPT] else 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -285,9 +347,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="multiple-comparison correction over the report's comparisons: holm (family-wise, default) or bh")
     rep.add_argument("-v", "--verbose", action="store_true", help="also print the legend and the environment")
 
+    suite_cmd("verify", "check the suite's store rows against their checksums: verified, unverified, corrupt "
+              "(exit 5 when any is corrupt)", cmd_verify)
+
     sh = suite_cmd("show", "print one run's spec, metrics, cost and environment", cmd_show)
     sh.add_argument("hash")
     return p
+
+
+def check_suite_results(results: Path) -> None:
+    """A results folder the suite names (its ``results:``, or the default results/<name>)
+    must resolve inside the working directory, through every symlink: a suite file must not
+    make kdbench write elsewhere. ``--results`` on the command line may point anywhere."""
+    here = Path.cwd().resolve()
+    try:
+        real = Path(results).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise KDBenchError(f"results folder {str(results)[:200]}: {getattr(exc, 'strerror', None) or exc}") from None
+    if real != here and here not in real.parents:
+        raise KDBenchError(f"results folder {results} resolves to {real}, outside the working directory {here} "
+                           "(through a symlink); give it on the command line with --results to write there")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,12 +376,25 @@ def main(argv: list[str] | None = None) -> int:
             known = _registry().names(opt + "s")
             for name in getattr(args, opt):
                 if name not in known:
-                    print(f"error: {_registry().unknown_message(opt + 's', name)}", file=sys.stderr)
+                    print(f"error: {printable(_registry().unknown_message(opt + 's', name))}", file=sys.stderr)
                     return EXIT_USAGE
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone by now is a BrokenPipeError here, not at exit
+        return code
     except KDBenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # the reader (``| head``) is gone: no traceback, and none again when Python
+        # flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:  # a path the file system refuses (a name too long, a loop of links)
+        where = f"{str(exc.filename)[:200]}: " if exc.filename else ""
+        print(f"error: {printable(where)}{exc.strerror or exc} (errno {exc.errno}); check the suite's name, "
+              "--results and the paths it names", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from kdbench.api import DataError, Encoded, Examples, ModelFactory, Objective, Options, Task
 from kdbench.registry import Registry, get_registry
@@ -163,8 +163,10 @@ def encode_split(
     factory: ModelFactory, options: Options, data: TaskData, split: str, key_parts: dict
 ) -> Encoded:
     """Encode a split for a model family, cached in memory and on disk (safetensors) under
-    a key made of the task spec, the split and the encoder: tokenization runs once."""
-    key = content_hash({**key_parts, "split": split, "encoder": factory.encoder_id(options), "max_length": data.task.max_length})
+    a key made of the task spec, the split, the split's *content* (its fingerprint: new
+    text at the same path is a new key) and the encoder: tokenization runs once."""
+    key = content_hash({**key_parts, "split": split, "encoder": factory.encoder_id(options), "max_length": data.task.max_length,
+                        "content": data.fingerprints[split]["sha256"], **_encoder_files(factory, options)})
     if key in _ENCODED:
         return _ENCODED[key]
     path = cache_dir() / "encoded" / f"{key}.safetensors"
@@ -173,10 +175,18 @@ def encode_split(
         enc = {k: v.contiguous() for k, v in factory.encode(options, data.splits[split], data.task.max_length).items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(enc, str(tmp), metadata={ENCODED_CHECKSUM: tensors_sha256(enc)})
+        # serialised here, not by save_file: the library's own temp file and rename would
+        # leave a stray .tmpXXXXXX behind when killed
+        tmp.write_bytes(save(enc, metadata={ENCODED_CHECKSUM: tensors_sha256(enc)}))
         os.replace(tmp, path)  # atomic: concurrent writers produce the same bytes
     _ENCODED[key] = enc
     return enc
+
+
+def _encoder_files(factory: ModelFactory, options: Options) -> dict[str, str]:
+    # only when there are files to hash: the keys of encoders without any stay as they were
+    fingerprint = factory.encoder_fingerprint(options)
+    return {"encoder_files": fingerprint} if fingerprint else {}
 
 
 #: safetensors metadata key holding the sha256 of an encoded split's tensors.

@@ -46,6 +46,25 @@ def snippet(value: object, limit: int = SNIPPET) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({size} characters)"
 
 
+def unprintable(text: str) -> list[str]:
+    """The characters of ``text`` a terminal or a Markdown page would not show as themselves
+    (controls, NUL, escape codes, zero-width and bidirectional format characters, unusual
+    spaces: everything ``str.isprintable`` refuses), as ``U+XXXX``, each once."""
+    return list(dict.fromkeys(f"U+{ord(c):04X}" for c in text if not c.isprintable()))
+
+
+def printable(text: str, keep: str = "\n\t") -> str:
+    """``text`` with every character :func:`unprintable` names written as its Python escape
+    (``\\x1b``, ``\\u202e``), except those in ``keep``: what kdbench prints (terminal,
+    Markdown, LaTeX, HTML) can then neither drive the terminal nor hide or reorder text."""
+    if text.isprintable():
+        return text
+    # line by line: a report page is megabytes of printable lines (figures in base64)
+    return "\n".join(line if line.isprintable() else "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in line)
+                     for line in text.split("\n")) if "\n" in keep else "".join(
+        c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys (a later key silently replacing an earlier one)."""
 

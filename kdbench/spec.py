@@ -14,14 +14,16 @@ import json
 import math
 import re
 import typing
+import unicodedata
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
-from kdbench.api import KDBenchError, ModelFacts, added, check_alignment, omit_added_defaults, unhashed_fields
-from kdbench.loader import MAX_BYTES, LoadError, parse_yaml, snippet
+from kdbench.api import KDBenchError, ModelFacts, added, check_alignment, omit_added_defaults, refuse_bool_numbers, unhashed_fields
+from kdbench.loader import MAX_BYTES, LoadError, parse_yaml, printable, snippet, unprintable
 from kdbench.registry import Registry, did_you_mean, get_registry
 from kdbench.recipes import expand_recipes
 
@@ -53,8 +55,12 @@ class SuiteError(KDBenchError):
 MAX_PROBLEMS_SHOWN = 50
 
 
-#: Seeds reach torch.manual_seed and numpy, which refuse negative or wider values.
-MAX_SEED = 2**63
+#: Seeds are below this bound. torch's CPU generator (mt19937) and numpy's legacy seed
+#: use only a seed's low 32 bits, so seeds 2**32 apart would be one random stream counted
+#: as two seeds in n, the spread and the paired test; the 2**20 margin keeps a run's
+#: derived streams (seed + 1 for the quiz order, seed + 1_000_003 for CRD's negatives:
+#: ``kdbench.api.stream_seed``) below 2**32 too.
+MAX_SEED = 2**32 - 2**20
 
 #: Budget bounds: a typo (``steps: 1e12``) must fail at validation, not train forever or
 #: run out of memory building its evaluation schedule. Raise them for one command with
@@ -93,9 +99,36 @@ def check_results_setting(results: str) -> str:
     return results
 
 
+def printable_text(text: str) -> str:
+    """A label or name as a suite gives it, refused (``ValueError``) when it holds
+    characters that would not print as themselves: controls, NUL, terminal escapes,
+    zero-width or bidirectional format characters (two students whose labels differ by a
+    zero-width space would look like one)."""
+    bad = unprintable(text)
+    if bad:
+        raise ValueError(f"'{printable(text)[:100]}' contains invisible or control characters ({', '.join(bad[:5])}); "
+                         "labels and names must be printable text")
+    return text
+
+
+def same_label(label: str) -> str:
+    """The form labels are compared in: Unicode NFKC (so 'é' typed as one character or as
+    e + accent, or a full-width letter, is one label, never two)."""
+    return unicodedata.normalize("NFKC", label)
+
+
+#: A printable label or name (see :func:`printable_text`).
+Label = typing.Annotated[str, AfterValidator(printable_text)]
+
+
 class Frozen(BaseModel):
     # inf/nan in a suite (an ``.inf`` learning rate, epochs, resources) can only fail later
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)  # ``steps: true`` is not one step
 
 
 class WithAddedFields(Frozen):
@@ -187,7 +220,7 @@ class Budget(WithAddedFields):
 
 
 class TaskSpec(Frozen):
-    name: str
+    name: Label
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -195,9 +228,9 @@ class ModelSpec(Frozen):
     """A model family (``model``: a registered model name) and its options. ``label`` is
     only a display name for reports (e.g. the student's capacity in a sweep)."""
 
-    model: str
+    model: Label
     options: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = None
+    label: Label | None = None
 
 
 class TeacherTraining(Frozen):
@@ -217,13 +250,13 @@ class MethodEntry(Frozen):
     ``students`` (labels) restricts the entry to those students, so a suite can sweep one
     factor at a time (e.g. temperature on one student, capacity at one temperature)."""
 
-    name: str
+    name: Label
     params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = Field(None, min_length=1, max_length=100,
+    label: Label | None = Field(None, min_length=1, max_length=100,
                               description="the name of this entry's leaderboard row (with the swept parameters' values when "
                                           "it sweeps), in reports and run lines; default: the method's name and the parameters "
                                           "that tell its rows apart. Display only: never part of a run's hash")
-    students: list[str] | None = Field(None, min_length=1, description="only with these students (labels); default all")
+    students: list[Label] | None = Field(None, min_length=1, description="only with these students (labels); default all")
     #: Report-only (never part of a run's hash): per task and student, the report keeps the
     #: setting of this entry's sweep with the best mean validation score over seeds (ties:
     #: the first in suite order) for the leaderboard and comparisons; see kdbench.report.selection.
@@ -241,16 +274,16 @@ class PairSpec(Frozen):
 class Reference(Frozen):
     """A published number to compare with, and where it was read."""
 
-    task: str
-    method: str
+    task: Label
+    method: Label
     value: float
-    metric: str | None = None
-    student: str | None = None
-    teacher: str | None = None
-    citation: str
+    metric: Label | None = None
+    student: Label | None = None
+    teacher: Label | None = None
+    citation: Label
     std: float | None = Field(None, ge=0, description="the published spread over seeds, where given")
     n: int | None = Field(None, ge=1, description="the published number of seeds, where given")
-    protocol: str | None = Field(None, description="how the number was obtained, e.g. 'best test epoch' or 'last epoch'")
+    protocol: Label | None = Field(None, description="how the number was obtained, e.g. 'best test epoch' or 'last epoch'")
 
 
 class Resources(Frozen):
@@ -259,7 +292,7 @@ class Resources(Frozen):
 
 
 class SuiteSpec(Frozen):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=200)  # results/<name>: one path component
     description: str = ""
     results: str | None = Field(None, description="results folder; default results/<name>")
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -327,7 +360,8 @@ class SuiteSpec(Frozen):
         if len(set(seeds)) != len(seeds):
             raise ValueError("seeds must be distinct")
         if any(not 0 <= s < MAX_SEED for s in seeds):
-            raise ValueError("seeds must be between 0 and 2**63 - 1")
+            raise ValueError(f"seeds must be between 0 and {MAX_SEED - 1} (2**32 - 2**20 - 1): random generators use "
+                             "a seed's low 32 bits, so larger seeds would repeat smaller ones")
         return seeds
 
     @field_validator("name")
@@ -412,14 +446,21 @@ def drop_paths(obj: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
 def _label_clashes(pairs: list[tuple[TeacherSpec | None, str | None, ModelSpec, str]]) -> list[str]:
     """Reports group runs by student label: two different students (or pairs) under one
     label would be averaged together as if they were seeds of one."""
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}
     problems = []
     for teacher, _, student, _ in pairs:
         label = student.label or describe_model(student)
+        if unprintable(label):  # a label made from the options (no 'label' given) is checked here
+            problems.append(f"students: the label '{printable(label)[:100]}' contains invisible or control characters "
+                            f"({', '.join(unprintable(label)[:5])}); give the student a printable 'label'")
         what = json.dumps([teacher.model_dump(mode="json") if teacher else None,
                            student.model_dump(mode="json", exclude={"label"})], sort_keys=True)
-        if seen.setdefault(label, what) != what:
-            problems.append(f"students: two different students (or teacher/student pairs) have the label '{label[:100]}'; "
+        first_label, first_what = seen.setdefault(same_label(label), (label, what))
+        if first_label != label:
+            problems.append(f"students: the labels {ascii(first_label[:100])} and {ascii(label[:100])} differ only "
+                            "in Unicode form (they print alike); give students clearly different labels")
+        elif first_what != what:
+            problems.append(f"students: two different students (or teacher/student pairs) have the label '{printable(label)[:100]}'; "
                             "labels must be unique in a suite (reports would average them together)")
     return list(dict.fromkeys(problems))
 
@@ -465,12 +506,12 @@ def _selection_clashes(methods: list[MethodEntry]) -> list[str]:
     for i, m in enumerate(methods):
         if not m.grid_selection:
             continue
-        for j in seen.get(selected_label(m), []):
+        for j in seen.get(same_label(selected_label(m)), []):
             other = methods[j].students
             if m.students is None or other is None or set(m.students) & set(other):
                 problems.append(f"methods[{i}].grid_selection: methods[{j}] is also '{selected_label(m)[:100]}' selected on "
                                 "validation for the same students; give one of them a 'label' (reports name the row by it)")
-        seen.setdefault(selected_label(m), []).append(i)
+        seen.setdefault(same_label(selected_label(m)), []).append(i)
     return problems
 
 
@@ -726,7 +767,7 @@ class _SuiteBuilder:
 
     def _check_method(self, i: int, m: Any, student_labels: list[str]) -> None:
         for label in m.students or []:
-            if label not in student_labels:
+            if same_label(label) not in {same_label(x) for x in student_labels}:
                 self.problems.append(f"methods[{i}].students: no student labelled '{label}'.{did_you_mean(label, student_labels)} "
                                      f"Students: {', '.join(student_labels)}")
         cls = self._lookup("methods", m.name, f"methods[{i}].name")
@@ -744,7 +785,9 @@ class _SuiteBuilder:
         for combo in grid:
             opts = _check_options(f"methods[{i}].params", cls.Params, combo, self.problems, {"registry": self.registry})
             if opts is not None:
-                self.methods.append((m.name, opts, frozenset(m.students) if m.students else None, cls.uses_teacher))
+                self.methods.append((m.name, opts, frozenset(map(same_label, m.students)) if m.students else None, cls.uses_teacher))
+                self.problems += [f"methods[{i}].params.{k}: '{printable(v)[:100]}' contains invisible or control characters "
+                                  f"({', '.join(unprintable(v)[:5])})" for k, v in opts.items() if isinstance(v, str) and unprintable(v)]
                 settings.append(json.dumps(opts, sort_keys=True))
         if m.grid_selection and grid and len(settings) == len(grid) and len(set(settings)) < 2:
             self.problems.append(f"methods[{i}].grid_selection: method '{m.name}' sweeps nothing here (no parameter has a list "
@@ -819,7 +862,7 @@ class _SuiteBuilder:
         seen: set[str] = set()
         for (task, version, _), (teacher, _, student, _), (method, params, only, uses_teacher), seed in itertools.product(
                 self.tasks, self.pairs, self.methods, spec.seeds):
-            if only is not None and (student.label or describe_model(student)) not in only:
+            if only is not None and same_label(student.label or describe_model(student)) not in only:
                 continue
             run = RunSpec(task=task, task_version=version, teacher=teacher, student=student, method=method, params=params,
                           seed=seed, data_seed=spec.data_seed, quiz_fraction=spec.quiz_fraction, budget=spec.budget,

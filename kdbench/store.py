@@ -15,6 +15,15 @@ used: :meth:`ResultsStore.runs` leaves it out with a warning naming the store fi
 run hash, and :meth:`ResultsStore.get` returns it with ``integrity = "corrupt"``. Rows
 written before checksums existed read as ``integrity = "unverified"``.
 
+Two checksum schemes: ``2:<sha256>`` (rows finished from checksum scheme 2 on) covers every
+column a report reads, the identity columns (task, method, student, seed, params, teacher)
+included; a bare ``<sha256>`` (scheme 1, older rows, committed stores among them) covers
+the spec, status and results but not the identity columns. Those are checked on every
+row against the spec (which both schemes cover): a row whose task, method, student, seed,
+params or teacher disagree with its own spec is corrupt, so a changed byte there can
+never make a phantom method, split a baseline or re-pair seeds. Old rows are re-checked
+under their own scheme, never re-checksummed (:func:`integrity_counts` says how many).
+
 Every SQLite or file-system problem (corrupt file, not a database, unreadable, read-only,
 disk full, locked) becomes one :class:`StoreError` naming the file and the fix.
 """
@@ -27,6 +36,7 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -44,6 +54,13 @@ SCHEMA_VERSION = 2
 #: claim bookkeeping: owner, heartbeat, attempts, times).
 RUN_CHECKED = ("hash", "spec", "status", "metrics", "history", "cost", "env", "error", "diverged_step")
 TEACHER_CHECKED = ("hash", "spec", "status", "path", "metrics", "cost", "env", "error")
+#: What a report groups, pairs and labels runs by: covered by checksum scheme 2, and
+#: checked against the (checksummed) spec on every row of either scheme.
+RUN_IDENTITY = ("task", "method", "student", "seed", "params", "teacher_hash")
+RUN_CHECKED_2 = RUN_CHECKED + RUN_IDENTITY
+TEACHER_CHECKED_2 = TEACHER_CHECKED + ("task",)
+#: Prefix of scheme-2 checksums (scheme 1: a bare sha256).
+CHECKSUM_2 = "2:"
 VERIFIED, UNVERIFIED, CORRUPT = "verified", "unverified", "corrupt"
 
 _SCHEMA = """
@@ -125,7 +142,11 @@ def owner_alive(owner: str | None, heartbeat: float | None) -> bool:
         except PermissionError:
             pass
         # the PID is in use: by the same process only if it started at the same time
-        return not start or process_start(int(pid)) in (None, start)
+        now_start = process_start(int(pid))
+        if start and now_start is not None:
+            return now_start == start
+        # the owner cannot be identified (no start time recorded, or /proc unreadable): a
+        # reused PID must not hold the claim forever, so its heartbeat decides, as across hosts
     return heartbeat is not None and time.time() - heartbeat < STALE_AFTER_S
 
 
@@ -133,6 +154,51 @@ def row_checksum(values: dict[str, Any], columns: tuple[str, ...]) -> str:
     """sha256 over the row's stored text (exactly what is in the file, so no float round trip)."""
     blob = json.dumps([values.get(c) for c in columns], separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def row_checksum_2(values: dict[str, Any], columns: tuple[str, ...]) -> str:
+    """The scheme-2 checksum written on new rows (``columns``: :data:`RUN_CHECKED_2` or
+    :data:`TEACHER_CHECKED_2`)."""
+    return CHECKSUM_2 + row_checksum(values, columns)
+
+
+def identity_problems(row: dict[str, Any]) -> list[str]:
+    """The identity columns of a run row (stored text) that disagree with its own spec
+    column; [] when they agree or the row has no spec. ``teacher_hash`` is rebuilt from the
+    spec only for scheme-1 rows (scheme 2 covers it directly)."""
+    try:
+        spec = json.loads(row["spec"]) if isinstance(row.get("spec"), str) else row.get("spec")
+    except ValueError:
+        return ["spec"]
+    if not isinstance(spec, dict):
+        return []
+    from kdbench.spec import ModelSpec, RunSpec, describe_model
+
+    problems = []
+    try:
+        params = json.loads(row["params"]) if isinstance(row.get("params"), str) else row.get("params")
+    except ValueError:
+        params = None
+    student = spec.get("student") if isinstance(spec.get("student"), dict) else {}
+    try:
+        label = student.get("label") or describe_model(ModelSpec.model_validate(student))
+    except ValueError:
+        label = None
+    expected = {"task": (spec.get("task") or {}).get("name"), "method": spec.get("method"), "student": label,
+                "params": spec.get("params")}
+    got = {"task": row.get("task"), "method": row.get("method"), "student": row.get("student"), "params": params}
+    problems += [k for k in expected if got[k] != expected[k]]
+    seed = row.get("seed")
+    if type(seed) is not int or seed != spec.get("seed") or type(spec.get("seed")) is not int:
+        problems.append("seed")
+    if not str(row.get("checksum") or "").startswith(CHECKSUM_2) and row.get("checksum") is not None:
+        try:
+            teacher_hash = RunSpec.model_validate(spec).teacher_hash
+        except ValueError:
+            teacher_hash = row.get("teacher_hash")  # a spec this kdbench cannot rebuild: not checkable here
+        if teacher_hash != row.get("teacher_hash"):
+            problems.append("teacher_hash")
+    return problems
 
 
 def _store_problem(path: Path, exc: BaseException) -> StoreError:
@@ -171,12 +237,15 @@ class StoreIntegrityWarning(UserWarning):
     """A store row failed its checksum and is not used."""
 
 
-def _integrity(row: dict[str, Any], columns: tuple[str, ...], since: float | None) -> str:
+def _integrity(row: dict[str, Any], columns: tuple[str, ...], since: float | None,
+               columns_2: tuple[str, ...] | None = None) -> str:
     checksum = row.get("checksum")
     if checksum is None:
         # a finished row written after checksums began must have one: a NULLed checksum is damage
         late = since is not None and row.get("status") in FINISHED and (row.get("finished_at") or 0) > since
         return CORRUPT if late else UNVERIFIED
+    if columns_2 is not None and checksum.startswith(CHECKSUM_2):
+        return VERIFIED if checksum == row_checksum_2(row, columns_2) else CORRUPT
     return VERIFIED if checksum == row_checksum(row, columns) else CORRUPT
 
 
@@ -305,10 +374,14 @@ class ResultsStore:
                     return False
                 if row["status"] == FAILED and max_attempts is not None and row["attempts"] >= max_attempts and not rerun:
                     return False
+                # the identity columns are written again from the spec: a row retrained because they
+                # were damaged must not keep the damage under a fresh checksum
                 con.execute(
                     "UPDATE runs SET status=?, owner=?, heartbeat=?, attempts=attempts+1, started_at=?, error=NULL, "
-                    "metrics=NULL, history=NULL, cost=NULL, diverged_step=NULL, finished_at=NULL, checksum=NULL WHERE hash=?",
-                    (RUNNING, me, now, now, spec.hash),
+                    "metrics=NULL, history=NULL, cost=NULL, diverged_step=NULL, finished_at=NULL, checksum=NULL, "
+                    "task=?, method=?, student=?, seed=?, params=?, teacher_hash=?, spec=? WHERE hash=?",
+                    (RUNNING, me, now, now, spec.task.name, spec.method, spec.student_label, spec.seed, _dumps(spec.params),
+                     spec.teacher_hash, spec.model_dump_json(), spec.hash),
                 )
             else:
                 con.execute(
@@ -319,9 +392,33 @@ class ResultsStore:
                 )
         return True
 
-    def heartbeat(self, spec_hash: str) -> None:
+    def heartbeat(self, spec_hash: str, *, teacher: bool = False) -> None:
+        """Record that this process still holds its claim on a run (or a teacher)."""
         with self.transaction() as con:
-            con.execute("UPDATE runs SET heartbeat=? WHERE hash=? AND owner=?", (time.time(), spec_hash, owner_id()))
+            con.execute(f"UPDATE {'teachers' if teacher else 'runs'} SET heartbeat=? WHERE hash=? AND owner=?",
+                        (time.time(), spec_hash, owner_id()))
+
+    @contextmanager
+    def keep_claim(self, spec_hash: str, *, teacher: bool = False, every_s: float = 30.0) -> Iterator[None]:
+        """Beat the claim's heart from a background thread while the body runs, so other
+        processes (on other hosts, or where this owner's start time is unknown) see it
+        held; a failed beat (a busy disk) is skipped, never fatal."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.heartbeat(spec_hash, teacher=teacher)
+                except Exception:  # noqa: BLE001 - the next beat tries again
+                    pass
+
+        thread = threading.Thread(target=beat, name=f"kdbench-claim-{spec_hash}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def finish(self, spec: RunSpec, status: str, *, metrics: dict | None = None, history: list | None = None,
                cost: dict | None = None, env: dict | None = None, error: str | None = None,
@@ -329,15 +426,15 @@ class ResultsStore:
         """Record the outcome. Only the owner of the claim may finish it (a run taken over
         by another process after this one was presumed dead is not overwritten)."""
         with self.transaction() as con:
-            row = con.execute("SELECT spec FROM runs WHERE hash=?", (spec.hash,)).fetchone()
+            row = con.execute(f"SELECT spec, {', '.join(RUN_IDENTITY)} FROM runs WHERE hash=?", (spec.hash,)).fetchone()
             values = {"hash": spec.hash, "spec": row["spec"] if row else None, "status": status, "metrics": _dumps(metrics),
                       "history": _dumps(history), "cost": _dumps(cost), "env": _dumps(env), "error": error,
-                      "diverged_step": diverged_step}
+                      "diverged_step": diverged_step, **{c: row[c] for c in RUN_IDENTITY if row is not None}}
             cur = con.execute(
                 "UPDATE runs SET status=?, metrics=?, history=?, cost=?, env=?, error=?, diverged_step=?, finished_at=?, owner=NULL, "
                 "checksum=? WHERE hash=? AND status=? AND owner=?",
                 (status, values["metrics"], values["history"], values["cost"], values["env"], error, diverged_step, time.time(),
-                 row_checksum(values, RUN_CHECKED), spec.hash, RUNNING, owner or owner_id()),
+                 row_checksum_2(values, RUN_CHECKED_2), spec.hash, RUNNING, owner or owner_id()),
             )
             if cur.rowcount != 1:
                 raise RuntimeError(f"run {spec.hash} is no longer claimed by this process; its result was not recorded")
@@ -459,15 +556,19 @@ class ResultsStore:
                     continue
                 if self._row(row, self._checksums_since(con))["integrity"] == CORRUPT:
                     continue  # left for the corrupt-row check to name
-                values = dict(row) | {"hash": spec.hash}
-                checksum = row_checksum(values, RUN_CHECKED) if row["checksum"] else None
+                values = dict(row) | {"hash": spec.hash}  # verified above under its own scheme, kept in it
+                checksum = (None if not row["checksum"] else row_checksum_2(values, RUN_CHECKED_2)
+                            if row["checksum"].startswith(CHECKSUM_2) else row_checksum(values, RUN_CHECKED))
                 con.execute("UPDATE runs SET hash=?, checksum=? WHERE hash=?", (spec.hash, checksum, old))
                 moved += 1
         return moved
 
     def _row(self, row: sqlite3.Row, since: float | None = None) -> dict[str, Any]:
         d = dict(row)
-        d["integrity"] = _integrity(d, RUN_CHECKED, since)
+        d["integrity"] = _integrity(d, RUN_CHECKED, since, RUN_CHECKED_2)
+        mismatched = identity_problems(d)
+        if mismatched:  # a column the report groups by disagrees with the row's own spec
+            d["integrity"], d["integrity_problem"] = CORRUPT, f"{', '.join(mismatched)} disagree with the row's spec"
         for key in ("params", "spec", "metrics", "history", "cost", "env"):
             try:
                 d[key] = _loads(d[key])
@@ -485,7 +586,7 @@ class ResultsStore:
         if row is None:
             return None
         d = dict(row)
-        d["integrity"] = _integrity(d, TEACHER_CHECKED, since)
+        d["integrity"] = _integrity(d, TEACHER_CHECKED, since, TEACHER_CHECKED_2)
         for key in ("spec", "metrics", "cost", "env"):
             try:
                 d[key] = _loads(d[key])
@@ -509,7 +610,7 @@ class ResultsStore:
         with self.transaction() as con:
             row = con.execute("SELECT * FROM teachers WHERE hash=?", (teacher_hash,)).fetchone()
             if row is not None:
-                if row["status"] == DONE and _integrity(dict(row), TEACHER_CHECKED, self._checksums_since(con)) != CORRUPT:
+                if row["status"] == DONE and _integrity(dict(row), TEACHER_CHECKED, self._checksums_since(con), TEACHER_CHECKED_2) != CORRUPT:
                     return False
                 if row["status"] == RUNNING and row["owner"] != me and owner_alive(row["owner"], row["heartbeat"]):
                     return False
@@ -522,10 +623,11 @@ class ResultsStore:
     def finish_teacher(self, teacher_hash: str, status: str, *, path: str | None = None, metrics: dict | None = None,
                        cost: dict | None = None, env: dict | None = None, error: str | None = None) -> None:
         with self.transaction() as con:
-            row = con.execute("SELECT spec FROM teachers WHERE hash=?", (teacher_hash,)).fetchone()
+            row = con.execute("SELECT spec, task FROM teachers WHERE hash=?", (teacher_hash,)).fetchone()
             values = {"hash": teacher_hash, "spec": row["spec"] if row else None, "status": status, "path": path,
-                      "metrics": _dumps(metrics), "cost": _dumps(cost), "env": _dumps(env), "error": error}
+                      "metrics": _dumps(metrics), "cost": _dumps(cost), "env": _dumps(env), "error": error,
+                      "task": row["task"] if row else None}
             con.execute("UPDATE teachers SET status=?, path=?, metrics=?, cost=?, env=?, error=?, finished_at=?, owner=NULL, "
                         "checksum=? WHERE hash=?",
                         (status, path, values["metrics"], values["cost"], values["env"], error, time.time(),
-                         row_checksum(values, TEACHER_CHECKED), teacher_hash))
+                         row_checksum_2(values, TEACHER_CHECKED_2), teacher_hash))

@@ -125,8 +125,9 @@ def test_random_yaml_text_gives_a_suite_error(tmp_path, text):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("seeds", [2**70], "seeds: Value error, seeds must be between 0 and 2**63 - 1"),
-    ("seeds", [-1], "seeds: Value error, seeds must be between 0 and 2**63 - 1"),
+    ("seeds", [2**70], "seeds: Value error, seeds must be between 0 and 4293918719 (2**32 - 2**20 - 1)"),
+    ("seeds", [2**32], "seeds: Value error, seeds must be between 0 and 4293918719 (2**32 - 2**20 - 1)"),
+    ("seeds", [-1], "seeds: Value error, seeds must be between 0 and 4293918719 (2**32 - 2**20 - 1)"),
     ("data_seed", -5, "data_seed: Input should be greater than or equal to 0"),
     ("optimizer", {"lr": float("inf")}, "optimizer.lr: Input should be a finite number"),
     ("budget", {"epochs": float("inf")}, "budget.epochs: Input should be a finite number"),

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import kdbench.data as data_module
 from kdbench import cli
 from kdbench.api import DataError
-from kdbench.data import ENCODED_CHECKSUM, encode_split, load_task_data, read_encoded, tensors_sha256
+from kdbench.data import ENCODED_CHECKSUM, TaskData, encode_split, load_task_data, read_encoded, tensors_sha256
 from kdbench.integrity import DataChangedError, check_results_folder, estimate, inside, preflight
 from kdbench.loader import LoadError, parse_yaml
 from kdbench.spec import HASH_SCHEME, SuiteError, build_suite, load_suite
@@ -144,6 +144,9 @@ class _Factory:
     def encoder_id(self, options):
         return "fake-encoder"
 
+    def encoder_fingerprint(self, options):
+        return ""
+
     def encode(self, options, examples, max_length):
         _Factory.calls += 1
         return {"input_ids": torch.arange(len(examples["label"]) * 4).reshape(-1, 4)}
@@ -153,7 +156,7 @@ def test_encoded_split_changed_on_disk_is_rebuilt_with_a_warning_naming_it(tmp_p
     """case: token ids altered in an encoded split (cache)."""
     monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path))
     monkeypatch.setattr(data_module, "_ENCODED", {})
-    data = SimpleNamespace(splits={"train": {"label": np.zeros(5)}}, task=SimpleNamespace(max_length=8))
+    data = TaskData(SimpleNamespace(max_length=8), {"train": {"label": np.zeros(5)}})  # type: ignore[arg-type]
     first = encode_split(_Factory(), None, data, "train", {"task": "t"})
     (path,) = (tmp_path / "encoded").glob("*.safetensors")
     assert read_encoded(path) is not None

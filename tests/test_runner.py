@@ -89,7 +89,8 @@ def test_shared_teacher_outputs_equal_live_teacher(tmp_path, registry):
     # and the cached logits are the teacher's live logits
     tdata = load_task_data(registry, shared_spec.task, shared_spec.quiz_fraction, shared_spec.data_seed)
     teacher = teachers_mod.load_teacher(checkpoint, shared_spec, registry, tdata, runner.device)
-    cached = teachers_mod.shared_train_logits(checkpoint, lambda: pytest.fail("logits computed twice"))
+    key = teachers_mod.logits_inputs(checkpoint, shared_spec, registry, tdata)
+    cached = teachers_mod.shared_train_logits(checkpoint, lambda: pytest.fail("logits computed twice"), key)
     factory, encoded = encoded_splits(registry, shared_spec, tdata, shared_spec.teacher, [TRAIN])
     live_logits = predict(teacher, factory, encoded[TRAIN], 7, torch.device("cpu"))  # other batching
     torch.testing.assert_close(cached, live_logits, atol=1e-5, rtol=1e-5)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
+
 from kdbench.api import KDBenchError
 from kdbench.hookspecs import hookimpl
 
@@ -65,7 +67,8 @@ def _write_csv(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
     written = []
     for name, df in (("cost", report.cost), ("teacher_cost", report.teacher_cost), ("sensitivity", report.sens_levels),
                      ("sensitivity_tests", report.sens_scores), ("references", report.references), ("teacher_drift", report.drift),
-                     ("disagreements", report.disagreements), ("curves", report.curves), ("curves_flatness", report.flatness)):
+                     ("disagreements", report.disagreements), ("curves", report.curves), ("curves_flatness", report.flatness),
+                     ("store_integrity", report.integrity.table() if getattr(report, "integrity", None) else pd.DataFrame())):
         if not df.empty:
             side = out.with_name(f"{out.stem}.{name}.csv")
             df.to_csv(side, index=False)
@@ -154,5 +157,45 @@ def write_outputs(report: Any, formats: list[str], results_dir: Path, output: st
         fmt = known[name]
         target = Path(output) if output and len(formats) == 1 else Path(results_dir) / fmt.default_file
         target.parent.mkdir(parents=True, exist_ok=True)
-        written += fmt.write(report, target, pngs if fmt.uses_plots else {})
+        written += write_atomically(lambda out: fmt.write(report, out, pngs if fmt.uses_plots else {}), target)
     return written
+
+
+#: The folder a report format writes into first (beside its target), per process.
+STAGING = ".kdbench-report.{pid}.tmp"
+
+
+def write_atomically(write: Callable[[Path], list[Path]], target: Path) -> list[Path]:
+    """Run ``write(path)`` on a path in a private staging folder beside ``target``, then
+    move every file it wrote into place with one rename each: a report killed while
+    writing leaves the previous good ``leaderboard.md`` (and side files) in place, never an
+    empty or half-written one. Staging folders of dead processes are removed first."""
+    import os
+    import shutil
+
+    from kdbench.train.artefacts import process_alive
+
+    folder = target.parent
+    for stale in folder.glob(STAGING.format(pid="*")):
+        pid = stale.name.split(".")[2]
+        if stale.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = folder / STAGING.format(pid=os.getpid())
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        paths = write(staging / target.name)
+        placed = []
+        for path in paths:
+            try:
+                rel = Path(path).relative_to(staging)
+            except ValueError:  # a plugin's writer put a file elsewhere on purpose
+                placed.append(Path(path))
+                continue
+            final = (folder / rel) if rel != Path(target.name) else target
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, final)
+            placed.append(final)
+        return placed
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

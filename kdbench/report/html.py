@@ -10,7 +10,9 @@ from typing import Any
 
 import pandas as pd
 
+from kdbench.loader import printable
 from kdbench.report.frame import LOSS, WIN
+from kdbench.report.integrity import store_lines
 from kdbench.report.sections import CURVES, figures_for, legend, sections
 from kdbench.report.text import config_yaml
 
@@ -84,11 +86,10 @@ def render_html(report: Any, pngs: dict[str, bytes] | None = None) -> str:
         if note:
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
         parts += _figures(title, pngs)
-    if report.missing:
-        parts.append(f"<p>{report.missing} runs of the suite are not in the store yet.</p>")
+    parts += [f"<p class='store-note'>{html.escape(line)}.</p>" for line in store_lines(getattr(report, "integrity", None))]
     cfg = config_yaml(report)
     if cfg:
         parts.append("<h2 id='section-configuration'>Suite configuration</h2>")
         parts.append(f"<pre id='config'>{html.escape(cfg)}</pre>")
     parts.append("</body></html>")
-    return "\n".join(parts)
+    return printable("\n".join(parts))  # labels from a store: never raw controls or bidi overrides in the page

@@ -3,23 +3,26 @@ the results store alone (plus the task data for the chance row)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
+from kdbench.api import KDBenchError
 from kdbench.report.aggregate import family, leaderboard
 from kdbench.report.chance import chance_scores
 from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods, with_teacher_share
 from kdbench.report.curves import curve_table, flatness
 from kdbench.report.drift import disagreements, drift_table, updating_methods
 from kdbench.report.frame import filter_runs, runs_frame
+from kdbench.report.integrity import StoreIntegrity, store_integrity
 from kdbench.report.labels import entry_rows
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
 from kdbench.report.selection import GridSelection, select_on_validation
 from kdbench.report.sweeps import sensitivity
-from kdbench.store import DONE, ResultsStore
+from kdbench.store import CORRUPT, DONE, ResultsStore
 
 PROBLEM_COLS = ["hash", "task", "method", "student", "seed", "status", "diverged_step", "error"]
 
@@ -56,6 +59,7 @@ class Report:
     updating: list[str] = field(default_factory=list)  # methods that update their teacher
     curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # validation score per step (kdbench.report.curves)
     flatness: pd.DataFrame = field(default_factory=pd.DataFrame)  # per row: has its curve flattened
+    integrity: StoreIntegrity | None = None  # verified / unverified / corrupt / missing runs of the suite
 
     @property
     def family(self) -> int:
@@ -87,20 +91,45 @@ def _subset(tasks, methods, students, where) -> str:
                                  f"students {students}" if students else "", f"where {where}" if where else ""] if x)
 
 
+def check_filters(df: pd.DataFrame, tasks: list[str] | None, methods: list[str] | None, students: list[str] | None,
+                  where: dict[str, Any] | None) -> pd.DataFrame:
+    """``df`` filtered (:func:`filter_runs`); a :class:`KDBenchError` naming the filter
+    and what the runs hold when a ``where`` key is no run's parameter (nor seed, status,
+    student, task), or when runs exist but none passes the filter."""
+    if df.empty or not (tasks or methods or students or where):
+        return filter_runs(df, tasks, methods, students, where)
+    params = set().union(*(json.loads(p) for p in df["params"]))
+    unknown = [k for k in where or {} if k not in params | {"seed", "status", "student", "task"}]
+    if unknown:
+        raise KDBenchError(f"--where {unknown[0]!r}: no run has such a parameter; parameters: {', '.join(sorted(params)) or 'none'}, "
+                           "or seed, status, student, task")
+    out = filter_runs(df, tasks, methods, students, where)
+    if out.empty:
+        raise KDBenchError(f"no stored run matches the filter ({_subset(tasks, methods, students, where)}); the runs have "
+                           f"tasks {sorted(set(df['task']))}, methods {sorted(set(df['method_name']))}, "
+                           f"students {sorted(set(df['student']))}")
+    return out
+
+
 def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_hashes: set[str] | None = None, *,
                  suite_spec: Any = None, title: str = "", tasks: list[str] | None = None, methods: list[str] | None = None,
                  students: list[str] | None = None, where: dict[str, Any] | None = None, baseline: str | None = None,
-                 correction: str = "holm", chance: bool | dict[str, dict[str, Any]] = True) -> Report:
+                 correction: str = "holm", chance: bool | dict[str, dict[str, Any]] = True, strict_filters: bool = False) -> Report:
     """Collect and compute every table for the runs ``hashes`` (a suite, or the store).
 
     ``baseline``: the method compared with and the cost reference; default the suite's
     ``baseline`` (else the first method of the store). ``correction``: holm or bh over
     every comparison of the report. ``chance``: True computes the chance rows from the
-    runs' task data, a dict gives them, False leaves them out."""
-    all_rows = store.runs()
+    runs' task data, a dict gives them, False leaves them out. ``strict_filters`` (the
+    command line): a filter that matches no stored run, or a ``where`` key no run has, is
+    a :class:`KDBenchError` (:func:`check_filters`) instead of an empty report."""
+    checked = store.runs(include_corrupt=True)  # corrupt rows: counted and named, never read
     wanted = set(hashes) if hashes is not None else None
+    integrity = store_integrity(checked, wanted)
+    all_rows = [r for r in checked if r["integrity"] != CORRUPT]
     rows = [r for r in all_rows if wanted is None or r["hash"] in wanted]
-    df = filter_runs(entry_rows(runs_frame(rows), suite_spec), tasks, methods, students, where)  # rows named by labels
+    df = (check_filters if strict_filters else filter_runs)(entry_rows(runs_frame(rows), suite_spec), tasks, methods, students,
+                                                            where)  # rows named by labels
     kept = set(df["hash"]) if not df.empty else set()
     teachers = [t for t in store.teachers() if teacher_hashes is None or t["hash"] in teacher_hashes]
     teachers = [t for t in teachers if (not tasks or t["task"] in tasks) and (not methods or "teacher" in methods)]
@@ -122,7 +151,7 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
         sens_levels=levels, sens_scores=scores, cost=with_teacher_share(cost_table(df, baseline), df, tcost, free), cost_reference=baseline,
         env=environments([r for r in rows if r["hash"] in kept]),
         config=suite_spec.model_dump(mode="json") if suite_spec is not None else None, subset=_subset(tasks, methods, students, where),
-        missing=(len(wanted) - len(rows)) if wanted is not None else 0, correction=correction, date=report_date(),
+        missing=integrity.missing, correction=correction, date=report_date(), integrity=integrity,
         teacher_cost=tcost, commits=commits(df), data=data_fingerprints(df),
         outside=outside_runs(all_rows, hashes), chance=chance or {}, selection=selection,
         drift=drift_table([r for r in rows if r["hash"] in kept], df, teachers), disagreements=disagreements(df, baseline, updating),

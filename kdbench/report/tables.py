@@ -141,7 +141,8 @@ def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None
         wide[f"avg over {next(iter(avgs.values()))[1]} tasks"] = pd.Series({r: f"{v:.2f}" for r, (v, _) in avgs.items()})
     wide["time/run (s)"] = board.groupby("row")["time_per_run_s"].mean().map(lambda v: "-" if np.isnan(v) else f"{v:.1f}")
     nd = students[students["split"] == TEST].groupby("row")[["failed", "diverged", "running"]].sum()
-    wide["not done"] = nd.apply(lambda r: ", ".join(f"{int(r[k])} {k}" for k in ("failed", "diverged", "running") if r[k]) or "0", axis=1)
+    wide["not done"] = pd.Series({row: ", ".join(f"{int(r[k])} {k}" for k in ("failed", "diverged", "running") if r[k]) or "0"
+                                  for row, r in nd.iterrows()}, dtype=object)  # no student rows (only teachers): empty, not a crash
     order = sorted(wide.index, key=lambda r: (0 if r.startswith("teacher") else 1 if r == "chance" else 2, r))
     return wide.reindex(order).fillna("-").rename_axis("method").reset_index()
 

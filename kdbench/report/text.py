@@ -10,7 +10,9 @@ import pandas as pd
 import yaml
 from tabulate import tabulate
 
+from kdbench.loader import printable
 from kdbench.report.frame import LOSS, WIN
+from kdbench.report.integrity import store_lines
 from kdbench.report.sections import CURVES, family_line, figures_for, legend, sections
 
 
@@ -98,9 +100,8 @@ def render_report(report: Any, fmt: str, plot_links: dict[str, str] | None = Non
     is printed only when ``verbose``."""
     if fmt in ("md", "latex"):
         parts = _file_report(report, fmt, plot_links)
-        if report.missing:
-            parts.append(f"({report.missing} runs of the suite not in the store yet)\n")
-        return "\n".join(parts)
+        parts += [f"({line})\n" if fmt == "md" else f"% {line}\n" for line in store_lines(getattr(report, "integrity", None))]
+        return printable("\n".join(parts))  # labels from a store: never raw controls or bidi overrides in a file
     parts = [report.title + (f"  [subset: {report.subset}]" if report.subset else "") + "\n"]
     if verbose:
         parts.append("\n".join(legend(report)) + "\n")
@@ -115,8 +116,7 @@ def render_report(report: Any, fmt: str, plot_links: dict[str, str] | None = Non
             table = table[[c for c in table.columns if not c.startswith("step ")]]
             note = "Scores at every step: in the report files and with --verbose. " + note
         parts.append(f"\n{title}\n" + render(table, "terminal") + (f"{note}\n" if note else ""))
-    if report.missing:
-        parts.append(f"({report.missing} runs of the suite not in the store yet)\n")
+    parts += [f"({line})\n" for line in store_lines(getattr(report, "integrity", None))]
     title, note = board or ("Leaderboard", family_line(report))
     parts.append(f"\n{title}\n" + render(report.wide(marks=True), "terminal") + note + "\n")
     return "\n".join(parts)
@@ -136,7 +136,9 @@ def report_json(report: Any) -> dict[str, Any]:
             "teacher_drift": rec(report.drift), "validation_test_disagreements": rec(report.disagreements),
             "teacher_updating_methods": list(report.updating), "learning_curves": rec(report.curves),
             "learning_curve_flatness": rec(report.flatness),
-            "environment": report.env, "config": report.config, **_selection_json(report, rec)}
+            "environment": report.env, "config": report.config, **_selection_json(report, rec),
+            "store_integrity": report.integrity.as_dict() if getattr(report, "integrity", None) else None,
+            "store_notes": store_lines(getattr(report, "integrity", None))}
 
 
 def _selection_json(report: Any, rec: Any) -> dict[str, Any]:

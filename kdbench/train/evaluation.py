@@ -66,7 +66,12 @@ def evaluate_split(model: KDModel, factory: ModelFactory, encoded: dict[str, tor
     def take(ev: Any, out: ModelOutput, index: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
         ev.update(out, Batch(inputs=inputs, labels=labels[index], index=index))
 
-    return _batched(model, factory, encoded, batch_size, device, frozenset(objective.eval_needs), objective.start, take).finish()
+    def begin() -> Any:
+        ev = objective.start()
+        ev.model = model  # for evaluators that decode (generation objectives)
+        return ev
+
+    return _batched(model, factory, encoded, batch_size, device, frozenset(objective.eval_needs), begin, take).finish()
 
 
 def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device,
@@ -74,9 +79,16 @@ def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dic
     """The task's metrics on ``splits`` (default: every evaluation split: validation, test).
     The labels reach the evaluator as the task stored them (their own dtype), so the
     metrics read exactly the values a whole-split computation would."""
-    return {split: evaluate_split(model, factory, encoded[split], torch.as_tensor(np.asarray(data.labels(split))), data.objective,
-                                  batch_size, device)
+    return {split: evaluate_split(model, factory, encoded[split], _label_tensor(data, split), data.objective, batch_size, device)
             for split in (data.eval_splits if splits is None else splits)}
+
+
+def _label_tensor(data: TaskData, split: str) -> torch.Tensor:
+    """A split's labels as stored (their own dtype); labels that are no numbers (a
+    generation task's reference texts, which travel in the inputs) in the objective's
+    layout instead."""
+    raw = np.asarray(data.labels(split))
+    return data.objective.labels(raw) if raw.dtype == object else torch.as_tensor(raw)
 
 
 class DeferredTest:

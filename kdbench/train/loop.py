@@ -64,6 +64,20 @@ def batches(factory: ModelFactory, encoded: dict[str, torch.Tensor], labels: tor
         yield batch
 
 
+def ordered_batches(factory: ModelFactory, encoded: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int,
+                    device: torch.device, teacher: RoleInputs | None = None) -> Iterator[Batch]:
+    """One pass over a split in example order (the last batch may be smaller), both roles'
+    inputs collated as in :func:`batches`, no augmentation: what a method that
+    precomputes something per training example (``StepContext.train_batches``) reads."""
+    separate = teacher is not None and teacher[1] is not encoded
+    n = labels.shape[0]
+    for start in range(0, n, batch_size):
+        index = torch.arange(start, min(start + batch_size, n))
+        inputs = _to_device(factory.collate(encoded, index), device)
+        teacher_inputs = _to_device(teacher[0].collate(teacher[1], index), device) if separate else inputs  # type: ignore[index]
+        yield Batch(inputs, labels[index].to(device, non_blocking=True), index, teacher_inputs)
+
+
 def _check_finite(pending: list[torch.Tensor], first_step: int) -> None:
     losses = torch.stack([p.float() for p in pending]).cpu()
     bad = (~torch.isfinite(losses)).nonzero()

@@ -24,7 +24,7 @@ from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
 from kdbench.train.evaluation import TEACHER, DeferredTest, TeacherDrift, evaluate, metric_infos, select_metrics
 from kdbench.train.inputs import ResolvedModel, encoded_splits
-from kdbench.train.loop import Diverged, RoleInputs, autocast_for, batches, train_loop
+from kdbench.train.loop import Diverged, RoleInputs, autocast_for, batches, ordered_batches, train_loop
 from kdbench.train.optim import build_optimizer, total_steps
 from kdbench.train.teachers import TeacherCheckpoint
 from kdbench.train.trackers import RunTrackers
@@ -138,9 +138,9 @@ class Runner:
         return _Prepared(method, data, factory, encoded, teacher, shared, t_factory, t_encoded, student_model)
 
     def _shared_logits(self, checkpoint: TeacherCheckpoint, teacher: KDModel, spec: RunSpec, data: TaskData) -> torch.Tensor:
-        key = f"{checkpoint.hash}:{checkpoint.sha256}"
+        key = teachers.logits_inputs(checkpoint, spec, self.registry, data)
         if key not in self._teacher_logits:
-            logits = teachers.shared_train_logits(checkpoint, lambda: teachers.train_logits(teacher, spec, self.registry, data, self.device))
+            logits = teachers.shared_train_logits(checkpoint, lambda: teachers.train_logits(teacher, spec, self.registry, data, self.device), key)
             self._teacher_logits[key] = logits.to(self.device)
         return self._teacher_logits[key]
 
@@ -205,6 +205,10 @@ class Runner:
         student = p.student_model.factory.build(p.student_model.options, p.data.task.problem).to(self.device)
         p.method.check_models(student, p.teacher)
         ctx, steps, n_training = self._context(spec, p, student)
+        ctx.train_batches = lambda size: ordered_batches(p.factory, p.encoded[TRAIN], labels_tensor(p.data, TRAIN), size, self.device,
+                                                         p.teacher_side(TRAIN))
+        if checkpoint is not None and p.teacher is not None and not p.method.updates_teacher:
+            ctx.teacher_cache = lambda name, compute: teachers.shared_teacher_tensors(checkpoint, name, compute)
         if p.teacher is not None:
             set_trainable(p.teacher, p.method.updates_teacher)
         p.method.setup(ctx)
@@ -240,6 +244,7 @@ class Runner:
         cost["params_deployed"] = sum(x.numel() for x in student.parameters())
         cost["params_training"] = cost["student_params"] = n_training
         cost["shared_teacher_outputs"] = p.shared is not None
+        cost.update({f"{part}_s": seconds for part, seconds in ctx.timings.items()})  # parts of train_s (generation, ...)
         main = p.data.task.main_metric
         metrics = select_metrics(history, spec.selection, main, metric_infos(p.data.objective, history, main))
         return RunResult(DONE, metrics=metrics, history=history, cost=cost, env=env)

@@ -11,6 +11,7 @@ relative to the results folder, so a results folder can be moved or copied.
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 import warnings
@@ -20,10 +21,10 @@ from typing import Any, Callable, Literal, overload
 
 import torch
 
-from kdbench.api import Batch, KDModel, task_loss
+from kdbench.api import Batch, KDBenchError, KDModel, task_loss
 from kdbench.data import TRAIN, TaskData, labels_tensor, load_task_data
 from kdbench.registry import Registry
-from kdbench.spec import RunSpec
+from kdbench.spec import RunSpec, content_hash
 from kdbench.store import DONE, FAILED, ResultsStore
 import kdbench.train.artefacts as artefacts
 from kdbench.train.cost import CostMeter, keep_freed_memory
@@ -107,7 +108,7 @@ def fine_tune_teacher(spec: RunSpec, registry: Registry, device: torch.device, p
             return _fine_tune(spec, registry, device, path, progress)
     except Diverged as exc:
         return TeacherOutcome(FAILED, error=f"the teacher diverged during fine-tuning: {exc}")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, artefacts.DiskFull):  # a full disk is the environment's, not the teacher's: exit 2
         raise
     except Exception as exc:
         return TeacherOutcome(FAILED, error="".join(traceback.format_exception(exc)))
@@ -154,7 +155,7 @@ def _train_teacher(model: KDModel, factory: Any, data: TaskData, encoded: dict, 
     def step_fn(batch: Batch, step: int) -> dict[str, torch.Tensor]:
         with autocast():
             out = model(batch.inputs)
-            loss = task_loss(out.logits, batch.labels, data.objective, out.mask)
+            loss = task_loss(out.logits, data.objective.targets(batch), data.objective, out.mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -238,7 +239,8 @@ def provide_teacher(spec: RunSpec, results_dir: Path, store: ResultsStore, regis
         time.sleep(wait_s)
     path = checkpoint_path(results_dir, th)
     try:
-        outcome = fine_tune_teacher(spec, registry, device, path, progress)
+        with store.keep_claim(th, teacher=True):  # a long fine-tuning is not taken for a dead claim
+            outcome = fine_tune_teacher(spec, registry, device, path, progress)
     except BaseException as exc:  # interrupted: the row must not stay claimed by us
         store.finish_teacher(th, FAILED, error=f"interrupted: {type(exc).__name__}")
         raise
@@ -268,23 +270,66 @@ def pretrained_teacher(spec: RunSpec, registry: Registry, data: TaskData, device
     return factory.build(options, data.task.problem).to(device)
 
 
-def shared_train_logits(checkpoint: TeacherCheckpoint, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+#: safetensors metadata key of the cached logits: what they were computed from.
+LOGITS_KEY = "kdbench_inputs"
+
+
+def logits_inputs(checkpoint: TeacherCheckpoint, spec: RunSpec, registry: Registry, data: TaskData) -> str:
+    """What the teacher's train-split logits are computed from, as one content hash: the
+    checkpoint's sha256 (a retrained teacher is new weights), the train split's content
+    fingerprint (new data at the same path), and the teacher's encoder with its files and
+    the task's ``max_length`` (another tokenisation). The teacher's hash alone leaves data
+    locations out, so it cannot key this cache."""
+    factory, options = model_factory(registry, spec.teacher)  # type: ignore[arg-type]
+    return content_hash({"checkpoint": checkpoint.sha256 or artefacts.sha256_file(checkpoint.path),
+                         "train": data.fingerprints[TRAIN]["sha256"], "encoder": factory.encoder_id(options),
+                         "encoder_files": factory.encoder_fingerprint(options), "max_length": data.task.max_length})
+
+
+def shared_train_logits(checkpoint: TeacherCheckpoint, compute: Callable[[], torch.Tensor], inputs: str) -> torch.Tensor:
     """The fixed teacher's train-split logits, kept beside its checkpoint with a checksum
-    and reused by every method and seed; a damaged or unverifiable file is named and
-    rebuilt from ``compute``."""
+    and the key of what they were computed from (``inputs``: :func:`logits_inputs`), and
+    reused by every method and seed while that key matches; a damaged, unverifiable or
+    stale file is named and rebuilt from ``compute``."""
     path = checkpoint.logits_path
     what = f"train-split logits of teacher {checkpoint.hash}"
     if path.exists():
-        if artefacts.expected_sha(path) is not None:
-            try:
-                return artefacts.read_tensors(path, what)["logits"]
+        if artefacts.expected_sha(path) is None:
+            warnings.warn(f"{what}: {path} has no checksum (written by an older kdbench); computing them again", stacklevel=2)
+        else:
+            try:  # damage first (named as such), then whether they are this run's logits at all
+                logits = artefacts.read_tensors(path, what)["logits"]
+                if artefacts.read_metadata(path).get(LOGITS_KEY) == inputs:
+                    return logits
+                warnings.warn(f"{what}: {path} was computed from another checkpoint, data or tokenisation than this run's; "
+                              "computing them again", stacklevel=2)
             except (artefacts.ArtefactError, KeyError) as exc:
                 warnings.warn(f"{exc}; computing them again", stacklevel=2)
-        else:
-            warnings.warn(f"{what}: {path} has no checksum (written by an older kdbench); computing them again", stacklevel=2)
     logits = compute()
-    artefacts.write_tensors(path, {"logits": logits})
+    artefacts.write_tensors(path, {"logits": logits}, metadata={LOGITS_KEY: inputs})
     return logits
+
+
+def shared_teacher_tensors(checkpoint: TeacherCheckpoint, name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Tensors a fixed teacher produced for a method over the training split (its greedy
+    responses, its top-k log-probabilities), named ``name`` (which says everything they
+    depend on besides the teacher), kept beside the checkpoint with a checksum and reused
+    by every method and seed (``StepContext.teacher_cache``); a damaged or unverifiable
+    file is named and rebuilt from ``compute``."""
+    if not re.fullmatch(r"[A-Za-z0-9_.=-]{1,120}", name):
+        raise KDBenchError(f"teacher cache name {name!r}: use letters, digits and _ . = - only (it names a file)")
+    path = checkpoint.path.with_name(f"teacher-{name}.safetensors")
+    what = f"teacher {checkpoint.hash}'s {name}"
+    if path.exists():
+        try:
+            if artefacts.expected_sha(path) is not None:
+                return artefacts.read_tensors(path, what)
+            warnings.warn(f"{what}: {path} has no checksum; computing it again", stacklevel=2)
+        except artefacts.ArtefactError as exc:
+            warnings.warn(f"{exc}; computing it again", stacklevel=2)
+    tensors = compute()
+    artefacts.write_tensors(path, tensors)
+    return tensors
 
 
 def train_logits(teacher: KDModel, spec: RunSpec, registry: Registry, data: TaskData, device: torch.device) -> torch.Tensor:

@@ -66,6 +66,7 @@ from pydantic import Field, model_validator
 from kdbench.api import DataError, Examples, Options, Problem, Task, location
 from kdbench.metrics import METRICS, binary_f1, carve_splits, matthews_corrcoef, pearson, spearman  # noqa: F401 (re-exported)
 from kdbench.hookspecs import hookimpl
+from kdbench.sources import check_source_file
 
 HUB_DATASET = "nyu-mll/glue"
 STSB_RANGE = (0.0, 5.0)
@@ -234,8 +235,7 @@ def parse_label(spec: GlueSpec, raw: str, where: str) -> int | float:
 
 def read_tsv(spec: GlueSpec, path: Path) -> RawSplit:
     """One GLUE TSV file: quoting off, optional BOM, every row with the header's column count."""
-    if not path.is_file():
-        raise DataError(f"glue-{spec.key}: missing file {path}")
+    check_source_file(path, f"glue-{spec.key}: file")  # missing, a folder, a FIFO, a device, too large: named
     text, pair, labels = [], [], []
     n_columns = spec.n_columns
     with open(path, encoding="utf-8-sig", newline="") as f:

