@@ -23,7 +23,7 @@ def needs_in_words(cls: type[Method]) -> str:
     """What the method reads from the models, e.g. ``logits, features`` (``labels`` for
     a method without a teacher that reads only the student's logits)."""
     needs = set(cls.student_needs) | (set(cls.teacher_needs) if cls.uses_teacher else set())
-    words = dict.fromkeys(NEEDS_WORDS.get(n, n.replace("_", " ")) for n in sorted(needs, key=lambda n: list(NEEDS_WORDS).index(n) if n in NEEDS_WORDS else 99))
+    words = dict.fromkeys(NEEDS_WORDS.get(n, n.replace("_", " ")) for n in sorted(needs, key=lambda n: (list(NEEDS_WORDS).index(n) if n in NEEDS_WORDS else len(NEEDS_WORDS), n)))
     return ", ".join(words)
 
 
