@@ -874,6 +874,8 @@ class Method(ABC):
       models that cannot expose them are refused before training.
       ``uses_quiz``: the method draws quiz batches (the quiz split is carved out for every
       method anyway, so all methods see the same training data).
+      ``augments_quiz``: the quiz batches get the task's training augmentation (where the
+      task has one); an instance may set it from its params (MetaDistil's ``quiz_augment``).
     """
 
     name: ClassVar[str]
@@ -897,6 +899,7 @@ class Method(ABC):
     #: tokenizers. A suite pairing such a method with models of different encodings
     #: (:meth:`ModelFactory.encoder_id`) is refused at validation.
     aligned_positions: ClassVar[str | None] = None
+    augments_quiz: bool = False
 
     def __init__(self, params: Options, problem: Problem | Objective):
         """``problem``: the task's :class:`Objective` (what the runner passes), or a bare

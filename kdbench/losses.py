@@ -129,14 +129,18 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperatu
 
 def soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, problem: Problem | Objective,
               kind: SoftKind = "kl", reduction: Literal["batchmean", "mean"] = "batchmean", mask: Tensor | None = None,
-              standardize: bool = False) -> Tensor:
+              standardize: bool = False, regression: Literal["logits", "probabilities"] = "logits") -> Tensor:
     """The soft (teacher) term of KD-style losses: the run's objective's
     (:meth:`kdbench.api.Objective.soft_loss`) when ``problem`` is one and ``standardize`` is
     off. Otherwise, classification: :func:`softened_kl` (``kind="kl"``, with ``reduction``)
     or :func:`probability_mse` (``kind="mse"``), on standardised logits when
     ``standardize`` (which the methods allow for classification only, see
     :func:`check_standardization`); regression, where a temperature means nothing:
-    :func:`logit_mse`."""
+    :func:`logit_mse`. Regression with ``regression="probabilities"``: :func:`probability_mse`
+    of the one-output softmax, identically 0 with zero gradient, what MetaDistil's official
+    GLUE code computes on STS-B by default (``"logits"`` is its ``--logits_mse``)."""
+    if regression == "probabilities" and (problem.problem if isinstance(problem, Objective) else problem).is_regression:
+        return probability_mse(student_logits, teacher_logits, temperature)
     if isinstance(problem, Objective):
         if not standardize:
             return problem.soft_loss(student_logits, teacher_logits, temperature, kind, reduction, mask)

@@ -20,13 +20,17 @@ import pandas as pd
 
 from kdbench.report.aggregate import pick_baseline_config
 from kdbench.report.frame import SCALE, evaluations, stored_info
-from kdbench.report.tables import cell
+from kdbench.report.tables import DAMAGED, cell
 from kdbench.store import DONE
 
 TEACHER = "teacher"  # the history key kdbench.train.evaluation.TEACHER writes
 DRIFT_COLS = ["task", "method", "method_name", "student", "step", "metric", "n", "teacher_mean", "teacher_std", "start_mean",
               "fine_tuned", "divergence_kind", "divergence_mean", "divergence_std"]
 DISAGREE_COLS = ["task", "method", "student", "pairs", "validation_diff", "test_diff"]
+#: a run's live teacher is flagged (DAMAGED) when its last validation score is more than this many
+#: points (x100) below its score at the start: past the seed noise of a few points on the
+#: 1,000-example validation splits of the CPU suites (binomial std 1.3 points at 80% accuracy)
+TEACHER_DROP = 5.0
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -55,7 +59,7 @@ def _entries(rows: list[dict[str, Any]], df: pd.DataFrame) -> list[dict[str, Any
             continue
         run = runs.loc[h]
         metric = run["metric"]
-        out.append({"task": run["task"], "method": run["method"], "method_name": run["method_name"], "student": run["student"],
+        out.append({"hash": h, "task": run["task"], "method": run["method"], "method_name": run["method_name"], "student": run["student"],
                     "step": step, "metric": metric, "teacher_hash": run["teacher_hash"],
                     "score": (t.get("validation") or {}).get(metric), "start": (t.get("start_validation") or {}).get(metric),
                     "divergence": t.get("divergence"), "kind": t.get("divergence_kind"), "scale": run.get("scale", SCALE)})
@@ -83,6 +87,37 @@ def drift_table(rows: list[dict[str, Any]], df: pd.DataFrame, teachers: list[dic
                     "start_mean": _mean_std(starts)[0], "fine_tuned": _fine_tuned(g["teacher_hash"].dropna(), by_hash, g["metric"].iloc[0]),
                     "divergence_kind": "/".join(sorted({str(k) for k in g["kind"] if k})), "divergence_mean": d_mean, "divergence_std": d_std})
     return pd.DataFrame.from_records(out, columns=DRIFT_COLS)
+
+
+def damaged_teachers(rows: list[dict[str, Any]], df: pd.DataFrame) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """Per (task, method label, student) of a method that updates its teacher: (k, n), k of the
+    n finished runs that recorded their live teacher ending with it more than
+    :data:`TEACHER_DROP` points below its start (validation, main metric, last evaluation;
+    the metrics reported today are all higher-is-better)."""
+    last: dict[str, dict[str, Any]] = {}
+    for e in _entries(rows, df):
+        if e["score"] is not None and e["start"] is not None and (e["hash"] not in last or e["step"] >= last[e["hash"]]["step"]):
+            last[e["hash"]] = e
+    out: dict[tuple[str, str, str], tuple[int, int]] = {}
+    for e in last.values():
+        k, n = out.get((e["task"], e["method"], e["student"]), (0, 0))
+        out[(e["task"], e["method"], e["student"])] = (k + int((float(e["start"]) - float(e["score"])) * SCALE > TEACHER_DROP), n + 1)
+    return out
+
+
+def with_damage_flags(board: pd.DataFrame, damaged: dict[tuple[str, str, str], tuple[int, int]]) -> pd.DataFrame:
+    """The leaderboard with a ``teacher_damaged`` column: 'k/n' on the rows (every split) whose
+    method damaged its live teacher in k of n seeds (k > 0), else ''."""
+    board = board.copy()
+    board["teacher_damaged"] = [f"{damaged[key][0]}/{damaged[key][1]}" if damaged.get(key, (0, 0))[0] else ""
+                                for key in zip(board["task"], board["method"], board["student"])] if not board.empty else []
+    return board
+
+
+def damage_note() -> str:
+    """What the mark means (leaderboard line and legend)."""
+    return (f"{DAMAGED} k/n: in k of the n seeds the method's live teacher ended more than {TEACHER_DROP:g} points (x100) below "
+            "where it started on the validation split (the teacher-drift table has the steps).")
 
 
 def _sci(mean: float, std: float) -> str:

@@ -14,7 +14,7 @@ from kdbench.report.aggregate import family, leaderboard
 from kdbench.report.chance import chance_scores
 from kdbench.report.cost import cost_table, teacher_cost, teacher_free_methods, with_teacher_share
 from kdbench.report.curves import curve_table, flatness
-from kdbench.report.drift import disagreements, drift_table, updating_methods
+from kdbench.report.drift import damaged_teachers, disagreements, drift_table, updating_methods, with_damage_flags
 from kdbench.report.frame import filter_runs, runs_frame
 from kdbench.report.integrity import StoreIntegrity, store_integrity
 from kdbench.report.labels import entry_rows
@@ -140,6 +140,7 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
         chance = {}
     selection = select_on_validation(df, suite_spec)  # the board reads each such entry's chosen setting only
     board = leaderboard(selection.runs, teachers, baseline=baseline, chance=chance or {}, correction=correction)
+    board = with_damage_flags(board, damaged_teachers([r for r in rows if r["hash"] in kept], df))
     refs = [r for r in getattr(suite_spec, "references", []) if (not tasks or r.task in tasks) and (not methods or r.method in methods)]
     free = teacher_free_methods(set(df["method_name"]) if not df.empty else set())
     tcost = teacher_cost(teachers, df, free)

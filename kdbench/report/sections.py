@@ -10,7 +10,7 @@ import pandas as pd
 
 from kdbench import stats
 from kdbench.report.curves import CURVES_NOTE, MIN_TOLERANCE, curves_display
-from kdbench.report.drift import DRIFT_NOTE, disagreement_notes, drift_display
+from kdbench.report.drift import DRIFT_NOTE, damage_note, disagreement_notes, drift_display
 from kdbench.report.frame import LOSS, WIN, reading_note
 from kdbench.report.selection import selection_sections
 from kdbench.report.tables import SMALL_N, TIE, cell, comparison_display, fmt_num, fmt_p, spread_text
@@ -107,7 +107,13 @@ def family_line(report: Any) -> str:
     corr = stats.CORRECTION_METHOD[report.correction].split(" (")[0]
     return (f"{WIN}/{LOSS}: {corr}-adjusted p < {stats.ALPHA} against '{report.baseline}' (exact sign-flip test), "
             f"family of {report.family} comparisons; p_adj shown per cell. {SMALL_N} n < 3 (smallest attainable p: "
-            f"{stats.min_p(2):.2f} at n = 2, {stats.min_p(1):.0f} at n = 1). {TIE} best within overlapping 95% intervals (a tie).")
+            f"{stats.min_p(2):.2f} at n = 2, {stats.min_p(1):.0f} at n = 1). {TIE} best within overlapping 95% intervals (a tie)."
+            + (f" {damage_note()}" if _any_damaged(report) else ""))
+
+
+def _any_damaged(report: Any) -> bool:
+    board = report.board
+    return "teacher_damaged" in board and bool((board["teacher_damaged"] != "").any())
 
 
 def legend(report: Any) -> list[str]:
@@ -121,6 +127,7 @@ def legend(report: Any) -> list[str]:
         f"{stats.CORRECTION_METHOD[report.correction]}; {WIN} / {LOSS} mark a significant win / loss at adjusted "
         f"p < {stats.ALPHA}; 'n/a' when fewer than 2 matched seeds.",
         f"{SMALL_N}: n < 3; with n pairs the exact test cannot go below p = 2/2^n (0.50 at 2, 0.25 at 3, 0.0625 at 5).",
+        damage_note(),
         "MDD 80%: the smallest true difference detected with 80% power at p < 0.05 from the observed std of the paired "
         "differences (paired t approximation); inf when n is too small for any test to reach 0.05.",
         f"Best: bold only when its interval does not overlap the runner-up's; otherwise the tied cells carry {TIE}.",

@@ -12,6 +12,7 @@ from kdbench import stats
 from kdbench.report.frame import LOSS, TEST, WIN, direction_word
 
 SMALL_N, TIE = "†", "≈"
+DAMAGED = "‡"  # the method's live teacher ended clearly worse than it started (kdbench.report.drift.TEACHER_DROP)
 SPECIAL_ROWS = ("teacher", "chance")
 
 
@@ -106,6 +107,8 @@ def _decorate(text: str, r: pd.Series, mark: str | None, marks: bool, bold: str 
         return text
     if (marks or bold) and bool(r.get("small_n")):
         text += f" {SMALL_N}"
+    if (marks or bold) and r.get("teacher_damaged"):
+        text += f" {DAMAGED} {r['teacher_damaged']}"
     if mark == "best" and bold:
         text = {"md": f"**{text}**", "latex": f"\x01{text}\x02", "html": f"<b>{text}</b>"}[bold]
     elif mark == "tie" and (marks or bold):
@@ -169,6 +172,11 @@ def small_n_note(n: Any) -> str:
     return f"n < 3: smallest attainable p {stats.min_p(int(n)):.2f}" if n >= 1 else ""
 
 
+def damaged_note(k_of_n: Any) -> str:
+    """The flags-column text of a row whose live teacher was damaged in ``k_of_n`` seeds."""
+    return f"{DAMAGED} live teacher ended clearly below its start in {k_of_n} seeds" if isinstance(k_of_n, str) and k_of_n else ""
+
+
 def comparison_display(board: pd.DataFrame, baseline: str, correction: str = "holm") -> pd.DataFrame:
     """The statistics table: each task (split), method and student with its interval and
     the paired comparison with the baseline (raw and adjusted p, detectable difference)."""
@@ -188,7 +196,7 @@ def comparison_display(board: pd.DataFrame, baseline: str, correction: str = "ho
             "pairs": fmt_num(getattr(r, "pairs", np.nan), 0) if tested else "-",
             "MDD 80%": fmt_num(getattr(r, "mdd", np.nan)) if tested else "-",
             "result": {"win": f"win {WIN}", "loss": f"loss {LOSS}"}.get(result, result),
-            "flags": "; ".join(x for x in (small_n_note(r.n), r.data_flag) if x),
+            "flags": "; ".join(x for x in (small_n_note(r.n), r.data_flag, damaged_note(getattr(r, "teacher_damaged", ""))) if x),
             "failed": str(r.failed), "diverged": str(r.diverged),
         })
     return pd.DataFrame.from_records(rows)

@@ -46,7 +46,7 @@ def md_safe(table: pd.DataFrame) -> pd.DataFrame:
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", WIN: r"$\blacktriangle$",
-                  LOSS: r"$\blacktriangledown$", "Δ": r"$\Delta$", "×": r"$\times$", "†": r"$\dagger$", "≈": r"$\approx$", "↓": r"$\downarrow$"}
+                  LOSS: r"$\blacktriangledown$", "Δ": r"$\Delta$", "×": r"$\times$", "†": r"$\dagger$", "‡": r"$\ddagger$", "≈": r"$\approx$", "↓": r"$\downarrow$"}
 
 
 def latex_escape(text: str) -> str:

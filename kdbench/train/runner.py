@@ -168,7 +168,7 @@ class Runner:
             if quiz_iter is None:
                 quiz_gen = torch.Generator().manual_seed(spec.seed + 1)
                 quiz_iter = batches(p.factory, p.encoded[QUIZ], labels_tensor(p.data, QUIZ), spec.budget.batch_size, quiz_gen, self.device,
-                                    teacher=p.teacher_side(QUIZ))
+                                    p.data.task, p.data.task.has_augmentation and p.method.augments_quiz, teacher=p.teacher_side(QUIZ))
             return next(quiz_iter)
 
         return next_quiz_batch

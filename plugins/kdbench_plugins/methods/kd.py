@@ -13,6 +13,9 @@ Regression (e.g. STS-B), where a temperature has no meaning::
 
 ``soft_loss: mse`` replaces the KL by ``T^2 * mean_{b,c} (p_s - p_t)^2`` (the soft term of
 MetaDistil's official GLUE code; see :func:`kdbench.losses.probability_mse`).
+``regression_soft: probabilities`` (regression only) is that same term on the one output:
+identically 0, so the student learns from the labels alone (what the official GLUE code
+computes on STS-B unless ``--logits_mse`` is given); default ``logits``, the MSE above.
 
 ``logit_standardization: true`` z-scores each example's student and teacher logits before
 dividing by T (KD+LS of Sun et al., "Logit Standardization in Knowledge Distillation",
@@ -44,6 +47,8 @@ class KDParams(Options):
     temperature: float = Field(4.0, gt=0, description="softmax temperature T")
     soft_loss: Literal["kl", "mse"] = added("kl", description="soft term: T^2*KL (Hinton) or T^2*MSE of softened probabilities (MetaDistil's GLUE code)")
     logit_standardization: bool = standardization_option()
+    regression_soft: Literal["logits", "probabilities"] = added(
+        "logits", description="regression soft term: MSE of the outputs, or of their one-output softmax (identically 0: MetaDistil's official STS-B)")
 
 
 class KD(Method):
@@ -61,7 +66,7 @@ class KD(Method):
         assert teacher is not None
         p = self.params
         soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss, mask=student.mask,
-                         standardize=p.logit_standardization)
+                         standardize=p.logit_standardization, regression=p.regression_soft)
         hard = task_loss(student.logits, batch.labels, self.problem, student.mask)
         return p.alpha * soft + (1 - p.alpha) * hard, {"soft": soft.detach(), "hard": hard.detach()}
 

@@ -41,6 +41,13 @@ Options (besides ``teacher_lr``, ``teacher_optimizer`` and its weight decay / mo
 * ``virtual_schedule``: ``constant`` (official GLUE) or ``follow_student`` (eta times the
   student's lr ratio, not renormalised: official CIFAR, x0.1 at each student decay).
 * ``follow_student_schedule: true`` (deprecated) means both schedules ``follow_student``.
+* ``teacher_warm_steps``: that many full meta steps at teacher lr 0 just before the teacher
+  starts. The parameters do not move, but the optimizer's state does: the official CIFAR
+  teacher steps at lr 0 from the first round, so its SGD momentum buffer is full when its
+  lr switches on. At momentum ``mu`` the last ``k`` steps give the buffer to within
+  ``mu**k`` (66 steps: 0.1% at 0.9). Default 0 (an empty buffer at the switch).
+* ``quiz_augment``: the quiz batches get the task's training augmentation (crop and flip
+  on CIFAR-100), as the official CIFAR held set does. Default off (quiz on clean inputs).
 * The inner method's params as extra top-level fields (e.g. ``inner: pkd, alpha: 0.5,
   beta: 100, temperature: 5, soft_loss: mse``), validated against its Params.
 
@@ -74,9 +81,12 @@ through terms of the student's loss that read the teacher's current outputs: CRD
 contrastive term reads the teacher through its memory bank (constants), so wrap CRD with
 ``alpha > 0`` (CRD+KD).
 
-Defaults (official GLUE code): virtual_lr 5e-5, teacher_lr 1e-5 with AdamW, clip 1.0,
-constant schedules, inner ``kd`` with its defaults (the official GLUE student loss is
-``pkd`` with alpha 0.5, beta 100, T 5 and ``soft_loss: mse``).
+Defaults: virtual_lr 5e-5, teacher_lr 1e-5 with AdamW, clip 1.0 (the official GLUE code's
+values); both schedules constant (the official GLUE teacher lr decays linearly to 0,
+``teacher_schedule: linear`` in the ``metadistil-glue`` recipe; its pilot step is
+constant); one quiz batch per teacher step (official: the whole quiz set); inner ``kd`` with
+its defaults (the official GLUE student loss is ``pkd`` with alpha 0.5, beta 100, T 5 and
+``soft_loss: mse``). ``plugins/kdbench_plugins/recipes/metadistil-*.yaml`` hold the official settings.
 """
 
 from __future__ import annotations
@@ -131,6 +141,8 @@ class MetaDistilParams(Options):
     teacher_schedule: Literal["constant", "linear", "follow_student"] = added("constant", description="teacher lr schedule from teacher_start")
     virtual_schedule: Literal["constant", "follow_student"] = added("constant", description="virtual_lr constant or times the student's lr ratio")
     quiz_mode: Literal["eval", "train"] = added("eval", description="student mode on quiz batches (train: BatchNorm batch statistics)")
+    quiz_augment: bool = added(False, description="quiz batches get the task's training augmentation (the official CIFAR held set does)")
+    teacher_warm_steps: int = added(0, ge=0, description="meta steps at teacher lr 0 just before the teacher starts: they fill its optimizer state")
     inner_version: int | None = added(None, description="set from the inner method: its version when above 1, so its changes change run hashes")
     _inner_cls: type[Method] | None = PrivateAttr(None)
     _inner_params: Options | None = PrivateAttr(None)
@@ -172,8 +184,9 @@ class MetaDistil(Method):
         assert params._inner_cls is not None and params._inner_params is not None
         self.inner: Method = params._inner_cls(params._inner_params, problem)
         # what the wrapped loss reads, and whether it compares token positions
-        self.student_needs, self.teacher_needs, self.aligned_positions = (  # type: ignore[misc]
-            self.inner.student_needs, self.inner.teacher_needs, self.inner.aligned_positions)
+        # augments_quiz: read by the runner's quiz stream
+        self.student_needs, self.teacher_needs, self.aligned_positions, self.augments_quiz = (  # type: ignore[misc]
+            self.inner.student_needs, self.inner.teacher_needs, self.inner.aligned_positions, params.quiz_augment)
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         self.inner.check_models(student, teacher)
@@ -189,7 +202,8 @@ class MetaDistil(Method):
         ctx.state["student_initial_lr"] = ctx.student_optimizer.param_groups[0]["lr"]
 
     def meta_active(self, ctx: StepContext) -> bool:
-        return self.params.teacher_lr > 0 and ctx.step >= first_teacher_step(self.params.teacher_start, ctx.total_steps)
+        # warm steps run before first_teacher_step, where teacher_lr_factor is 0: only the optimizer state moves
+        return self.params.teacher_lr > 0 and ctx.step >= max(first_teacher_step(self.params.teacher_start, ctx.total_steps) - self.params.teacher_warm_steps, 1)
 
     def virtual_step_size(self, ctx: StepContext) -> float:
         """eta of the pilot step: ``virtual_lr``, times the student's lr ratio under ``follow_student``."""
@@ -223,9 +237,8 @@ class MetaDistil(Method):
         v = torch.autograd.grad(inner_loss, leaves, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(v) if g is not None]
         outs, vs = [s_all[i] for i in used], [v[i] for i in used]
-        fast = virtual_sgd_step(named, outs, [g.detach() for g in vs], eta)  # S'
-        grad_fast, quiz = self.quiz_gradient(ctx, fast, batch.labels.shape[0])
-        del fast
+        # S' lives only through the quiz pass (the call's argument)
+        grad_fast, quiz = self.quiz_gradient(ctx, virtual_sgd_step(named, outs, [g.detach() for g in vs], eta), batch.labels.shape[0])
         s_dot = output_derivative(student, batch.inputs, self.student_needs, used, outs, grad_fast, rng, ctx.state, ctx.autocast)
         del grad_fast
         # d/dT <g, S'(T)> = -eta d/dT <J g, v(T)>: backpropagated from the outputs into T

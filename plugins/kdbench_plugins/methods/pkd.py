@@ -33,7 +33,8 @@ selected per task on validation. ``soft_loss: mse`` uses the softened-probabilit
 instead of the KL (MetaDistil's GLUE student loss; the reduction does not apply).
 
 Regression (e.g. STS-B): the soft term is MSE between logits, the hard term MSE to labels,
-as in :mod:`kdbench_plugins.methods.kd`.
+as in :mod:`kdbench_plugins.methods.kd` (``regression_soft: probabilities``: the official
+MetaDistil STS-B soft term, identically 0).
 
 Defaults (the paper's reference setting): alpha 0.7, beta 500, T 10, ``skip``, soft KL mean.
 """
@@ -97,6 +98,8 @@ class PKDParams(Options):
     soft_reduction: Literal["mean", "batchmean"] = Field(
         "mean", description="KL averaged over batch x classes (official KLDivLoss(reduction='mean')) or summed over classes (batchmean)")
     soft_loss: Literal["kl", "mse"] = added("kl", description="soft term: T^2*KL or T^2*MSE of softened probabilities (MetaDistil's GLUE code)")
+    regression_soft: Literal["logits", "probabilities"] = added(
+        "logits", description="regression soft term: MSE of the outputs, or of their one-output softmax (identically 0: MetaDistil's official STS-B)")
 
 
 class PKD(Method):
@@ -133,7 +136,8 @@ class PKD(Method):
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None and student.hidden_states is not None and teacher.hidden_states is not None
         p = self.params
-        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss, reduction=p.soft_reduction)
+        soft = soft_loss(student.logits, teacher.logits, p.temperature, self.problem, kind=p.soft_loss, reduction=p.soft_reduction,
+                         regression=p.regression_soft)
         hard = task_loss(student.logits, batch.labels, self.problem)
         pt = patience_loss(student.hidden_states, teacher.hidden_states, p.layer_map, p.layer_reduction)
         loss = p.alpha * soft + (1 - p.alpha) * hard + p.beta * pt
