@@ -881,6 +881,9 @@ class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     citation: ClassVar[str] = ""
+    #: The loss on one line, as ``kdbench list methods --format md`` shows it (plain text,
+    #: e.g. ``alpha*T^2*KL(p_t||p_s) + (1-alpha)*CE``); empty: the description is shown.
+    formula: ClassVar[str] = ""
     #: Bumped when what a run of this method computes changes under the same params
     #: (a default's meaning, a loss's reduction); say in the docstring what changed.
     version: ClassVar[int] = 1
@@ -1009,6 +1012,17 @@ def require_family(method: str, role: str, model: KDModel | None, family: str, w
             f"method '{method}' needs {why} from a {family} model, but the {role} "
             f"model ({type(model).__name__}) is of family '{model.family}' and has none"
         )
+
+
+def resolve_layer(method: str, role: str, index: int, num_layers: int) -> int:
+    """``index`` (0-based, negative from the last) as a layer of a ``num_layers``-layer
+    model, or :class:`IncompatibleModelError` naming the method, the role and the valid
+    range: what a method that distils a chosen layer raises from ``check_models`` (at
+    validate, where the factory can say the model's ``num_layers``)."""
+    if not -num_layers <= index < num_layers:
+        raise IncompatibleModelError(f"method '{method}' distils {role} layer {index}, but the {role} model has {num_layers} "
+                                     f"layers (valid: 0..{num_layers - 1}, or -1..-{num_layers} counting from the last)")
+    return index % num_layers
 
 
 def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:

@@ -38,6 +38,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     reg = _registry()
+    if args.format == "md":
+        if args.kind != "methods":
+            raise KDBenchError("--format md makes the README's method table: use it as 'kdbench list methods --format md'")
+        from kdbench.catalog import methods_markdown
+
+        if args.pattern != "*" and not reg.listing("methods", args.pattern):
+            raise KDBenchError(reg.unknown_message("methods", args.pattern))
+        print(methods_markdown(reg, args.pattern), end="")
+        return 0
     kinds = [args.kind] if args.kind else list(KINDS)
     for kind in kinds:
         entries = reg.listing(kind, args.pattern)
@@ -293,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls.add_argument("kind", nargs="?", choices=list(KINDS))
     ls.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'glue-*'")
+    ls.add_argument("--format", choices=["table", "md"], default="table",
+                    help="md: the methods as a Markdown table (loss, citation, what they read, whether MetaDistil wraps them), as in README.md")
     ls.set_defaults(func=cmd_list)
 
     def suite_cmd(name: str, help: str, func) -> argparse.ArgumentParser:

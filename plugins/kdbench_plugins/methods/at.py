@@ -62,6 +62,7 @@ class AttentionTransfer(Method):
 
     name = "at"
     description = "Attention transfer: match L2-normalised spatial attention maps (channel mean of F^2) of every stage (+CE, +optional KD)."
+    formula = 'gamma*CE + alpha*KD + beta*sum_j mean (a(F_s^j) - a(F_t^j))^2, a(F) = normalize(mean_c F^2)'
     citation = "Zagoruyko & Komodakis 2017, Paying More Attention to Attention, ICLR (arXiv:1612.03928)"
     Params = ATParams
     student_needs = frozenset({LOGITS, FEATURES})

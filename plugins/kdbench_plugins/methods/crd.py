@@ -125,6 +125,7 @@ class CRD(Method):
 
     name = "crd"
     description = "Contrastive representation distillation: NCE between student/teacher embeddings with memory banks (+CE, +optional KD)."
+    formula = 'gamma*CE + alpha*T^2*KL + beta*(NCE(v_s, M_t) + NCE(v_t, M_s))'
     citation = "Tian, Krishnan, Isola 2020, Contrastive Representation Distillation, ICLR (arXiv:1910.10699)"
     Params = CRDParams
     student_needs = frozenset({LOGITS, EMBEDDING})

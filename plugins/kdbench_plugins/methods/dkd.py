@@ -24,6 +24,10 @@ ALPHA 1, BETA 8, T 4, WARMUP 20 epochs of 240). BETA is tuned per pair in its co
 resnet110->resnet32, 6 for wrn-40-2->wrn-16-2 and vgg13->vgg8. mdistiller ramps the KD
 weight per epoch (epoch / 20, epochs counted from 1); here it ramps per step over the same
 fraction of the budget (20/240). Classification only.
+
+``logit_standardization: true`` z-scores both sides' logits before T (DKD+LS, Sun et al.
+CVPR 2024, their ``mdistiller/distillers/DKD.py`` lines 12-14; their runs then use T 2
+and ALPHA, BETA times 9: ``--logit-stand --base-temp 2 --kd-weight 9``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import Tensor
 
 from kdbench.api import Batch, IncompatibleModelError, KDModel, Method, ModelOutput, Options, StepContext, task_loss
 from kdbench.hookspecs import hookimpl
+from kdbench.losses import check_standardization, soften, standardization_option
 
 #: what the paper's code subtracts from the target logit to drop it from the softmax
 TARGET_MASK = 1000.0
@@ -46,6 +51,7 @@ class DKDParams(Options):
     beta: float = Field(8.0, ge=0, description="weight of NCKD (non-target-class KD)")
     temperature: float = Field(4.0, gt=0, description="softmax temperature T")
     warmup_fraction: float = Field(20 / 240, ge=0, le=1, description="fraction of the steps over which the DKD weight ramps up linearly")
+    logit_standardization: bool = standardization_option()
 
 
 def log_binary(z: Tensor, gt: Tensor) -> Tensor:
@@ -56,10 +62,11 @@ def log_binary(z: Tensor, gt: Tensor) -> Tensor:
     return torch.cat([target, other], dim=1) - lse
 
 
-def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """(TCKD, NCKD), each T^2 * KL(teacher || student), batch mean."""
-    s = student_logits.float() / temperature
-    t = teacher_logits.float() / temperature
+def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, standardize: bool = False) -> tuple[Tensor, Tensor]:
+    """(TCKD, NCKD), each T^2 * KL(teacher || student), batch mean; on standardised logits
+    when ``standardize``."""
+    s = soften(student_logits.float(), temperature, standardize)
+    t = soften(teacher_logits.float(), temperature, standardize)
     gt = F.one_hot(labels, s.shape[1]).bool()
     tckd = F.kl_div(log_binary(s, gt), log_binary(t, gt), reduction="batchmean", log_target=True) * temperature**2
     log_q_s = F.log_softmax(s - TARGET_MASK * gt, dim=1)
@@ -73,11 +80,13 @@ class DKD(Method):
 
     name = "dkd"
     description = "Decoupled KD: target-class (TCKD) and non-target-class (NCKD) KL terms weighted separately, with a warm-up."
+    formula = 'gamma*CE + w(step)*(alpha*TCKD + beta*NCKD)'
     citation = "Zhao et al. 2022, Decoupled Knowledge Distillation, CVPR (arXiv:2203.08679)"
     Params = DKDParams
 
     def check_models(self, student: KDModel, teacher: KDModel | None) -> None:
         super().check_models(student, teacher)
+        check_standardization(self.name, self.problem, self.params.logit_standardization)
         if self.label_layout != "class":
             what = "regression" if self.label_layout == "value" else f"the label layout '{self.label_layout}'"
             raise IncompatibleModelError("method 'dkd' splits class probabilities into target and non-target parts; it needs a "
@@ -91,7 +100,7 @@ class DKD(Method):
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert teacher is not None
         p = self.params
-        tckd, nckd = dkd_parts(student.logits, teacher.logits, batch.labels, p.temperature)
+        tckd, nckd = dkd_parts(student.logits, teacher.logits, batch.labels, p.temperature, p.logit_standardization)
         ce = task_loss(student.logits, batch.labels, self.problem)
         w = self.warmup_weight(ctx.step, ctx.total_steps)
         total = p.gamma * ce + w * (p.alpha * tckd + p.beta * nckd)

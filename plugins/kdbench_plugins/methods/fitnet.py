@@ -98,6 +98,7 @@ class FitNet(Method):
 
     name = "fitnet"
     description = "FitNets: MSE between a learned conv regressor of a student hint map and the teacher's map (+CE, +optional KD)."
+    formula = 'gamma*CE + alpha*T^2*KL + beta*MSE(r(F_s^h), F_t^h)'
     citation = "Romero et al. 2015, FitNets: Hints for Thin Deep Nets, ICLR (arXiv:1412.6550)"
     Params = FitNetParams
     student_needs = frozenset({LOGITS, FEATURES})

@@ -19,6 +19,7 @@ class NoDistillation(Method):
 
     name = "none"
     description = "No distillation: the student trained on the labels only (the baseline row)."
+    formula = 'CE(s, y)'
     uses_teacher = False
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:

@@ -108,6 +108,7 @@ class PKD(Method):
     name = "pkd"
     version = 2  # 2: the soft KL averages over batch x classes by default (soft_reduction), as the official code
     description = "Patient KD (skip/last layer maps): KD + beta * MSE between normalised [CLS] hidden states."
+    formula = 'alpha*T^2*KL + (1-alpha)*CE + beta*mean_i MSE(u_s^i/|u_s^i|, u_t^g(i)/|u_t^g(i)|) ([CLS] of layers i < M)'
     citation = "Sun, Cheng, Gan, Liu 2019, EMNLP, arXiv:1908.09355"
     Params = PKDParams
     student_needs = frozenset({LOGITS, HIDDEN_STATES})

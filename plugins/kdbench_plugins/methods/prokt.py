@@ -86,6 +86,7 @@ class ProKT(Method):
     name = "prokt"
     version = 2  # 2: the teacher starts from its pretrained weights by default (teacher_init), not the fine-tuned one
     description = "ProKT: the teacher steps on (1-lambda)*CE + lambda*KL(p_S||p_T), then the student on KL(p_T'||p_S)."
+    formula = "teacher: (1-lambda)*CE(t) + lambda*KL(p_s||p_t); student: KL(p_t'||p_s)"
     citation = "Shi, Zhou, Wang, Li 2021, ECML-PKDD, arXiv:2107.09305"
     Params = ProKTParams
     updates_teacher = True

@@ -108,6 +108,7 @@ class TinyBERT(Method):
     name = "tinybert"
     version = 2  # 2: the soft CE averages over batch x classes by default (soft_reduction), as the official code
     description = "TinyBERT-style: attention-score MSE + hidden MSE through a learned W_h (embeddings incl.) + soft CE; optional two stages."
+    formula = 'w_att*sum MSE(A_s, A_t) + w_hid*sum MSE(H_s W_h, H_t) + w_pred*softCE(p_t^T, p_s^T)'
     citation = "Jiao et al. 2020, Findings of EMNLP, arXiv:1909.10351"
     Params = TinyBERTParams
     student_needs = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_SCORES})
