@@ -293,6 +293,28 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_arguments(rep: argparse.ArgumentParser) -> None:
+    """The options of ``kdbench report``."""
+    rep.add_argument("--format", action="append", choices=_ReportFormatNames(), metavar="FORMAT",
+                     help="also write the report in this format (repeatable; built-in md, csv, json, latex, html, summary, "
+                          "all, and any a plugin adds): md, latex and html hold every table "
+                          "(html: one self-contained file with plots); csv and json the statistics; summary plain sentences "
+                          "with the numbers (refreshing the summary block of the results folder's README.md). Default files: "
+                          "<results>/leaderboard.{md,csv,json,tex}, <results>/report.html (json also report.json), "
+                          "<results>/summary.md")
+    rep.add_argument("--output", help="file for a single --format")
+    rep.add_argument("--method", action="append", help="only this method (repeatable)")
+    rep.add_argument("--task", action="append", help="only this task (repeatable)")
+    rep.add_argument("--student", action="append", help="only this student label (repeatable)")
+    rep.add_argument("--where", action="append", metavar="KEY=VALUE",
+                     help="only runs with this method parameter (or seed/status/student) value, e.g. temperature=4 (repeatable)")
+    rep.add_argument("--baseline", help="method to compare against and cost reference (default: the suite's 'baseline', else its first method)")
+    rep.add_argument("--no-plots", action="store_true", help="skip the figures (faster)")
+    rep.add_argument("--correction", choices=["holm", "bh"], default="holm",
+                     help="multiple-comparison correction over the report's comparisons: holm (family-wise, default) or bh")
+    rep.add_argument("-v", "--verbose", action="store_true", help="also print the legend and the environment")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdbench", description="Benchmark knowledge distillation methods fairly.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -330,24 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", action="store_true")
 
     rep = suite_cmd("report", "print the leaderboard, statistics, sweeps and cost from the results store", cmd_report)
-    rep.add_argument("--format", action="append", choices=_ReportFormatNames(), metavar="FORMAT",
-                     help="also write the report in this format (repeatable; built-in md, csv, json, latex, html, summary, "
-                          "all, and any a plugin adds): md, latex and html hold every table "
-                          "(html: one self-contained file with plots); csv and json the statistics; summary plain sentences "
-                          "with the numbers (refreshing the summary block of the results folder's README.md). Default files: "
-                          "<results>/leaderboard.{md,csv,json,tex}, <results>/report.html (json also report.json), "
-                          "<results>/summary.md")
-    rep.add_argument("--output", help="file for a single --format")
-    rep.add_argument("--method", action="append", help="only this method (repeatable)")
-    rep.add_argument("--task", action="append", help="only this task (repeatable)")
-    rep.add_argument("--student", action="append", help="only this student label (repeatable)")
-    rep.add_argument("--where", action="append", metavar="KEY=VALUE",
-                     help="only runs with this method parameter (or seed/status/student) value, e.g. temperature=4 (repeatable)")
-    rep.add_argument("--baseline", help="method to compare against and cost reference (default: the suite's 'baseline', else its first method)")
-    rep.add_argument("--no-plots", action="store_true", help="skip the figures (faster)")
-    rep.add_argument("--correction", choices=["holm", "bh"], default="holm",
-                     help="multiple-comparison correction over the report's comparisons: holm (family-wise, default) or bh")
-    rep.add_argument("-v", "--verbose", action="store_true", help="also print the legend and the environment")
+    report_arguments(rep)
 
     suite_cmd("verify", "check the suite's store rows against their checksums: verified, unverified, corrupt "
               "(exit 5 when any is corrupt)", cmd_verify)
