@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kdbench.api import Problem, SetupInfo
-from kdbench.losses import probability_mse, soft_cross_entropy, soft_loss, softened_kl, teacher_lr_factor
+from kdbench.losses import probability_mse, soft_cross_entropy, soft_loss, softened_kl
+from kdbench.teacher_updates import teacher_lr_factor
 from kdbench.spec import SuiteError, build_suite
 from support.helpers_models import LinearNet, image_batch, make_ctx
 

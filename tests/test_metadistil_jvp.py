@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdbench.api import FEATURES, LOGITS, ModelOutput
-from kdbench.losses import output_jvp, output_jvp_reverse, output_tensors, replayed_rng, rng_state, training_mode
+from kdbench.metagrad import output_jvp, output_jvp_reverse, output_tensors, replayed_rng, rng_state, training_mode
 from kdbench_plugins.methods.metadistil import MetaDistil, MetaDistilParams
 from kdbench_plugins.models.bert import BertFactory, BertOptions
 from support.helpers_models import CLASSIFICATION, image_batch, make_ctx, text_batch, tiny_cnn
@@ -60,7 +60,7 @@ def test_reverse_over_reverse_fallback_is_exact_and_said_once(kind: str, monkeyp
     def no_forward_mode(*args, **kwargs):
         raise NotImplementedError("Trying to use forward AD with some_op that does not support it")
 
-    monkeypatch.setattr("kdbench.losses.output_jvp", no_forward_mode)
+    monkeypatch.setattr("kdbench.metagrad.output_jvp", no_forward_mode)
     with pytest.warns(UserWarning, match="forward-mode AD failed: Trying to use forward AD with some_op.*reverse over reverse"):
         grads, _, _ = method.meta_gradient(ctx, batch)
     torch.testing.assert_close(flat(grads), ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from torch.func import functional_call
 
 from kdbench.api import LOGITS, Batch, SetupInfo
-from kdbench.losses import teacher_lr_factor
+from kdbench.teacher_updates import teacher_lr_factor
 from kdbench.registry import Registry, make_plugin_manager
 from kdbench_plugins.methods.metadistil import MetaDistil, MetaDistilParams
 from support.helpers_models import CLASSIFICATION, LinearNet, image_batch, make_ctx, tiny_cnn

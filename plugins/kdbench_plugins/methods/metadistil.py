@@ -31,7 +31,7 @@ Options (besides ``teacher_lr``, ``teacher_optimizer`` and its weight decay / mo
 * ``quiz_mode``: ``eval`` (default; no dropout, BatchNorm uses its running statistics) or
   ``train`` (BatchNorm normalises with the quiz batch's statistics, as the official CIFAR
   code's virtual student; the student's running statistics are never changed by it).
-* ``teacher_schedule`` with ``teacher_start`` (see :func:`kdbench.losses.teacher_lr_factor`):
+* ``teacher_schedule`` with ``teacher_start`` (see :func:`kdbench.teacher_updates.teacher_lr_factor`):
   the teacher is fixed for the first ``teacher_start`` of the steps (a step is then a plain
   step of the inner method; the first step always is); from there its lr is ``constant``,
   ``linear`` (to 0 at the end: official GLUE) or ``follow_student`` (the student's schedule
@@ -72,7 +72,7 @@ no double backward through the student: the tangent pass costs about 2-3 plain s
 forwards and keeps no graph. Where forward mode cannot run (an op without a forward-mode
 derivative, a device whose random state cannot be replayed) ``J g`` comes from the kept
 graph by reverse over reverse (exact, slower; warned once per run). Helpers:
-:func:`kdbench.losses.output_derivative` and its neighbours. The real step reuses the
+:func:`kdbench.metagrad.output_derivative` and its neighbours. The real step reuses the
 student forward (same weights). The pilot's inner loss runs under ``ctx.rehearsal()``
 (on detached copies of the student's outputs): the inner method's random draws and extra
 buffers (CRD's negatives and memory banks) are the same in the real step. Extra modules
@@ -100,9 +100,9 @@ from torch.func import functional_call
 
 from kdbench.api import LOGITS, Batch, KDModel, Method, ModelOutput, Options, Problem, SetupInfo, StepContext, added, step_values, task_loss, wrapped_options
 from kdbench.hookspecs import hookimpl
-from kdbench.losses import (apply_teacher_gradient, build_teacher_optimizer, first_teacher_step, gradient_or_zeros, output_derivative, output_tensors,
-                            rng_state, schedule_ratio, teacher_lr_factor, training_mode, virtual_sgd_step)
+from kdbench.metagrad import gradient_or_zeros, output_derivative, output_tensors, rng_state, training_mode, virtual_sgd_step
 from kdbench.registry import Registry, UnknownNameError, did_you_mean, get_registry
+from kdbench.teacher_updates import apply_teacher_gradient, build_teacher_optimizer, first_teacher_step, schedule_ratio, teacher_lr_factor
 
 
 def inner_method_class(name: str, registry: Registry) -> type[Method]:

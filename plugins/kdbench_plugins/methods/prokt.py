@@ -43,7 +43,8 @@ from torch import Tensor
 
 from kdbench.api import LOGITS, Batch, KDBenchError, Method, ModelOutput, Objective, Options, Problem, StepContext, step_values, task_loss
 from kdbench.hookspecs import hookimpl
-from kdbench.losses import build_teacher_optimizer, schedule_ratio, soft_loss
+from kdbench.losses import soft_loss
+from kdbench.teacher_updates import build_teacher_optimizer, schedule_ratio
 
 
 def teacher_objective(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor, lam: float, temperature: float,
