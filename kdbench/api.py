@@ -14,7 +14,7 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -692,6 +692,29 @@ class SetupInfo:
 
 
 @dataclass
+class RunStreams:
+    """A run's random streams by name, each seeded from the run's seed (:func:`stream_seed`),
+    independent of each other and of the global RNG. :meth:`generator` is the stream that
+    everything drawing from it in the run shares (made on first use); :meth:`fresh` is a new
+    generator at the stream's start (the data order read once for the setup sample, then
+    again for training). The runner makes one per run; :class:`StepContext` draws from it."""
+
+    seed: int
+    generators: dict[str, torch.Generator] = field(default_factory=dict, repr=False)
+
+    def generator(self, stream: str, device: torch.device | str | None = None) -> torch.Generator:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        key = f"{stream}@{dev}"
+        if key not in self.generators:
+            self.generators[key] = self.fresh(stream, dev)
+        return self.generators[key]
+
+    def fresh(self, stream: str, device: torch.device | str | None = None) -> torch.Generator:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return torch.Generator(device=dev).manual_seed(stream_seed(self.seed, stream))
+
+
+@dataclass
 class StepContext:
     """What a method's training step may use. Built once per run by the runner.
 
@@ -738,7 +761,8 @@ class StepContext:
     #: Seconds of named parts of the steps (``ctx.timed("generation")``), summed over the
     #: run; the runner stores them in the run's cost as ``<name>_s`` beside ``train_s``.
     timings: dict[str, float] = field(default_factory=dict)
-    _generators: dict[str, torch.Generator] = field(default_factory=dict, repr=False)
+    #: the run's random streams (:class:`RunStreams`); made from ``seed`` when not given
+    streams: RunStreams | None = field(default=None, repr=False)
 
     @contextlib.contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -760,11 +784,15 @@ class StepContext:
         """The run's seeded random stream named ``stream`` (created on first use, then
         shared), e.g. ``ctx.generator("crd-negatives")``. Streams are independent of each
         other and of the global RNG; see :func:`stream_seed`."""
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        key = f"{stream}@{dev}"
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=dev).manual_seed(stream_seed(self.seed, stream))
-        return self._generators[key]
+        return self.run_streams.generator(stream, device)
+
+    @property
+    def run_streams(self) -> RunStreams:
+        """The run's streams (made from ``seed`` on first use when the context was built
+        without them, as tests do)."""
+        if self.streams is None:
+            self.streams = RunStreams(self.seed)
+        return self.streams
 
     def student_step(self, loss: Tensor) -> None:
         """The one student update: zero the gradients, backpropagate ``loss``, step the
@@ -781,16 +809,17 @@ class StepContext:
         """Run a loss without lasting side effects: on exit the run's random streams and the
         buffers of ``extra`` (e.g. CRD's memory banks) are as on entry, so the same loss on
         the same batch afterwards draws and reads the same (MetaDistil's pilot step)."""
-        states = {k: g.get_state() for k, g in self._generators.items()}
+        generators = self.run_streams.generators
+        states = {k: g.get_state() for k, g in generators.items()}
         buffers = {n: b.clone() for n, b in self.extra.named_buffers()} if self.extra is not None else {}
         try:
             yield
         finally:
-            for k in list(self._generators):
+            for k in list(generators):
                 if k in states:
-                    self._generators[k].set_state(states[k])
+                    generators[k].set_state(states[k])
                 else:  # first drawn inside: the next use starts the stream afresh
-                    del self._generators[k]
+                    del generators[k]
             for name, saved in buffers.items():  # swapped, not copied in place: the rehearsed graph may still read them
                 owner, _, leaf = name.rpartition(".")
                 self.extra.get_submodule(owner)._buffers[leaf] = saved  # type: ignore[union-attr]

@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kdbench.api import LOGITS, TEACHER as TEACHER_ROLE, Batch, KDBenchError, KDModel, Method, ModelOutput, SetupInfo, StepContext, check_alignment, set_trainable
+from kdbench.api import (LOGITS, TEACHER as TEACHER_ROLE, Batch, KDBenchError, KDModel, Method, ModelOutput, RunStreams, SetupInfo, StepContext,
+                         check_alignment, set_trainable)
 from kdbench.data import QUIZ, TRAIN, VALIDATION, TaskData, labels_tensor, load_task_data
 from kdbench.registry import Registry, call_lifecycle, get_registry
 from kdbench.spec import RunSpec
@@ -158,7 +159,7 @@ class Runner:
 
         return teacher_forward
 
-    def _quiz_batches(self, spec: RunSpec, p: _Prepared) -> Callable[[], Batch]:
+    def _quiz_batches(self, spec: RunSpec, p: _Prepared, streams: RunStreams) -> Callable[[], Batch]:
         quiz_iter: Iterator[Batch] | None = None
 
         def next_quiz_batch() -> Batch:
@@ -166,19 +167,19 @@ class Runner:
             if QUIZ not in p.encoded:
                 raise KDBenchError(f"method '{spec.method}' needs a quiz split; set quiz_fraction > 0")
             if quiz_iter is None:
-                quiz_gen = torch.Generator().manual_seed(spec.seed + 1)
+                quiz_gen = streams.fresh("quiz")
                 quiz_iter = batches(p.factory, p.encoded[QUIZ], labels_tensor(p.data, QUIZ), spec.budget.batch_size, quiz_gen, self.device,
                                     p.data.task, p.data.task.has_augmentation and p.method.augments_quiz, teacher=p.teacher_side(QUIZ))
             return next(quiz_iter)
 
         return next_quiz_batch
 
-    def _context(self, spec: RunSpec, p: _Prepared, student: KDModel) -> tuple[StepContext, int, int]:
+    def _context(self, spec: RunSpec, p: _Prepared, student: KDModel, streams: RunStreams) -> tuple[StepContext, int, int]:
         """The step context (optimizer over student + the method's extra modules), the
         step count and the deployed parameter count."""
         labels = labels_tensor(p.data, TRAIN)
         steps = total_steps(spec.budget, labels.shape[0])
-        sample = next(batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, torch.Generator().manual_seed(spec.seed), self.device,
+        sample = next(batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, streams.fresh("data"), self.device,
                               teacher=p.teacher_side(TRAIN)))
         extra = p.method.extra_modules(student, p.teacher, SetupInfo(sample=sample, train_size=labels.shape[0], device=self.device))
         extra = extra.to(self.device) if extra is not None else None
@@ -190,8 +191,8 @@ class Runner:
             build_teacher = lambda: teachers.pretrained_teacher(spec, self.registry, p.data, self.device)  # noqa: E731
         ctx = StepContext(student=student, teacher=p.teacher, extra=extra, student_optimizer=optimizer, scheduler=scheduler,
                           problem=p.data.objective, device=self.device, total_steps=steps, train_size=labels.shape[0],
-                          teacher_forward=self._teacher_forward(p.teacher, p.shared), next_quiz_batch=self._quiz_batches(spec, p),
-                          autocast=autocast_for(self.device), seed=spec.seed, build_teacher=build_teacher,
+                          teacher_forward=self._teacher_forward(p.teacher, p.shared), next_quiz_batch=self._quiz_batches(spec, p, streams),
+                          autocast=autocast_for(self.device), seed=spec.seed, streams=streams, build_teacher=build_teacher,
                           quiz_size=int(labels_tensor(p.data, QUIZ).shape[0]) if QUIZ in p.encoded else 0)
         return ctx, steps, sum(x.numel() for x in params)
 
@@ -204,7 +205,8 @@ class Runner:
         seed_everything(spec.seed)
         student = p.student_model.factory.build(p.student_model.options, p.data.task.problem).to(self.device)
         p.method.check_models(student, p.teacher)
-        ctx, steps, n_training = self._context(spec, p, student)
+        streams = RunStreams(spec.seed)  # every random stream of the run, by name
+        ctx, steps, n_training = self._context(spec, p, student, streams)
         ctx.train_batches = lambda size: ordered_batches(p.factory, p.encoded[TRAIN], labels_tensor(p.data, TRAIN), size, self.device,
                                                          p.teacher_side(TRAIN))
         if checkpoint is not None and p.teacher is not None and not p.method.updates_teacher:
@@ -214,7 +216,7 @@ class Runner:
         p.method.setup(ctx)
         meter = CostMeter(self.device)
         labels = labels_tensor(p.data, TRAIN)
-        train_batches = batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, torch.Generator().manual_seed(spec.seed),
+        train_batches = batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, streams.fresh("data"),
                                 self.device, p.data.task, p.data.task.has_augmentation, meter, teacher=p.teacher_side(TRAIN))
 
         def step_fn(batch: Batch, step: int) -> dict[str, torch.Tensor]:
