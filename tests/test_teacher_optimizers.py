@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kdbench.api import LOGITS, Batch, KDModel, ModelOutput, Problem
+from kdbench.api import LOGITS, Batch, KDModel, ModelOutput, Problem, RunStreams
 from kdbench_plugins.methods.metadistil import MetaDistil, MetaDistilParams
 from kdbench_plugins.methods.prokt import ProKT, ProKTParams
 from support.helpers_models import CLASSIFICATION, LinearNet, make_ctx
@@ -244,6 +244,6 @@ def test_quiz_augment_reaches_the_runners_quiz_stream() -> None:
     for flag in (False, True):
         method = MetaDistil(MetaDistilParams(quiz_augment=flag), CLASSIFICATION)
         prepared = SimpleNamespace(method=method, data=data, encoded=encoded, factory=factory, teacher_side=lambda split: None)
-        quiz = Runner._quiz_batches(runner, spec, prepared)()  # type: ignore[arg-type]
+        quiz = Runner._quiz_batches(runner, spec, prepared, RunStreams(spec.seed))()  # type: ignore[arg-type]
         assert bool((quiz.inputs["x"] >= 1000).all()) == flag
     assert MetaDistilParams(quiz_augment=False).model_dump(mode="json").keys() == MetaDistilParams().model_dump(mode="json").keys()
