@@ -18,9 +18,10 @@ import zlib
 from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from kdbench.api import (ATTENTION_PROBS, ATTENTION_SCORES, EMBEDDING, HIDDEN_STATES, KEYS, LOGITS, QUERIES, VALUES, KDBenchError, KDModel,
+from kdbench.api import (ATTENTION_PROBS, ATTENTION_SCORES, EMBEDDING, HIDDEN_STATES, KEYS, LOGITS, QUERIES, VALUES, KDBenchError, KDModel, Options,
                          ModelOutput)
 
 #: Offline checkpoints shipped as Python packages: alias -> (module, how to install it).
@@ -315,3 +316,21 @@ def build_classifier(family: type[EncoderFamily], config: Any, path: str | None,
     if freeze_word_embeddings:
         model.freeze([n for n, p in model.named_parameters() if p is encoder.get_input_embeddings().weight])
     return model
+
+
+class TinyEncoderOptions(Options):
+    """A tiny randomly initialised encoder built in code (no files): the ``tiny`` option of
+    the encoder model factories, for tests and CPU suites."""
+
+    layers: int = Field(2, gt=0)
+    hidden: int = Field(32, gt=0)
+    heads: int = Field(2, gt=0)
+    intermediate: int = Field(64, gt=0)
+    vocab_size: int = Field(1000, gt=10)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TinyEncoderOptions":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        return self
+

@@ -46,30 +46,16 @@ from kdbench.api import (
     Problem,
     added,
 )
-from kdbench.encoders import EncoderClassifier, HashingTokenizer, build_classifier, check_vocabulary, resolve_pretrained, tokenizer_identity
+from kdbench.encoders import TinyEncoderOptions, EncoderClassifier, HashingTokenizer, build_classifier, check_vocabulary, resolve_pretrained, tokenizer_identity
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import get_registry
-
-
-class TinyConfig(Options):
-    layers: int = Field(2, gt=0)
-    hidden: int = Field(32, gt=0)
-    heads: int = Field(2, gt=0)
-    intermediate: int = Field(64, gt=0)
-    vocab_size: int = Field(1000, gt=10)
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "TinyConfig":
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
-        return self
 
 
 class BertOptions(Options):
     pretrained: str | None = Field(None, description="local folder, hub name, or 'minilm'")
     layers: tuple[int, ...] | None = Field(None, description="encoder layers to keep, in order")
     num_layers: int | None = Field(None, gt=0, description="keep the first k encoder layers")
-    tiny: TinyConfig | None = None
+    tiny: TinyEncoderOptions | None = None
     pooling: Literal["mean", "cls", "pooler"] = "mean"
     dropout: float = Field(0.1, ge=0, lt=1)
     freeze_word_embeddings: bool = added(False, "keep the word-embedding matrix fixed whoever trains the model (on a CPU, AdamW over "

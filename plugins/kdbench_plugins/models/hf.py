@@ -33,29 +33,15 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from kdbench.api import Encoded, Examples, KDBenchError, ModelFactory, ModelFacts, Options, Problem
-from kdbench.encoders import (ALL_CAPABILITIES, EncoderClassifier, EncoderFamily, HashingTokenizer, build_classifier, check_vocabulary,
+from kdbench.encoders import (TinyEncoderOptions, ALL_CAPABILITIES, EncoderClassifier, EncoderFamily, HashingTokenizer, build_classifier, check_vocabulary,
                               family_capabilities, resolve_pretrained, tokenizer_identity)
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import get_registry
 
-class TinyEncoder(Options):
-    layers: int = Field(2, gt=0)
-    hidden: int = Field(32, gt=0)
-    heads: int = Field(2, gt=0)
-    intermediate: int = Field(64, gt=0)
-    vocab_size: int = Field(1000, gt=10)
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "TinyEncoder":
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
-        return self
-
-
 class HFOptions(Options):
     pretrained: str | None = Field(None, description="local folder, hub name, or 'minilm'")
     family: str | None = Field(None, description="encoder family (kdbench list families); required with tiny")
-    tiny: TinyEncoder | None = None
+    tiny: TinyEncoderOptions | None = None
     tokenizer: str | None = Field(None, description="tokenizer folder or hub name for a tiny model (default: hashing tokenizer)")
     layers: tuple[int, ...] | None = Field(None, description="encoder layers to keep, in order")
     num_layers: int | None = Field(None, gt=0, description="keep the first k encoder layers")
