@@ -39,18 +39,18 @@ def mutants() -> list[Mutant]:
     pk_tests = ("tests/test_teacher_optimizers.py", "tests/test_prokt.py")
     out = [
         # -- the teacher optimisers (kdbench/losses.py, shared by MetaDistil and ProKT)
-        Mutant("teacher SGD momentum dropped", "kdbench/losses.py", "lr=lr, momentum=momentum, weight_decay=weight_decay)",
+        Mutant("teacher SGD momentum dropped", "kdbench/teacher_updates.py", "lr=lr, momentum=momentum, weight_decay=weight_decay)",
                "lr=lr, momentum=0.0, weight_decay=weight_decay)", md_tests[:1]),
-        Mutant("teacher SGD weight decay dropped", "kdbench/losses.py", "lr=lr, momentum=momentum, weight_decay=weight_decay)",
+        Mutant("teacher SGD weight decay dropped", "kdbench/teacher_updates.py", "lr=lr, momentum=momentum, weight_decay=weight_decay)",
                "lr=lr, momentum=momentum, weight_decay=0.0)", md_tests[:1]),
-        Mutant("teacher AdamW weight decay dropped", "kdbench/losses.py", "AdamW(params, lr=lr, weight_decay=weight_decay,",
+        Mutant("teacher AdamW weight decay dropped", "kdbench/teacher_updates.py", "AdamW(params, lr=lr, weight_decay=weight_decay,",
                "AdamW(params, lr=lr, weight_decay=0.0,", md_tests[:1]),
-        Mutant("scheduled teacher lr applied one step late", "kdbench/losses.py",
+        Mutant("scheduled teacher lr applied one step late", "kdbench/teacher_updates.py",
                '    for group in optimizer.param_groups:\n        group["lr"] = lr\n    optimizer.step()\n',
                '    optimizer.step()\n    for group in optimizer.param_groups:\n        group["lr"] = lr\n', md_tests[:1]),
-        Mutant("teacher clip value ignored", "kdbench/losses.py", "nn.utils.clip_grad_norm_(params, clip)", "nn.utils.clip_grad_norm_(params, 1.0)", md_tests[:1]),
-        Mutant("linear teacher schedule off by one step", "kdbench/losses.py", "(ctx.total_steps - ctx.step) /", "(ctx.total_steps - ctx.step + 1) /", md_tests),
-        Mutant("follow_student teacher lr not renormalised", "kdbench/losses.py", "return schedule_ratio(ctx) / at_start if at_start else 0.0",
+        Mutant("teacher clip value ignored", "kdbench/teacher_updates.py", "nn.utils.clip_grad_norm_(params, clip)", "nn.utils.clip_grad_norm_(params, 1.0)", md_tests[:1]),
+        Mutant("linear teacher schedule off by one step", "kdbench/teacher_updates.py", "(ctx.total_steps - ctx.step) /", "(ctx.total_steps - ctx.step + 1) /", md_tests),
+        Mutant("follow_student teacher lr not renormalised", "kdbench/teacher_updates.py", "return schedule_ratio(ctx) / at_start if at_start else 0.0",
                "return schedule_ratio(ctx)", md_tests),
         # -- MetaDistil, one per option and the step's structure
         Mutant("metadistil virtual_lr ignored", md, "return self.params.virtual_lr * (", "return 5e-5 * (", md_tests),
@@ -128,6 +128,7 @@ def mutants() -> list[Mutant]:
         (kd, "kd alpha", "return p.alpha * soft + (1 - p.alpha) * hard", "return 0.5 * soft + (1 - 0.5) * hard", "tests/test_kd.py"),
         (kd, "kd temperature", "soft_loss(student.logits, teacher.logits, p.temperature,", "soft_loss(student.logits, teacher.logits, 4.0,", "tests/test_kd.py"),
         (kd, "kd soft_loss", "kind=p.soft_loss, mask", 'kind="kl", mask', "tests/test_kd.py tests/test_metadistil_options.py tests/test_soft_regression.py"),
+        (kd, "kd logit_standardization", "standardize=p.logit_standardization, regression", "standardize=False, regression", "tests/test_kd.py"),
         (kd, "kd regression_soft", "regression=p.regression_soft)", 'regression="logits")', "tests/test_kd.py tests/test_soft_regression.py"),
         (pkd, "pkd alpha", "loss = p.alpha * soft + (1 - p.alpha) * hard", "loss = 0.7 * soft + (1 - 0.7) * hard", "tests/test_pkd.py"),
         (pkd, "pkd temperature", "soft_loss(student.logits, teacher.logits, p.temperature,", "soft_loss(student.logits, teacher.logits, 10.0,", "tests/test_pkd.py"),
@@ -148,7 +149,8 @@ def mutants() -> list[Mutant]:
         (M + "dkd.py", "dkd gamma", "total = p.gamma * ce", "total = 1.0 * ce", "tests/test_dkd.py"),
         (M + "dkd.py", "dkd alpha", "w * (p.alpha * tckd", "w * (1.0 * tckd", "tests/test_dkd.py"),
         (M + "dkd.py", "dkd beta", "+ p.beta * nckd)", "+ 8.0 * nckd)", "tests/test_dkd.py"),
-        (M + "dkd.py", "dkd temperature", "batch.labels, p.temperature)", "batch.labels, 4.0)", "tests/test_dkd.py"),
+        (M + "dkd.py", "dkd temperature", "batch.labels, p.temperature, p.logit_standardization)", "batch.labels, 4.0, p.logit_standardization)", "tests/test_dkd.py"),
+        (M + "dkd.py", "dkd logit_standardization", "batch.labels, p.temperature, p.logit_standardization)", "batch.labels, p.temperature, False)", "tests/test_dkd.py"),
         (M + "dkd.py", "dkd warmup_fraction", "warm = self.params.warmup_fraction * total_steps", "warm = 20 / 240 * total_steps", "tests/test_dkd.py"),
         (M + "at.py", "at gamma", "total = hp.gamma * ce", "total = 1.0 * ce", "tests/test_at.py"),
         (M + "at.py", "at alpha", "+ hp.alpha * kd", "+ 0.0 * kd", "tests/test_at.py"),
@@ -218,8 +220,10 @@ def main() -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("-v", action="store_true", help="show pytest's output")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N chosen mutations (resume a run)")
+    ap.add_argument("--count", type=int, default=None, help="run at most N mutations after the skipped ones")
     args = ap.parse_args()
     chosen = [m for m in mutants() if args.k in m.name][args.skip:]
+    chosen = chosen[:args.count] if args.count is not None else chosen
     survivors = []
     for m in chosen:
         if args.list:
