@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -312,7 +313,9 @@ def run(m: Mutant, verbose: bool, fork: bool = False) -> tuple[bool, float]:
 
 #: third-party libraries a forked pytest finds already imported (kdbench's own modules are
 #: never imported by the parent, so every child imports the mutated file afresh)
-PRELOAD = ("numpy", "torch", "pydantic", "pluggy", "yaml", "transformers", "pytest")
+PRELOAD = ("numpy", "torch", "pydantic", "pluggy", "yaml", "pandas", "scipy.stats", "safetensors.torch", "tokenizers", "transformers",
+           "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
+           "pytest")
 
 
 def pytest_in_fork(args: list[str], verbose: bool) -> int:
@@ -333,7 +336,12 @@ def pytest_in_fork(args: list[str], verbose: bool) -> int:
             code = int(pytest.main(args))
         finally:
             os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except BaseException:  # interrupted: the child goes too, and run() restores the file
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
 
 
 def main() -> int:
@@ -345,6 +353,9 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=None, help="run at most N mutations after the skipped ones")
     ap.add_argument("--fork", action="store_true", help="import torch and transformers once and fork a pytest per mutation (faster)")
     args = ap.parse_args()
+    # restore the mutated file on SIGTERM too, and on Ctrl-C where a background shell ignored SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.fork and not args.list:
         for name in PRELOAD:
             importlib.import_module(name)
