@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator,
                       model_serializer, model_validator)
 
-from kdbench.api import KDBenchError, ModelFacts, added, check_alignment, omit_added_defaults, refuse_bool_numbers, unhashed_fields
+from kdbench.api import KDBenchError, Method, ModelFacts, added, check_alignment, omit_added_defaults, refuse_bool_numbers, unhashed_fields
 from kdbench.loader import MAX_BYTES, LoadError, parse_yaml, printable, snippet, unprintable
 from kdbench.registry import Registry, did_you_mean, get_registry
 from kdbench.recipes import expand_recipes
@@ -67,6 +67,7 @@ MAX_SEED = 2**32 - 2**20
 #: the environment variables KDBENCH_MAX_STEPS / KDBENCH_MAX_EPOCHS.
 MAX_STEPS = 10**7
 MAX_EPOCHS = 10**4
+MAX_FLOPS = 10**21  # a compute budget (Budget.flops): about 12 days of an H100 at its dense bf16 peak
 MAX_BATCH = 2**20
 #: A suite (tasks x students x method settings x seeds) expands to at most this many runs.
 MAX_RUNS = 100_000
@@ -188,11 +189,18 @@ def lr_factor(spec: OptimizerSpec, steps: int, steps_per_epoch: float = 1.0, epo
 
 
 class Budget(WithAddedFields):
-    """How long a student trains: ``steps`` optimizer steps, or ``epochs`` over the
-    training split. Identical for every method of a suite."""
+    """How long a student trains: ``steps`` optimizer steps, ``epochs`` over the
+    training split, or ``flops``: the counted floating-point operations of the teacher's
+    and student's passes (``kdbench.compute``), which buy each method the steps its
+    passes afford. Identical for every method of a suite."""
 
     steps: int | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
+    flops: float | None = added(None, "compute budget: each method trains for the most steps whose teacher and student passes "
+                                      "cost at most this many FLOPs (one pass of each kind counted on the run's first batch with "
+                                      "PyTorch's FLOP counter: matmul, convolution, attention; times the passes the method plans, "
+                                      "`Method.planned_passes`; give `steps`, `epochs` or `flops`); not for a teacher's "
+                                      "fine-tuning; at most 10^21 (`KDBENCH_MAX_FLOPS`)", gt=0)
     batch_size: int = Field(32, gt=0)
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (the end is always evaluated)")
     eval_batch_size: int = Field(256, gt=0)
@@ -204,8 +212,12 @@ class Budget(WithAddedFields):
 
     @model_validator(mode="after")
     def _one_length(self) -> "Budget":
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of 'steps' or 'epochs'")
+        if sum(x is not None for x in (self.steps, self.epochs, self.flops)) != 1:
+            raise ValueError("give exactly one of 'steps', 'epochs' or 'flops'")
+        max_flops = budget_limit("KDBENCH_MAX_FLOPS", MAX_FLOPS)
+        if self.flops is not None and self.flops > max_flops:
+            raise ValueError(f"flops={snippet(self.flops, 30)} is above the bound of {max_flops:.0e} (a typo?); "
+                             "set KDBENCH_MAX_FLOPS to allow more")
         max_steps, max_epochs = budget_limit("KDBENCH_MAX_STEPS", MAX_STEPS), budget_limit("KDBENCH_MAX_EPOCHS", MAX_EPOCHS)
         if self.steps is not None and self.steps > max_steps:
             raise ValueError(f"steps={snippet(self.steps, 30)} is above the bound of {max_steps} (a typo?); "
@@ -711,6 +723,10 @@ class _SuiteBuilder:
             self._check_method(i, m, student_labels)
         self.problems.extend(_selection_clashes(spec.methods))
         self.problems.extend(_row_name_clashes(spec.methods))
+        teacher_budgets = [("teacher", spec.teacher.train.budget)] if spec.teacher and spec.teacher.train else []
+        teacher_budgets += [(f"pairs[{i}].teacher", p.teacher.train.budget) for i, p in enumerate(spec.pairs) if p.teacher.train]
+        self.problems += [f"{where}.train.budget.flops: a teacher's fine-tuning has no method whose passes could be counted "
+                          "ahead; give its budget in steps or epochs" for where, budget in teacher_budgets if budget.flops is not None]
         if spec.baseline not in {m.name for m in spec.methods}:
             self.problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
         for i, tracker in enumerate(spec.trackers):
@@ -799,6 +815,9 @@ class _SuiteBuilder:
         if cls.uses_teacher and not (self.spec.teacher is not None or self.spec.pairs):
             self.problems.append(f"methods[{i}]: method '{m.name}' needs a teacher, but the suite has no 'teacher'")
         self._check_capabilities(i, m.name, cls)
+        if self.spec.budget.flops is not None and cls.train_step is not Method.train_step and cls.planned_passes is Method.planned_passes:
+            self.problems.append(f"methods[{i}]: method '{m.name}' runs its own training step without planning its passes "
+                                 "(Method.planned_passes), so a budget in flops cannot say how many steps it gets; give the budget in steps")
         try:
             grid = expand_grid(cls.Params, m.params)
         except ValueError as err:
