@@ -14,12 +14,14 @@ in a run's training steps, and the floating-point operations of one pass of each
   forward per call, also when they come from the shared cache of precomputed outputs
   (the method consumes them; the cache only saves recomputing them across runs).
   Passes in a method's one-off ``setup`` (precomputed teacher caches) are not counted.
+  Memory banks cost no passes (CRD's stores the embeddings of the step's own forwards);
+  extra views would (a method that runs the models on two views makes two forwards).
 * :func:`pass_flops` counts the FLOPs of one pass of a model on a batch with PyTorch's
   :class:`torch.utils.flop_counter.FlopCounterMode`, which counts matrix multiplications,
   convolutions and attention (elementwise operations, normalisation and the loss are not
   counted). The runner counts them on the run's first training batch and multiplies by
   the passes (:func:`total_flops`); decode steps are counted as passes but not in FLOPs.
-* :func:`flops_per_step` and :func:`steps_for_flops`: the steps a compute budget
+* :func:`steps_for_flops`: the steps a compute budget
   (``budget.flops``) buys a method, from its planned passes (:meth:`kdbench.api.Method.planned_passes`).
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -80,6 +83,15 @@ class PassCounter:
         self.active = False
         self._silent: set[str] = set()
         self._handles: list[Any] = []
+
+    @classmethod
+    def of(cls, **models: nn.Module | None) -> "PassCounter":
+        """A counter attached to each model given by role (``student=..., teacher=...``; None skipped)."""
+        counter = cls()
+        for role, model in models.items():
+            if model is not None:
+                counter.attach(role, model)
+        return counter
 
     def attach(self, role: str, model: nn.Module) -> None:
         """Count ``model``'s passes as ``role``'s (``"student"`` or ``"teacher"``)."""
@@ -201,14 +213,6 @@ def total_flops(passes: Mapping[str, float], per_pass: Mapping[str, float | None
     return out
 
 
-def flops_per_step(planned: Callable[[int], Mapping[str, float]], per_pass: Mapping[str, float | None], steps: int) -> float:
-    """Mean FLOPs per step of a run of ``steps`` steps whose passes ``planned(steps)`` gives."""
-    flops = total_flops(planned(steps), per_pass)["train_flops"]
-    if flops is None:
-        raise ValueError("a planned pass has no counted FLOPs")
-    return flops / max(steps, 1)
-
-
 def steps_for_flops(budget: float, planned: Callable[[int], Mapping[str, float]], per_pass: Mapping[str, float | None], max_steps: int) -> int:
     """The most steps (at least 1) whose planned passes cost at most ``budget`` FLOPs
     (per-pass FLOPs from :func:`pass_flops`); ValueError where the budget buys more than
@@ -256,9 +260,16 @@ class PassFlops:
                 self.per_pass.update({pass_key(role, k): v for k, v in found.items()})
 
 
-def compute_cost(passes: Mapping[str, int], per_pass: Mapping[str, int]) -> dict[str, Any]:
-    """The compute fields stored in a run's cost: ``passes`` (every counted pass by
-    :func:`pass_key`), ``pass_flops`` (FLOPs of one pass of each kind made), the totals of
-    :func:`total_flops` and ``flops_counter`` (how they were counted)."""
+def compute_cost(counter: PassCounter, flops: PassFlops, seconds: float = 0.0) -> dict[str, Any]:
+    """The compute fields stored in a run's cost, once its steps are done: ``passes`` (every
+    counted pass by :func:`pass_key`), ``pass_flops`` (FLOPs of one pass of each kind made,
+    counted now for kinds not counted before training), the totals of :func:`total_flops`,
+    ``flops_counter`` (how they were counted) and ``count_s`` (``seconds`` already spent
+    counting plus now's: not part of the run's preparation or training). Detaches the counter."""
+    t0 = time.perf_counter()
+    counter.detach()
+    passes = counter.counts
+    flops.measure({k for k, n in passes.items() if n})
+    per_pass = flops.per_pass
     return {"passes": dict(passes), "pass_flops": {k: v for k, v in per_pass.items() if passes.get(k)},
-            **total_flops(passes, per_pass), "flops_counter": COUNTER}
+            **total_flops(passes, per_pass), "flops_counter": COUNTER, "count_s": seconds + time.perf_counter() - t0}

@@ -180,6 +180,15 @@ class Runner:
         return next(batches(p.factory, p.encoded[TRAIN], labels_tensor(p.data, TRAIN), spec.budget.batch_size, streams.fresh("data"),
                             self.device, teacher=p.teacher_side(TRAIN)))
 
+    def _plan(self, spec: RunSpec, p: _Prepared, student: KDModel, streams: RunStreams) -> tuple[Batch, PassFlops, int, float]:
+        """The first training batch, the FLOPs of one pass counted on it (when first asked),
+        the run's steps, and the seconds spent counting (not preparation)."""
+        sample = self._sample(spec, p, streams)
+        t0 = time.perf_counter()
+        flops = PassFlops(student, p.teacher, sample, p.method.student_needs, p.method.teacher_needs)
+        steps = self._steps(spec, p, flops)
+        return sample, flops, steps, time.perf_counter() - t0
+
     def _steps(self, spec: RunSpec, p: _Prepared, flops: PassFlops) -> int:
         """The run's optimizer steps: the budget's steps or epochs, or the most steps whose
         planned passes fit its FLOPs (:func:`kdbench.compute.steps_for_flops`)."""
@@ -229,17 +238,9 @@ class Runner:
         if p.teacher is not None:
             set_trainable(p.teacher, p.method.updates_teacher)
         streams = RunStreams(spec.seed)  # every random stream of the run, by name
-        sample = self._sample(spec, p, streams)
-        t_count = time.perf_counter()
-        flops = PassFlops(student, p.teacher, sample, p.method.student_needs, p.method.teacher_needs)
-        steps = self._steps(spec, p, flops)
-        count_s = time.perf_counter() - t_count
+        sample, flops, steps, count_s = self._plan(spec, p, student, streams)
         ctx, n_training = self._context(spec, p, student, streams, steps, sample)
-        counter = PassCounter()
-        counter.attach("student", student)
-        if p.teacher is not None:
-            counter.attach("teacher", p.teacher)
-        ctx.passes = counter
+        ctx.passes = counter = PassCounter.of(student=student, teacher=p.teacher)
         ctx.train_batches = lambda size: ordered_batches(p.factory, p.encoded[TRAIN], labels_tensor(p.data, TRAIN), size, self.device,
                                                          p.teacher_side(TRAIN))
         if checkpoint is not None and p.teacher is not None and not p.method.updates_teacher:
@@ -280,11 +281,7 @@ class Runner:
         cost["params_training"] = cost["student_params"] = n_training
         cost["shared_teacher_outputs"] = p.shared is not None
         cost.update({f"{part}_s": seconds for part, seconds in ctx.timings.items()})  # parts of train_s (generation, ...)
-        counter.detach()
-        t_count = time.perf_counter()
-        flops.measure({k for k, n in counter.counts.items() if n})  # kinds the steps made that were not counted before training
-        cost.update(compute_cost(counter.counts, flops.per_pass))
-        cost["count_s"] = count_s + time.perf_counter() - t_count
+        cost.update(compute_cost(counter, flops, count_s))
         main = p.data.task.main_metric
         metrics = select_metrics(history, spec.selection, main, metric_infos(p.data.objective, history, main))
         return RunResult(DONE, metrics=metrics, history=history, cost=cost, env=env)
