@@ -224,3 +224,76 @@ def test_flops_field_leaves_existing_budgets_and_hashes_alone() -> None:
     from kdbench.spec import Budget
 
     assert "flops" not in Budget(steps=10).model_dump() and Budget(flops=1e9).model_dump()["flops"] == 1e9
+
+
+def test_on_policy_generation_counts_its_decode_steps_apart_from_forwards() -> None:
+    from kdbench.generation import decode
+    from kdbench_plugins.methods.rkl import ReverseKLOnPolicy
+    from test_lm_methods import setup
+
+    method, ctx, batch = setup(ReverseKLOnPolicy, max_new_tokens=5)
+    g = torch.Generator().manual_seed(0)
+    g.set_state(ctx.generator("rkl-samples").get_state())
+    expected = decode(ctx.student.lm, batch.inputs["prompt_ids"], batch.inputs["prompt_mask"], 5, 2, 0, greedy=False, generator=g)
+    counter = PassCounter()
+    counter.attach("student", ctx.student)
+    counter.attach("teacher", ctx.teacher)
+    ctx.passes, ctx.teacher_forward = counter, counter.counted_forward("teacher", ctx.teacher_forward)
+    with counter.counting():
+        method.train_step(ctx, batch)
+    # one decode step per generated position, then the loss's one student forward and backward on the samples
+    assert counter.counts["student_decode"] == expected.tokens.shape[1] >= 1
+    assert (counter.counts["student_fwd"], counter.counts["student_bwd"], counter.counts["teacher_fwd"]) == (1, 1, 1)
+
+
+def counted_step(method, ctx, batch) -> dict[str, int]:
+    """The passes of one ``method.train_step`` as the runner counts them."""
+    counter = PassCounter()
+    counter.attach("student", ctx.student)
+    counter.attach("teacher", ctx.teacher)
+    ctx.passes, ctx.teacher_forward = counter, counter.counted_forward("teacher", ctx.teacher_forward)
+    with counter.counting():
+        method.train_step(ctx, batch)
+    return {k: v for k, v in counter.counts.items() if v}
+
+
+def test_prokt_and_seqkd_make_the_passes_they_plan() -> None:
+    from kdbench_plugins.methods.prokt import ProKT
+    from kdbench_plugins.methods.seqkd import SeqKD
+    from support.helpers_models import image_batch, make_ctx, tiny_cnn
+    from test_lm_methods import setup
+
+    problem = Problem("classification", 2)
+    student, teacher = tiny_cnn((3,), problem, seed=1), tiny_cnn((4,), problem, seed=2)
+    teacher.requires_grad_(True)
+    method = ProKT(ProKT.Params(teacher_init="finetuned"), problem)
+    ctx = make_ctx(student, teacher, torch.optim.SGD(student.parameters(), lr=0.01), problem=problem)
+    method.setup(ctx)
+    # the teacher's step backpropagates into the teacher only (the student's logits detached)
+    assert counted_step(method, ctx, image_batch()) == method.planned_passes(1, 4, 0) == {
+        "student_fwd": 1, "student_bwd": 1, "teacher_fwd": 2, "teacher_bwd": 1}
+    seqkd, ctx, batch = setup(SeqKD, max_new_tokens=4)  # the teacher decoded in setup: no teacher pass per step
+    assert counted_step(seqkd, ctx, batch) == seqkd.planned_passes(1, 4, 0) == {"student_fwd": 1, "student_bwd": 1}
+
+
+def test_metadistil_with_a_late_teacher_and_warm_steps_makes_the_passes_it_plans() -> None:
+    # teacher_start 0.5 of 8 steps with 2 warm steps: steps 0-1 plain, 2-7 meta (6 of them); a whole quiz pass of 2 batches
+    from support.helpers_models import image_batch, make_ctx, tiny_cnn
+
+    problem = Problem("classification", 2)
+    student, teacher = tiny_cnn((3,), problem, seed=1), tiny_cnn((4,), problem, seed=2)
+    teacher.requires_grad_(True)
+    method = MetaDistil(MetaDistilParams(teacher_start=0.5, teacher_warm_steps=2, quiz_batches="all", teacher_lr=0.01), problem)
+    ctx = make_ctx(student, teacher, torch.optim.SGD(student.parameters(), lr=0.01), quiz=image_batch(seed=9), problem=problem,
+                   total_steps=8)
+    ctx.quiz_size = 9  # two batches of 4
+    method.setup(ctx)
+    counter = PassCounter.of(student=student, teacher=teacher)
+    ctx.passes, ctx.teacher_forward = counter, counter.counted_forward("teacher", ctx.teacher_forward)
+    for step in range(8):
+        ctx.step = step
+        with counter.counting():
+            method.train_step(ctx, image_batch(seed=step))
+    counted = {k: v for k, v in counter.counts.items() if v}
+    assert counted == method.planned_passes(8, 4, 9) == {"teacher_fwd": 2 + 6 * 2, "teacher_bwd": 6, "student_fwd": 2 + 6 * 3,
+                                                         "student_bwd": 2 + 6 * 4, "student_jvp": 6}
