@@ -294,11 +294,11 @@ class TorchdistillKD:
     registry's ``KDLoss``; a step is its example loop's body (``forward_process`` then
     ``post_forward_process``: backward, optimizer step, zero_grad)."""
 
-    def __init__(self, m: Models):
+    def __init__(self, pair: PairDef, m: Models):
         from torch.utils.data import RandomSampler, TensorDataset
         from torchdistill.core.distillation import get_distillation_box
 
-        p, o, b = m.spec.params, m.spec.optimizer, m.spec.budget
+        p, o, b = pair.params, m.spec.optimizer, m.spec.budget  # the peer's weights come from the pair, as kdbench's spec does
         self.student = m.build_student().train()
         self.teacher = m.teacher
         images = m.encoded["pixel_values"]
@@ -441,7 +441,7 @@ class TextBrewerStep:
 
 
 def build_peer(pair: PairDef, m: Models, workdir: str) -> Any:
-    return TorchdistillKD(m) if pair.peer == "torchdistill" else TextBrewerStep(pair, m, workdir)
+    return TorchdistillKD(pair, m) if pair.peer == "torchdistill" else TextBrewerStep(pair, m, workdir)
 
 
 # --------------------------------------------------------------------------- equality
