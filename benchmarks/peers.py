@@ -188,7 +188,9 @@ def suite_dict(pair: PairDef, tiny: bool, steps: int, batch: int) -> dict:
         optimizer = {"name": "adamw", "lr": 5e-5, "schedule": "linear"}
     return {"name": f"peers-{pair.name}", "tasks": [{"name": task}], "teacher": teacher, "students": [student],
             "methods": [{"name": pair.method, "params": dict(pair.params)}], "seeds": [0],
-            "budget": {"steps": steps, "batch_size": batch, "log_every": 10, "eval_batch_size": 64},
+            # evaluation at the training batch size: the run's peak memory, which includes its final
+            # evaluation, is then a training step's (inference keeps no graph), as the peer's is
+            "budget": {"steps": steps, "batch_size": batch, "log_every": 10, "eval_batch_size": batch},
             "optimizer": optimizer, "quiz_fraction": 0.0}
 
 
