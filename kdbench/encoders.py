@@ -189,6 +189,21 @@ def family_capabilities(family: type[EncoderFamily]) -> frozenset[str]:
     return frozenset(caps)
 
 
+class _Capture:
+    """The forward hook that records one projection's output (``kind`` q, k or v) into its
+    classifier's ``_captured`` while a forward pass asks for it. An object, not a closure:
+    ``copy.deepcopy`` of the classifier copies it with ``owner`` mapped to the copy (a
+    closure would be shared and write into the original), and it pickles."""
+
+    def __init__(self, owner: "EncoderClassifier", kind: str):
+        self.owner, self.kind = owner, kind
+
+    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        captured = self.owner._captured
+        if captured is not None:
+            captured[self.kind].append(output)
+
+
 class EncoderClassifier(KDModel):
     """A Hugging Face encoder of a registered family with a dropout + linear head on the
     pooled sequence (``mean`` over real tokens, ``cls``: position 0, or the family's
@@ -215,7 +230,7 @@ class EncoderClassifier(KDModel):
             shared = encoder_family.shared_layer
             for layer in self.layer_list() or ([resolve_path(encoder, shared)] if shared else []):
                 for kind, path in (("q", encoder_family.query), ("k", encoder_family.key), ("v", encoder_family.value)):
-                    resolve_path(layer, path).register_forward_hook(self._capture(kind))  # type: ignore[arg-type]
+                    resolve_path(layer, path).register_forward_hook(_Capture(self, kind))  # type: ignore[arg-type]
 
     def layer_list(self) -> list[nn.Module]:
         """The family's transformer layers (its ``layers`` capture point); [] for ALBERT."""
@@ -226,12 +241,6 @@ class EncoderClassifier(KDModel):
         cfg, fam = self.encoder.config, self.encoder_family
         return {"num_layers": getattr(cfg, fam.num_layers_attr), "hidden_size": self._width, "num_heads": self._heads,
                 "family": fam.name}
-
-    def _capture(self, kind: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            if self._captured is not None:
-                self._captured[kind].append(output)
-        return hook
 
     def _heads_split(self, x: Tensor) -> Tensor:
         b, length, _ = x.shape
