@@ -36,6 +36,12 @@ def tokenizer_identity(tokenizer: Any) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
+        # without the truncation and padding a call leaves set on the backend (a call with
+        # max_length=16 stores it there): the identity is the same before and after encoding
+        if backend.truncation is not None or backend.padding is not None:
+            backend = type(backend).from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
         digest.update(backend.to_str().encode())
     else:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
@@ -44,6 +50,88 @@ def tokenizer_identity(tokenizer: Any) -> str:
     special = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
     digest.update(json.dumps(special, sort_keys=True).encode())
     return f"{type(tokenizer).__name__.removesuffix('Fast')}#{digest.hexdigest()[:16]}"
+
+
+#: The files a Hugging Face tokenizer is read from, in its folder or hub repository (those
+#: present are hashed by :func:`tokenizer_files_sha256`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+_FILE_SHA: dict[tuple, str] = {}
+
+
+def _file_sha256(path: str) -> str:
+    """sha256 of one file, memoised on its inode, size and modification and change times
+    (any write moves ``st_ctime_ns``, which no program can set back)."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _FILE_SHA:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _FILE_SHA[key] = digest.hexdigest()
+    return _FILE_SHA[key]
+
+
+def _hub_cached_files(repo_id: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The files of hub repository ``repo_id`` in the local Hugging Face cache, as the
+    cache's current reference (``main``) points to them; {} when none is there yet."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return {}
+    found = {}
+    for name in names:
+        try:
+            path = try_to_load_from_cache(repo_id, name)
+        except ValueError:  # not a valid repository name (HFValidationError)
+            return {}
+        if isinstance(path, str) and os.path.isfile(path):
+            found[name] = path
+    return found
+
+
+def tokenizer_files_sha256(source: str, extra: tuple[str, ...] = ()) -> str:
+    """A content hash of the files a tokenizer is read from: :data:`TOKENIZER_FILES` (and
+    ``extra``, e.g. a GGUF file) present in folder ``source``, or, for a hub name, in the
+    local Hugging Face cache; '' when there are none (nothing downloaded yet). Cheap after
+    the first call per file. Model factories return it from
+    :meth:`~kdbench.api.ModelFactory.encoder_fingerprint`, so every cache keyed by the
+    encoding changes with any byte of these files; :class:`TokenizerCache` loads a
+    tokenizer again when it changes."""
+    names = (*TOKENIZER_FILES, *extra)
+    source = os.path.expanduser(source)
+    if os.path.isdir(source):
+        files = {n: os.path.join(source, n) for n in names if os.path.isfile(os.path.join(source, n))}
+    else:
+        files = _hub_cached_files(source, names)
+    if not files:
+        return ""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{_file_sha256(files[name])}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class TokenizerCache:
+    """Tokenizers loaded once per process *per content*: keyed by the source and
+    :func:`tokenizer_files_sha256`, so a vocabulary file changed while the process runs
+    (or a hub tokenizer updated in the cache by another process) is read again instead of
+    being served from memory under a content identity it no longer has."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple[str, str], Any] = {}
+
+    def get(self, source: str, load: Any, extra: tuple[str, ...] = ()) -> Any:
+        """The tokenizer of ``source``; ``load()`` reads it when the files are new."""
+        key = (source, tokenizer_files_sha256(source, extra))
+        if key not in self._loaded:
+            tokenizer = load()
+            self._loaded = {k: v for k, v in self._loaded.items() if k[0] != source}  # the old content's copy goes
+            # keyed by the files as loaded too: loading a hub name may have downloaded them
+            self._loaded[key] = self._loaded[(source, tokenizer_files_sha256(source, extra))] = tokenizer
+        return self._loaded[key]
 
 
 def check_vocabulary(tokenizer: Any, vocab_size: int, where: str) -> None:

@@ -124,6 +124,87 @@ def test_tokenisation_cache_is_rebuilt_when_any_input_changes(tmp_path, monkeypa
     assert not list((tmp_path / "encoded").glob("*tmp*"))
 
 
+def bert_folder(folder: Path, words: list[str]) -> Path:
+    """A BERT checkpoint folder as the hub ships one: config.json, vocab.txt (one token a
+    line, its line number its id) and tokenizer_config.json."""
+    from transformers import BertConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).to_json_file(folder / "config.json")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    return folder
+
+
+def test_a_changed_vocabulary_file_rebuilds_the_tokenisation_cache_in_the_same_process(tmp_path, monkeypatch):
+    """case: vocab.txt of a local tokenizer rewritten while the process runs (was: the
+    tokenizer stayed in memory by path, so its encoder id and the cache key stayed the old ones)."""
+    from kdbench_plugins.models.bert import BertFactory, BertOptions
+    from kdbench_plugins.models.hf import HFFactory, HFOptions
+
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_module, "_ENCODED", {})
+    words = ["good", "bad", "film"]
+    folder = bert_folder(tmp_path / "ckpt", words)
+    data = text_data(["good film", "bad film"])
+    key = {"task": {"name": "t", "options": {}}}
+    calls = []
+    real = BertFactory.encode
+    monkeypatch.setattr(BertFactory, "encode", lambda self, *a: calls.append(1) or real(self, *a))
+    factory, options = BertFactory(), BertOptions(pretrained=str(folder))
+
+    def ids():
+        return encode_split(factory, options, data, "train", key)["input_ids"][:, :4].tolist()
+
+    before = (factory.encoder_id(options), factory.encoder_fingerprint(options))
+    assert ids() == [[2, 5, 7, 3], [2, 6, 7, 3]] and len(calls) == 1  # [CLS] good film [SEP]
+    # encoding leaves truncation and padding set on the tokenizer: not part of its identity
+    # (was: the id changed after the first encoding, so the next look-up missed the cache)
+    assert factory.encoder_id(options) == before[0]
+    assert ids() == [[2, 5, 7, 3], [2, 6, 7, 3]] and len(calls) == 1  # unchanged: from the cache
+    bert_folder(folder, list(reversed(words)))  # same path, new vocabulary: film 5, bad 6, good 7
+    assert ids() == [[2, 7, 5, 3], [2, 6, 5, 3]] and len(calls) == 2
+    after = (factory.encoder_id(options), factory.encoder_fingerprint(options))
+    assert after[0] != before[0] and after[1] != before[1] and len(after[1]) == 16
+    hf = HFFactory()
+    hf_options = HFOptions(pretrained=str(folder))
+    assert hf.encoder_fingerprint(hf_options) == after[1]  # the same files, the same fingerprint
+    bert_folder(folder, words)  # back to the first vocabulary: the first cache file again
+    assert ids() == [[2, 5, 7, 3], [2, 6, 7, 3]] and len(calls) == 2
+    assert (factory.encoder_id(options), factory.encoder_fingerprint(options)) == before
+    assert hf.encoder_fingerprint(hf_options) == before[1]
+    assert BertFactory().encoder_fingerprint(BertOptions(tiny={"layers": 1, "hidden": 8, "heads": 2, "intermediate": 8,
+                                                                "vocab_size": 50})) == ""
+
+
+def test_hub_tokenizer_files_are_keyed_by_the_cached_snapshot(tmp_path, monkeypatch):
+    """case: a hub tokenizer updated upstream and downloaded again (the cache's refs/main
+    moves to a new snapshot): its fingerprint changes, and the process's tokenizer is read again."""
+    import huggingface_hub.constants as hub_constants
+
+    from kdbench.encoders import TokenizerCache, tokenizer_files_sha256
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--acme--tok"
+    assert tokenizer_files_sha256("acme/tok") == ""  # not downloaded yet
+
+    def snapshot(commit: str, vocab: str) -> None:
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / "vocab.txt").write_text(vocab)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    snapshot("a" * 40, "[PAD]\ngood\n")
+    first = tokenizer_files_sha256("acme/tok")
+    cache, loads = TokenizerCache(), []
+    assert cache.get("acme/tok", lambda: loads.append(1) or "tokenizer v1") == "tokenizer v1"
+    assert cache.get("acme/tok", lambda: loads.append(1) or "never") == "tokenizer v1" and len(loads) == 1
+    snapshot("b" * 40, "[PAD]\nbad\n")
+    assert tokenizer_files_sha256("acme/tok") not in ("", first)
+    assert cache.get("acme/tok", lambda: loads.append(1) or "tokenizer v2") == "tokenizer v2" and len(loads) == 2
+    assert tokenizer_files_sha256("not a repo name!") == ""
+
+
 def _logits_key(monkeypatch, tmp_path, *, weights=1.0, texts=("a", "bb"), encoder="enc-a", files="", max_length=8):
     path = tmp_path / f"ckpt-{weights}.safetensors"
     sha = artefacts.write_tensors(path, {"w": torch.full((2,), weights)})
@@ -379,6 +460,89 @@ def test_printed_text_never_carries_controls_or_bidi_overrides(capsys):
     assert cli.main(["list", "methods", "kd\x1b[2J\u202e"]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\u202e" not in err and "\\x1b" in err
+
+
+class _HostileNames:
+    """A plugin whose method descriptions carry terminal escapes and a bidi override, and
+    one whose method name carries them (refused: the plugin is named broken)."""
+
+    @staticmethod
+    def methods():
+        from kdbench.api import Method
+
+        class Loud(Method):
+            name = "loud"
+            description = "clears\x1b[2J the screen, \u202eright to left\u202c, rings\x07"
+
+        class Hidden(Method):
+            name = "hid\u200bden\x1b[31m"
+            description = "an invisible character in the name"
+
+        return Loud, Hidden
+
+
+def _hostile_registry():
+    from kdbench.hookspecs import hookimpl
+    from kdbench.registry import Registry, make_plugin_manager
+
+    loud, hidden = _HostileNames.methods()
+
+    class Plugin:
+        @hookimpl
+        def kdbench_methods(self):
+            return [loud]
+
+    class BadName:
+        @hookimpl
+        def kdbench_methods(self):
+            return [hidden]
+
+    with pytest.warns(UserWarning, match="must be printable"):
+        pm, broken = make_plugin_manager(extra_plugins=[Plugin(), BadName()])
+        return Registry(pm, broken)
+
+
+@pytest.mark.parametrize("argv", [["list"], ["list", "methods"], ["list", "methods", "lo*"], ["list", "methods", "--format", "md"]])
+def test_kdbench_list_prints_names_and_descriptions_escaped(monkeypatch, capsys, argv):
+    """case: a plugin's description with an escape code and an RTL override reaches the
+    terminal through kdbench list (was: printed raw); a name with them is refused."""
+    registry = _hostile_registry()
+    assert "loud" in registry.names("methods") and not [n for n in registry.names("methods") if n.startswith("hid")]
+    (why,) = [w for w in registry.broken.values() if "printable" in w]
+    assert "\\u200b" in why and "\x1b" not in why
+    monkeypatch.setattr(cli, "_registry", lambda: registry)
+    assert cli.main(argv) == 0
+    out = capsys.readouterr()
+    printed = out.out + out.err
+    assert "\x1b" not in printed and "\u202e" not in printed and "\x07" not in printed and "\u200b" not in printed
+    assert "clears\\x1b[2J the screen, \\u202eright to left" in out.out
+    if argv == ["list"]:
+        assert "broken plugin" in out.err and "hid\\u200bden" in out.err
+
+
+def test_every_cli_output_path_is_escaped_even_argparse_and_warnings(capsys, monkeypatch, tmp_path):
+    """case: an invalid choice echoed by argparse, a file name in an error, a plugin's print."""
+    with pytest.raises(SystemExit):
+        cli.main(["list", "methods\x1b]0;owned\x07"])
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "\x1b" not in err and "\\x1b]0;owned\\x07" in err
+    monkeypatch.chdir(tmp_path)
+    name = tmp_path / "suite\u202egnp.yaml"
+    name.write_text("name: [1, 2\n")
+    assert cli.main(["validate", str(name)]) == 2
+    err = capsys.readouterr().err
+    assert "\u202e" not in err and "suite\\u202egnp.yaml" in err
+
+    def chatty(args):  # a plugin printing what it read from a file
+        print("plugin says \x1b[2J hello", file=sys.stderr)
+        print("and \u202e here")
+        return 0
+
+    monkeypatch.setattr(cli, "build_parser", lambda: SimpleNamespace(parse_args=lambda argv: SimpleNamespace(func=chatty)))
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr()
+    assert "plugin says \\x1b[2J hello" in out.err and "\x1b" not in out.err and out.out == "and \\u202e here\n"
+    assert sys.stdout is not None and not type(sys.stdout).__name__ == "PrintableStream"  # restored after the command
 
 
 # ============================================================ 4. inputs refused or named
