@@ -8,6 +8,7 @@ when it is read; a file that fails the check is rebuilt with a warning naming it
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import warnings
@@ -177,8 +178,17 @@ def encode_split(
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         # serialised here, not by save_file: the library's own temp file and rename would
         # leave a stray .tmpXXXXXX behind when killed
-        tmp.write_bytes(save(enc, metadata={ENCODED_CHECKSUM: tensors_sha256(enc)}))
-        os.replace(tmp, path)  # atomic: concurrent writers produce the same bytes
+        try:
+            tmp.write_bytes(save(enc, metadata={ENCODED_CHECKSUM: tensors_sha256(enc)}))
+            os.replace(tmp, path)  # atomic: concurrent writers produce the same bytes
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the environment's, not the run's: exit 2
+                from kdbench.train.artefacts import DiskFull
+
+                raise DiskFull(f"cannot write the encoded split {path}: {exc.strerror}; free space on that disk "
+                               "(or point KDBENCH_CACHE at another one) and run the same command again") from None
+            raise
     _ENCODED[key] = enc
     return enc
 

@@ -797,6 +797,33 @@ def test_full_disk_while_writing_an_artefact_is_named_and_exits_2(tmp_path, monk
     assert isinstance(artefacts.DiskFull("x"), cli.KDBenchError)  # exit 2 at the command line
 
 
+def test_full_disk_inside_a_local_run_exits_2_and_gives_the_run_back(tmp_path, monkeypatch, fault_registry, capsys):
+    """case: the disk fills while a student run writes an artefact (was: the run recorded
+    failed with a traceback, exit 3); then space is freed and the same command trains it."""
+    from support.suites import image_data, write_image_task
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    marker = tmp_path / "space-freed"
+    data = image_data(write_image_task(tmp_path / "data"), methods=[{"name": "none"}, {"name": "disk-full-once", "params": {"marker": str(marker)}}],
+                      teacher=None, baseline="none", seeds=[0], results="res",
+                      budget={"steps": 4, "batch_size": 16, "eval_every": 2, "log_every": 2})
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(data))
+    import kdbench.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "_REGISTRY", fault_registry)  # what the suite and the run look names up in
+    assert cli.main(["run", str(suite), "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot write" in err and "artefact.bin" in err and "No space left on device" in err and "Traceback" not in err
+    rows = {r["method"]: r for r in ResultsStore(tmp_path / "res" / "store.sqlite").runs()}
+    assert rows["disk-full-once"]["status"] == "failed" and rows["disk-full-once"]["error"].startswith(artefacts.DISK_FULL_PREFIX)
+    assert "No space left on device" in rows["disk-full-once"]["error"] and rows["disk-full-once"]["metrics"] is None
+    assert cli.main(["run", str(suite), "--no-report"]) == 0  # space freed (the marker): the same command finishes it
+    rows = {r["method"]: r for r in ResultsStore(tmp_path / "res" / "store.sqlite").runs()}
+    assert {m: r["status"] for m, r in rows.items()} == {"none": "done", "disk-full-once": "done"}
+
+
 def test_a_claim_row_left_running_is_never_reported_as_a_result(tmp_path, specs):
     """case: rows of every status other than done/diverged are not verified results."""
     path = tmp_path / "store.sqlite"

@@ -13,12 +13,13 @@ from typing import Any, Callable
 
 from kdbench.api import KDBenchError
 from kdbench.display import SuiteProgress, run_line, run_titles
-from kdbench.executors.phases import (MAX_ATTEMPTS, SuiteOutcome, describe_result, heartbeat, note_blocked, note_unclaimed,
+from kdbench.executors.phases import (MAX_ATTEMPTS, SuiteOutcome, describe_result, heartbeat, note_blocked, note_unclaimed, release_for_full_disk,
                                       open_store, pending_runs, record, say, teachers_first)
 from kdbench.hookspecs import hookimpl
 from kdbench.protocols import Executor
 from kdbench.registry import Registry, get_registry
 from kdbench.spec import RunSpec, Suite
+from kdbench.train.artefacts import DiskFull
 from kdbench.train.runner import Runner
 from kdbench.train.teachers import needs_teacher
 
@@ -74,6 +75,9 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
                 result = runner.run(spec, checkpoints.get(spec.teacher_hash) if needs else None)  # type: ignore[arg-type]
         except KeyboardInterrupt:
             store.release(spec.hash)
+            raise
+        except DiskFull as exc:  # given back, to be trained by the same command once there is room
+            release_for_full_disk(store, spec.hash, exc)
             raise
         record(store, registry, spec, result)
         outcome.trained.append(spec.hash)

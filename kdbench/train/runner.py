@@ -21,6 +21,7 @@ from kdbench.registry import Registry, call_lifecycle, get_registry
 from kdbench.spec import RunSpec
 from kdbench.store import DIVERGED, DONE, FAILED
 import kdbench.train.teachers as teachers
+from kdbench.train.artefacts import DiskFull
 from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
 from kdbench.train.evaluation import TEACHER, DeferredTest, TeacherDrift, evaluate, metric_infos, select_metrics
@@ -90,7 +91,9 @@ class Runner:
             torch.backends.cudnn.allow_tf32 = True
 
     def run(self, spec: RunSpec, teacher: TeacherCheckpoint | None = None) -> RunResult:
-        """Train and evaluate one run; never raises for a failed or diverged run.
+        """Train and evaluate one run; never raises for a failed or diverged run (it raises
+        :class:`~kdbench.train.artefacts.DiskFull` for a full disk, which is no fault of the
+        run: the command stops with exit code 2 and the run is given back).
         ``teacher`` is the checkpoint from the teachers-first phase (needed when the
         method uses a teacher)."""
         env = environment(self.device)
@@ -106,7 +109,7 @@ class Runner:
             result = RunResult(FAILED, error=f"out of memory on {self.device}: {exc}", env=env)
         except MemoryError:
             result = RunResult(FAILED, error="out of host memory (MemoryError)", env=env)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, DiskFull):  # a full disk is the environment's, not the run's: exit 2
             tracked.end("interrupted", {})
             raise
         except Exception as exc:
