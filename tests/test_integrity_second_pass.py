@@ -124,6 +124,29 @@ def test_tokenisation_cache_is_rebuilt_when_any_input_changes(tmp_path, monkeypa
     assert not list((tmp_path / "encoded").glob("*tmp*"))
 
 
+def test_task_data_memo_reads_a_changed_source_file_again_in_the_same_process(tmp_path, monkeypatch):
+    """case: the data file rewritten while a process lives on (a Ray worker of a cluster
+    that serves several kdbench run, a notebook): was served from the memo by task spec,
+    so the new run trained on the old texts and recorded their fingerprints."""
+    from kdbench.registry import get_registry
+
+    monkeypatch.setattr(data_module, "_TASK_DATA", {})
+    lines = [f"{i}\t{(-1) ** i * 1.5}\tsnippet number {i}" for i in range(60)]
+    src = tmp_path / "snippets.txt"
+    src.write_text("\n".join(lines))
+    (spec,) = {r.task.model_dump_json(): r.task for r in build_suite(smoke(tasks=[{"name": "movie-sentiment", "options": {
+        "source_file": str(src), "max_length": 16}}])).runs}.values()
+    first = data_module.load_task_data(get_registry(), spec, 0.1, 0)
+    assert data_module.load_task_data(get_registry(), spec, 0.1, 0) is first  # unchanged: the memo
+    src.write_text("\n".join(line.replace("\t1.5\t", "\tX\t").replace("\t-1.5\t", "\t1.5\t").replace("\tX\t", "\t-1.5\t")
+                             for line in lines))  # same path and size, every label flipped
+    second = data_module.load_task_data(get_registry(), spec, 0.1, 0)
+    assert second is not first and len(data_module._TASK_DATA) == 1  # the old copy is let go
+    for split in ("train", "test"):
+        assert second.fingerprints[split]["sha256"] != first.fingerprints[split]["sha256"]
+        np.testing.assert_array_equal(second.splits[split]["label"], 1 - first.splits[split]["label"])
+
+
 def bert_folder(folder: Path, words: list[str]) -> Path:
     """A BERT checkpoint folder as the hub ships one: config.json, vocab.txt (one token a
     line, its line number its id) and tokenizer_config.json."""
