@@ -613,15 +613,19 @@ def test_source_files_of_every_kind_are_named(tmp_path, monkeypatch):
     assert read_source_file(big, "x") == b"x" * 2000
 
 
-def test_movie_task_names_a_fifo_source_instead_of_hanging(tmp_path):
-    """case: options.source_file is a FIFO (was: 'does not exist')."""
+@pytest.mark.parametrize("task", ["movie-sentiment", "dolly", "shakespeare", "glue-rte"])
+def test_every_task_names_a_fifo_source_instead_of_hanging(tmp_path, task):
+    """case: options.source_file (or a GLUE folder's train.tsv) is a FIFO (was: 'does not
+    exist' for movie-sentiment; dolly and shakespeare blocked reading it for ever)."""
     from kdbench.registry import get_registry
 
-    fifo = tmp_path / "fifo"
+    fifo = tmp_path / "RTE" / "train.tsv" if task.startswith("glue") else tmp_path / "fifo"
+    fifo.parent.mkdir(exist_ok=True)
     os.mkfifo(fifo)
-    cls = get_registry().task("movie-sentiment")
-    with pytest.raises(DataError, match="is a FIFO"):
-        cls(cls.Options(source_file=str(fifo))).load(str(tmp_path))
+    cls = get_registry().task(task)
+    options = cls.Options(data_dir=str(tmp_path)) if task.startswith("glue") else cls.Options(source_file=str(fifo))
+    with pytest.raises(DataError, match=f"{fifo} is a FIFO"):
+        cls(options).load(str(tmp_path))
 
 
 def test_long_suite_name_is_a_named_error_in_every_command(tmp_path, monkeypatch, capsys):
