@@ -175,6 +175,51 @@ def test_a_teacher_that_diverges_on_ray_is_recorded_on_its_row_and_blocks_its_ru
     assert sorted(outcome.blocked) == sorted(s.hash for s in suite.runs if s.method == "kd") and outcome.unsuccessful
 
 
+def test_a_full_disk_answer_from_a_worker_gives_the_run_and_the_teacher_back_without_a_cluster(tmp_path, registry, images):
+    """case: the worker's side (train_run_task in this process) answers a full disk with
+    its host and the file; the driver's side (_on_done, Ray's get replaced by that answer)
+    gives the run back and marks the teacher, then raises DiskFull (exit 2). The cluster
+    test below does the same end to end; this one needs no cluster to start."""
+    import socket
+    from types import SimpleNamespace
+
+    from kdbench.executors import ray_cluster
+    from kdbench.store import FAILED, RUNNING
+    from kdbench.train.artefacts import DISK_FULL_PREFIX, DiskFull
+
+    marker = tmp_path / "space-freed"
+    suite = build_suite(suite_data(images, methods=[{"name": "disk-full-once", "params": {"marker": str(marker)}}], seeds=[0],
+                                   teacher=None, baseline="disk-full-once"), registry=registry)
+    (spec,) = suite.runs
+    ctx = {"results_dir": str(tmp_path / "r"), "device": "cpu", "trackers": [], "threads": 1, "env": {},
+           "plugins": [("support.fault_methods", str(ROOT / "tests"))], "plugin_objects": []}
+    import kdbench.registry as registry_module
+
+    before = registry_module._REGISTRY
+    try:
+        answer = ray_cluster.train_run_task(ctx, spec.model_dump_json(), None)
+    finally:  # a worker sets its own process-wide registry: this process is not a worker
+        registry_module._REGISTRY = before
+        ray_cluster._WORKER_STATE.clear()
+    assert set(answer) == {ray_cluster.DISK_FULL_KEY}
+    assert answer[ray_cluster.DISK_FULL_KEY].startswith(f"on worker host {socket.gethostname()}: cannot write ")
+    assert "artefact.bin" in answer[ray_cluster.DISK_FULL_KEY] and "No space left on device" in answer[ray_cluster.DISK_FULL_KEY]
+
+    store = open_store(tmp_path / "r")
+    assert store.claim(spec) and store.claim_teacher("t0", "cifar100", {})
+    driver = object.__new__(ray_cluster._Driver)  # the driver's state without a cluster
+    driver.store, driver.ray = store, SimpleNamespace(get=lambda ref: answer)
+    driver.inflight = {"run-ref": ("run", spec), "teacher-ref": ("teacher", "t0", spec, None)}
+    for ref in ("run-ref", "teacher-ref"):
+        with pytest.raises(DiskFull, match="on worker host"):
+            driver._on_done(ref)
+    (row,) = store.runs()
+    assert row["status"] == FAILED and row["error"].startswith(DISK_FULL_PREFIX) and row["metrics"] is None
+    assert store.teacher("t0")["status"] == FAILED and store.teacher("t0")["error"].startswith(DISK_FULL_PREFIX)
+    assert store.claim(spec) and store.claim_teacher("t0", "cifar100", {})  # the next command takes both again
+    assert store.get(spec.hash)["status"] == RUNNING
+
+
 def test_a_full_disk_in_a_ray_worker_stops_the_driver_with_a_named_error_and_gives_the_run_back(tmp_path, cluster, registry, images):
     """case: ENOSPC while a worker writes an artefact (was: the run recorded failed as
     'worker set-up failed', exit 3): DiskFull (exit 2) naming the worker's host and file,
