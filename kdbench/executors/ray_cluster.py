@@ -27,6 +27,8 @@ Design (why the driver is the only writer):
   driver claims the run again (its ``attempts`` go up) and resubmits it, at most
   ``max_attempts`` starts in all, then records it ``failed`` with a message saying the
   process died. Ray's own task retries are off so that every start is counted in the store.
+  A full disk (``DiskFull``) is no run's fault: the worker answers with the message and its
+  host, the driver gives the run back (or marks the teacher) and stops with exit code 2.
 * At most as many runs are submitted (and claimed) as the cluster can run at once, so
   ``running`` in the store means running, and the rest stay free for other drivers.
 
