@@ -19,9 +19,25 @@ from kdbench.hookspecs import hookimpl
 from kdbench.protocols import Executor
 from kdbench.registry import Registry, get_registry
 from kdbench.spec import RunSpec, Suite
+from kdbench.store import ResultsStore
 from kdbench.train.artefacts import DiskFull
-from kdbench.train.runner import Runner
-from kdbench.train.teachers import needs_teacher
+from kdbench.train.runner import RunResult, Runner
+from kdbench.train.teachers import TeacherCheckpoint, needs_teacher
+
+
+def _train_claimed(runner: Runner, store: ResultsStore, spec: RunSpec, checkpoint: TeacherCheckpoint | None) -> RunResult:
+    """Train a run this process has claimed, its heart beating; an interrupt gives the claim
+    back, and so does a full disk (the same command trains it once there is room)."""
+    try:
+        with heartbeat(store, spec.hash):
+            return runner.run(spec, checkpoint)
+    except KeyboardInterrupt:
+        store.release(spec.hash)
+        raise
+    except DiskFull as exc:
+        release_for_full_disk(store, spec.hash, exc)
+        raise
+
 
 def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, registry: Registry | None = None,
               progress: bool | None = None, only: Callable[[RunSpec], bool] | None = None,
@@ -70,15 +86,7 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
             continue
         say(f"[{i}/{len(pending)}] {run_line(spec, titles.get(spec.hash, spec.method))}")
         t0 = time.time()
-        try:
-            with heartbeat(store, spec.hash):
-                result = runner.run(spec, checkpoints.get(spec.teacher_hash) if needs else None)  # type: ignore[arg-type]
-        except KeyboardInterrupt:
-            store.release(spec.hash)
-            raise
-        except DiskFull as exc:  # given back, to be trained by the same command once there is room
-            release_for_full_disk(store, spec.hash, exc)
-            raise
+        result = _train_claimed(runner, store, spec, checkpoints.get(spec.teacher_hash) if needs else None)  # type: ignore[arg-type]
         record(store, registry, spec, result)
         outcome.trained.append(spec.hash)
         outcome.statuses[spec.hash] = result.status
