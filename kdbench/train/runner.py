@@ -92,11 +92,8 @@ class Runner:
             torch.backends.cudnn.allow_tf32 = True
 
     def run(self, spec: RunSpec, teacher: TeacherCheckpoint | None = None) -> RunResult:
-        """Train and evaluate one run; never raises for a failed or diverged run (it raises
-        :class:`~kdbench.train.artefacts.DiskFull` for a full disk, which is no fault of the
-        run: the command stops with exit code 2 and the run is given back).
-        ``teacher`` is the checkpoint from the teachers-first phase (needed when the
-        method uses a teacher)."""
+        """Train and evaluate one run; never raises for a failed or diverged run, only for a
+        full disk (``DiskFull``: no fault of the run). ``teacher``: the teachers-first phase's checkpoint."""
         env = environment(self.device)
         run_dir = self.results_dir / "runs" / spec.hash
         call_lifecycle(self.registry, "kdbench_run_start", spec=spec, run_dir=str(run_dir), trackers=list(self.trackers))
