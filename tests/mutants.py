@@ -247,8 +247,8 @@ def mutants() -> list[Mutant]:
          lmt + "test_gkd_on_policy_fraction_and_reproducible_samples"),
         ("gkd temperature (loss)", M + "gkd.py", "mask, self.params.beta, self.params.temperature)", "mask, self.params.beta, 0.9)",
          lmt + "test_gkd_on_policy_fraction_and_reproducible_samples"),
-        ("gkd lmbda", M + "gkd.py", "< p.lmbda)", "< 0.5)", lmt + "test_gkd_on_policy_fraction_and_reproducible_samples"),
-        ("gkd temperature (sampling)", M + "gkd.py", gkd_sample, gkd_sample.replace("p.temperature", "0.9"), lmt + "test_gkd_on_policy_fraction_and_reproducible_samples"),
+        ("gkd lmbda", M + "gkd.py", "< p.lmbda)", "< 0.5)", of + "test_gkd_lmbda_is_the_on_policy_probability"),
+        ("gkd temperature (sampling)", M + "gkd.py", gkd_sample, gkd_sample.replace("p.temperature", "0.9"), of + "test_gkd_samples_and_compares_at_its_temperature"),
         ("gkd max_new_tokens", M + "gkd.py", gkd_sample, gkd_sample.replace("p.max_new_tokens", "128"), lmt + "test_gkd_on_policy_fraction_and_reproducible_samples"),
         ("rkl temperature", M + "rkl.py", rkl_sample, rkl_sample.replace("self.params.temperature", "1.0"),
          of + "test_rkl_samples_at_its_temperature_and_compares_untempered_distributions"),
@@ -274,7 +274,8 @@ def mutants() -> list[Mutant]:
     # -- recipes: how a recipe's training block reaches the suite, and the recipe values themselves
     rc = "kdbench/recipes.py"
     rt = tuple(f"tests/test_recipes.py::{t}" for t in ("test_recipe_entry_expands_to_the_explicit_suite", "test_recipe_training_expands_to_the_explicit_suite",
-                                                       "test_entry_params_override_and_sweep", "test_paper_cifar100_uses_the_recipes"))
+                                                       "test_entry_params_override_and_sweep", "test_paper_cifar100_uses_the_recipes",
+                                                       "test_recipe_task_options_reach_every_task_under_the_suites_own"))
     official = ("tests/test_recipes.py::test_recipe_matches_the_official_settings",)
     out += [
         Mutant("recipe optimizer ignored", rc, 'out["optimizer"] = {**training.optimizer, **(data.get("optimizer") or {})}',

@@ -25,6 +25,7 @@ from kdbench.generation import decode, with_response
 from kdbench_plugins.methods.ctkd import CTKD, CTKDParams, GlobalTemperature
 from kdbench_plugins.methods.dist import DIST, DISTParams
 from kdbench_plugins.methods.distillm import SkewKL, SkewReverseKL
+from kdbench_plugins.methods.gkd import GKD
 from kdbench_plugins.methods.minilm import MiniLM, MiniLMParams
 from kdbench_plugins.methods.minilmv2 import MiniLMv2, MiniLMv2Params
 from kdbench_plugins.methods.mlkd import MLKD, MLKDParams
@@ -323,7 +324,9 @@ TAID_CASES = {"t_start": (0.2, TAID_BASE), "t_end": (0.5, TAID_BASE), "alpha": (
               "adaptive": (False, TAID_BASE)}
 
 
-@pytest.mark.parametrize("option, params", [pytest.param("base", TAID_BASE, id="base")] +
+@pytest.mark.parametrize("option, params", [pytest.param("base", TAID_BASE, id="base"),
+                                            # a step up smaller than the linear schedule's: the floor holds t
+                                            pytest.param("floor", {"alpha": 1e-4, "beta": 0.5}, id="linear-floor")] +
                          [pytest.param(o, {**base, o: v}, id=o) for o, (v, base) in TAID_CASES.items()])
 def test_taid_schedule_options(option: str, params: dict[str, Any]) -> None:
     method, ctx, _ = lm_setup(TAID, **params)
@@ -342,8 +345,10 @@ def test_taid_schedule_options(option: str, params: dict[str, Any]) -> None:
     assert losses == pytest.approx(targets, rel=1e-10)
     want = taid_by_hand(params, losses, ctx.total_steps)
     assert ts == pytest.approx(want, abs=1e-12)
-    if option != "base":
+    if option in TAID_CASES:
         assert want != pytest.approx(taid_by_hand({k: v for k, v in params.items() if k != option}, losses, ctx.total_steps), abs=1e-9)
+    if option == "floor":  # t follows the linear schedule from the second update on
+        assert ts[3:] == pytest.approx([0.4 + 0.6 * k / ctx.total_steps for k in (2, 3)], abs=1e-12)
 
 
 def test_taid_teacher_topk_interpolates_towards_the_truncated_teacher() -> None:
@@ -355,3 +360,36 @@ def test_taid_teacher_topk_interpolates_towards_the_truncated_teacher() -> None:
     want = by_hand(lambda x, i: float((target[x, i].exp() * (target[x, i] - torch.log_softmax(zs, -1)[x, i])).nan_to_num().sum()),
                    batch.inputs["response_mask"])
     assert parts["t"].item() == 0.5 and loss.item() == pytest.approx(want, rel=1e-6)  # the cache is float32
+
+
+def policy_draw(seed: int) -> float:
+    """The first draw of the run's ``gkd-policy`` stream for ``seed``, read from a copy."""
+    _, ctx, _ = lm_setup(GKD, seed=seed)
+    g = torch.Generator()
+    g.set_state(ctx.generator("gkd-policy").get_state())
+    return float(torch.rand((), generator=g))
+
+
+@pytest.mark.parametrize("side", [-1e-6, 1e-6])
+def test_gkd_lmbda_is_the_on_policy_probability(side: float) -> None:
+    u = policy_draw(seed=7)
+    method, ctx, batch = lm_setup(GKD, seed=7, lmbda=min(max(u + side, 0.0), 1.0), max_new_tokens=4)
+    # on policy exactly when the draw is below lambda, whichever side of 0.5 the draw fell
+    assert method.train_step(ctx, batch)["on_policy"].item() == float(u < u + side)
+
+
+def test_gkd_samples_and_compares_at_its_temperature() -> None:
+    method, ctx, batch = lm_setup(GKD, seed=5, lmbda=1.0, temperature=2.5, max_new_tokens=6)
+    draws = []
+    for temp in (2.5, 0.9):  # its temperature, and the default's
+        g = torch.Generator()
+        g.set_state(ctx.generator("gkd-samples").get_state())
+        draws.append(decode(ctx.student.lm, batch.inputs["prompt_ids"], batch.inputs["prompt_mask"], 6, 2, 0, greedy=False, temperature=temp,
+                            generator=g))
+    assert not torch.equal(draws[0].tokens, draws[1].tokens)  # the temperature changes what is sampled here
+    values = method.train_step(ctx, batch)
+    sampled = with_response(batch.inputs, draws[0].tokens, draws[0].mask)
+    ls, lt = softmax_t(ctx.student(sampled).logits, 2.5), softmax_t(ctx.teacher(sampled).logits, 2.5)
+    m = lambda b, i: 0.5 * lt[b, i].exp() + 0.5 * ls[b, i].exp()  # noqa: E731
+    want = by_hand(lambda b, i: 0.5 * kl(lt[b, i], m(b, i).log()) + 0.5 * kl(ls[b, i], m(b, i).log()), sampled["response_mask"])
+    assert values["jsd"].item() == pytest.approx(want, rel=1e-10)  # the lr is 0: the models did not move

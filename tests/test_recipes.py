@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kdbench.recipes import RecipeError, available, load_recipe, plugin_dirs
+from kdbench.recipes import RecipeError, RecipeTraining, apply_training, available, load_recipe, plugin_dirs
 from kdbench.registry import get_registry
 from kdbench.spec import SuiteError, TeacherTraining, build_suite, load_suite
 
@@ -332,6 +332,17 @@ def test_recipe_training_expands_to_the_explicit_suite():
     # without a length in the suite, the recipe's epochs apply
     run = build_suite({**base, "recipe_training": "kd-cifar", "budget": {"log_every": 5}}).runs[0]
     assert run.budget.epochs == 240 and run.budget.batch_size == 64
+
+
+def test_recipe_task_options_reach_every_task_under_the_suites_own():
+    """A recipe's task_options (metadistil-glue: max_length 128) go into every task's options;
+    a task's own option wins. (kd-cifar's augment is the task's default, so the suite test
+    above cannot see them.)"""
+    training = RecipeTraining(task_options={"max_length": 128, "augment": True})
+    out = apply_training({"tasks": [{"name": "a", "options": {"max_length": 40}}, {"name": "b"}]}, training)
+    assert out["tasks"] == [{"name": "a", "options": {"max_length": 40, "augment": True}},
+                            {"name": "b", "options": {"max_length": 128, "augment": True}}]
+    assert load_recipe("metadistil-glue").training.task_options == {"max_length": 128}
 
 
 def test_entry_params_override_and_sweep():
