@@ -222,6 +222,15 @@ class EncoderClassifier(KDModel):
         path = self.encoder_family.layers
         return list(resolve_path(self.encoder, path)) if path else []
 
+    def capture_points(self) -> dict[str, str]:
+        """The family's capture points (:meth:`EncoderFamily.capture_points`), from this
+        model: ``encoder.<layers>``; attention and q/k/v inside each layer."""
+        points = {k: v for k, v in self.encoder_family.capture_points().items() if v is not None}
+        where = points.pop("layers", None) or points.pop("shared_layer", None)
+        layer = f"encoder.{where}.<i>" if self.encoder_family.layers else f"encoder.{where}"
+        key = "layers" if self.encoder_family.layers else "shared_layer"  # ALBERT: one layer applied num_layers times
+        return ({key: f"encoder.{where}"} if where else {}) | {k: f"{layer}.{v}" for k, v in points.items()}
+
     def describe(self) -> dict[str, Any]:
         cfg, fam = self.encoder.config, self.encoder_family
         return {"num_layers": getattr(cfg, fam.num_layers_attr), "hidden_size": self._width, "num_heads": self._heads,

@@ -38,7 +38,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from kdbench.api import GENERATION, LOGITS, TOKEN_LOGITS, DataError, ModelFacts, Encoded, Examples, KDBenchError, KDModel, ModelFactory, ModelOutput, Options, Problem
+from kdbench.api import GENERATION, LOGITS, TOKEN_LOGITS, DataError, ModelFacts, Encoded, Examples, KDBenchError, KDModel, ModelFactory, ModelOutput, Objective, Options, Problem
 from kdbench.generation import (PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK, Generation, GenerationError, decode, join,
                                 response_logits)
 from kdbench.encoders import check_vocabulary, tokenizer_identity
@@ -225,6 +225,12 @@ class CausalLM(KDModel):
         self.tokenizer = tokenizer
         self.context = context
 
+    def capture_points(self) -> dict[str, str]:
+        """The decoder blocks and the output projection (the token logits)."""
+        owner, attr = blocks(self.lm)
+        prefix = next(name for name, module in self.lm.named_modules() if module is owner)
+        return {"blocks": f"lm.{prefix}.{attr}" if prefix else f"lm.{attr}", "token_logits": "lm.<output embeddings>"}
+
     def describe(self) -> dict[str, Any]:
         owner, attr = blocks(self.lm)
         return {"num_layers": len(getattr(owner, attr)), "vocab_size": self.lm.get_output_embeddings().weight.shape[0],
@@ -261,7 +267,7 @@ class CausalLMFactory(ModelFactory):
             return load_tokenizer(options.pretrained, options.gguf_file)
         return load_tokenizer(self.tokenizer_source(options))
 
-    def build(self, options: CausalLMOptions, problem: Problem) -> CausalLM:
+    def build(self, options: CausalLMOptions, objective: Objective | Problem) -> CausalLM:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 

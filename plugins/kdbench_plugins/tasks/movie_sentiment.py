@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from kdbench.api import DataError, Examples, Options, Problem, Task, location
+from kdbench.api import DataError, Examples, Options, Task, location
 from kdbench.hookspecs import hookimpl
 from kdbench.train.artefacts import sha256_file
 from kdbench.metrics import accuracy, carve_splits, pearson, spearman
@@ -113,9 +113,8 @@ class MovieSentiment(Task):
         super().__init__(options)
         self.max_length = options.max_length
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("classification", 2)
+    objective = "classification"
+    num_labels = 2
 
     @property
     def main_metric(self) -> str:
@@ -131,6 +130,14 @@ class MovieSentiment(Task):
 
     def examples(self, raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
         return parse_snippets(raw, source)
+
+    def local_labels(self) -> dict[str, np.ndarray] | None:
+        """The labels of a local ``source_file`` (read and parsed, no download); None when
+        the data comes from the package registry."""
+        if not self.options.source_file:
+            return None
+        src = Path(self.options.source_file)
+        return {"source_file": self.examples(read_source_file(src, f"{self.name}: source_file"), str(src))[1]}
 
     def load(self, cache_dir: str) -> dict[str, Examples]:
         texts, labels = self.examples(*self.read(cache_dir))
@@ -157,9 +164,8 @@ class MovieRating(MovieSentiment):
     description = "Rotten Tomatoes snippets (Hutto & Gilbert 2014), mean rating -4..4 as regression, offline via PyPI; Pearson/Spearman."
     version = 1
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("regression", 1)
+    objective = "regression"
+    num_labels = 1
 
     @property
     def main_metric(self) -> str:
