@@ -180,8 +180,13 @@ ALL_CAPABILITIES = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_PROBS, ATTENTION_
 
 
 def family_capabilities(family: type[EncoderFamily]) -> frozenset[str]:
-    """What models of ``family`` expose (the rest of :data:`ALL_CAPABILITIES` needs capture points it lacks)."""
-    caps = {LOGITS, HIDDEN_STATES, EMBEDDING, ATTENTION_PROBS}
+    """What models of ``family`` expose (the rest of :data:`ALL_CAPABILITIES` needs capture points it lacks).
+    A family without an ``attention`` capture point exposes no attention at all (neither
+    probabilities nor q/k/v), so a method that needs it is refused at validation."""
+    caps = {LOGITS, HIDDEN_STATES, EMBEDDING}
+    if family.attention is None:
+        return frozenset(caps)
+    caps.add(ATTENTION_PROBS)
     if family.query and family.key and family.value and (family.layers or family.shared_layer):
         caps |= {QUERIES, KEYS, VALUES}
         if family.scores_from_qk:

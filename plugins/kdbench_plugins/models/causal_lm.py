@@ -316,6 +316,8 @@ class CausalLMFactory(ModelFactory):
             n = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
             vocab, context = cfg.vocab_size, getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
             self._check_vocabulary(tok, vocab, options)
+        if options.num_layers is not None and options.num_layers > n:
+            raise KDBenchError(f"causal-lm option num_layers: {options.num_layers} but the model has only {n} blocks")
         kept = list(options.layers) if options.layers is not None else list(range(options.num_layers or n))
         bad = [i for i in kept if not 0 <= i < n]
         if bad:
