@@ -96,6 +96,19 @@ def _check_local_labels(suite) -> None:
         raise SuiteError(suite.source, problems)
 
 
+def _metric_title(title: str, runs) -> str:
+    """``title`` naming the metric, its scale and direction where the report's one task is
+    not read as "score x100, higher is better" (an MSE is shown as it is, lower first)."""
+    if runs.empty or "scale" not in runs or runs["task"].nunique() != 1:
+        return title
+    from kdbench.report.frame import SCALE, direction_word
+
+    r = runs.iloc[0]
+    if float(r["scale"]) == SCALE and direction_word(r["higher_is_better"]) == "higher":
+        return title
+    return title.replace("test score x100", f"test {r['metric']} (x{float(r['scale']):g}, {direction_word(r['higher_is_better'])} is better)", 1)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print :func:`kdbench.model_inspect.inspect_model` for the model and options given."""
     from kdbench.loader import LoadError, parse_yaml
@@ -251,6 +264,7 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
     report = build_report(store, hashes, teacher_hashes, suite_spec=suite.spec, title=title, tasks=args.task, methods=args.method,
                           students=getattr(args, "student", None), where=where, baseline=getattr(args, "baseline", None),
                           correction=getattr(args, "correction", None) or "holm", strict_filters=True)
+    report.title = _metric_title(report.title, report.runs)
     print(printable(render_report(report, "terminal", verbose=getattr(args, "verbose", False))))
     formats = list(dict.fromkeys(args.format or []))
     if "all" in formats:

@@ -177,7 +177,8 @@ class MovieRating(MovieSentiment):
 
     @property
     def main_metric(self) -> str:
-        return self.options.main_metric  # type: ignore[attr-defined]
+        # options built by hand as the parent task's (MovieOptions) have no choice: the score
+        return getattr(self.options, "main_metric", "score")
 
     def examples(self, raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
         texts, ratings = parse_ratings(raw, source)
