@@ -132,7 +132,7 @@ def _no_attention_registry() -> Registry:
         attention kdbench cannot read would be)."""
 
         name = "bert-no-attention"
-        model_types = ()
+        model_types = ("bert",)  # built tiny by its name here; never matched to a checkpoint
         attention = None
 
     plugin = types.SimpleNamespace(kdbench_families=hookimpl(lambda: [NoAttention]))
