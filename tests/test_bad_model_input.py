@@ -149,6 +149,8 @@ def test_a_family_without_an_attention_capture_point_exposes_no_attention() -> N
 def test_a_method_needing_attention_on_a_family_with_none_is_refused(tmp_path, method, needs, capsys) -> None:
     tiny = {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32}
     data = smoke_data(**_student("hf", {"family": "bert-no-attention", "tiny": tiny}), methods=[{"name": method}], baseline=method)
+    # a teacher of a family with attention and the same (hashing) tokenizer: only the student lacks what the method reads
+    data["teacher"] |= {"model": "hf", "options": {"family": "bert", "tiny": {**tiny, "layers": 2}}}
     set_registry(_no_attention_registry())
     try:
         _refused(tmp_path, data, f"method '{method}' needs the student to expose {needs}", capsys)
