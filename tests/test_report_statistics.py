@@ -256,3 +256,22 @@ def test_bad_margins_are_refused_at_validate(margins, message):
         build_suite(small_suite_data([0, 1]) | {"margins": margins}, source="custom")
     assert build_suite(small_suite_data([0, 1]) | {"margins": {"movie-sentiment": 0.5}}, source="custom").spec.margins == {
         "movie-sentiment": 0.5}
+
+
+def test_the_summary_format_refreshes_the_readme_block_of_its_results_folder(tmp_path):
+    """Written as `kdbench report --format summary` writes it (through the atomic staging
+    folder): summary.md and the README's block between the markers are the same text, the
+    README's own prose is kept, and nothing is left in the staging folder."""
+    from kdbench.report.summary import BEGIN, END
+
+    suite, store = _flag_store(tmp_path, 0.9)
+    report = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "README.md").write_text(f"# prose before\n\n{BEGIN}\nstale numbers\n{END}\n\nprose after\n", encoding="utf-8")
+    files = write_outputs(report, ["summary"], folder, plots=False)
+    assert sorted(p.name for p in files) == ["README.md", "summary.md"] and all(p.parent == folder for p in files)
+    summary = (folder / "summary.md").read_text(encoding="utf-8")
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    assert readme == "# prose before\n\n" + summary.rstrip("\n") + "\n\nprose after\n"
+    assert "stale numbers" not in readme and sorted(p.name for p in folder.iterdir()) == ["README.md", "summary.md"]

@@ -159,17 +159,23 @@ def replace_block(text: str, block: str) -> str | None:
     return text[:start] + block.rstrip("\n") + text[end + len(END):]
 
 
-def write_summary(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
-    """``summary.md``, and the block of the folder's README.md that quotes it, when it has one."""
+def write_summary(report: Any, out: Path, pngs: dict[str, bytes], readme_from: Path | None = None) -> list[Path]:
+    """``summary.md``, and the block of the folder's README.md that quotes it, when it has one.
+
+    The README is read from ``readme_from`` (default: ``out``'s folder) and its new version
+    written beside ``out``. The report writer passes the results folder while ``out`` lies
+    in its staging folder (:func:`kdbench.report.formats.write_atomically`), so the README
+    moves into place with the summary; reading it beside ``out`` there would find none and
+    leave the committed README's block stale."""
     text = summary_text(report)
     out.write_text(text, encoding="utf-8")
     written = [out]
-    readme = out.parent / "README.md"
+    readme = Path(readme_from or out.parent) / "README.md"
     if readme.exists():
         new = replace_block(readme.read_text(encoding="utf-8"), text)
         if new is not None:
-            readme.write_text(new, encoding="utf-8")
-            written.append(readme)
+            (out.parent / "README.md").write_text(new, encoding="utf-8")
+            written.append(out.parent / "README.md")
     return written
 
 
