@@ -50,15 +50,17 @@ EXCERPT = ("vision-cpu", ("teacher", "chance", "kd", "metadistil", "none"), "| m
 #: leaderboard.csv and leaderboard.cost.csv columns that identify a row (the rest that parse as numbers are compared)
 KEYS = ("task", "split", "student", "method_name", "params")
 RTOL = 1e-9
+#: columns renamed by the report code (committed name -> current name), compared under the new name
+RENAMED = {"paused": "off_cpu"}
 
 
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+def git(*args: str, root: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
 
 
-def dirty() -> list[str]:
+def dirty(root: Path = ROOT) -> list[str]:
     """Tracked changes and untracked files not ignored, as ``git status --porcelain`` lists them."""
-    return [line for line in git("status", "--porcelain", "--untracked-files=normal").splitlines() if line.strip()]
+    return [line for line in git("status", "--porcelain", "--untracked-files=normal", root=root).splitlines() if line.strip()]
 
 
 def suites() -> list[tuple[Path, Path, list[str]]]:
@@ -143,7 +145,16 @@ def moved_numbers(path: Path) -> list[str]:
     new = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "method_name" not in new:  # the cost table: name its rows like the leaderboard's
         new, old = (_with_identity(t, path.with_name("leaderboard.csv"), ref) for t, ref in ((new, None), (old, rel.replace(".cost", ""))))
+    return moved(old, new, rel)
+
+
+def moved(old, new, name: str) -> list[str]:
+    """The numbers of table ``new`` that differ from ``old`` (both read as text), rows matched
+    by the :data:`KEYS` both have; a column or row only one of them has is not compared."""
+    old = old.rename(columns=RENAMED)
     keys = [k for k in KEYS if k in new and k in old]
+    if old.duplicated(keys).any() or new.duplicated(keys).any():  # rows told apart by their name only
+        keys.append("method")
     old_rows = {tuple(r[k] for k in keys): r for r in old.to_dict("records")}
     out = []
     for r in new.to_dict("records"):
@@ -151,11 +162,13 @@ def moved_numbers(path: Path) -> list[str]:
         if o is None:
             continue
         for col, value in r.items():
-            a, b = _number(value), _number(o.get(col, "")) if col in o else None
-            if a is None or b is None or col in keys or (math.isnan(a) and math.isnan(b)):
+            if col in keys or col not in o:
+                continue
+            a, b = _number(value), _number(o[col])
+            if a is None or b is None or (math.isnan(a) and math.isnan(b)):
                 continue
             if not math.isclose(a, b, rel_tol=RTOL, abs_tol=1e-12):
-                out.append(f"{rel}: {dict(zip(keys, (r[k] for k in keys)))} {col}: {b!r} -> {a!r}")
+                out.append(f"{name}: {dict(zip(keys, (r[k] for k in keys)))} {col}: {b!r} -> {a!r}")
     return out
 
 
