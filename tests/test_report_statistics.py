@@ -275,3 +275,17 @@ def test_the_summary_format_refreshes_the_readme_block_of_its_results_folder(tmp
     readme = (folder / "README.md").read_text(encoding="utf-8")
     assert readme == "# prose before\n\n" + summary.rstrip("\n") + "\n\nprose after\n"
     assert "stale numbers" not in readme and sorted(p.name for p in folder.iterdir()) == ["README.md", "summary.md"]
+
+
+def test_the_pareto_figure_ranks_by_active_training_time_not_wall_time(tmp_path, monkeypatch):
+    """Seed 1 of every method ran 400 s of wall time on 9 s of CPU: the figure's costs are
+    the cost table's active training time (20 steps x 0.4 s), never the wall time."""
+    from kdbench.report import plots
+
+    suite, store = _flag_store(tmp_path, 0.9)
+    report = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False)
+    seen = []
+    monkeypatch.setattr(plots.stats, "pareto_front", lambda costs, scores: seen.append(costs) or [False] * len(costs))
+    figures = plots.report_plots(report)
+    assert "pareto-movie-sentiment" in figures and seen == [[pytest.approx(8.0)] * len(report.cost)]
+    assert report.cost["wall_s"].iloc[0] == pytest.approx((400 + 10 + 10) / 3)  # what it would have ranked by
