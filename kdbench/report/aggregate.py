@@ -12,7 +12,7 @@ import pandas as pd
 
 from kdbench import stats
 from kdbench.api import MetricInfo
-from kdbench.report.frame import TEST, legacy_info, off_cpu, row_info, same, scaled_bounds, stored_info, task_margin, test_splits
+from kdbench.report.frame import TEST, baseline_runs, legacy_info, off_cpu, row_info, same, scaled_bounds, stored_info, task_margin, test_splits
 from kdbench.store import DIVERGED, DONE, FAILED, RUNNING
 
 MIXED_DATA = "mixed data"
@@ -254,11 +254,11 @@ def comparisons(df: pd.DataFrame, baseline: str, correction: str = "holm", margi
         return pd.DataFrame(columns=COMP_COLS)
     done = df[df["status"] == DONE]
     for (task, method, student), g in done.groupby(["task", "method", "student"], sort=True):
-        base_all = done[(done["task"] == task) & (done["student"] == student) & (done["method_name"] == baseline)]
+        base_all = done[(done["task"] == task) & (done["student"] == student) & baseline_runs(done, baseline)]
         margin = task_margin(task, g["metric"].iloc[0], margins, group_info(g))
         for split in _splits(g):
             row = {"task": task, "split": split, "method": method, "student": student, "margin": margin}
-            if g["method_name"].iloc[0] == baseline:
+            if bool(baseline_runs(g, baseline).iloc[0]):
                 out.append(_no_test(row, "baseline", method, np.nan))
             else:
                 out.append(_compare(row, g, base_all, split))

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.report.aggregate import teacher_label
-from kdbench.report.frame import OFF_CPU_RATIO, SCALE, cost_fields, off_cpu
+from kdbench.report.frame import SCALE, baseline_runs, cost_fields, off_cpu
 from kdbench.store import DONE
 
 SPREAD = ("train_s", "prep_s", "eval_s", "wall_s", "device_s", "mem_mb", "active_train_s")
@@ -77,10 +77,11 @@ def cost_table(df: pd.DataFrame, reference: str | None) -> pd.DataFrame:
         return pd.DataFrame(columns=COST_COLS)
     done = df[df["status"] == DONE]
     out = []
+    is_ref = baseline_runs(done, reference)
     for (task, method, student), g in done.groupby(["task", "method", "student"], sort=True):
-        ref = done[(done["task"] == task) & (done["method_name"] == reference) & (done["student"] == student)]
+        ref = done[(done["task"] == task) & is_ref & (done["student"] == student)]
         if ref.empty:
-            ref = done[(done["task"] == task) & (done["method_name"] == reference)]
+            ref = done[(done["task"] == task) & is_ref]
         out.append(_row(task, method, student, g, ref))
     return pd.DataFrame.from_records(out, columns=COST_COLS)
 

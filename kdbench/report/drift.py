@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.report.aggregate import pick_baseline_config
-from kdbench.report.frame import SCALE, evaluations, stored_info
+from kdbench.report.frame import SCALE, baseline_runs, evaluations, stored_info
 from kdbench.report.tables import DAMAGED, cell
 from kdbench.store import DONE
 
@@ -157,8 +157,9 @@ def disagreements(df: pd.DataFrame, baseline: str, updating: set[str]) -> pd.Dat
         return pd.DataFrame(columns=DISAGREE_COLS)
     done = df[df["status"] == DONE]
     out = []
-    for (task, method, student), g in done[done["method_name"].isin(updating - {baseline})].groupby(["task", "method", "student"], sort=True):
-        base_all = done[(done["task"] == task) & (done["student"] == student) & (done["method_name"] == baseline)]
+    is_base = baseline_runs(done, baseline)
+    for (task, method, student), g in done[done["method_name"].isin(updating) & ~is_base].groupby(["task", "method", "student"], sort=True):
+        base_all = done[(done["task"] == task) & (done["student"] == student) & is_base]
         cfg = pick_baseline_config(base_all, g["params"].iloc[0])[0] if not base_all.empty else None
         if cfg is None:
             continue

@@ -276,3 +276,14 @@ def evaluations(rows: Iterable[dict[str, Any]], hashes: Iterable[str] | None = N
                 last[int(h[STEP])] = h
         for step in sorted(last):
             yield r["hash"], step, last[step]
+
+
+def baseline_runs(df: pd.DataFrame, baseline: str | None) -> pd.Series:
+    """Which runs of ``df`` are the baseline's: the ``is_baseline`` column where the
+    report marked it from the suite's entries (:func:`kdbench.report.labels.mark_baseline`:
+    a labelled entry of the baseline's method, e.g. ``kd+ls``, is a method of its own, not
+    the baseline), else every run of the method named ``baseline``."""
+    if "is_baseline" in df:
+        return df["is_baseline"].astype(bool)
+    return df["method_name"] == baseline
+
