@@ -167,6 +167,23 @@ class Registry:
         return self.pm.hook
 
 
+def inner_method_class(name: str, registry: Registry, wrapper: str) -> type[Method]:
+    """The loss-based method (:meth:`~kdbench.api.Method.is_loss_based`) named ``name`` that
+    the strategy ``wrapper`` (e.g. MetaDistil, which meta-updates the teacher through the
+    wrapped loss) wraps, from ``registry``; ValueError naming the usable ones for anything else."""
+    try:
+        cls = registry.method(name)
+    except UnknownNameError:
+        usable = [n for n in registry.names("methods") if registry.method(n).is_loss_based()]
+        raise ValueError(f"unknown inner method '{name}'.{did_you_mean(name, usable)} Loss-based methods: {', '.join(usable) or '(none)'}") from None
+    if not cls.uses_teacher:
+        raise ValueError(f"inner method '{name}' does not use a teacher, so the teacher would get no meta-gradient")
+    if not cls.is_loss_based():
+        raise ValueError(f"inner method '{name}' updates the teacher or runs its own training step; "
+                         f"{wrapper} needs a loss-based method (one that only implements loss())")
+    return cls
+
+
 def make_plugin_manager(extra_plugins: Iterable[Any] = ()) -> tuple[pluggy.PluginManager, dict[str, str]]:
     """A manager with the specs added and every ``kdbench`` entry point registered.
 

@@ -191,11 +191,25 @@ def cost_fields(cost: dict[str, Any]) -> dict[str, Any]:
         "params_deployed": cost.get("params_deployed"), "params_training": _first(cost.get("params_training"), cost.get("student_params")),
         "student_params": cost.get("student_params"), "shared_teacher_outputs": cost.get("shared_teacher_outputs"),
         "device_time_kind": cost.get("device_time_kind"), "peak_mem_kind": cost.get("peak_mem_kind"),
+        **compute_fields(cost),
     }
 
 
+#: the counted passes as run columns (``<role>_<kind>_passes``; None where not recorded)
+PASS_COLUMNS = tuple(f"{role}_{kind}_passes" for role in ("teacher", "student") for kind in ("fwd", "bwd", "jvp", "decode"))
+
+
+def compute_fields(cost: dict[str, Any]) -> dict[str, Any]:
+    """A run's counted compute (:mod:`kdbench.compute`): FLOPs of teacher, student and
+    both, and each counted pass; None where the store did not record them (older runs)."""
+    passes = cost.get("passes")
+    counts = {c: (passes.get(c.removesuffix("_passes"), 0) if isinstance(passes, dict) else None) for c in PASS_COLUMNS}
+    return {"train_flops": cost.get("train_flops"), "teacher_flops": cost.get("teacher_flops"), "student_flops": cost.get("student_flops"), **counts}
+
+
 NUMERIC = ("test", "validation", "score", "wall_s", "train_s", "eval_s", "prep_s", "device_s", "step_s", "step_s_median",
-           "step_s_q25", "step_s_q75", "mem_mb", "peak_mem_mb", "steps", "params_deployed", "params_training", "student_params")
+           "step_s_q25", "step_s_q75", "mem_mb", "peak_mem_mb", "steps", "params_deployed", "params_training", "student_params",
+           "train_flops", "teacher_flops", "student_flops", *PASS_COLUMNS)
 
 
 def _record(r: dict[str, Any], varying: set[str]) -> dict[str, Any]:

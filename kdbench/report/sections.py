@@ -82,9 +82,18 @@ def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
         "step (ms) median [IQR]": _step(r), "memory (MB)": spread_text(r.mem_mb, r.mem_mb_std, 1), "memory kind": r.mem_kind or "n/a",
         "cached teacher outputs": r.shared_teacher_outputs,
         "params deployed": _na(r.params_deployed, 0), "params training": _na(r.params_training, 0),
+        "passes per step": r.passes_per_step if isinstance(r.passes_per_step, str) else "-", "FLOPs teacher + student": _flops(r),
         f"active train vs {reference}": _rel(r.train_rel), f"CPU vs {reference}": _rel(r.cpu_rel), f"step vs {reference}": _rel(r.step_rel),
         f"memory vs {reference}": _rel(r.mem_rel), f"params vs {reference}": _rel(r.params_rel),
+        f"FLOPs vs {reference}": _rel(r.flops_rel),
     } for r in cost.itertuples()])
+
+
+def _flops(r: Any) -> str:
+    """Total counted FLOPs with the teacher's and the student's share; "-" where not recorded."""
+    if r.train_flops != r.train_flops:
+        return "-"
+    return f"{r.train_flops:.3g} ({r.teacher_flops:.3g} + {r.student_flops:.3g})"
 
 
 def teacher_cost_display(tc: pd.DataFrame) -> pd.DataFrame:
@@ -195,6 +204,11 @@ def legend(report: Any) -> list[str]:
         "every step raises the second); the relative training and CPU columns divide those, never the wall time; a run "
         f"whose wall time exceeds {OFF_CPU_RATIO:g}x its CPU time spent most of it off the CPU ({OFF_CPU_WHY}: the "
         f"ratio cannot tell which) and is counted as '{OFF_CPU}' in the cost table and beside the leaderboard's time.",
+        "Compute, counted: passes per step = teacher (T) and student (S) forwards (F), backwards (B), forward-mode "
+        "passes (J) and decode steps (D) counted in every training step, mean per step; FLOPs = the run's total "
+        "(teacher + student), counted on step 1 and multiplied by passes: one pass of each kind counted on the first "
+        "training batch with PyTorch's FLOP counter (matrix multiplications, convolutions, attention; not the "
+        "method's own modules or loss, not decode steps), times its count; '-' = not recorded by this store's version.",
         "Chance: a constant prediction scored with the task's metric (majority class of the test split; regression: the "
         "training mean).",
         "Reference values are compared on the leaderboard's x100 scale.",

@@ -110,7 +110,8 @@ def _cost_lines(report: Any) -> list[str]:
     for r in report.cost.itertuples():
         if r.method == report.cost_reference:
             continue
-        rel = [f"{label} {v:.2f}x" for label, v in (("active training time", r.train_rel), ("CPU time", r.cpu_rel)) if v == v]
+        rel = [f"{label} {v:.2f}x" for label, v in (("active training time", r.train_rel), ("CPU time", r.cpu_rel),
+                                                    ("counted FLOPs", getattr(r, "flops_rel", float("nan")))) if v == v]
         if not rel:
             continue
         off = (f"; {r.off_cpu} of {r.n} runs spent most of their wall time off the CPU (wall > {OFF_CPU_RATIO:g}x CPU: "
