@@ -351,7 +351,9 @@ class ModelFactory(ABC):
     def encoder_fingerprint(self, options: Options) -> str:
         """A content hash of the files the encoding reads (e.g. a local tokenizer's
         vocabulary), so that changed files under the same name never reuse a cached
-        encoding; '' (the default) when :meth:`encoder_id` says it all."""
+        encoding or cached teacher logits; '' (the default) when :meth:`encoder_id` says it
+        all. Hugging Face tokenizers: :func:`kdbench.encoders.tokenizer_files_sha256`
+        (the built-in ``bert``, ``hf`` and ``causal-lm`` factories return it)."""
         return ""
 
     def inspect(self, options: Options) -> ModelFacts | None:

@@ -18,6 +18,7 @@ import pluggy
 from kdbench import hookspecs
 from kdbench.api import KDBenchError, Method, ModelFactory, Objective, Task
 from kdbench.encoders import EncoderFamily
+from kdbench.loader import printable
 from kdbench.protocols import Executor, Tracker
 
 ENTRY_POINT_GROUP = "kdbench"
@@ -81,6 +82,12 @@ class Registry:
             for cls in contributed:
                 if not (isinstance(cls, type) and issubclass(cls, base)) or not isinstance(getattr(cls, "name", None), str):
                     self._mark_broken(plugin, f"kdbench_{kind}() returned {cls!r}, which is not a named {base.__name__} subclass")
+                    continue
+                if not cls.name or not cls.name.isprintable() or cls.name != cls.name.strip():
+                    # a suite names it, a report prints it: an invisible character would make
+                    # two names look alike, a control character would drive the terminal
+                    self._mark_broken(plugin, f"kdbench_{kind}() returned a {base.__name__} named {printable(repr(cls.name))[:100]}: "
+                                              "a name must be printable text without spaces at its ends")
                     continue
                 if cls.name in RESERVED.get(kind, {}):
                     self._mark_broken(plugin, str(ReservedNameError(

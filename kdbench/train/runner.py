@@ -22,6 +22,7 @@ from kdbench.registry import Registry, call_lifecycle, get_registry
 from kdbench.spec import MAX_STEPS, RunSpec, budget_limit
 from kdbench.store import DIVERGED, DONE, FAILED
 import kdbench.train.teachers as teachers
+from kdbench.train.artefacts import DiskFull
 from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
 from kdbench.train.evaluation import TEACHER, DeferredTest, TeacherDrift, evaluate, metric_infos, select_metrics
@@ -91,9 +92,8 @@ class Runner:
             torch.backends.cudnn.allow_tf32 = True
 
     def run(self, spec: RunSpec, teacher: TeacherCheckpoint | None = None) -> RunResult:
-        """Train and evaluate one run; never raises for a failed or diverged run.
-        ``teacher`` is the checkpoint from the teachers-first phase (needed when the
-        method uses a teacher)."""
+        """Train and evaluate one run; never raises for a failed or diverged run, only for a
+        full disk (``DiskFull``: no fault of the run). ``teacher``: the teachers-first phase's checkpoint."""
         env = environment(self.device)
         run_dir = self.results_dir / "runs" / spec.hash
         call_lifecycle(self.registry, "kdbench_run_start", spec=spec, run_dir=str(run_dir), trackers=list(self.trackers))
@@ -107,7 +107,7 @@ class Runner:
             result = RunResult(FAILED, error=f"out of memory on {self.device}: {exc}", env=env)
         except MemoryError:
             result = RunResult(FAILED, error="out of host memory (MemoryError)", env=env)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, DiskFull):  # a full disk is the environment's, not the run's: exit 2
             tracked.end("interrupted", {})
             raise
         except Exception as exc:
