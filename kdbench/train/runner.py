@@ -238,7 +238,7 @@ class Runner:
         env["data"] = getattr(p.data, "fingerprints", None)
         assert p.student_model is not None
         seed_everything(spec.seed)
-        student = p.student_model.factory.build(p.student_model.options, p.data.task.problem).to(self.device)
+        student = p.student_model.factory.build(p.student_model.options, p.data.objective).to(self.device)
         p.method.check_models(student, p.teacher)
         if p.teacher is not None:
             set_trainable(p.teacher, p.method.updates_teacher)
