@@ -366,7 +366,9 @@ class ModelFactory(ABC):
     def encoder_fingerprint(self, options: Options) -> str:
         """A content hash of the files the encoding reads (e.g. a local tokenizer's
         vocabulary), so that changed files under the same name never reuse a cached
-        encoding; '' (the default) when :meth:`encoder_id` says it all."""
+        encoding or cached teacher logits; '' (the default) when :meth:`encoder_id` says it
+        all. Hugging Face tokenizers: :func:`kdbench.encoders.tokenizer_files_sha256`
+        (the built-in ``bert``, ``hf`` and ``causal-lm`` factories return it)."""
         return ""
 
     def inspect(self, options: Options) -> ModelFacts | None:
@@ -797,6 +799,10 @@ class StepContext:
     timings: dict[str, float] = field(default_factory=dict)
     #: the run's random streams (:class:`RunStreams`); made from ``seed`` when not given
     streams: RunStreams | None = field(default=None, repr=False)
+    #: counts the steps' teacher and student passes (:class:`kdbench.compute.PassCounter`;
+    #: the runner's); what a method or helper adds by hand (decode steps) goes here. None
+    #: in hand-built contexts.
+    passes: Any = field(default=None, repr=False)
 
     @contextlib.contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -1030,6 +1036,18 @@ class Method(ABC):
             loss, parts = self.loss(student_out, teacher_out, batch, ctx)
         ctx.student_step(loss)
         return step_values(loss, parts)
+
+    def planned_passes(self, steps: int, batch_size: int, quiz_size: int) -> dict[str, int] | None:
+        """The passes a run of ``steps`` steps makes, by :func:`kdbench.compute.pass_key`
+        (``student_fwd``, ``teacher_bwd``, ...; kinds left out are 0), for budgets given in
+        FLOPs (``budget.flops``), which buy each method the steps its passes afford. The
+        runner also counts the passes it makes; tests hold the two equal. Default: the
+        default :meth:`train_step`'s (one student forward and backward per step, one
+        teacher forward when the method uses a teacher); None for a method with its own
+        :meth:`train_step` that does not override this (a FLOP budget then refuses it)."""
+        if type(self).train_step is not Method.train_step:
+            return None
+        return {"student_fwd": steps, "student_bwd": steps, "teacher_fwd": steps if self.uses_teacher else 0}
 
     @classmethod
     def is_loss_based(cls) -> bool:

@@ -428,6 +428,20 @@ def check_suite_results(results: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``kdbench`` command. Everything it prints (its own lines, argparse's, warnings,
+    plugins' output) goes through :class:`kdbench.display.PrintableStream`, so no name,
+    label, path or message reaches the terminal with control or bidirectional characters."""
+    from kdbench.display import PrintableStream
+
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PrintableStream(stdout), PrintableStream(stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     for opt in ("method", "task"):
         if getattr(args, opt, None):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench import stats
-from kdbench.report.frame import LOSS, TEST, WIN, direction_word
+from kdbench.report.frame import LOSS, OFF_CPU, TEST, WIN, direction_word
 
 SMALL_N, TIE = "†", "≈"
 #: significant but smaller than the task's practical margin (win / loss); equivalent by TOST
@@ -163,8 +163,8 @@ def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None
         left_out = sorted({t for t, f in zip(board["task"], flags) if f})
         header = f"avg over {next(iter(avgs.values()))[1]} tasks" + (f" (without flagged {', '.join(left_out)})" if left_out else "")
         wide[header] = pd.Series({r: f"{v:.2f}" for r, (v, _) in avgs.items()})
-    paused = board.groupby("row")["paused"].sum() if "paused" in board else pd.Series(dtype=float)
-    wide["time/run (s)"] = pd.Series({row: "-" if np.isnan(v) else f"{v:.1f}" + (f" ({int(paused[row])} paused)" if paused.get(row, 0) else "")
+    off = board.groupby("row")["off_cpu"].sum() if "off_cpu" in board else pd.Series(dtype=float)
+    wide["time/run (s)"] = pd.Series({row: "-" if np.isnan(v) else f"{v:.1f}" + (f" ({int(off[row])} {OFF_CPU})" if off.get(row, 0) else "")
                                       for row, v in board.groupby("row")["time_per_run_s"].mean().items()})
     nd = students[students["split"] == TEST].groupby("row")[["failed", "diverged", "running"]].sum()
     wide["not done"] = pd.Series({row: ", ".join(f"{int(r[k])} {k}" for k in ("failed", "diverged", "running") if r[k]) or "0"

@@ -242,7 +242,8 @@ def provide_teacher(spec: RunSpec, results_dir: Path, store: ResultsStore, regis
         with store.keep_claim(th, teacher=True):  # a long fine-tuning is not taken for a dead claim
             outcome = fine_tune_teacher(spec, registry, device, path, progress)
     except BaseException as exc:  # interrupted: the row must not stay claimed by us
-        store.finish_teacher(th, FAILED, error=f"interrupted: {type(exc).__name__}")
+        why = f"{artefacts.DISK_FULL_PREFIX} ({str(exc)[:300]})" if isinstance(exc, artefacts.DiskFull) else f"interrupted: {type(exc).__name__}"
+        store.finish_teacher(th, FAILED, error=why)
         raise
     record_teacher(store, th, outcome)
     if outcome.status != DONE:

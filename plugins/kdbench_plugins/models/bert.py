@@ -47,7 +47,8 @@ from kdbench.api import (
     Problem,
     added,
 )
-from kdbench.encoders import TinyEncoderOptions, EncoderClassifier, HashingTokenizer, build_classifier, check_vocabulary, resolve_pretrained, tokenizer_identity
+from kdbench.encoders import (EncoderClassifier, HashingTokenizer, TinyEncoderOptions, TokenizerCache, build_classifier, check_vocabulary,
+                              resolve_pretrained, tokenizer_files_sha256, tokenizer_identity)
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import get_registry
 
@@ -82,16 +83,18 @@ class BertOptions(Options):
         return list(range(k))
 
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS = TokenizerCache()
 
 
 def _pretrained_tokenizer(path: str) -> Any:
-    """The checkpoint's tokenizer, loaded once per process (encoder ids ask for it often)."""
-    if path not in _TOKENIZERS:
+    """The checkpoint's tokenizer, loaded once per process and content (encoder ids ask for
+    it often; a changed vocabulary file is read again)."""
+    def load() -> Any:
         from transformers import AutoTokenizer
 
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
-    return _TOKENIZERS[path]
+        return AutoTokenizer.from_pretrained(path)
+
+    return _TOKENIZERS.get(path, load)
 
 
 BertClassifier = EncoderClassifier  # the name tests and plugins subclass
@@ -140,6 +143,11 @@ class BertFactory(ModelFactory):
             return tokenizer_identity(_pretrained_tokenizer(resolve_pretrained(options.pretrained)))
         except (OSError, ValueError):
             return f"bert:{options.pretrained}"
+
+    def encoder_fingerprint(self, options: BertOptions) -> str:
+        """The tokenizer files' content hash (:func:`kdbench.encoders.tokenizer_files_sha256`);
+        '' for the file-less hashing tokenizer of a tiny model."""
+        return "" if options.tiny is not None else tokenizer_files_sha256(resolve_pretrained(options.pretrained))
 
     def inspect(self, options: BertOptions) -> ModelFacts:
         """Layers, width, heads and tokenizer from the config alone; refuses a missing

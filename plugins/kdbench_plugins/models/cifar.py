@@ -53,6 +53,7 @@ from kdbench.api import (
     KDBenchError,
     KDModel,
     ModelFactory,
+    ModelFacts,
     ModelOutput,
     Objective,
     Options,
@@ -307,6 +308,13 @@ class CifarFactory(ModelFactory):
 
     def encoder_id(self, options: CifarOptions) -> str:
         return "image-uint8"  # the same bytes as the 'cnn' family: teachers and students may mix
+
+    def inspect(self, options: CifarOptions) -> ModelFacts:
+        """Its feature maps, from the network built on the meta device (shapes, no memory),
+        so ``kdbench validate`` refuses a feature index beyond them."""
+        with torch.device("meta"):
+            facts = self.build(options, Problem("classification", 2)).describe()
+        return ModelFacts(f"cifar {options.arch}", self.family, self.capabilities, self.encoder_id(options), facts)
 
 
 @hookimpl

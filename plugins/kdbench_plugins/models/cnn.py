@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdbench.api import EMBEDDING, FEATURES, LOGITS, PREACT_FEATURES, Encoded, Examples, KDModel, ModelFactory, ModelOutput, Objective, Options, Problem
+from kdbench.api import EMBEDDING, FEATURES, LOGITS, PREACT_FEATURES, Encoded, Examples, KDModel, ModelFactory, ModelFacts, ModelOutput, Objective, Options, Problem
 from kdbench.hookspecs import hookimpl
 
 
@@ -87,6 +87,11 @@ class CNNFactory(ModelFactory):
 
     def encoder_id(self, options: CNNOptions) -> str:
         return "image-uint8"
+
+    def inspect(self, options: CNNOptions) -> ModelFacts:
+        """Its feature maps from the options, so ``kdbench validate`` refuses a feature index beyond them."""
+        facts = {"feature_channels": list(options.channels), "embedding_dim": options.channels[-1]}
+        return ModelFacts(f"cnn {list(options.channels)}", self.family, self.capabilities, self.encoder_id(options), facts)
 
 
 @hookimpl

@@ -66,7 +66,7 @@ from pydantic import Field, model_validator
 from kdbench.api import DataError, Examples, Options, Task, location
 from kdbench.metrics import METRICS, binary_f1, carve_splits, matthews_corrcoef, pearson, spearman  # noqa: F401 (re-exported)
 from kdbench.hookspecs import hookimpl
-from kdbench.sources import check_source_file
+from kdbench.sources import open_source_file
 
 HUB_DATASET = "nyu-mll/glue"
 STSB_RANGE = (0.0, 5.0)
@@ -193,8 +193,13 @@ class GlueOptions(Options):
             raise ValueError("source 'local' needs data_dir (a folder of GLUE TSV files)")
         if self.source == "hub" and self.data_dir:
             raise ValueError("data_dir is only read with source 'local'; drop one of them")
-        if self.validation_size is not None and "validation_fraction" in self.model_fields_set:
-            raise ValueError("give validation_size or validation_fraction, not both")
+        # A spec's dump carries every field, so validation_fraction at its default beside
+        # validation_size is how these options read back at run time; only another value
+        # is a real conflict.
+        default = type(self).model_fields["validation_fraction"].default
+        if self.validation_size is not None and self.validation_fraction != default:
+            raise ValueError(f"give validation_size or validation_fraction, not both (validation_size replaces the "
+                             f"fraction, which then stays at its default {default})")
         return self
 
 
@@ -237,10 +242,10 @@ def parse_label(spec: GlueSpec, raw: str, where: str) -> int | float:
 
 def read_tsv(spec: GlueSpec, path: Path) -> RawSplit:
     """One GLUE TSV file: quoting off, optional BOM, every row with the header's column count."""
-    check_source_file(path, f"glue-{spec.key}: file")  # missing, a folder, a FIFO, a device, too large: named
     text, pair, labels = [], [], []
     n_columns = spec.n_columns
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    # missing, a folder, a FIFO, a device, too large: named, also when swapped after a check
+    with open_source_file(path, f"glue-{spec.key}: file", "r", encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             for row in reader:
