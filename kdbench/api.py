@@ -865,6 +865,16 @@ def task_loss(logits: Tensor, labels: Tensor, problem: Problem | Objective, mask
     return class_cross_entropy(logits, labels, mask)
 
 
+def batch_task_loss(output: ModelOutput, batch: Batch, problem: Problem | Objective) -> Tensor:
+    """The task loss of a model's ``output`` on ``batch``: against what the objective
+    compares it with (:meth:`Objective.targets`: the labels, or tokens of the inputs for a
+    language model), over the positions ``output.mask`` keeps (all when None); a bare
+    :class:`Problem` reads the labels. What a method calls where it needs "the task loss
+    of this batch" without knowing the objective (MetaDistil's quiz loss)."""
+    targets = problem.targets(batch) if isinstance(problem, Objective) else batch.labels
+    return task_loss(output.logits, targets, problem, output.mask)
+
+
 def class_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
     """Cross-entropy of logits (..., C) against class ids (...), averaged over the
     positions ``mask`` keeps (all when None); in float32 under half-precision autocast."""
