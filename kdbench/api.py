@@ -458,10 +458,15 @@ class Evaluator(ABC):
     (predicted ids, running sums), not the logits: a split of token logits does not fit
     in memory. Made by :meth:`Objective.start`. Before the first :meth:`update` the
     caller sets :attr:`model` to the model being evaluated (in eval mode), for evaluators
-    that decode with it (generation objectives); ``batch.inputs`` is that model's input."""
+    that decode with it (generation objectives), and :attr:`teacher` where there is one;
+    ``batch.inputs`` is that model's input."""
 
     #: The model being evaluated (set by the caller); None when the caller gives none.
     model: "KDModel | None" = None
+    #: The run's teacher (set by the caller, in eval mode) when the model is a student
+    #: whose teacher reads the same inputs (one encoding), for evaluators that compare the
+    #: two (the generation objective's token KL); None otherwise.
+    teacher: "KDModel | None" = None
 
     @abstractmethod
     def update(self, output: ModelOutput, batch: Batch) -> None:
@@ -505,7 +510,8 @@ class Objective(ABC):
         split may be computed once and shared by every run (False where they are too
         large to hold, e.g. a vocabulary per token);
       * :meth:`divergence`: how far two sets of predictions of one split are apart
-        (a live teacher's drift from its start).
+        (a live teacher's drift from its start); :meth:`batch_divergence` streams it
+        batch by batch where a split's outputs do not fit in memory.
     """
 
     name: ClassVar[str]
@@ -594,6 +600,14 @@ class Objective(ABC):
         """(value, kind) of how far predictions ``now`` moved from ``start`` (a whole
         split's logits)."""
         raise NotImplementedError(f"objective '{self.name}' does not measure divergence")
+
+    def batch_divergence(self, start: ModelOutput, now: ModelOutput) -> tuple[float, float, str]:
+        """The streamed form of :meth:`divergence`, for objectives whose whole-split outputs
+        are too large to hold (``shares_teacher_outputs`` False): one batch's ``(sum,
+        weight, kind)`` from two models' outputs on the same inputs; the split's value is
+        the sum of the sums over the sum of the weights (e.g. a KL summed over the counted
+        token positions, and their number)."""
+        raise NotImplementedError(f"objective '{self.name}' does not measure a streamed divergence")
 
 
 class StreamingMetrics(Evaluator):
