@@ -210,6 +210,12 @@ QUERIES = "queries"
 KEYS = "keys"
 VALUES = "values"
 
+#: The method option that reads a teacher from a cache of its top-k log-probabilities,
+#: renormalised over those k tokens (:func:`kdbench.generation.use_topk_teacher`); every
+#: method that offers such a cache names its option so, and reports read it from a run's
+#: stored parameters to say which runs learnt from a truncated teacher.
+TEACHER_TOPK = "teacher_topk"
+
 
 @dataclass
 class ModelOutput:
