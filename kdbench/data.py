@@ -8,8 +8,10 @@ when it is read; a file that fails the check is rebuilt with a warning naming it
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from kdbench.api import DataError, Encoded, Examples, ModelFactory, Objective, Options, Task
+from kdbench.api import DataError, Encoded, Examples, ModelFactory, Objective, Options, Task, unhashed_fields
 from kdbench.registry import Registry, get_registry
 from kdbench.spec import TaskSpec, content_hash
 
@@ -128,12 +130,75 @@ def _validate_splits(task: Task, objective: Objective, splits: dict[str, Example
         objective.check_labels(name, np.asarray(ex["label"]))
 
 
+def local_label_problems(registry: Registry, spec: TaskSpec) -> list[str]:
+    """Why the labels of task ``spec`` do not fit its objective, where the task can read
+    them cheaply (:meth:`Task.local_labels`): what ``kdbench validate`` reports, so a bad
+    label is refused before any run starts rather than when its data loads. Empty when
+    they fit or the task cannot read them without loading its data."""
+    cls = registry.task(spec.name)
+    task = cls(cls.Options.model_validate(spec.options))
+    try:
+        labels = task.local_labels()
+        if not labels:
+            return []
+        objective = registry.objective_for(task)
+        for split, values in labels.items():
+            objective.check_labels(split, np.asarray(values))
+    except DataError as exc:
+        return [f"task '{spec.name}': {exc}" if f"'{spec.name}'" not in str(exc) else str(exc)]
+    return []
+
+
 _TASK_DATA: dict[tuple, TaskData] = {}
 
 
+#: Files of a location (a data folder) looked at for :func:`location_signature`; a folder
+#: with more is signed by its first this many (in sorted order).
+MAX_SIGNED_FILES = 10_000
+
+
+def _stat_signature(st: os.stat_result) -> tuple[int, ...]:
+    # st_ctime_ns moves on every write and cannot be set back by a program
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def location_signature(path: str) -> tuple:
+    """What identifies the current content of a local data path without reading it: the
+    inode, size and modification/change times of the file, or of every file under the
+    folder (up to :data:`MAX_SIGNED_FILES`); () for a path that does not exist (a hub
+    name, a folder not made yet). A FIFO or device is stat'ed, never opened."""
+    path = os.path.expanduser(path)
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return ()
+    if not stat.S_ISDIR(st.st_mode):
+        return _stat_signature(st)
+    out: list[tuple] = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            try:
+                out.append((os.path.relpath(os.path.join(root, name), path), *_stat_signature(os.stat(os.path.join(root, name)))))
+            except OSError:
+                continue
+            if len(out) >= MAX_SIGNED_FILES:
+                return tuple(out)
+    return tuple(out)
+
+
+def _locations(registry: Registry, spec: TaskSpec) -> tuple:
+    """:func:`location_signature` of each location option (a data folder, a source file)."""
+    fields = unhashed_fields(registry.task(spec.name).Options)
+    return tuple((f, location_signature(v)) for f in sorted(fields) if isinstance(v := spec.options.get(f), str))
+
+
 def load_task_data(registry: Registry, spec: TaskSpec, quiz_fraction: float, data_seed: int) -> TaskData:
-    """Load (memoised per process) a task's splits with the quiz carved out of train."""
-    key = (spec.model_dump_json(), quiz_fraction, data_seed)
+    """Load (memoised per process) a task's splits with the quiz carved out of train. The
+    memo is keyed by the task spec *and* the signature of its data locations, so a file
+    changed while the process lives (a Ray worker serving several ``kdbench run``) is read
+    again instead of training on the old content under the new file's name."""
+    key = (spec.model_dump_json(), quiz_fraction, data_seed, _locations(registry, spec))
     if key not in _TASK_DATA:
         cls = registry.task(spec.name)
         task = cls(cls.Options(**spec.options))
@@ -152,6 +217,8 @@ def load_task_data(registry: Registry, spec: TaskSpec, quiz_fraction: float, dat
         splits[TRAIN] = _take(train, keep)
         if quiz.size:
             splits[QUIZ] = _take(train, quiz)
+        for old in [k for k in _TASK_DATA if k[:3] == key[:3]]:  # the same task read before its files changed
+            del _TASK_DATA[old]
         _TASK_DATA[key] = TaskData(task, splits, _objective=objective)
     return _TASK_DATA[key]
 
@@ -177,8 +244,17 @@ def encode_split(
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         # serialised here, not by save_file: the library's own temp file and rename would
         # leave a stray .tmpXXXXXX behind when killed
-        tmp.write_bytes(save(enc, metadata={ENCODED_CHECKSUM: tensors_sha256(enc)}))
-        os.replace(tmp, path)  # atomic: concurrent writers produce the same bytes
+        try:
+            tmp.write_bytes(save(enc, metadata={ENCODED_CHECKSUM: tensors_sha256(enc)}))
+            os.replace(tmp, path)  # atomic: concurrent writers produce the same bytes
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the environment's, not the run's: exit 2
+                from kdbench.train.artefacts import DiskFull
+
+                raise DiskFull(f"cannot write the encoded split {path}: {exc.strerror}; free space on that disk "
+                               "(or point KDBENCH_CACHE at another one) and run the same command again") from None
+            raise
     _ENCODED[key] = enc
     return enc
 

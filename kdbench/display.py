@@ -65,6 +65,40 @@ def run_line(spec: Any, title: str) -> str:
     return f"{title} | {spec.task.name} | {spec.student_label} | seed {spec.seed} ({spec.hash})"
 
 
+class PrintableStream:
+    """A text stream (``sys.stdout``, ``sys.stderr``) that writes everything through
+    :func:`kdbench.loader.printable`: a name, label, path or message from a plugin, a store
+    or a file name printed by any command (``kdbench list`` included) can then neither
+    drive the terminal (escape codes) nor hide or reorder text (bidirectional overrides,
+    zero-width characters); newlines and tabs pass. Everything else is the wrapped
+    stream's (``fileno``, ``isatty``, ``flush``). Progress bars, which draw with ``\r``
+    and cursor codes of their own, write to :func:`terminal_stream` instead."""
+
+    def __init__(self, stream: Any):
+        self.underlying = stream
+
+    def write(self, text: str) -> int:
+        from kdbench.loader import printable
+
+        self.underlying.write(printable(text))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.underlying, name)
+
+
+def terminal_stream() -> Any:
+    """stderr as the terminal gets it, under any :class:`PrintableStream` (for progress bars)."""
+    stream = sys.stderr
+    while isinstance(stream, PrintableStream):
+        stream = stream.underlying
+    return stream
+
+
 def say(line: str) -> None:
     """Print a line to stderr above any progress bar (tqdm redraws the bar below it)."""
     from tqdm.auto import tqdm
@@ -82,7 +116,7 @@ class SuiteProgress:
         from tqdm.auto import tqdm
 
         self.done = self.failed = 0
-        file = file or sys.stderr
+        file = file or terminal_stream()
         disable = (not file.isatty()) if enabled is None else not enabled
         self.bar = tqdm(total=total, desc=f"suite {name}", unit="run", position=0, disable=disable, dynamic_ncols=True,
                         file=file)

@@ -36,6 +36,12 @@ def tokenizer_identity(tokenizer: Any) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
+        # without the truncation and padding a call leaves set on the backend (a call with
+        # max_length=16 stores it there): the identity is the same before and after encoding
+        if backend.truncation is not None or backend.padding is not None:
+            backend = type(backend).from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
         digest.update(backend.to_str().encode())
     else:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
@@ -44,6 +50,88 @@ def tokenizer_identity(tokenizer: Any) -> str:
     special = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
     digest.update(json.dumps(special, sort_keys=True).encode())
     return f"{type(tokenizer).__name__.removesuffix('Fast')}#{digest.hexdigest()[:16]}"
+
+
+#: The files a Hugging Face tokenizer is read from, in its folder or hub repository (those
+#: present are hashed by :func:`tokenizer_files_sha256`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+_FILE_SHA: dict[tuple, str] = {}
+
+
+def _file_sha256(path: str) -> str:
+    """sha256 of one file, memoised on its inode, size and modification and change times
+    (any write moves ``st_ctime_ns``, which no program can set back)."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _FILE_SHA:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _FILE_SHA[key] = digest.hexdigest()
+    return _FILE_SHA[key]
+
+
+def _hub_cached_files(repo_id: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The files of hub repository ``repo_id`` in the local Hugging Face cache, as the
+    cache's current reference (``main``) points to them; {} when none is there yet."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return {}
+    found = {}
+    for name in names:
+        try:
+            path = try_to_load_from_cache(repo_id, name)
+        except ValueError:  # not a valid repository name (HFValidationError)
+            return {}
+        if isinstance(path, str) and os.path.isfile(path):
+            found[name] = path
+    return found
+
+
+def tokenizer_files_sha256(source: str, extra: tuple[str, ...] = ()) -> str:
+    """A content hash of the files a tokenizer is read from: :data:`TOKENIZER_FILES` (and
+    ``extra``, e.g. a GGUF file) present in folder ``source``, or, for a hub name, in the
+    local Hugging Face cache; '' when there are none (nothing downloaded yet). Cheap after
+    the first call per file. Model factories return it from
+    :meth:`~kdbench.api.ModelFactory.encoder_fingerprint`, so every cache keyed by the
+    encoding changes with any byte of these files; :class:`TokenizerCache` loads a
+    tokenizer again when it changes."""
+    names = (*TOKENIZER_FILES, *extra)
+    source = os.path.expanduser(source)
+    if os.path.isdir(source):
+        files = {n: os.path.join(source, n) for n in names if os.path.isfile(os.path.join(source, n))}
+    else:
+        files = _hub_cached_files(source, names)
+    if not files:
+        return ""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{_file_sha256(files[name])}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class TokenizerCache:
+    """Tokenizers loaded once per process *per content*: keyed by the source and
+    :func:`tokenizer_files_sha256`, so a vocabulary file changed while the process runs
+    (or a hub tokenizer updated in the cache by another process) is read again instead of
+    being served from memory under a content identity it no longer has."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple[str, str], Any] = {}
+
+    def get(self, source: str, load: Any, extra: tuple[str, ...] = ()) -> Any:
+        """The tokenizer of ``source``; ``load()`` reads it when the files are new."""
+        key = (source, tokenizer_files_sha256(source, extra))
+        if key not in self._loaded:
+            tokenizer = load()
+            self._loaded = {k: v for k, v in self._loaded.items() if k[0] != source}  # the old content's copy goes
+            # keyed by the files as loaded too: loading a hub name may have downloaded them
+            self._loaded[key] = self._loaded[(source, tokenizer_files_sha256(source, extra))] = tokenizer
+        return self._loaded[key]
 
 
 def check_vocabulary(tokenizer: Any, vocab_size: int, where: str) -> None:
@@ -180,13 +268,33 @@ ALL_CAPABILITIES = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_PROBS, ATTENTION_
 
 
 def family_capabilities(family: type[EncoderFamily]) -> frozenset[str]:
-    """What models of ``family`` expose (the rest of :data:`ALL_CAPABILITIES` needs capture points it lacks)."""
-    caps = {LOGITS, HIDDEN_STATES, EMBEDDING, ATTENTION_PROBS}
+    """What models of ``family`` expose (the rest of :data:`ALL_CAPABILITIES` needs capture points it lacks).
+    A family without an ``attention`` capture point exposes no attention at all (neither
+    probabilities nor q/k/v), so a method that needs it is refused at validation."""
+    caps = {LOGITS, HIDDEN_STATES, EMBEDDING}
+    if family.attention is None:
+        return frozenset(caps)
+    caps.add(ATTENTION_PROBS)
     if family.query and family.key and family.value and (family.layers or family.shared_layer):
         caps |= {QUERIES, KEYS, VALUES}
         if family.scores_from_qk:
             caps.add(ATTENTION_SCORES)
     return frozenset(caps)
+
+
+class _Capture:
+    """The forward hook that records one projection's output (``kind`` q, k or v) into its
+    classifier's ``_captured`` while a forward pass asks for it. An object, not a closure:
+    ``copy.deepcopy`` of the classifier copies it with ``owner`` mapped to the copy (a
+    closure would be shared and write into the original), and it pickles."""
+
+    def __init__(self, owner: "EncoderClassifier", kind: str):
+        self.owner, self.kind = owner, kind
+
+    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        captured = self.owner._captured
+        if captured is not None:
+            captured[self.kind].append(output)
 
 
 class EncoderClassifier(KDModel):
@@ -215,23 +323,26 @@ class EncoderClassifier(KDModel):
             shared = encoder_family.shared_layer
             for layer in self.layer_list() or ([resolve_path(encoder, shared)] if shared else []):
                 for kind, path in (("q", encoder_family.query), ("k", encoder_family.key), ("v", encoder_family.value)):
-                    resolve_path(layer, path).register_forward_hook(self._capture(kind))  # type: ignore[arg-type]
+                    resolve_path(layer, path).register_forward_hook(_Capture(self, kind))  # type: ignore[arg-type]
 
     def layer_list(self) -> list[nn.Module]:
         """The family's transformer layers (its ``layers`` capture point); [] for ALBERT."""
         path = self.encoder_family.layers
         return list(resolve_path(self.encoder, path)) if path else []
 
+    def capture_points(self) -> dict[str, str]:
+        """The family's capture points (:meth:`EncoderFamily.capture_points`), from this
+        model: ``encoder.<layers>``; attention and q/k/v inside each layer."""
+        points = {k: v for k, v in self.encoder_family.capture_points().items() if v is not None}
+        where = points.pop("layers", None) or points.pop("shared_layer", None)
+        layer = f"encoder.{where}.<i>" if self.encoder_family.layers else f"encoder.{where}"
+        key = "layers" if self.encoder_family.layers else "shared_layer"  # ALBERT: one layer applied num_layers times
+        return ({key: f"encoder.{where}"} if where else {}) | {k: f"{layer}.{v}" for k, v in points.items()}
+
     def describe(self) -> dict[str, Any]:
         cfg, fam = self.encoder.config, self.encoder_family
         return {"num_layers": getattr(cfg, fam.num_layers_attr), "hidden_size": self._width, "num_heads": self._heads,
                 "family": fam.name}
-
-    def _capture(self, kind: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            if self._captured is not None:
-                self._captured[kind].append(output)
-        return hook
 
     def _heads_split(self, x: Tensor) -> Tensor:
         b, length, _ = x.shape

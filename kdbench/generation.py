@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from kdbench.api import (GENERATION, LOGITS, STUDENT, TOKEN_LOGITS, Batch, IncompatibleModelError, KDBenchError, KDModel, Method, Problem,
+from kdbench.api import (GENERATION, LOGITS, STUDENT, TOKEN_LOGITS, Batch, IncompatibleModelError, KDBenchError, KDModel, Method,
                          StepContext, Task)
 
 PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK = "prompt_ids", "prompt_mask", "response_ids", "response_mask"
@@ -63,10 +63,6 @@ class PromptResponseTask(Task):
     ``objective`` (the registered objective that scores it, as a class attribute) and
     ``main_metric``; its options carry ``max_length`` (prompt plus response tokens) and
     ``max_new_tokens`` (the decoding cap), which this base exposes."""
-
-    @property
-    def problem(self) -> Problem:
-        return Problem(self.objective, 1)
 
     @property
     def max_new_tokens(self) -> int:
@@ -221,12 +217,15 @@ def sample_batch(ctx: StepContext, model: KDModel, batch: Batch, max_new_tokens:
                  greedy: bool = False) -> tuple[Batch, Generation]:
     """``batch`` with its responses replaced by ``model``'s own (sampled at ``temperature``
     from the run's random stream ``stream`` on the training device, or greedy), with
-    the KV cache; the decoding time goes to ``ctx.timings["generation"]``. Teacher and
+    the KV cache; the decoding time goes to ``ctx.timings["generation"]``, its steps to the
+    run's decode passes (``ctx.passes``). Teacher and
     student read the same new responses (methods that call this declare aligned
     positions, so the two share one encoding)."""
     with ctx.timed("generation"):
         gen = model.generate(batch.inputs_for(STUDENT), max_new_tokens, greedy=greedy, temperature=temperature,  # type: ignore[operator]
                              generator=None if greedy else ctx.generator(stream, ctx.device), use_cache=True)
+    if ctx.passes is not None:  # one decode step per generated position (kdbench.compute; no FLOPs counted for them)
+        ctx.passes.add("student" if model is ctx.student else "teacher", "decode", int(gen.tokens.shape[1]))
     inputs = with_response(batch.inputs_for(STUDENT), gen.tokens, gen.mask)
     return Batch(inputs, batch.labels, batch.index), gen
 

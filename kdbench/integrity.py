@@ -158,6 +158,9 @@ def estimate(suite: Suite, store: ResultsStore | None) -> list[str]:
     total = f"{sum(known):,} student steps" if known else ""
     if epochs:
         total += (" + " if total else "") + f"{sum(epochs):g} student epochs (steps depend on the train split's size)"
+    flops = [s.budget.flops for s in suite.runs if s.budget.flops is not None]
+    if flops:
+        total += (" + " if total else "") + f"{sum(flops):.3g} student-run FLOPs (steps follow from each method's counted passes)"
     teachers = {s.teacher_hash: s.teacher for s in suite.runs if s.teacher_hash and s.teacher and s.teacher.train}
     t_steps = sum(t.train.budget.steps or 0 for t in teachers.values() if t and t.train)
     lines.append(f"estimate: {len(suite.runs)} runs, {total or '0 steps'}"

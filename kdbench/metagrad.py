@@ -88,10 +88,42 @@ def output_jvp(model: nn.Module, inputs: object, need: frozenset[str], tangents:
     where an op has no forward-mode derivative (then see :func:`output_jvp_reverse`)."""
     params = dict(model.named_parameters())
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    with torch.no_grad(), fwad.dual_level(), replayed_rng(device, rng):
+    with torch.no_grad(), fwad.dual_level(), replayed_rng(device, rng), tangent_pass():
         duals = {n: fwad.make_dual(params[n].detach(), t) for n, t in tangents.items()}
         out = functional_call(model, {**duals, **buffers}, (inputs,), {"need": need})
         return [fwad.unpack_dual(x).tangent for x in output_tensors(out)[0]]
+
+
+_TANGENT_PASS = False
+
+
+@contextlib.contextmanager
+def tangent_pass() -> Iterator[None]:
+    """Inside, model calls carry tangents (:func:`output_jvp`): :class:`kdbench.compute.PassCounter`
+    counts them as jvp passes, not forwards."""
+    global _TANGENT_PASS
+    previous, _TANGENT_PASS = _TANGENT_PASS, True
+    try:
+        yield
+    finally:
+        _TANGENT_PASS = previous
+
+
+def in_tangent_pass() -> bool:
+    """Whether a :func:`tangent_pass` is open."""
+    return _TANGENT_PASS
+
+
+def meta_step_passes(quiz_batches: int) -> dict[str, int]:
+    """The passes of one pilot-update meta step (MetaDistil's, by :func:`kdbench.compute.pass_key`):
+    a teacher forward with grad and a student forward; the pilot backward through the student
+    (:func:`virtual_sgd_step`); a forward and a backward per quiz batch (``n``); ``J g`` (a
+    jvp pass, :func:`output_jvp`); one backward into the teacher; the real step's teacher
+    forward and student backward (its student forward is the first one's). Teacher 2 fwd +
+    1 bwd; student (1 + n) fwd + (2 + n) bwd + 1 jvp. Under :func:`output_jvp_reverse` the
+    jvp is a backward and a double backward instead."""
+    n = quiz_batches
+    return {"teacher_fwd": 2, "teacher_bwd": 1, "student_fwd": 1 + n, "student_bwd": 2 + n, "student_jvp": 1}
 
 
 def output_jvp_reverse(outputs: list[Tensor], params: list[Tensor], tangents: list[Tensor]) -> list[Tensor | None]:

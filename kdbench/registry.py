@@ -18,6 +18,7 @@ import pluggy
 from kdbench import hookspecs
 from kdbench.api import KDBenchError, Method, ModelFactory, Objective, Task
 from kdbench.encoders import EncoderFamily
+from kdbench.loader import printable
 from kdbench.protocols import Executor, Tracker
 
 ENTRY_POINT_GROUP = "kdbench"
@@ -81,6 +82,12 @@ class Registry:
             for cls in contributed:
                 if not (isinstance(cls, type) and issubclass(cls, base)) or not isinstance(getattr(cls, "name", None), str):
                     self._mark_broken(plugin, f"kdbench_{kind}() returned {cls!r}, which is not a named {base.__name__} subclass")
+                    continue
+                if not cls.name or not cls.name.isprintable() or cls.name != cls.name.strip():
+                    # a suite names it, a report prints it: an invisible character would make
+                    # two names look alike, a control character would drive the terminal
+                    self._mark_broken(plugin, f"kdbench_{kind}() returned a {base.__name__} named {printable(repr(cls.name))[:100]}: "
+                                              "a name must be printable text without spaces at its ends")
                     continue
                 if cls.name in RESERVED.get(kind, {}):
                     self._mark_broken(plugin, str(ReservedNameError(
@@ -165,6 +172,23 @@ class Registry:
     @property
     def hook(self) -> Any:
         return self.pm.hook
+
+
+def inner_method_class(name: str, registry: Registry, wrapper: str) -> type[Method]:
+    """The loss-based method (:meth:`~kdbench.api.Method.is_loss_based`) named ``name`` that
+    the strategy ``wrapper`` (e.g. MetaDistil, which meta-updates the teacher through the
+    wrapped loss) wraps, from ``registry``; ValueError naming the usable ones for anything else."""
+    try:
+        cls = registry.method(name)
+    except UnknownNameError:
+        usable = [n for n in registry.names("methods") if registry.method(n).is_loss_based()]
+        raise ValueError(f"unknown inner method '{name}'.{did_you_mean(name, usable)} Loss-based methods: {', '.join(usable) or '(none)'}") from None
+    if not cls.uses_teacher:
+        raise ValueError(f"inner method '{name}' does not use a teacher, so the teacher would get no meta-gradient")
+    if not cls.is_loss_based():
+        raise ValueError(f"inner method '{name}' updates the teacher or runs its own training step; "
+                         f"{wrapper} needs a loss-based method (one that only implements loss())")
+    return cls
 
 
 def make_plugin_manager(extra_plugins: Iterable[Any] = ()) -> tuple[pluggy.PluginManager, dict[str, str]]:

@@ -4,8 +4,9 @@ they are opened, so that every file-system case has a named error (exit code 2 a
 
 A FIFO would block the reader forever, a character device (``/dev/zero``) never ends, a
 directory or a dangling link is not a data file, and a file larger than
-:func:`max_source_bytes` would be read whole into memory. Task plugins call
-:func:`check_source_file` (then open the file themselves) or :func:`read_source_file`.
+:func:`max_source_bytes` would be read whole into memory. Task plugins read a source
+with :func:`read_source_file` (its bytes) or :func:`open_source_file` (a stream, for large
+files parsed as they are read); :func:`check_source_file` only checks a path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import IO, Any
 
 from kdbench.api import DataError
 
@@ -68,19 +70,32 @@ def check_source_file(path: str | Path, what: str) -> Path:
     return path
 
 
-def read_source_file(path: str | Path, what: str) -> bytes:
-    """The bytes of a source file checked by :func:`check_source_file` (read with
-    ``O_NONBLOCK``, so a file swapped for a FIFO after the check cannot hang the read,
-    and never more than the bound)."""
+def open_source_file(path: str | Path, what: str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+    """A source file checked by :func:`check_source_file`, opened for reading (``mode``
+    ``"rb"`` or ``"r"``; ``kwargs`` go to :func:`open`, e.g. ``encoding``). Opened with
+    ``O_NONBLOCK`` and checked again on the open descriptor, so a file swapped for a FIFO
+    or a device after the check can neither hang the open nor be read; the size bound is
+    checked again there too. Use it as a context manager."""
+    if mode not in ("rb", "r"):
+        raise ValueError(f"open_source_file reads only ('rb' or 'r'), not {mode!r}")
     path = check_source_file(path, what)
-    limit = max_source_bytes()
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise DataError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise DataError(f"{what} {path} changed into {_kind(os.fstat(fh.fileno()).st_mode)} while being opened")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_source_bytes():
+        os.close(fd)
+        why = f"changed into {_kind(st.st_mode)}" if not stat.S_ISREG(st.st_mode) else f"grew to {st.st_size:,} bytes"
+        raise DataError(f"{what} {path} {why} while being opened")
+    return os.fdopen(fd, mode, **kwargs)
+
+
+def read_source_file(path: str | Path, what: str) -> bytes:
+    """The bytes of a source file opened by :func:`open_source_file`, never more than the
+    bound."""
+    limit = max_source_bytes()
+    with open_source_file(path, what) as fh:
         try:
             blob = fh.read(limit + 1)
         except OSError as exc:

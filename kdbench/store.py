@@ -439,11 +439,12 @@ class ResultsStore:
             if cur.rowcount != 1:
                 raise RuntimeError(f"run {spec.hash} is no longer claimed by this process; its result was not recorded")
 
-    def release(self, spec_hash: str) -> None:
-        """Give a claim back without a result (e.g. interrupted by the user)."""
+    def release(self, spec_hash: str, why: str = "interrupted") -> None:
+        """Give a claim back without a result (e.g. interrupted by the user); ``why`` is
+        the row's error until the next claim trains it."""
         with self.transaction() as con:
-            con.execute("UPDATE runs SET status=?, owner=NULL, error='interrupted', checksum=NULL WHERE hash=? AND status=? AND owner=?",
-                        (FAILED, spec_hash, RUNNING, owner_id()))
+            con.execute("UPDATE runs SET status=?, owner=NULL, error=?, checksum=NULL WHERE hash=? AND status=? AND owner=?",
+                        (FAILED, why, spec_hash, RUNNING, owner_id()))
 
     def block(self, spec: RunSpec, reason: str) -> bool:
         """Record a run that cannot start (e.g. its teacher failed) as failed with

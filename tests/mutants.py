@@ -14,6 +14,9 @@ Never commit a mutated file: the script restores it, and ``git diff`` shows if i
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,18 +42,18 @@ def mutants() -> list[Mutant]:
     pk_tests = ("tests/test_teacher_optimizers.py", "tests/test_prokt.py")
     out = [
         # -- the teacher optimisers (kdbench/losses.py, shared by MetaDistil and ProKT)
-        Mutant("teacher SGD momentum dropped", "kdbench/losses.py", "lr=lr, momentum=momentum, weight_decay=weight_decay)",
+        Mutant("teacher SGD momentum dropped", "kdbench/teacher_updates.py", "lr=lr, momentum=momentum, weight_decay=weight_decay)",
                "lr=lr, momentum=0.0, weight_decay=weight_decay)", md_tests[:1]),
-        Mutant("teacher SGD weight decay dropped", "kdbench/losses.py", "lr=lr, momentum=momentum, weight_decay=weight_decay)",
+        Mutant("teacher SGD weight decay dropped", "kdbench/teacher_updates.py", "lr=lr, momentum=momentum, weight_decay=weight_decay)",
                "lr=lr, momentum=momentum, weight_decay=0.0)", md_tests[:1]),
-        Mutant("teacher AdamW weight decay dropped", "kdbench/losses.py", "AdamW(params, lr=lr, weight_decay=weight_decay,",
+        Mutant("teacher AdamW weight decay dropped", "kdbench/teacher_updates.py", "AdamW(params, lr=lr, weight_decay=weight_decay,",
                "AdamW(params, lr=lr, weight_decay=0.0,", md_tests[:1]),
-        Mutant("scheduled teacher lr applied one step late", "kdbench/losses.py",
+        Mutant("scheduled teacher lr applied one step late", "kdbench/teacher_updates.py",
                '    for group in optimizer.param_groups:\n        group["lr"] = lr\n    optimizer.step()\n',
                '    optimizer.step()\n    for group in optimizer.param_groups:\n        group["lr"] = lr\n', md_tests[:1]),
-        Mutant("teacher clip value ignored", "kdbench/losses.py", "nn.utils.clip_grad_norm_(params, clip)", "nn.utils.clip_grad_norm_(params, 1.0)", md_tests[:1]),
-        Mutant("linear teacher schedule off by one step", "kdbench/losses.py", "(ctx.total_steps - ctx.step) /", "(ctx.total_steps - ctx.step + 1) /", md_tests),
-        Mutant("follow_student teacher lr not renormalised", "kdbench/losses.py", "return schedule_ratio(ctx) / at_start if at_start else 0.0",
+        Mutant("teacher clip value ignored", "kdbench/teacher_updates.py", "nn.utils.clip_grad_norm_(params, clip)", "nn.utils.clip_grad_norm_(params, 1.0)", md_tests[:1]),
+        Mutant("linear teacher schedule off by one step", "kdbench/teacher_updates.py", "(ctx.total_steps - ctx.step) /", "(ctx.total_steps - ctx.step + 1) /", md_tests),
+        Mutant("follow_student teacher lr not renormalised", "kdbench/teacher_updates.py", "return schedule_ratio(ctx) / at_start if at_start else 0.0",
                "return schedule_ratio(ctx)", md_tests),
         # -- MetaDistil, one per option and the step's structure
         Mutant("metadistil virtual_lr ignored", md, "return self.params.virtual_lr * (", "return 5e-5 * (", md_tests),
@@ -62,8 +65,8 @@ def mutants() -> list[Mutant]:
         Mutant("metadistil teacher_momentum ignored", md, "p.teacher_lr, p.teacher_weight_decay, p.teacher_momentum)",
                "p.teacher_lr, p.teacher_weight_decay, 0.9)", md_tests),
         Mutant("metadistil teacher_grad_clip ignored", md, "lr, p.teacher_grad_clip)", "lr, 1.0)", md_tests),
-        Mutant("metadistil teacher_start ignored", md, "first_teacher_step(self.params.teacher_start, ctx.total_steps)",
-               "first_teacher_step(0.0, ctx.total_steps)", md_tests),
+        Mutant("metadistil teacher_start ignored", md, "first_teacher_step(self.params.teacher_start, total_steps)",
+               "first_teacher_step(0.0, total_steps)", md_tests),
         Mutant("metadistil teacher_warm_steps ignored", md, "- self.params.teacher_warm_steps, 1)", "- 0, 1)", md_tests),
         Mutant("metadistil teacher_schedule ignored", md, "teacher_lr_factor(ctx, p.teacher_schedule, p.teacher_start)",
                'teacher_lr_factor(ctx, "constant", p.teacher_start)', md_tests),
@@ -71,8 +74,8 @@ def mutants() -> list[Mutant]:
         Mutant("metadistil deprecated follow_student_schedule ignored", md, 'data.get("follow_student_schedule") is True',
                'data.get("follow_student_schedule") is None', md_tests),
         Mutant("metadistil quiz_batches ignored", md, "return int(self.params.quiz_batches)", "return 1", md_tests),
-        Mutant("metadistil quiz_batches all keeps the partial batch", md, "max(ctx.quiz_size // batch_size, 1)",
-               "max(-(-ctx.quiz_size // batch_size), 1)", md_tests),
+        Mutant("metadistil quiz_batches all keeps the partial batch", md, "max(quiz_size // batch_size, 1)",
+               "max(-(-quiz_size // batch_size), 1)", md_tests),
         Mutant("metadistil quiz_mode ignored (quiz pass)", md, 'with training_mode(student, self.params.quiz_mode == "train"):',
                "with training_mode(student, False):", md_tests),
         Mutant("metadistil quiz_mode train writes running statistics", md,
@@ -128,6 +131,7 @@ def mutants() -> list[Mutant]:
         (kd, "kd alpha", "return p.alpha * soft + (1 - p.alpha) * hard", "return 0.5 * soft + (1 - 0.5) * hard", "tests/test_kd.py"),
         (kd, "kd temperature", "soft_loss(student.logits, teacher.logits, p.temperature,", "soft_loss(student.logits, teacher.logits, 4.0,", "tests/test_kd.py"),
         (kd, "kd soft_loss", "kind=p.soft_loss, mask", 'kind="kl", mask', "tests/test_kd.py tests/test_metadistil_options.py tests/test_soft_regression.py"),
+        (kd, "kd logit_standardization", "standardize=p.logit_standardization, regression", "standardize=False, regression", "tests/test_kd.py"),
         (kd, "kd regression_soft", "regression=p.regression_soft)", 'regression="logits")', "tests/test_kd.py tests/test_soft_regression.py"),
         (pkd, "pkd alpha", "loss = p.alpha * soft + (1 - p.alpha) * hard", "loss = 0.7 * soft + (1 - 0.7) * hard", "tests/test_pkd.py"),
         (pkd, "pkd temperature", "soft_loss(student.logits, teacher.logits, p.temperature,", "soft_loss(student.logits, teacher.logits, 10.0,", "tests/test_pkd.py"),
@@ -148,7 +152,8 @@ def mutants() -> list[Mutant]:
         (M + "dkd.py", "dkd gamma", "total = p.gamma * ce", "total = 1.0 * ce", "tests/test_dkd.py"),
         (M + "dkd.py", "dkd alpha", "w * (p.alpha * tckd", "w * (1.0 * tckd", "tests/test_dkd.py"),
         (M + "dkd.py", "dkd beta", "+ p.beta * nckd)", "+ 8.0 * nckd)", "tests/test_dkd.py"),
-        (M + "dkd.py", "dkd temperature", "batch.labels, p.temperature)", "batch.labels, 4.0)", "tests/test_dkd.py"),
+        (M + "dkd.py", "dkd temperature", "batch.labels, p.temperature, p.logit_standardization)", "batch.labels, 4.0, p.logit_standardization)", "tests/test_dkd.py"),
+        (M + "dkd.py", "dkd logit_standardization", "batch.labels, p.temperature, p.logit_standardization)", "batch.labels, p.temperature, False)", "tests/test_dkd.py"),
         (M + "dkd.py", "dkd warmup_fraction", "warm = self.params.warmup_fraction * total_steps", "warm = 20 / 240 * total_steps", "tests/test_dkd.py"),
         (M + "at.py", "at gamma", "total = hp.gamma * ce", "total = 1.0 * ce", "tests/test_at.py"),
         (M + "at.py", "at alpha", "+ hp.alpha * kd", "+ 0.0 * kd", "tests/test_at.py"),
@@ -173,6 +178,99 @@ def mutants() -> list[Mutant]:
     out += [Mutant(f"{name} ignored", path, old, new, (effect.format(*name.split(" ", 1)).split(" (")[0] + ("" if "(" not in name else "]"),
                                                        *tests.split()))
             for path, name, old, new, tests in loss_options]
+    # -- the methods added since 2021: each option read as its default where the formula reads it
+    #    (tests/test_option_formulas.py and tests/test_lm_methods.py hold the hand computations)
+    of, lmt = "tests/test_option_formulas.py::", "tests/test_lm_methods.py::"
+    ds, ml, ct, rv, m1, m2 = (M + f for f in ("dist.py", "mlkd.py", "ctkd.py", "reviewkd.py", "minilm.py", "minilmv2.py"))
+    ds_total, ml_total = "total = p.ce_weight * ce + p.beta * inter + p.gamma * intra", "total = p.ce_weight * ce + p.kd_weight * (f * kd"
+    ds_parts = "dist_parts(student.logits, teacher.logits, p.temperature, p.logit_standardization)"
+    ct_lam, ct_temp = "curriculum_lambda(ctx.step, ctx.total_steps, p.curriculum_fraction, p.lambda_max)", "ctx.extra(lam, p.t_start, p.t_range)"
+    m1_total, m2_total = "total = p.w_relation * (at + vr) + p.ce_weight * ce + p.kd_weight * kd", "total = p.w_relation * relation + p.ce_weight * ce + p.kd_weight * kd"
+    m2_rel = "relation_kl(relation_logits(s_all[i], p.relation_heads), relation_logits(t_all[j], p.relation_heads), mask)"
+    gkd_sample = 'sample_batch(ctx, ctx.student, batch, p.max_new_tokens, p.temperature, "gkd-samples")'
+    rkl_sample = 'sample_batch(ctx, ctx.student, batch, self.params.max_new_tokens, self.params.temperature, "rkl-samples")'
+    taid_new = 'TAIDSchedule(p.t_start, p.t_end, p.alpha, p.beta, p.adaptive)'
+    skew_kl, skew_rkl = ("{}(student.logits, teacher.logits, mask, self.params.alpha, self.params.temperature)".format(f) for f in ("skew_kl", "skew_reverse_kl"))
+    new_methods = [
+        ("dist ce_weight", ds, ds_total, ds_total.replace("p.ce_weight", "1.0"), of + "test_dist_options"),
+        ("dist beta", ds, ds_total, ds_total.replace("p.beta", "2.0"), of + "test_dist_options"),
+        ("dist gamma", ds, ds_total, ds_total.replace("p.gamma", "2.0"), of + "test_dist_options"),
+        ("dist temperature", ds, ds_parts, ds_parts.replace("p.temperature", "4.0"), of + "test_dist_options"),
+        ("dist logit_standardization", ds, ds_parts, ds_parts.replace("p.logit_standardization", "False"), of + "test_dist_options"),
+        ("mlkd ce_weight", ml, ml_total, ml_total.replace("p.ce_weight", "0.1"), of + "test_mlkd_options"),
+        ("mlkd kd_weight", ml, ml_total, ml_total.replace("p.kd_weight", "0.9"), of + "test_mlkd_options"),
+        ("mlkd temperatures (KD terms)", ml, "standardize=p.logit_standardization) for temp in p.temperatures)",
+         "standardize=p.logit_standardization) for temp in (4.0, 3.0, 5.0, 2.0, 6.0))", of + "test_mlkd_options"),
+        ("mlkd temperatures (batch correlation)", ml, "bc = sum(batch_correlation(s, t, temp) for temp in p.temperatures)",
+         "bc = sum(batch_correlation(s, t, temp) for temp in (4.0, 3.0, 5.0, 2.0, 6.0))", of + "test_mlkd_options"),
+        ("mlkd logit_standardization", ml, "standardize=p.logit_standardization) for temp", "standardize=False) for temp", of + "test_mlkd_options"),
+        ("ctkd gamma", ct, "total = p.gamma * ce + p.alpha * kd", "total = 0.1 * ce + p.alpha * kd", of + "test_ctkd_options"),
+        ("ctkd alpha", ct, "total = p.gamma * ce + p.alpha * kd", "total = p.gamma * ce + 0.9 * kd", of + "test_ctkd_options"),
+        ("ctkd t_start", ct, ct_temp, ct_temp.replace("p.t_start", "1.0"), of + "test_ctkd_options"),
+        ("ctkd t_range", ct, ct_temp, ct_temp.replace("p.t_range", "20.0"), of + "test_ctkd_options"),
+        ("ctkd lambda_max", ct, ct_lam, ct_lam.replace("p.lambda_max", "1.0"), of + "test_ctkd_options"),
+        ("ctkd curriculum_fraction", ct, ct_lam, ct_lam.replace("p.curriculum_fraction", "10 / 240"), of + "test_ctkd_options"),
+        ("ctkd logit_standardization", ct, "standardize=p.logit_standardization).reshape(())", "standardize=False).reshape(())", of + "test_ctkd_options"),
+        ("ctkd gradient reversal not reversed", ct, "return -ctx.lam * grad, None", "return ctx.lam * grad, None", of + "test_ctkd_options"),
+        ("reviewkd ce_weight", rv, "total = p.ce_weight * ce + w", "total = 1.0 * ce + w", of + "test_reviewkd_options"),
+        ("reviewkd reviewkd_weight", rv, "w * p.reviewkd_weight * review", "w * 1.0 * review", of + "test_reviewkd_options"),
+        ("reviewkd warmup_fraction", rv, "warm = self.params.warmup_fraction * total_steps", "warm = 20 / 240 * total_steps", of + "test_reviewkd_options"),
+        ("reviewkd student_preact", rv, "fused = ctx.extra(levels(student, p.student_preact))", "fused = ctx.extra(levels(student, False))", of + "test_reviewkd_options"),
+        ("minilm w_relation", m1, m1_total, m1_total.replace("p.w_relation", "1.0"), of + "test_minilm_options"),
+        ("minilm ce_weight", m1, m1_total, m1_total.replace("p.ce_weight", "1.0"), of + "test_minilm_options"),
+        ("minilm kd_weight", m1, m1_total, m1_total.replace("p.kd_weight", "0.0"), of + "test_minilm_options"),
+        ("minilm temperature", m1, "soft_loss(student.logits, teacher.logits, p.temperature, method.problem)",
+         "soft_loss(student.logits, teacher.logits, 1.0, method.problem)", of + "test_minilm_options"),
+        ("minilm teacher_layer", m1, 'resolve_layer(self.name, "teacher", p.teacher_layer, len(teacher.values))',
+         'resolve_layer(self.name, "teacher", -1, len(teacher.values))', of + "test_minilm_options"),
+        ("minilm student_layer", m1, 'resolve_layer(self.name, "student", p.student_layer, len(student.values))',
+         'resolve_layer(self.name, "student", -1, len(student.values))', of + "test_minilm_options"),
+        ("minilmv2 w_relation", m2, m2_total, m2_total.replace("p.w_relation", "1.0"), of + "test_minilmv2_options"),
+        ("minilmv2 ce_weight", m2, m2_total, m2_total.replace("p.ce_weight", "1.0"), of + "test_minilmv2_options"),
+        ("minilmv2 kd_weight", m2, m2_total, m2_total.replace("p.kd_weight", "0.0"), of + "test_minilmv2_options"),
+        ("minilmv2 temperature", m2, "soft_loss(student.logits, teacher.logits, p.temperature, self.problem)",
+         "soft_loss(student.logits, teacher.logits, 1.0, self.problem)", of + "test_minilmv2_options"),
+        ("minilmv2 relation_heads (teacher side)", m2, m2_rel, m2_rel.replace("relation_logits(t_all[j], p.relation_heads)", "relation_logits(t_all[j], 2)"),
+         of + "test_minilmv2_options"),
+        ("minilmv2 teacher_layer", m2, 'resolve_layer(self.name, "teacher", p.teacher_layer, len(t_all))',
+         'resolve_layer(self.name, "teacher", -1, len(t_all))', of + "test_minilmv2_options"),
+        ("minilmv2 student_layer", m2, 'resolve_layer(self.name, "student", p.student_layer, len(s_all))',
+         'resolve_layer(self.name, "student", -1, len(s_all))', of + "test_minilmv2_options"),
+        ("token-kd temperature", M + "token_kd.py", "forward_kl(student.logits, teacher.logits, mask, p.temperature)",
+         "forward_kl(student.logits, teacher.logits, mask, 1.0)", lmt + "test_token_kd_by_hand"),
+        ("token-kd label_weight", M + "token_kd.py", "return (1 - p.label_weight) * kl + p.label_weight * nll", "return (1 - 0.0) * kl + 0.0 * nll",
+         lmt + "test_token_kd_by_hand"),
+        ("token-kd teacher_topk", M + "token_kd.py", "if self.params.teacher_topk is not None:", "if False:", lmt + "test_topk_teacher_cache_renormalises"),
+        ("seqkd max_new_tokens", M + "seqkd.py", "teacher, cap = ctx.teacher, self.params.max_new_tokens", "teacher, cap = ctx.teacher, 64",
+         lmt + "test_seqkd_trains_on_the_teachers_greedy_outputs_cached_once"),
+        ("gkd beta", M + "gkd.py", "mask, self.params.beta, self.params.temperature)", "mask, 0.5, self.params.temperature)",
+         lmt + "test_gkd_on_policy_fraction_and_reproducible_samples"),
+        ("gkd temperature (loss)", M + "gkd.py", "mask, self.params.beta, self.params.temperature)", "mask, self.params.beta, 0.9)",
+         lmt + "test_gkd_on_policy_fraction_and_reproducible_samples"),
+        ("gkd lmbda", M + "gkd.py", "< p.lmbda)", "< 0.5)", lmt + "test_gkd_on_policy_fraction_and_reproducible_samples"),
+        ("gkd temperature (sampling)", M + "gkd.py", gkd_sample, gkd_sample.replace("p.temperature", "0.9"), lmt + "test_gkd_on_policy_fraction_and_reproducible_samples"),
+        ("gkd max_new_tokens", M + "gkd.py", gkd_sample, gkd_sample.replace("p.max_new_tokens", "128"), lmt + "test_gkd_on_policy_fraction_and_reproducible_samples"),
+        ("rkl temperature", M + "rkl.py", rkl_sample, rkl_sample.replace("self.params.temperature", "1.0"),
+         of + "test_rkl_samples_at_its_temperature_and_compares_untempered_distributions"),
+        ("rkl max_new_tokens", M + "rkl.py", rkl_sample, rkl_sample.replace("self.params.max_new_tokens", "128"), lmt + "test_rkl_on_student_samples_by_hand"),
+        ("skew-kl alpha", M + "distillm.py", skew_kl, skew_kl.replace("self.params.alpha", "0.1"), lmt + "test_skew_divergences_by_hand"),
+        ("skew-kl temperature", M + "distillm.py", skew_kl, skew_kl.replace("self.params.temperature", "1.0"), of + "test_skew_temperature_divides_both_sides"),
+        ("skew-rkl alpha", M + "distillm.py", skew_rkl, skew_rkl.replace("self.params.alpha", "0.1"), lmt + "test_skew_divergences_by_hand"),
+        ("skew-rkl temperature", M + "distillm.py", skew_rkl, skew_rkl.replace("self.params.temperature", "1.0"), of + "test_skew_temperature_divides_both_sides"),
+        ("skew teacher_topk", M + "distillm.py", "if self.params.teacher_topk is not None:", "if False:", of + "test_skew_teacher_topk_renormalises_over_k"),
+        ("taid t_start", M + "taid.py", taid_new, taid_new.replace("p.t_start", "0.4"), of + "test_taid_schedule_options"),
+        ("taid t_end", M + "taid.py", taid_new, taid_new.replace("p.t_end", "1.0"), of + "test_taid_schedule_options"),
+        ("taid alpha", M + "taid.py", taid_new, taid_new.replace("p.alpha", "5e-4"), of + "test_taid_schedule_options"),
+        ("taid beta", M + "taid.py", taid_new, taid_new.replace("p.beta", "0.99"), of + "test_taid_schedule_options"),
+        ("taid adaptive", M + "taid.py", taid_new, taid_new.replace("p.adaptive", "True"), of + "test_taid_schedule_options"),
+        ("taid teacher_topk", M + "taid.py", "if p.teacher_topk is not None:", "if False:", of + "test_taid_teacher_topk_interpolates_towards_the_truncated_teacher"),
+        ("taid linear floor dropped", "kdbench/token_losses.py", "self.t = min(self.t_end, max(linear, self.t + step_up))",
+         "self.t = min(self.t_end, self.t + step_up)", of + "test_taid_schedule_options"),
+        ("taid momentum without beta", "kdbench/token_losses.py", "self.momentum = self.beta * self.momentum + (1 - self.beta) * change",
+         "self.momentum = change", of + "test_taid_schedule_options"),
+    ]
+    out += [Mutant(name if any(w in name for w in ("not ", "dropped", "without")) else f"{name} ignored", path, old, new, (test,))
+            for name, path, old, new, test in new_methods]
     # -- recipes: how a recipe's training block reaches the suite, and the recipe values themselves
     rc = "kdbench/recipes.py"
     rt = tuple(f"tests/test_recipes.py::{t}" for t in ("test_recipe_entry_expands_to_the_explicit_suite", "test_recipe_training_expands_to_the_explicit_suite",
@@ -196,20 +294,54 @@ def mutants() -> list[Mutant]:
     return out
 
 
-def run(m: Mutant, verbose: bool) -> tuple[bool, float]:
+def run(m: Mutant, verbose: bool, fork: bool = False) -> tuple[bool, float]:
     path = ROOT / m.path
     original = path.read_bytes()
     text = original.decode()
     if text.count(m.old) != 1:
         raise SystemExit(f"{m.name}: the snippet occurs {text.count(m.old)} times in {m.path}; update tests/mutants.py")
     t0 = time.perf_counter()
+    args = ["-x", "-q", "-p", "no:warnings", "-p", "no:cacheprovider", "-p", "no:randomly", *m.tests]
     try:
         path.write_text(text.replace(m.old, m.new))
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:warnings", "-p", "no:cacheprovider", "-p", "no:randomly", *m.tests]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=not verbose, text=True)
+        code = pytest_in_fork(args, verbose) if fork else subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT,
+                                                                          capture_output=not verbose, text=True).returncode
     finally:
         path.write_bytes(original)
-    return done.returncode != 0, time.perf_counter() - t0
+    return code != 0, time.perf_counter() - t0
+
+
+#: third-party libraries a forked pytest finds already imported (kdbench's own modules are
+#: never imported by the parent, so every child imports the mutated file afresh)
+PRELOAD = ("numpy", "torch", "pydantic", "pluggy", "yaml", "pandas", "scipy.stats", "safetensors.torch", "tokenizers", "transformers",
+           "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
+           "pytest")
+
+
+def pytest_in_fork(args: list[str], verbose: bool) -> int:
+    """pytest's exit status, run in a child forked from this process after the heavy
+    third-party imports (``--fork``): the same tests, without paying for importing torch
+    and transformers once per mutation."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 3
+        try:
+            os.chdir(ROOT)
+            if not verbose:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+            import pytest
+
+            code = int(pytest.main(args))
+        finally:
+            os._exit(code)
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except BaseException:  # interrupted: the child goes too, and run() restores the file
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
 
 
 def main() -> int:
@@ -218,15 +350,25 @@ def main() -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("-v", action="store_true", help="show pytest's output")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N chosen mutations (resume a run)")
+    ap.add_argument("--count", type=int, default=None, help="run at most N mutations after the skipped ones")
+    ap.add_argument("--fork", action="store_true", help="import torch and transformers once and fork a pytest per mutation (faster)")
     args = ap.parse_args()
+    # restore the mutated file on SIGTERM too, and on Ctrl-C where a background shell ignored SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.fork and not args.list:
+        for name in PRELOAD:
+            importlib.import_module(name)
+        assert not any(n == "kdbench" or n.startswith(("kdbench.", "kdbench_plugins")) for n in sys.modules), "the parent must not import kdbench"
     chosen = [m for m in mutants() if args.k in m.name][args.skip:]
+    chosen = chosen[:args.count] if args.count is not None else chosen
     survivors = []
     for m in chosen:
         if args.list:
             count = (ROOT / m.path).read_text().count(m.old)
             print(("" if count == 1 else f"BAD SNIPPET ({count} found) ") + f"{m.name}: {m.path}  ->  {' '.join(m.tests)}")
             continue
-        killed, seconds = run(m, args.v)
+        killed, seconds = run(m, args.v, args.fork)
         print(f"{'killed ' if killed else 'SURVIVED'} {seconds:5.0f}s  {m.name}  ({m.path})", flush=True)
         if not killed:
             survivors.append(m.name)

@@ -5,9 +5,9 @@ tiny end-to-end run."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import tarfile
-import time
 import urllib.error
 from pathlib import Path
 
@@ -147,6 +147,80 @@ def test_unpickler_refuses_any_other_global(tmp_path, capsys):
     assert np.array_equal(images.reshape(2, -1), data) and labels.tolist() == [3, 4]
 
 
+class _System:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_pickles_that_would_run_code_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    """case: a train file whose pickle calls os.system, or builds an object through a
+    numpy global outside the array constructors (numpy.load could read another pickle)."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / FOLDER
+    write_cifar(folder)
+    payloads = {
+        "os.system": pickle.dumps({b"data": _System(), b"fine_labels": []}, protocol=2),
+        "numpy.load": b"\x80\x02cnumpy\nload\nq\x00X\x05\x00\x00\x00otherq\x01\x85q\x02Rq\x03.",
+        "builtins.eval": b"cbuiltins\neval\n(S'1+1'\ntR.",
+    }
+    for name, payload in payloads.items():
+        (folder / "train").write_bytes(payload)
+        with pytest.raises(DataError, match=rf"global '(posix|os|nt)?\.?{name.split('.')[-1]}'|global '{name}'"):
+            task(tmp_path, download=False).load(str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "oversize", "dangling link"])
+def test_data_files_that_are_not_regular_or_too_large_are_named(tmp_path, monkeypatch, kind):
+    """case: train is a FIFO (was: read would block forever), a folder, a dangling link, or
+    larger than the source bound (KDBENCH_MAX_SOURCE_BYTES): a DataError naming the file."""
+    folder = tmp_path / "data" / FOLDER
+    write_cifar(folder)
+    train = folder / "train"
+    train.unlink()
+    why = {"fifo": "is a FIFO", "folder": "is a folder", "oversize": "over the limit of 1,000", "dangling link": "which does not exist"}
+    if kind == "fifo":
+        os.mkfifo(train)
+    elif kind == "folder":
+        train.mkdir()
+    elif kind == "dangling link":
+        train.symlink_to(tmp_path / "nowhere")
+    else:
+        write_cifar(folder)
+        monkeypatch.setenv("KDBENCH_MAX_SOURCE_BYTES", "1000")
+    fetched = []
+    monkeypatch.setattr(cifar100, "fetch", lambda url, dest: fetched.append(url))
+    with pytest.raises(DataError, match=f"cifar100: data_dir file {train}.* {why[kind]}"):
+        task(tmp_path).load(str(tmp_path))
+    assert fetched == []  # named, not taken for missing files and downloaded beside them
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "a list", "not uint8"])
+def test_damaged_pickles_are_named(tmp_path, damage):
+    """case: a truncated, empty or random train file, or a pickle of the wrong shape."""
+    folder = tmp_path / "data" / FOLDER
+    write_cifar(folder)
+    good = (folder / "train").read_bytes()
+    blob = {"truncated": good[: len(good) // 2], "empty": b"", "garbage": bytes(range(256)) * 4,
+            "a list": pickle.dumps([1, 2, 3], protocol=2),
+            "not uint8": pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"fine_labels": [0, 1]}, protocol=2)}[damage]
+    (folder / "train").write_bytes(blob)
+    message = {"a list": "expected a dict", "not uint8": "float32"}.get(damage, "not a CIFAR-100 python-format file")
+    with pytest.raises(DataError, match=message):
+        task(tmp_path, download=False).load(str(tmp_path))
+
+
+def test_missing_train_file_with_download_off_says_where_to_put_it(tmp_path):
+    """case: test present, train missing, download off."""
+    folder = tmp_path / "data" / FOLDER
+    write_cifar(folder)
+    (folder / "train").unlink()
+    with pytest.raises(DataError, match=f"download is off: put the python-format files at {folder}"):
+        task(tmp_path, download=False).load(str(tmp_path))
+
+
 def test_compute_metrics_is_accuracy_fraction(tmp_path):
     t = task(tmp_path)
     assert t.compute_metrics(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == {"accuracy": 0.75}
@@ -173,11 +247,9 @@ def test_offline_without_files_fails_fast_with_where_to_put_them(tmp_path, monke
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(cifar100, "fetch", offline)
-    start = time.perf_counter()
     with pytest.raises(DataError) as err:
         task(tmp_path).load(str(tmp_path))
-    assert time.perf_counter() - start < 2.0
-    assert calls == [URL]
+    assert calls == [URL]  # one try, no retry loop
     msg = str(err.value)
     assert "download failed" in msg and "no network" in msg
     assert str(tmp_path / "data" / FOLDER) in msg and "data_dir" in msg

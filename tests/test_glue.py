@@ -245,6 +245,27 @@ def test_options_source_defaults_and_conflicts(tmp_path: Path) -> None:
     assert GlueOptions(max_length=64).max_length == 64 and GlueRTE(GlueOptions(max_length=64)).max_length == 64
 
 
+def test_validation_size_reads_back_from_the_spec_dump_at_run_time(tree: Path) -> None:
+    """case: a suite's glue task with validation_size (was: every run failed at load time,
+    the dump carrying validation_fraction beside it read as 'not both'); run hash unchanged."""
+    import yaml
+
+    from kdbench.data import load_task_data
+    from kdbench.registry import get_registry
+    from kdbench.spec import SuiteError, build_suite
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "benchmarks" / "smoke.yaml").read_text())
+    data["tasks"] = [{"name": "glue-qqp", "options": {"data_dir": str(tree), "validation_size": 7}}]
+    run = build_suite(data).runs[0]
+    assert run.task.options["validation_fraction"] == 0.1 and run.task.options["validation_size"] == 7  # the dump as before
+    assert run.hash == "1e13044d52932a7e"  # the hash this spec had before the fix
+    splits = load_task_data(get_registry(), run.task, run.quiz_fraction, run.data_seed).splits
+    assert len(splits["validation"]["label"]) == 7 and len(splits["train"]["label"]) + len(splits["quiz"]["label"]) == 23
+    with pytest.raises(SuiteError, match="not both"):  # another fraction beside a size is still refused in a suite
+        data["tasks"][0]["options"]["validation_fraction"] = 0.2
+        build_suite(data)
+
+
 def test_hub_offline_gives_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -366,4 +387,4 @@ def test_registry_lists_all_nine_tasks() -> None:
                      "glue-qqp": "score", "glue-mnli": "accuracy", "glue-qnli": "accuracy", "glue-rte": "accuracy",
                      "glue-wnli": "accuracy"}
     assert {reg.task(n).modality for n in names} == {"text"}
-    assert glue.SPECS["stsb"].problem.is_regression and glue.SPECS["mnli"].problem.num_labels == 3
+    assert glue.SPECS["stsb"].objective == "regression" and glue.SPECS["mnli"].num_labels == 3

@@ -157,3 +157,32 @@ def test_the_bert_factory_is_the_bert_row_of_the_family_table(extra):
     assert torch.equal(oa.logits, ob.logits)
     for x, y in zip(oa.attention_scores + oa.values + oa.hidden_states, ob.attention_scores + ob.values + ob.hidden_states):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("family", ["bert", "albert"])
+def test_a_deep_copy_captures_its_own_queries_keys_and_values(family):
+    """case: copy.deepcopy of a model (was: the copy's q/k/v hooks still wrote into the
+    original's capture, so the copy returned none and the original's were never filled)."""
+    import copy
+    import pickle
+
+    model = tiny(family, layers=2).eval()
+    clone = copy.deepcopy(model)
+    b = batch()
+    need = frozenset({QUERIES, KEYS, VALUES, ATTENTION_SCORES})
+    mine, theirs = model(b.inputs, need=need), clone(b.inputs, need=need)
+    assert len(theirs.queries) == len(mine.queries) == 2
+    for name in ("queries", "keys", "values", "attention_scores"):
+        for a, c in zip(getattr(mine, name), getattr(theirs, name)):
+            torch.testing.assert_close(c, a)  # same weights: same captures
+    with torch.no_grad():  # the copy's own weights, not the original's, make its captures
+        q_proj = resolve_path(clone.layer_list()[0] if clone.layer_list() else resolve_path(clone.encoder, clone.encoder_family.shared_layer),
+                              clone.encoder_family.query)
+        q_proj.weight.mul_(2.0)
+        q_proj.bias.mul_(2.0)
+    changed, again = clone(b.inputs, need=need), model(b.inputs, need=need)
+    torch.testing.assert_close(changed.queries[0], 2.0 * mine.queries[0])
+    torch.testing.assert_close(again.queries[0], mine.queries[0])
+    assert model._captured is None and clone._captured is None
+    restored = pickle.loads(pickle.dumps(clone))  # the hooks are objects, so a model pickles too
+    torch.testing.assert_close(restored(b.inputs, need=need).queries[0], changed.queries[0])

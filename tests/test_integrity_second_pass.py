@@ -124,6 +124,110 @@ def test_tokenisation_cache_is_rebuilt_when_any_input_changes(tmp_path, monkeypa
     assert not list((tmp_path / "encoded").glob("*tmp*"))
 
 
+def test_task_data_memo_reads_a_changed_source_file_again_in_the_same_process(tmp_path, monkeypatch):
+    """case: the data file rewritten while a process lives on (a Ray worker of a cluster
+    that serves several kdbench run, a notebook): was served from the memo by task spec,
+    so the new run trained on the old texts and recorded their fingerprints."""
+    from kdbench.registry import get_registry
+
+    monkeypatch.setattr(data_module, "_TASK_DATA", {})
+    lines = [f"{i}\t{(-1) ** i * 1.5}\tsnippet number {i}" for i in range(60)]
+    src = tmp_path / "snippets.txt"
+    src.write_text("\n".join(lines))
+    (spec,) = {r.task.model_dump_json(): r.task for r in build_suite(smoke(tasks=[{"name": "movie-sentiment", "options": {
+        "source_file": str(src), "max_length": 16}}])).runs}.values()
+    first = data_module.load_task_data(get_registry(), spec, 0.1, 0)
+    assert data_module.load_task_data(get_registry(), spec, 0.1, 0) is first  # unchanged: the memo
+    src.write_text("\n".join(line.replace("\t1.5\t", "\tX\t").replace("\t-1.5\t", "\t1.5\t").replace("\tX\t", "\t-1.5\t")
+                             for line in lines))  # same path and size, every label flipped
+    second = data_module.load_task_data(get_registry(), spec, 0.1, 0)
+    assert second is not first and len(data_module._TASK_DATA) == 1  # the old copy is let go
+    for split in ("train", "test"):
+        assert second.fingerprints[split]["sha256"] != first.fingerprints[split]["sha256"]
+        np.testing.assert_array_equal(second.splits[split]["label"], 1 - first.splits[split]["label"])
+
+
+def bert_folder(folder: Path, words: list[str]) -> Path:
+    """A BERT checkpoint folder as the hub ships one: config.json, vocab.txt (one token a
+    line, its line number its id) and tokenizer_config.json."""
+    from transformers import BertConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).to_json_file(folder / "config.json")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    return folder
+
+
+def test_a_changed_vocabulary_file_rebuilds_the_tokenisation_cache_in_the_same_process(tmp_path, monkeypatch):
+    """case: vocab.txt of a local tokenizer rewritten while the process runs (was: the
+    tokenizer stayed in memory by path, so its encoder id and the cache key stayed the old ones)."""
+    from kdbench_plugins.models.bert import BertFactory, BertOptions
+    from kdbench_plugins.models.hf import HFFactory, HFOptions
+
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_module, "_ENCODED", {})
+    words = ["good", "bad", "film"]
+    folder = bert_folder(tmp_path / "ckpt", words)
+    data = text_data(["good film", "bad film"])
+    key = {"task": {"name": "t", "options": {}}}
+    calls = []
+    real = BertFactory.encode
+    monkeypatch.setattr(BertFactory, "encode", lambda self, *a: calls.append(1) or real(self, *a))
+    factory, options = BertFactory(), BertOptions(pretrained=str(folder))
+
+    def ids():
+        return encode_split(factory, options, data, "train", key)["input_ids"][:, :4].tolist()
+
+    before = (factory.encoder_id(options), factory.encoder_fingerprint(options))
+    assert ids() == [[2, 5, 7, 3], [2, 6, 7, 3]] and len(calls) == 1  # [CLS] good film [SEP]
+    # encoding leaves truncation and padding set on the tokenizer: not part of its identity
+    # (was: the id changed after the first encoding, so the next look-up missed the cache)
+    assert factory.encoder_id(options) == before[0]
+    assert ids() == [[2, 5, 7, 3], [2, 6, 7, 3]] and len(calls) == 1  # unchanged: from the cache
+    bert_folder(folder, list(reversed(words)))  # same path, new vocabulary: film 5, bad 6, good 7
+    assert ids() == [[2, 7, 5, 3], [2, 6, 5, 3]] and len(calls) == 2
+    after = (factory.encoder_id(options), factory.encoder_fingerprint(options))
+    assert after[0] != before[0] and after[1] != before[1] and len(after[1]) == 16
+    hf = HFFactory()
+    hf_options = HFOptions(pretrained=str(folder))
+    assert hf.encoder_fingerprint(hf_options) == after[1]  # the same files, the same fingerprint
+    bert_folder(folder, words)  # back to the first vocabulary: the first cache file again
+    assert ids() == [[2, 5, 7, 3], [2, 6, 7, 3]] and len(calls) == 2
+    assert (factory.encoder_id(options), factory.encoder_fingerprint(options)) == before
+    assert hf.encoder_fingerprint(hf_options) == before[1]
+    assert BertFactory().encoder_fingerprint(BertOptions(tiny={"layers": 1, "hidden": 8, "heads": 2, "intermediate": 8,
+                                                                "vocab_size": 50})) == ""
+
+
+def test_hub_tokenizer_files_are_keyed_by_the_cached_snapshot(tmp_path, monkeypatch):
+    """case: a hub tokenizer updated upstream and downloaded again (the cache's refs/main
+    moves to a new snapshot): its fingerprint changes, and the process's tokenizer is read again."""
+    import huggingface_hub.constants as hub_constants
+
+    from kdbench.encoders import TokenizerCache, tokenizer_files_sha256
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--acme--tok"
+    assert tokenizer_files_sha256("acme/tok") == ""  # not downloaded yet
+
+    def snapshot(commit: str, vocab: str) -> None:
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / "vocab.txt").write_text(vocab)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    snapshot("a" * 40, "[PAD]\ngood\n")
+    first = tokenizer_files_sha256("acme/tok")
+    cache, loads = TokenizerCache(), []
+    assert cache.get("acme/tok", lambda: loads.append(1) or "tokenizer v1") == "tokenizer v1"
+    assert cache.get("acme/tok", lambda: loads.append(1) or "never") == "tokenizer v1" and len(loads) == 1
+    snapshot("b" * 40, "[PAD]\nbad\n")
+    assert tokenizer_files_sha256("acme/tok") not in ("", first)
+    assert cache.get("acme/tok", lambda: loads.append(1) or "tokenizer v2") == "tokenizer v2" and len(loads) == 2
+    assert tokenizer_files_sha256("not a repo name!") == ""
+
+
 def _logits_key(monkeypatch, tmp_path, *, weights=1.0, texts=("a", "bb"), encoder="enc-a", files="", max_length=8):
     path = tmp_path / f"ckpt-{weights}.safetensors"
     sha = artefacts.write_tensors(path, {"w": torch.full((2,), weights)})
@@ -381,6 +485,89 @@ def test_printed_text_never_carries_controls_or_bidi_overrides(capsys):
     assert "\x1b" not in err and "\u202e" not in err and "\\x1b" in err
 
 
+class _HostileNames:
+    """A plugin whose method descriptions carry terminal escapes and a bidi override, and
+    one whose method name carries them (refused: the plugin is named broken)."""
+
+    @staticmethod
+    def methods():
+        from kdbench.api import Method
+
+        class Loud(Method):
+            name = "loud"
+            description = "clears\x1b[2J the screen, \u202eright to left\u202c, rings\x07"
+
+        class Hidden(Method):
+            name = "hid\u200bden\x1b[31m"
+            description = "an invisible character in the name"
+
+        return Loud, Hidden
+
+
+def _hostile_registry():
+    from kdbench.hookspecs import hookimpl
+    from kdbench.registry import Registry, make_plugin_manager
+
+    loud, hidden = _HostileNames.methods()
+
+    class Plugin:
+        @hookimpl
+        def kdbench_methods(self):
+            return [loud]
+
+    class BadName:
+        @hookimpl
+        def kdbench_methods(self):
+            return [hidden]
+
+    with pytest.warns(UserWarning, match="must be printable"):
+        pm, broken = make_plugin_manager(extra_plugins=[Plugin(), BadName()])
+        return Registry(pm, broken)
+
+
+@pytest.mark.parametrize("argv", [["list"], ["list", "methods"], ["list", "methods", "lo*"], ["list", "methods", "--format", "md"]])
+def test_kdbench_list_prints_names_and_descriptions_escaped(monkeypatch, capsys, argv):
+    """case: a plugin's description with an escape code and an RTL override reaches the
+    terminal through kdbench list (was: printed raw); a name with them is refused."""
+    registry = _hostile_registry()
+    assert "loud" in registry.names("methods") and not [n for n in registry.names("methods") if n.startswith("hid")]
+    (why,) = [w for w in registry.broken.values() if "printable" in w]
+    assert "\\u200b" in why and "\x1b" not in why
+    monkeypatch.setattr(cli, "_registry", lambda: registry)
+    assert cli.main(argv) == 0
+    out = capsys.readouterr()
+    printed = out.out + out.err
+    assert "\x1b" not in printed and "\u202e" not in printed and "\x07" not in printed and "\u200b" not in printed
+    assert "clears\\x1b[2J the screen, \\u202eright to left" in out.out
+    if argv == ["list"]:
+        assert "broken plugin" in out.err and "hid\\u200bden" in out.err
+
+
+def test_every_cli_output_path_is_escaped_even_argparse_and_warnings(capsys, monkeypatch, tmp_path):
+    """case: an invalid choice echoed by argparse, a file name in an error, a plugin's print."""
+    with pytest.raises(SystemExit):
+        cli.main(["list", "methods\x1b]0;owned\x07"])
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "\x1b" not in err and "\\x1b]0;owned\\x07" in err
+    monkeypatch.chdir(tmp_path)
+    name = tmp_path / "suite\u202egnp.yaml"
+    name.write_text("name: [1, 2\n")
+    assert cli.main(["validate", str(name)]) == 2
+    err = capsys.readouterr().err
+    assert "\u202e" not in err and "suite\\u202egnp.yaml" in err
+
+    def chatty(args):  # a plugin printing what it read from a file
+        print("plugin says \x1b[2J hello", file=sys.stderr)
+        print("and \u202e here")
+        return 0
+
+    monkeypatch.setattr(cli, "build_parser", lambda: SimpleNamespace(parse_args=lambda argv: SimpleNamespace(func=chatty)))
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr()
+    assert "plugin says \\x1b[2J hello" in out.err and "\x1b" not in out.err and out.out == "and \\u202e here\n"
+    assert sys.stdout is not None and not type(sys.stdout).__name__ == "PrintableStream"  # restored after the command
+
+
 # ============================================================ 4. inputs refused or named
 
 
@@ -426,15 +613,19 @@ def test_source_files_of_every_kind_are_named(tmp_path, monkeypatch):
     assert read_source_file(big, "x") == b"x" * 2000
 
 
-def test_movie_task_names_a_fifo_source_instead_of_hanging(tmp_path):
-    """case: options.source_file is a FIFO (was: 'does not exist')."""
+@pytest.mark.parametrize("task", ["movie-sentiment", "dolly", "shakespeare", "glue-rte"])
+def test_every_task_names_a_fifo_source_instead_of_hanging(tmp_path, task):
+    """case: options.source_file (or a GLUE folder's train.tsv) is a FIFO (was: 'does not
+    exist' for movie-sentiment; dolly and shakespeare blocked reading it for ever)."""
     from kdbench.registry import get_registry
 
-    fifo = tmp_path / "fifo"
+    fifo = tmp_path / "RTE" / "train.tsv" if task.startswith("glue") else tmp_path / "fifo"
+    fifo.parent.mkdir(exist_ok=True)
     os.mkfifo(fifo)
-    cls = get_registry().task("movie-sentiment")
-    with pytest.raises(DataError, match="is a FIFO"):
-        cls(cls.Options(source_file=str(fifo))).load(str(tmp_path))
+    cls = get_registry().task(task)
+    options = cls.Options(data_dir=str(tmp_path)) if task.startswith("glue") else cls.Options(source_file=str(fifo))
+    with pytest.raises(DataError, match=f"{fifo} is a FIFO"):
+        cls(options).load(str(tmp_path))
 
 
 def test_long_suite_name_is_a_named_error_in_every_command(tmp_path, monkeypatch, capsys):
@@ -631,6 +822,33 @@ def test_full_disk_while_writing_an_artefact_is_named_and_exits_2(tmp_path, monk
     with pytest.raises(artefacts.DiskFull):  # not a failed teacher (whose runs would be blocked: exit 3)
         teachers_mod.fine_tune_teacher(specs[1], fault_registry, torch.device("cpu"), target)
     assert isinstance(artefacts.DiskFull("x"), cli.KDBenchError)  # exit 2 at the command line
+
+
+def test_full_disk_inside_a_local_run_exits_2_and_gives_the_run_back(tmp_path, monkeypatch, fault_registry, capsys):
+    """case: the disk fills while a student run writes an artefact (was: the run recorded
+    failed with a traceback, exit 3); then space is freed and the same command trains it."""
+    from support.suites import image_data, write_image_task
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    marker = tmp_path / "space-freed"
+    data = image_data(write_image_task(tmp_path / "data"), methods=[{"name": "none"}, {"name": "disk-full-once", "params": {"marker": str(marker)}}],
+                      teacher=None, baseline="none", seeds=[0], results="res",
+                      budget={"steps": 4, "batch_size": 16, "eval_every": 2, "log_every": 2})
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(data))
+    import kdbench.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "_REGISTRY", fault_registry)  # what the suite and the run look names up in
+    assert cli.main(["run", str(suite), "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot write" in err and "artefact.bin" in err and "No space left on device" in err and "Traceback" not in err
+    rows = {r["method"]: r for r in ResultsStore(tmp_path / "res" / "store.sqlite").runs()}
+    assert rows["disk-full-once"]["status"] == "failed" and rows["disk-full-once"]["error"].startswith(artefacts.DISK_FULL_PREFIX)
+    assert "No space left on device" in rows["disk-full-once"]["error"] and rows["disk-full-once"]["metrics"] is None
+    assert cli.main(["run", str(suite), "--no-report"]) == 0  # space freed (the marker): the same command finishes it
+    rows = {r["method"]: r for r in ResultsStore(tmp_path / "res" / "store.sqlite").runs()}
+    assert {m: r["status"] for m, r in rows.items()} == {"none": "done", "disk-full-once": "done"}
 
 
 def test_a_claim_row_left_running_is_never_reported_as_a_result(tmp_path, specs):

@@ -6,11 +6,16 @@ the option at its default and at another value; the two must differ. An option t
 ignores (its default hard-coded where the loss reads it) fails here. Every field of every
 ``Params`` must have a case, so a new option cannot be added without one. The teacher-
 updating methods' options are checked step by step in tests/test_teacher_optimizers.py,
-test_metadistil*.py and test_prokt.py; the table below names the test for each.
+test_metadistil*.py and test_prokt.py (``STEPWISE`` names the test for each); the methods
+added since 2021 option by option against a hand computation of their formula, in
+tests/test_option_formulas.py and tests/test_lm_methods.py (``BY_HAND`` names the test for
+each, and the test must exist).
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,15 +87,29 @@ STEPWISE = {
 }
 
 
-#: Methods whose options have no option-by-option case here yet; each is checked against its
-#: formula in its own test file, which does not show that every option reaches the loss.
-#: Writing their cases is open work (issue 28); the list may only shrink.
-PENDING = {
-    "dist": "tests/test_new_methods.py", "mlkd": "tests/test_new_methods.py", "ctkd": "tests/test_new_methods.py",
-    "reviewkd": "tests/test_new_methods.py", "minilm": "tests/test_minilm.py", "minilmv2": "tests/test_minilm.py",
-    "sft": "tests/test_lm_methods.py", "token-kd": "tests/test_lm_methods.py", "seqkd": "tests/test_lm_methods.py",
-    "gkd": "tests/test_lm_methods.py", "rkl": "tests/test_lm_methods.py", "skew-kl": "tests/test_lm_methods.py",
-    "skew-rkl": "tests/test_lm_methods.py", "taid": "tests/test_lm_methods.py",
+#: the methods added since 2021: option -> the test that checks the option against a hand
+#: computation of the method's formula with the option away from its default
+OF, LM = "test_option_formulas.py::", "test_lm_methods.py::"
+BY_HAND: dict[str, dict[str, str]] = {
+    "dist": {o: OF + "test_dist_options" for o in ("ce_weight", "beta", "gamma", "temperature", "logit_standardization")},
+    "mlkd": {o: OF + "test_mlkd_options" for o in ("ce_weight", "kd_weight", "temperatures", "logit_standardization")},
+    "ctkd": {o: OF + "test_ctkd_options" for o in ("gamma", "alpha", "t_start", "t_range", "lambda_max", "curriculum_fraction",
+                                                    "logit_standardization")},
+    "reviewkd": {o: OF + "test_reviewkd_options" for o in ("ce_weight", "reviewkd_weight", "warmup_fraction", "student_preact")},
+    "minilm": {o: OF + "test_minilm_options" for o in ("w_relation", "ce_weight", "kd_weight", "temperature", "teacher_layer", "student_layer")},
+    "minilmv2": {o: OF + "test_minilmv2_options" for o in ("w_relation", "ce_weight", "kd_weight", "temperature", "relation_heads",
+                                                            "teacher_layer", "student_layer")},
+    "sft": {},  # no options: the reference NLL (test_lm_methods.py::test_sft_is_the_reference_nll)
+    "token-kd": {"temperature": LM + "test_token_kd_by_hand", "label_weight": LM + "test_token_kd_by_hand",
+                 "teacher_topk": LM + "test_topk_teacher_cache_renormalises"},
+    "seqkd": {"max_new_tokens": LM + "test_seqkd_trains_on_the_teachers_greedy_outputs_cached_once"},
+    "gkd": {o: LM + "test_gkd_on_policy_fraction_and_reproducible_samples" for o in ("beta", "lmbda", "temperature", "max_new_tokens")},
+    "rkl": {"temperature": OF + "test_rkl_samples_at_its_temperature_and_compares_untempered_distributions",
+            "max_new_tokens": LM + "test_rkl_on_student_samples_by_hand"},
+    **{name: {"alpha": LM + "test_skew_divergences_by_hand", "temperature": OF + "test_skew_temperature_divides_both_sides",
+              "teacher_topk": OF + "test_skew_teacher_topk_renormalises_over_k"} for name in ("skew-kl", "skew-rkl")},
+    "taid": {**{o: OF + "test_taid_schedule_options" for o in ("t_start", "t_end", "alpha", "beta", "adaptive")},
+             "teacher_topk": OF + "test_taid_teacher_topk_interpolates_towards_the_truncated_teacher"},
 }
 
 
@@ -131,14 +150,23 @@ def test_every_option_changes_the_loss(name: str, option: str) -> None:
     assert default != changed, f"{name}: {option}={other!r} computes the same loss as its default"
 
 
-@pytest.mark.parametrize("name", sorted({*CASES, *STEPWISE}))
+@pytest.mark.parametrize("name", sorted({*CASES, *STEPWISE, *BY_HAND}))
 def test_every_option_of_every_method_has_a_check(name: str) -> None:
     fields = set(get_registry().method(name).Params.model_fields)
-    assert fields == set(CASES.get(name) or STEPWISE[name]), "add a case for the new option (or drop the old one)"
+    checks = CASES.get(name) or STEPWISE.get(name) or BY_HAND[name]
+    assert fields == set(checks), "add a case for the new option (or drop the old one)"
 
 
-def test_every_loss_based_builtin_method_is_covered() -> None:
+@pytest.mark.parametrize("name", sorted(BY_HAND))
+def test_the_named_hand_computations_exist(name: str) -> None:
+    here = Path(__file__).parent
+    for option, node in BY_HAND[name].items():
+        path, test = node.split("::")
+        assert re.search(rf"^def {test}\(", (here / path).read_text(), re.M), f"{name}.{option}: {node} is not a test"
+
+
+def test_every_builtin_method_is_covered() -> None:
     registry = get_registry()
     builtin = {n for n in registry.names("methods") if registry.method(n).__module__.startswith("kdbench_plugins.")}
-    assert builtin - {"none"} <= {*CASES, *STEPWISE, *PENDING}
-    assert set(PENDING) <= builtin and not set(PENDING) & {*CASES, *STEPWISE}
+    assert builtin - {"none"} == {*CASES, *STEPWISE, *BY_HAND}
+    assert not set(CASES) & set(STEPWISE) and not {*CASES, *STEPWISE} & set(BY_HAND)

@@ -133,3 +133,23 @@ def test_one_label_on_disjoint_students_is_allowed(registry):
     data["students"].append(big)
     data["baseline"] = "kd"
     assert len(build_suite(data, registry=registry).runs) == 4
+
+
+def test_a_labelled_entry_of_the_baseline_method_is_compared_with_the_baseline_not_pooled_into_it(tmp_path, registry):
+    # baseline kd is the unlabelled kd entry (T = 2); kd labelled kd-hot (T = 4) is a method
+    # of its own: paired with kd like none is, never a second baseline configuration (which
+    # left none unpaired, "2 baseline configurations", and paired by shared parameters)
+    data = smoke([{"name": "none"}, {"name": "kd", "params": {"temperature": 2.0}},
+                  {"name": "kd", "label": "kd-hot", "params": {"temperature": 4.0}}], baseline="kd")
+    suite, store = store_of(tmp_path, data, registry)
+    rep = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, title="t", chance=False)
+    b = rep.board[rep.board["split"] == "test"] if "split" in rep.board else rep.board
+    rows = {r.method: r for r in b.itertuples()}
+    assert rows["kd"].result == "baseline"
+    # accuracy = 0.5 + 0.01 seed + 0.001 T: every seed's difference is 100 x 0.001 x (T - 2)
+    assert rows["kd-hot"].diff == pytest.approx(0.2) and rows["kd-hot"].pairs == 2
+    assert rows["none"].diff == pytest.approx(-0.2) and rows["none"].pairs == 2
+    assert {rows["none"].baseline_method, rows["kd-hot"].baseline_method} == {"kd"}
+    # the cost ratios divide by the same runs
+    cost = rep.cost.set_index("method")
+    assert set(cost.index) == {"none", "kd", "kd-hot"}

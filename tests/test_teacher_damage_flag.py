@@ -1,11 +1,13 @@
 """A run whose live teacher ended clearly worse than it started is flagged in the leaderboard
 of every format (issue 28, item 5): 'k/n' seeds past kdbench.report.drift.TEACHER_DROP points
-below the start, the threshold stated in the legend."""
+below the start, the threshold stated in the legend; "worse" in the direction and at the
+scale the store holds for the metric (a perplexity that rose, read at x1)."""
 
 from __future__ import annotations
 
 import pytest
 
+from kdbench.api import MetricInfo
 from kdbench.report import drift
 from kdbench.spec import build_suite
 from kdbench.store import DONE, ResultsStore
@@ -60,3 +62,35 @@ def test_every_format_flags_the_row_and_states_the_threshold(tmp_path, fmt, file
         assert "‡ 2/3" in text and "more than 5 points (x100) below" in text
     if fmt == "latex":
         assert r"$\ddagger$ 2/3" in text
+
+
+def perplexity_store(path, start: float, ends: dict[int, float]):
+    """The damage store's runs with a lower-is-better main metric stored as such (perplexity,
+    x1, bounded below by 1): the live teacher's perplexity goes from ``start`` to ``ends[seed]``."""
+    info = {"perplexity": MetricInfo(higher_is_better=False, scale=1.0, bounds=(1.0, None))}
+    suite = build_suite(suite_data(methods=[{"name": "kd"}, {"name": "metadistil", "params": {"teacher_lr": 1e-3}}], seeds=SEEDS),
+                        source="damage-test")
+    store = ResultsStore(path)
+    for spec in suite.runs:
+        assert store.claim(spec)
+        history = [{"step": s, "validation": {"perplexity": 30.0}, "test": {"perplexity": 30.0}} for s in (10, 20)]
+        if spec.method == "metadistil":
+            history[-1][TEACHER] = {"validation": {"perplexity": ends[spec.seed]}, "start_validation": {"perplexity": start},
+                                    "divergence": 0.1, "divergence_kind": "kl"}
+        store.finish(spec, DONE, metrics=select_metrics(history, "final", "perplexity", info), history=history, cost={"wall_s": 1.0}, env={})
+    return suite, store
+
+
+@pytest.mark.parametrize("ends, flag", [
+    ({0: 27.0, 1: 26.0, 2: 20.1}, "2/3"),  # rose by 7 and 6 (flagged); by 0.1, which x100 would have made 10
+    ({0: 12.0, 1: 19.0, 2: 24.9}, ""),     # fell by 8 and 1 (better), rose by 4.9 (within the threshold)
+])
+def test_a_lower_is_better_metric_is_flagged_when_it_rises(tmp_path, ends, flag):
+    from kdbench.report import build_report
+
+    suite, store = perplexity_store(tmp_path / "store.sqlite", 20.0, ends)
+    rep = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False)
+    flags = {r.teacher_damaged for r in rep.board.itertuples() if r.method == "metadistil"}
+    assert flags == {flag}
+    assert drift.teacher_loss(20.0, 27.0, MetricInfo(False, 1.0)) == 7.0
+    assert drift.teacher_loss(0.80, 0.72, MetricInfo(True, 100.0)) == pytest.approx(8.0)

@@ -13,14 +13,31 @@ from typing import Any, Callable
 
 from kdbench.api import KDBenchError
 from kdbench.display import SuiteProgress, run_line, run_titles
-from kdbench.executors.phases import (MAX_ATTEMPTS, SuiteOutcome, describe_result, heartbeat, note_blocked, note_unclaimed,
+from kdbench.executors.phases import (MAX_ATTEMPTS, SuiteOutcome, describe_result, heartbeat, note_blocked, note_unclaimed, release_for_full_disk,
                                       open_store, pending_runs, record, say, teachers_first)
 from kdbench.hookspecs import hookimpl
 from kdbench.protocols import Executor
 from kdbench.registry import Registry, get_registry
 from kdbench.spec import RunSpec, Suite
-from kdbench.train.runner import Runner
-from kdbench.train.teachers import needs_teacher
+from kdbench.store import ResultsStore
+from kdbench.train.artefacts import DiskFull
+from kdbench.train.runner import RunResult, Runner
+from kdbench.train.teachers import TeacherCheckpoint, needs_teacher
+
+
+def _train_claimed(runner: Runner, store: ResultsStore, spec: RunSpec, checkpoint: TeacherCheckpoint | None) -> RunResult:
+    """Train a run this process has claimed, its heart beating; an interrupt gives the claim
+    back, and so does a full disk (the same command trains it once there is room)."""
+    try:
+        with heartbeat(store, spec.hash):
+            return runner.run(spec, checkpoint)
+    except KeyboardInterrupt:
+        store.release(spec.hash)
+        raise
+    except DiskFull as exc:
+        release_for_full_disk(store, spec.hash, exc)
+        raise
+
 
 def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, registry: Registry | None = None,
               progress: bool | None = None, only: Callable[[RunSpec], bool] | None = None,
@@ -69,12 +86,7 @@ def run_local(suite: Suite, results_dir: str | Path, *, rerun: bool = False, reg
             continue
         say(f"[{i}/{len(pending)}] {run_line(spec, titles.get(spec.hash, spec.method))}")
         t0 = time.time()
-        try:
-            with heartbeat(store, spec.hash):
-                result = runner.run(spec, checkpoints.get(spec.teacher_hash) if needs else None)  # type: ignore[arg-type]
-        except KeyboardInterrupt:
-            store.release(spec.hash)
-            raise
+        result = _train_claimed(runner, store, spec, checkpoints.get(spec.teacher_hash) if needs else None)  # type: ignore[arg-type]
         record(store, registry, spec, result)
         outcome.trained.append(spec.hash)
         outcome.statuses[spec.hash] = result.status

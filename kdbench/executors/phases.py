@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from kdbench.api import KDBenchError
 from kdbench.display import say  # executors print through it (above the suite's progress bar)
 from kdbench.registry import Registry, call_lifecycle
 from kdbench.spec import RunSpec
 from kdbench.store import DIVERGED, FAILED, FINISHED, ResultsStore
+from kdbench.train.artefacts import DISK_FULL_PREFIX, DiskFull
 from kdbench.train.runner import RunResult, Runner
 from kdbench.train.teachers import TeacherCheckpoint, TeacherFailed, needs_teacher, provide_teacher
 
@@ -104,6 +106,25 @@ def teachers_needed(registry: Registry, specs: list[RunSpec]) -> dict[str, RunSp
         if needs_teacher(registry, spec):
             needed.setdefault(spec.teacher_hash, spec)
     return needed
+
+
+def release_for_full_disk(store: ResultsStore, spec_hash: str, exc: DiskFull) -> None:
+    """Give back the claim of a run stopped by a full disk: ``failed`` with
+    ``interrupted: disk full (...)`` until the next command trains it, never a result. The
+    store may be on the full disk too: then the claim stays, owned by this process, and
+    the next command takes it over once this process has ended."""
+    try:
+        store.release(spec_hash, f"{DISK_FULL_PREFIX} ({str(exc)[:300]})")
+    except (OSError, KDBenchError):
+        pass
+
+
+def stop_teacher_for_full_disk(store: ResultsStore, teacher_hash: str, exc: DiskFull) -> None:
+    """The teacher-row twin of :func:`release_for_full_disk` (trained again by the next command)."""
+    try:
+        store.finish_teacher(teacher_hash, FAILED, error=f"{DISK_FULL_PREFIX} ({str(exc)[:300]})")
+    except (OSError, KDBenchError):
+        pass
 
 
 def describe_result(spec: RunSpec, result: RunResult) -> str:

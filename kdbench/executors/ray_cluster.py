@@ -27,6 +27,8 @@ Design (why the driver is the only writer):
   driver claims the run again (its ``attempts`` go up) and resubmits it, at most
   ``max_attempts`` starts in all, then records it ``failed`` with a message saying the
   process died. Ray's own task retries are off so that every start is counted in the store.
+  A full disk (``DiskFull``) is no run's fault: the worker answers with the message and its
+  host, the driver gives the run back (or marks the teacher) and stops with exit code 2.
 * At most as many runs are submitted (and claimed) as the cluster can run at once, so
   ``running`` in the store means running, and the rest stay free for other drivers.
 
@@ -55,7 +57,7 @@ from typing import Any, Callable
 from kdbench.api import KDBenchError
 from kdbench.display import SuiteProgress, run_line, run_titles
 from kdbench.executors.phases import (MAX_ATTEMPTS, SuiteOutcome, describe_result, note_blocked, note_unclaimed, open_store,
-                                      pending_runs, record, say, teachers_needed)
+                                      pending_runs, record, release_for_full_disk, say, stop_teacher_for_full_disk, teachers_needed)
 from kdbench.hookspecs import hookimpl
 from kdbench.protocols import Executor
 from kdbench.registry import ENTRY_POINT_GROUP, Registry, get_registry
@@ -71,6 +73,13 @@ FORWARDED_ENV = ("KDBENCH_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFL
                  "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "HF_HUB_CACHE", "TORCH_HOME")
 HEARTBEAT_S = 60.0
 POLL_S = 2.0
+#: The key of a worker's answer when a full disk stopped its task (its value: the message).
+DISK_FULL_KEY = "disk_full"
+
+
+def _disk_full(exc: artefacts.DiskFull) -> dict[str, str]:
+    """A worker's answer for a full disk, naming its host (the driver's disk may be fine)."""
+    return {DISK_FULL_KEY: f"on worker host {socket.gethostname()}: {exc}"}
 
 
 # ============================================================================ worker side
@@ -126,6 +135,8 @@ def train_teacher_task(ctx: dict[str, Any], spec_json: str) -> tuple[dict[str, A
             outcome = fine_tune_teacher(spec, runner.registry, runner.device, path)
             blob = path.read_bytes() if outcome.status == DONE else b""
         return asdict(outcome), blob
+    except artefacts.DiskFull as exc:  # the environment's, not the teacher's: the driver stops (exit 2)
+        return _disk_full(exc), b""
     except Exception as exc:
         return asdict(TeacherOutcome(FAILED, error="".join(traceback.format_exception(exc)))), b""
 
@@ -148,6 +159,8 @@ def train_run_task(ctx: dict[str, Any], spec_json: str, teacher: list[Any] | Non
                 artefacts.write_bytes(path, ray.get(teacher[0]))
             checkpoint = TeacherCheckpoint(spec.teacher_hash, path, sha)
         return asdict(runner.run(spec, checkpoint))
+    except artefacts.DiskFull as exc:  # the environment's, not the run's: the driver stops (exit 2)
+        return _disk_full(exc)
     except Exception as exc:  # the runner catches run errors; this is the set-up around it
         return asdict(RunResult(FAILED, error="worker set-up failed:\n" + "".join(traceback.format_exception(exc))))
 
@@ -372,7 +385,12 @@ class _Driver:
         if entry[0] == "run":
             spec = entry[1]
             try:
-                result = RunResult(**self.ray.get(ref))
+                answer = self.ray.get(ref)
+                if DISK_FULL_KEY in answer:  # given back, as the local executor does; the command stops
+                    full = artefacts.DiskFull(answer[DISK_FULL_KEY])
+                    release_for_full_disk(self.store, spec.hash, full)
+                    raise full
+                result = RunResult(**answer)
             except RayTaskError as exc:  # the task raised past our own handler
                 result = RunResult(FAILED, error=str(exc))
             except RayError as exc:
@@ -384,7 +402,12 @@ class _Driver:
             return
         _, th, spec, blob_ref = entry
         try:
-            outcome = TeacherOutcome(**self.ray.get(ref))
+            answer = self.ray.get(ref)
+            if DISK_FULL_KEY in answer:
+                full = artefacts.DiskFull(answer[DISK_FULL_KEY])
+                stop_teacher_for_full_disk(self.store, th, full)
+                raise full
+            outcome = TeacherOutcome(**answer)
         except RayTaskError as exc:
             outcome = TeacherOutcome(FAILED, error=str(exc))
         except RayError as exc:
@@ -393,7 +416,11 @@ class _Driver:
                 return
             outcome = TeacherOutcome(FAILED, error=self._crash_error(f"teacher {th}", exc))
         if outcome.status == DONE:
-            outcome = self._write_teacher(th, outcome, blob_ref)
+            try:
+                outcome = self._write_teacher(th, outcome, blob_ref)
+            except artefacts.DiskFull as exc:  # the driver's own disk
+                stop_teacher_for_full_disk(self.store, th, exc)
+                raise
         record_teacher(self.store, th, outcome)
         if outcome.status != DONE:
             say(f"teacher {th} failed: {(outcome.error or '').strip().splitlines()[-1][:200]}")

@@ -10,17 +10,20 @@ import numpy as np
 import pandas as pd
 
 from kdbench.report.aggregate import teacher_label
-from kdbench.report.frame import PAUSE_RATIO, SCALE, cost_fields, paused
+from kdbench.report.frame import PASS_COLUMNS, SCALE, baseline_runs, cost_fields, off_cpu
 from kdbench.store import DONE
 
 SPREAD = ("train_s", "prep_s", "eval_s", "wall_s", "device_s", "mem_mb", "active_train_s")
 #: relative to the reference: the active training time (steps x median step, which a pause
-#: cannot inflate) and the CPU time, never the wall time
+#: cannot inflate, though load that slows every step does) and the CPU time, never the wall time
 RELATIVE = {"active_train_s": "train_rel", "cpu_s": "cpu_rel", "step_s_median": "step_rel", "mem_mb": "mem_rel",
-            "params_training": "params_rel"}
+            "params_training": "params_rel", "train_flops": "flops_rel"}
+#: counted compute (kdbench.compute): a group's figure only where every run recorded it
+FLOPS = ("train_flops", "teacher_flops", "student_flops")
 COST_COLS = (["task", "method", "student", "n", "score"] + [c for k in SPREAD for c in (k, f"{k}_std")]
              + ["step_s_median", "step_s_q25", "step_s_q75", "mem_kind", "device_time_kind", "shared_teacher_outputs",
-                "params_deployed", "params_training", "cpu_s", "wall_cpu_max", "paused"] + list(RELATIVE.values()))
+                "params_deployed", "params_training", "cpu_s", "wall_cpu_max", "off_cpu"] + list(FLOPS) + ["passes_per_step"]
+             + list(RELATIVE.values()))
 TEACHER_COLS = ["task", "teacher", "hash", "train_s", "prep_s", "eval_s", "wall_s", "mem_mb", "mem_kind", "runs", "amortised_train_s"]
 
 
@@ -35,9 +38,30 @@ def _cached(values: pd.Series) -> str:
     return "n/a" if not known else ("mixed" if len(known) > 1 else ("yes" if known.pop() else "no"))
 
 
+def _recorded_mean(values: pd.Series) -> float:
+    """The mean, or NaN unless every run recorded the figure (older runs did not)."""
+    values = pd.to_numeric(values, errors="coerce")
+    return float(values.mean()) if len(values) and values.notna().all() else np.nan
+
+
+def passes_per_step(g: pd.DataFrame) -> str | None:
+    """The counted passes per step, mean over runs, e.g. ``T 1F; S 1F 1B`` (F forward, B
+    backward, J forward-mode jvp, D decode step); None unless every run recorded them."""
+    if g[list(PASS_COLUMNS)].isna().any().any() or g["steps"].isna().any():
+        return None
+    parts = []
+    for role, letter in (("teacher", "T"), ("student", "S")):
+        counts = [(kind[0].upper() if kind != "jvp" else "J", float((g[f"{role}_{kind}_passes"] / g["steps"]).mean()))
+                  for kind in ("fwd", "bwd", "jvp", "decode")]
+        shown = " ".join(f"{round(v, 2):g}{k}" for k, v in counts if v)
+        parts.append(f"{letter} {shown or '0'}")
+    return "; ".join(parts)
+
+
 def with_active(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs with ``active_train_s`` (steps x median step time: a pause lands in one
-    step and moves the median by nothing; the train time where no median was stored) and ``cpu_s`` (process CPU time; NaN on GPU)."""
+    step and moves the median by nothing, while load that starves every step raises it;
+    the train time where no median was stored) and ``cpu_s`` (process CPU time; NaN on GPU)."""
     return runs.assign(active_train_s=(runs["steps"] * runs["step_s_median"]).fillna(runs["train_s"]),
                        cpu_s=runs["device_s"].where(runs["device_time_kind"] == "process_cpu"))
 
@@ -48,7 +72,7 @@ def _row(task: str, method: str, student: str, g: pd.DataFrame, ref: pd.DataFram
                            "score": g["score"].mean() * (g["scale"].iloc[0] if "scale" in g else SCALE)}
     row["cpu_s"] = g["cpu_s"].mean()
     row["wall_cpu_max"] = (g["wall_s"] / g["cpu_s"]).max() if g["cpu_s"].notna().any() else np.nan
-    row["paused"] = int(paused(g).sum())
+    row["off_cpu"] = int(off_cpu(g).sum())
     for key in SPREAD:
         row[key] = g[key].mean()
         row[f"{key}_std"] = g[key].std(ddof=1) if g[key].notna().sum() > 1 else np.nan
@@ -56,6 +80,9 @@ def _row(task: str, method: str, student: str, g: pd.DataFrame, ref: pd.DataFram
         row[key] = g[key].median() if key.startswith("step") else g[key].mean()
     row["mem_kind"], row["device_time_kind"] = _kinds(g["mem_kind"]), _kinds(g["device_time_kind"])
     row["shared_teacher_outputs"] = _cached(g["shared_teacher_outputs"])
+    for key in FLOPS:
+        row[key] = _recorded_mean(g[key])
+    row["passes_per_step"] = passes_per_step(g)
     for key, rel in RELATIVE.items():
         if ref.empty:
             row[rel] = np.nan
@@ -69,17 +96,18 @@ def cost_table(df: pd.DataFrame, reference: str | None) -> pd.DataFrame:
     """Mean (and std over seeds) cost per finished run per (task, method, student); the
     median step time with the median quartiles of the runs' step times; the process CPU
     time and the active training time (steps x median step) beside the wall time, and how
-    many runs spent most of their wall time without the CPU (``paused``: wall > PAUSE_RATIO
-    x CPU); relative columns (active training, CPU, step, memory, parameters) divide by ``reference`` (the suite's baseline method) on the same task and student
+    many runs spent most of their wall time off the CPU (``off_cpu``: wall > OFF_CPU_RATIO
+    x CPU: stopped, or starved of a core by other load); relative columns (active training, CPU, step, memory, parameters) divide by ``reference`` (the suite's baseline method) on the same task and student
     (same task when the reference was not run with that student)."""
     if df.empty:
         return pd.DataFrame(columns=COST_COLS)
     done = df[df["status"] == DONE]
     out = []
+    is_ref = baseline_runs(done, reference)
     for (task, method, student), g in done.groupby(["task", "method", "student"], sort=True):
-        ref = done[(done["task"] == task) & (done["method_name"] == reference) & (done["student"] == student)]
+        ref = done[(done["task"] == task) & is_ref & (done["student"] == student)]
         if ref.empty:
-            ref = done[(done["task"] == task) & (done["method_name"] == reference)]
+            ref = done[(done["task"] == task) & is_ref]
         out.append(_row(task, method, student, g, ref))
     return pd.DataFrame.from_records(out, columns=COST_COLS)
 

@@ -18,8 +18,9 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from kdbench.api import MetricInfo
 from kdbench.report.aggregate import pick_baseline_config
-from kdbench.report.frame import SCALE, evaluations, stored_info
+from kdbench.report.frame import SCALE, baseline_runs, evaluations, stored_info
 from kdbench.report.tables import DAMAGED, cell
 from kdbench.store import DONE
 
@@ -27,10 +28,19 @@ TEACHER = "teacher"  # the history key kdbench.train.evaluation.TEACHER writes
 DRIFT_COLS = ["task", "method", "method_name", "student", "step", "metric", "n", "teacher_mean", "teacher_std", "start_mean",
               "fine_tuned", "divergence_kind", "divergence_mean", "divergence_std"]
 DISAGREE_COLS = ["task", "method", "student", "pairs", "validation_diff", "test_diff"]
-#: a run's live teacher is flagged (DAMAGED) when its last validation score is more than this many
-#: points (x100) below its score at the start: past the seed noise of a few points on the
+#: a run's live teacher is flagged (DAMAGED) when its last validation score is worse than its
+#: score at the start by more than this, on the scale the report shows the metric at (points
+#: for accuracies and correlations, x100): past the seed noise of a few points on the
 #: 1,000-example validation splits of the CPU suites (binomial std 1.3 points at 80% accuracy)
 TEACHER_DROP = 5.0
+
+
+def teacher_loss(start: float, end: float, info: MetricInfo) -> float:
+    """How much worse the live teacher ended than it started, on the shown scale (``x
+    info.scale``): start - end for a higher-is-better metric, end - start for a
+    lower-is-better one (an error or a perplexity that rose). Negative: it improved."""
+    worse = (start - end) if info.higher_is_better else (end - start)
+    return float(worse) * info.scale
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -62,7 +72,8 @@ def _entries(rows: list[dict[str, Any]], df: pd.DataFrame) -> list[dict[str, Any
         out.append({"hash": h, "task": run["task"], "method": run["method"], "method_name": run["method_name"], "student": run["student"],
                     "step": step, "metric": metric, "teacher_hash": run["teacher_hash"],
                     "score": (t.get("validation") or {}).get(metric), "start": (t.get("start_validation") or {}).get(metric),
-                    "divergence": t.get("divergence"), "kind": t.get("divergence_kind"), "scale": run.get("scale", SCALE)})
+                    "divergence": t.get("divergence"), "kind": t.get("divergence_kind"), "scale": run.get("scale", SCALE),
+                    "higher_is_better": run.get("higher_is_better", True)})
     return out
 
 
@@ -92,8 +103,9 @@ def drift_table(rows: list[dict[str, Any]], df: pd.DataFrame, teachers: list[dic
 def damaged_teachers(rows: list[dict[str, Any]], df: pd.DataFrame) -> dict[tuple[str, str, str], tuple[int, int]]:
     """Per (task, method label, student) of a method that updates its teacher: (k, n), k of the
     n finished runs that recorded their live teacher ending with it more than
-    :data:`TEACHER_DROP` points below its start (validation, main metric, last evaluation;
-    the metrics reported today are all higher-is-better)."""
+    :data:`TEACHER_DROP` worse than its start (validation, main metric, last evaluation), read
+    in the direction and at the scale each run stored for its metric (:func:`kdbench.report.frame.stored_info`,
+    carried by the runs frame): lower for accuracy, higher for an error or a perplexity."""
     last: dict[str, dict[str, Any]] = {}
     for e in _entries(rows, df):
         if e["score"] is not None and e["start"] is not None and (e["hash"] not in last or e["step"] >= last[e["hash"]]["step"]):
@@ -101,7 +113,8 @@ def damaged_teachers(rows: list[dict[str, Any]], df: pd.DataFrame) -> dict[tuple
     out: dict[tuple[str, str, str], tuple[int, int]] = {}
     for e in last.values():
         k, n = out.get((e["task"], e["method"], e["student"]), (0, 0))
-        out[(e["task"], e["method"], e["student"])] = (k + int((float(e["start"]) - float(e["score"])) * SCALE > TEACHER_DROP), n + 1)
+        info = MetricInfo(bool(e["higher_is_better"]), float(e["scale"]))
+        out[(e["task"], e["method"], e["student"])] = (k + int(teacher_loss(float(e["start"]), float(e["score"]), info) > TEACHER_DROP), n + 1)
     return out
 
 
@@ -117,7 +130,8 @@ def with_damage_flags(board: pd.DataFrame, damaged: dict[tuple[str, str, str], t
 def damage_note() -> str:
     """What the mark means (leaderboard line and legend)."""
     return (f"{DAMAGED} k/n: in k of the n seeds the method's live teacher ended more than {TEACHER_DROP:g} points (x100) below "
-            "where it started on the validation split (the teacher-drift table has the steps).")
+            "where it started on the validation split (the teacher-drift table has the steps); for a lower-is-better metric, "
+            f"more than {TEACHER_DROP:g} above it, on the scale the table shows.")
 
 
 def _sci(mean: float, std: float) -> str:
@@ -157,8 +171,9 @@ def disagreements(df: pd.DataFrame, baseline: str, updating: set[str]) -> pd.Dat
         return pd.DataFrame(columns=DISAGREE_COLS)
     done = df[df["status"] == DONE]
     out = []
-    for (task, method, student), g in done[done["method_name"].isin(updating - {baseline})].groupby(["task", "method", "student"], sort=True):
-        base_all = done[(done["task"] == task) & (done["student"] == student) & (done["method_name"] == baseline)]
+    is_base = baseline_runs(done, baseline)
+    for (task, method, student), g in done[done["method_name"].isin(updating) & ~is_base].groupby(["task", "method", "student"], sort=True):
+        base_all = done[(done["task"] == task) & (done["student"] == student) & is_base]
         cfg = pick_baseline_config(base_all, g["params"].iloc[0])[0] if not base_all.empty else None
         if cfg is None:
             continue

@@ -121,17 +121,22 @@ def task_margin(task: str, metric: Any, margins: dict[str, float] | None, info: 
 
 
 #: A run whose wall time is more than this many times its process CPU time spent most of
-#: it without the CPU (stopped, or starved by other load): its wall time is not its cost.
-PAUSE_RATIO = 3.0
+#: it off the CPU: stopped (a pause), waiting for a core that other processes held (more
+#: busy processes than cores), or waiting on I/O. The ratio cannot tell these apart, so
+#: reports call such a run "off-CPU", never "paused": its wall time is not its cost.
+OFF_CPU_RATIO = 3.0
+#: How reports name such a run (leaderboard time column, cost table, legend, summary).
+OFF_CPU = "off-CPU"
+OFF_CPU_WHY = "stopped, or waiting for a core under other load, or on I/O"
 
 
-def paused(runs: pd.DataFrame) -> pd.Series:
+def off_cpu(runs: pd.DataFrame) -> pd.Series:
     """True per run (CPU runs only: ``device_time_kind`` process_cpu) whose wall time is more
-    than PAUSE_RATIO times its process CPU time."""
+    than OFF_CPU_RATIO times its process CPU time."""
     if runs.empty or "device_s" not in runs:
         return pd.Series(False, index=runs.index)
     cpu = runs["device_s"].where(runs["device_time_kind"] == "process_cpu")
-    return (runs["wall_s"] > PAUSE_RATIO * cpu).fillna(False).astype(bool)
+    return (runs["wall_s"] > OFF_CPU_RATIO * cpu).fillna(False).astype(bool)
 
 
 
@@ -186,11 +191,25 @@ def cost_fields(cost: dict[str, Any]) -> dict[str, Any]:
         "params_deployed": cost.get("params_deployed"), "params_training": _first(cost.get("params_training"), cost.get("student_params")),
         "student_params": cost.get("student_params"), "shared_teacher_outputs": cost.get("shared_teacher_outputs"),
         "device_time_kind": cost.get("device_time_kind"), "peak_mem_kind": cost.get("peak_mem_kind"),
+        **compute_fields(cost),
     }
 
 
+#: the counted passes as run columns (``<role>_<kind>_passes``; None where not recorded)
+PASS_COLUMNS = tuple(f"{role}_{kind}_passes" for role in ("teacher", "student") for kind in ("fwd", "bwd", "jvp", "decode"))
+
+
+def compute_fields(cost: dict[str, Any]) -> dict[str, Any]:
+    """A run's counted compute (:mod:`kdbench.compute`): FLOPs of teacher, student and
+    both, and each counted pass; None where the store did not record them (older runs)."""
+    passes = cost.get("passes")
+    counts = {c: (passes.get(c.removesuffix("_passes"), 0) if isinstance(passes, dict) else None) for c in PASS_COLUMNS}
+    return {"train_flops": cost.get("train_flops"), "teacher_flops": cost.get("teacher_flops"), "student_flops": cost.get("student_flops"), **counts}
+
+
 NUMERIC = ("test", "validation", "score", "wall_s", "train_s", "eval_s", "prep_s", "device_s", "step_s", "step_s_median",
-           "step_s_q25", "step_s_q75", "mem_mb", "peak_mem_mb", "steps", "params_deployed", "params_training", "student_params")
+           "step_s_q25", "step_s_q75", "mem_mb", "peak_mem_mb", "steps", "params_deployed", "params_training", "student_params",
+           "train_flops", "teacher_flops", "student_flops", *PASS_COLUMNS)
 
 
 def _record(r: dict[str, Any], varying: set[str]) -> dict[str, Any]:
@@ -271,3 +290,14 @@ def evaluations(rows: Iterable[dict[str, Any]], hashes: Iterable[str] | None = N
                 last[int(h[STEP])] = h
         for step in sorted(last):
             yield r["hash"], step, last[step]
+
+
+def baseline_runs(df: pd.DataFrame, baseline: str | None) -> pd.Series:
+    """Which runs of ``df`` are the baseline's: the ``is_baseline`` column where the
+    report marked it from the suite's entries (:func:`kdbench.report.labels.mark_baseline`:
+    a labelled entry of the baseline's method, e.g. ``kd+ls``, is a method of its own, not
+    the baseline), else every run of the method named ``baseline``."""
+    if "is_baseline" in df:
+        return df["is_baseline"].astype(bool)
+    return df["method_name"] == baseline
+

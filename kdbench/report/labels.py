@@ -54,3 +54,30 @@ def entry_rows(df: pd.DataFrame, suite_spec: Any, registry: Any = None) -> pd.Da
         if rest.any():
             _rename(df, rest, name)
     return df
+
+
+def mark_baseline(df: pd.DataFrame, suite_spec: Any, baseline: str | None, registry: Any = None) -> pd.DataFrame:
+    """``df`` with a boolean ``is_baseline`` column: the runs every comparison, the cost
+    ratios and the drift table are paired with. The suite's ``baseline`` names a row: the
+    runs of an entry labelled with it, or of the unlabelled entries of the method it names.
+    A labelled entry of that method (``kd`` labelled ``kd+ls``, or a grid-selected one) is
+    another row, compared with the baseline like any method, never pooled into it. Without
+    entries (no suite, or no entry matches a run) every run of the method named ``baseline``."""
+    df = df.copy()
+    by_name = df["method_name"] == baseline if not df.empty else pd.Series(False, index=df.index)
+    methods = list(getattr(suite_spec, "methods", None) or [])
+    if df.empty or not baseline or not methods:
+        df["is_baseline"] = by_name
+        return df
+    mask = pd.Series(False, index=df.index)
+    for i, entry in enumerate(methods):
+        if not (entry.label == baseline or (entry.name == baseline and not entry.label)):
+            continue
+        keys = [json.dumps(s, sort_keys=True) for s in entry_settings(suite_spec, i, registry)]
+        hit = (df["method_name"] == entry.name) & df["params"].isin(keys)
+        if entry.students:
+            hit &= df["student"].isin(entry.students)
+        mask |= hit
+    df["is_baseline"] = mask if mask.any() else by_name
+    return df
+

@@ -17,7 +17,7 @@ from kdbench.report.curves import curve_table, flatness
 from kdbench.report.drift import damaged_teachers, disagreements, drift_table, updating_methods, with_damage_flags
 from kdbench.report.frame import filter_runs, runs_frame
 from kdbench.report.integrity import StoreIntegrity, store_integrity
-from kdbench.report.labels import entry_rows
+from kdbench.report.labels import entry_rows, mark_baseline
 from kdbench.report.provenance import commits, data_fingerprints, environments, outside_runs, report_date
 from kdbench.report.references import references_table
 from kdbench.report.selection import GridSelection, select_on_validation
@@ -145,6 +145,7 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     teachers = [t for t in store.teachers() if teacher_hashes is None or t["hash"] in teacher_hashes]
     teachers = [t for t in teachers if (not tasks or t["task"] in tasks) and (not methods or "teacher" in methods)]
     baseline = baseline or getattr(suite_spec, "baseline", None) or (sorted(df["method_name"])[0] if not df.empty else "")
+    df = mark_baseline(df, suite_spec, baseline)  # the baseline row's runs, not every run of its method
     if chance is True and (not methods or "chance" in methods):
         chance = chance_scores([r for r in rows if r["hash"] in kept and r["status"] == DONE])
     elif chance is True:

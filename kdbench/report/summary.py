@@ -1,7 +1,7 @@
 """The report as plain sentences (``kdbench report --format summary``): each task's teacher
 and chance, every comparison with the baseline (difference, its exact interval, adjusted
 p, the power of the procedure, the practical verdict), the sensitivity answers and cost
-under pauses, every number from the store.
+(CPU and active training time, runs mostly off the CPU marked), every number from the store.
 
 The text carries no date and no timing of the report itself, so regenerating it from an
 unchanged store gives the same bytes: a results folder's README quotes it between
@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from kdbench import stats
-from kdbench.report.frame import PAUSE_RATIO, direction_word
+from kdbench.report.frame import OFF_CPU_RATIO, OFF_CPU_WHY, direction_word
 from kdbench.report.tables import SPECIAL_ROWS, averages, row_names
 from kdbench.report.truncation import row_suffix
 
@@ -111,12 +111,13 @@ def _cost_lines(report: Any) -> list[str]:
     for r in report.cost.itertuples():
         if r.method == report.cost_reference:
             continue
-        rel = [f"{label} {v:.2f}x" for label, v in (("active training time", r.train_rel), ("CPU time", r.cpu_rel)) if v == v]
+        rel = [f"{label} {v:.2f}x" for label, v in (("active training time", r.train_rel), ("CPU time", r.cpu_rel),
+                                                    ("counted FLOPs", getattr(r, "flops_rel", float("nan")))) if v == v]
         if not rel:
             continue
-        paused = f"; {r.paused} of {r.n} runs spent most of their wall time without the CPU (wall > {PAUSE_RATIO:g}x CPU), so wall time is not their cost" \
-            if r.paused else ""
-        out.append(f"- {r.task}, {r.method} [{r.student}]: {', '.join(rel)} of {report.cost_reference}'s{paused}.")
+        off = (f"; {r.off_cpu} of {r.n} runs spent most of their wall time off the CPU (wall > {OFF_CPU_RATIO:g}x CPU: "
+               f"{OFF_CPU_WHY}), so wall time is not their cost") if r.off_cpu else ""
+        out.append(f"- {r.task}, {r.method} [{r.student}]: {', '.join(rel)} of {report.cost_reference}'s{off}.")
     return out
 
 
@@ -160,17 +161,23 @@ def replace_block(text: str, block: str) -> str | None:
     return text[:start] + block.rstrip("\n") + text[end + len(END):]
 
 
-def write_summary(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
-    """``summary.md``, and the block of the folder's README.md that quotes it, when it has one."""
+def write_summary(report: Any, out: Path, pngs: dict[str, bytes], readme_from: Path | None = None) -> list[Path]:
+    """``summary.md``, and the block of the folder's README.md that quotes it, when it has one.
+
+    The README is read from ``readme_from`` (default: ``out``'s folder) and its new version
+    written beside ``out``. The report writer passes the results folder while ``out`` lies
+    in its staging folder (:func:`kdbench.report.formats.write_atomically`), so the README
+    moves into place with the summary; reading it beside ``out`` there would find none and
+    leave the committed README's block stale."""
     text = summary_text(report)
     out.write_text(text, encoding="utf-8")
     written = [out]
-    readme = out.parent / "README.md"
+    readme = Path(readme_from or out.parent) / "README.md"
     if readme.exists():
         new = replace_block(readme.read_text(encoding="utf-8"), text)
         if new is not None:
-            readme.write_text(new, encoding="utf-8")
-            written.append(readme)
+            (out.parent / "README.md").write_text(new, encoding="utf-8")
+            written.append(out.parent / "README.md")
     return written
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from kdbench import stats
 from kdbench.api import TEACHER_TOPK
-from kdbench.report.frame import LOSS, TEST, WIN, direction_word
+from kdbench.report.frame import LOSS, OFF_CPU, TEST, WIN, direction_word
 from kdbench.report.truncation import TRUNCATED_COLUMN, any_truncated, truncation_flag
 
 SMALL_N, TIE = "†", "≈"
@@ -167,8 +167,8 @@ def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None
         wide[header] = pd.Series({r: f"{v:.2f}" for r, (v, _) in avgs.items()})
     if any_truncated(board):
         wide[TRUNCATED_COLUMN] = pd.Series({row: v or "no" for row, v in board[~board["method"].isin(SPECIAL_ROWS)].groupby("row")[TEACHER_TOPK].first().items()})
-    paused = board.groupby("row")["paused"].sum() if "paused" in board else pd.Series(dtype=float)
-    wide["time/run (s)"] = pd.Series({row: "-" if np.isnan(v) else f"{v:.1f}" + (f" ({int(paused[row])} paused)" if paused.get(row, 0) else "")
+    off = board.groupby("row")["off_cpu"].sum() if "off_cpu" in board else pd.Series(dtype=float)
+    wide["time/run (s)"] = pd.Series({row: "-" if np.isnan(v) else f"{v:.1f}" + (f" ({int(off[row])} {OFF_CPU})" if off.get(row, 0) else "")
                                       for row, v in board.groupby("row")["time_per_run_s"].mean().items()})
     nd = students[students["split"] == TEST].groupby("row")[["failed", "diverged", "running"]].sum()
     wide["not done"] = pd.Series({row: ", ".join(f"{int(r[k])} {k}" for k in ("failed", "diverged", "running") if r[k]) or "0"

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from kdbench.api import KDBenchError, ModelFacts, check_alignment, unhashed_fields
+from kdbench.api import KDBenchError, Method, ModelFacts, check_alignment, unhashed_fields
 from kdbench.loader import MAX_BYTES, LoadError, parse_yaml, printable, snippet, unprintable
 from kdbench.registry import Registry, did_you_mean, get_registry
 from kdbench.recipes import expand_recipes
@@ -263,6 +263,10 @@ class _SuiteBuilder:
             self._check_method(i, m, student_labels)
         self.problems.extend(_selection_clashes(spec.methods))
         self.problems.extend(_row_name_clashes(spec.methods))
+        teacher_budgets = [("teacher", spec.teacher.train.budget)] if spec.teacher and spec.teacher.train else []
+        teacher_budgets += [(f"pairs[{i}].teacher", p.teacher.train.budget) for i, p in enumerate(spec.pairs) if p.teacher.train]
+        self.problems += [f"{where}.train.budget.flops: a teacher's fine-tuning has no method whose passes could be counted "
+                          "ahead; give its budget in steps or epochs" for where, budget in teacher_budgets if budget.flops is not None]
         if spec.baseline not in {m.name for m in spec.methods}:
             self.problems.append(f"baseline: '{spec.baseline}' is not one of the suite's methods.{did_you_mean(spec.baseline, [m.name for m in spec.methods])}")
         for i, tracker in enumerate(spec.trackers):
@@ -351,6 +355,9 @@ class _SuiteBuilder:
         if cls.uses_teacher and not (self.spec.teacher is not None or self.spec.pairs):
             self.problems.append(f"methods[{i}]: method '{m.name}' needs a teacher, but the suite has no 'teacher'")
         self._check_capabilities(i, m.name, cls)
+        if self.spec.budget.flops is not None and cls.train_step is not Method.train_step and cls.planned_passes is Method.planned_passes:
+            self.problems.append(f"methods[{i}]: method '{m.name}' runs its own training step without planning its passes "
+                                 "(Method.planned_passes), so a budget in flops cannot say how many steps it gets; give the budget in steps")
         try:
             grid = expand_grid(cls.Params, m.params)
         except ValueError as err:

@@ -49,6 +49,7 @@ MAX_SEED = 2**32 - 2**20
 #: the environment variables KDBENCH_MAX_STEPS / KDBENCH_MAX_EPOCHS.
 MAX_STEPS = 10**7
 MAX_EPOCHS = 10**4
+MAX_FLOPS = 10**21  # a compute budget (Budget.flops): about 12 days of an H100 at its dense bf16 peak
 MAX_BATCH = 2**20
 #: A suite (tasks x students x method settings x seeds) expands to at most this many runs.
 MAX_RUNS = 100_000
@@ -145,11 +146,18 @@ class OptimizerSpec(WithAddedFields):
 
 
 class Budget(WithAddedFields):
-    """How long a student trains: ``steps`` optimizer steps, or ``epochs`` over the
-    training split. Identical for every method of a suite."""
+    """How long a student trains: ``steps`` optimizer steps, ``epochs`` over the
+    training split, or ``flops``: the counted floating-point operations of the teacher's
+    and student's passes (``kdbench.compute``), which buy each method the steps its
+    passes afford. Identical for every method of a suite."""
 
     steps: int | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
+    flops: float | None = added(None, "compute budget: each method trains for the most steps whose teacher and student passes "
+                                      "cost at most this many FLOPs (one pass of each kind counted on the run's first batch with "
+                                      "PyTorch's FLOP counter: matmul, convolution, attention; times the passes the method plans, "
+                                      "`Method.planned_passes`; give `steps`, `epochs` or `flops`); not for a teacher's "
+                                      "fine-tuning; at most 10^21 (`KDBENCH_MAX_FLOPS`)", gt=0)
     batch_size: int = Field(32, gt=0)
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (the end is always evaluated)")
     eval_batch_size: int = Field(256, gt=0)
@@ -161,8 +169,12 @@ class Budget(WithAddedFields):
 
     @model_validator(mode="after")
     def _one_length(self) -> "Budget":
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of 'steps' or 'epochs'")
+        if sum(x is not None for x in (self.steps, self.epochs, self.flops)) != 1:
+            raise ValueError("give exactly one of 'steps', 'epochs' or 'flops'")
+        max_flops = budget_limit("KDBENCH_MAX_FLOPS", MAX_FLOPS)
+        if self.flops is not None and self.flops > max_flops:
+            raise ValueError(f"flops={snippet(self.flops, 30)} is above the bound of {max_flops:.0e} (a typo?); "
+                             "set KDBENCH_MAX_FLOPS to allow more")
         max_steps, max_epochs = budget_limit("KDBENCH_MAX_STEPS", MAX_STEPS), budget_limit("KDBENCH_MAX_EPOCHS", MAX_EPOCHS)
         if self.steps is not None and self.steps > max_steps:
             raise ValueError(f"steps={snippet(self.steps, 30)} is above the bound of {max_steps} (a typo?); "

@@ -24,7 +24,12 @@ class ArtefactError(KDBenchError):
 
 class DiskFull(KDBenchError):
     """An artefact could not be written: the disk (or the user's quota) is full. Not a
-    failed run or teacher: the command stops with exit code 2, naming the file."""
+    failed run or teacher: the command stops with exit code 2, naming the file; the run's
+    or teacher's row says :data:`DISK_FULL_PREFIX` until the next command trains it."""
+
+
+#: The error of a run or teacher row stopped by a full disk (until it is trained again).
+DISK_FULL_PREFIX = "interrupted: disk full"
 
 
 def sha256_file(path: Path) -> str:

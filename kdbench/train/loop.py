@@ -129,4 +129,6 @@ def train_loop(*, model: KDModel, step_fn: Callable[[Batch, int], dict[str, torc
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+    from kdbench.display import terminal_stream
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, file=terminal_stream())

@@ -16,11 +16,13 @@ import torch
 
 from kdbench.api import (LOGITS, TEACHER as TEACHER_ROLE, Batch, KDBenchError, KDModel, Method, ModelOutput, RunStreams, SetupInfo, StepContext,
                          check_alignment, set_trainable)
+from kdbench.compute import PassCounter, PassFlops, compute_cost, steps_for_flops
 from kdbench.data import QUIZ, TRAIN, VALIDATION, TaskData, labels_tensor, load_task_data
 from kdbench.registry import Registry, call_lifecycle, get_registry
-from kdbench.spec import RunSpec
+from kdbench.spec import MAX_STEPS, RunSpec, budget_limit
 from kdbench.store import DIVERGED, DONE, FAILED
 import kdbench.train.teachers as teachers
+from kdbench.train.artefacts import DiskFull
 from kdbench.train.cost import CostMeter, keep_freed_memory
 from kdbench.train.environment import deterministic_cpu, environment, pick_device, seed_everything
 from kdbench.train.evaluation import TEACHER, DeferredTest, TeacherDrift, evaluate, metric_infos, select_metrics
@@ -98,9 +100,8 @@ class Runner:
             torch.backends.cudnn.allow_tf32 = True
 
     def run(self, spec: RunSpec, teacher: TeacherCheckpoint | None = None) -> RunResult:
-        """Train and evaluate one run; never raises for a failed or diverged run.
-        ``teacher`` is the checkpoint from the teachers-first phase (needed when the
-        method uses a teacher)."""
+        """Train and evaluate one run; never raises for a failed or diverged run, only for a
+        full disk (``DiskFull``: no fault of the run). ``teacher``: the teachers-first phase's checkpoint."""
         env = environment(self.device)
         run_dir = self.results_dir / "runs" / spec.hash
         call_lifecycle(self.registry, "kdbench_run_start", spec=spec, run_dir=str(run_dir), trackers=list(self.trackers))
@@ -114,7 +115,7 @@ class Runner:
             result = RunResult(FAILED, error=f"out of memory on {self.device}: {exc}", env=env)
         except MemoryError:
             result = RunResult(FAILED, error="out of host memory (MemoryError)", env=env)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, DiskFull):  # a full disk is the environment's, not the run's: exit 2
             tracked.end("interrupted", {})
             raise
         except Exception as exc:
@@ -158,11 +159,16 @@ class Runner:
             assert teacher is not None
             if shared is not None and set(need) <= {LOGITS}:
                 return ModelOutput(logits=shared[batch.index.to(shared.device)])
+            # A fixed teacher is in eval mode already (load_teacher); eval() and train() each walk
+            # every submodule (0.7 ms of CPU a step for the MiniLM teacher's 120 modules, found by
+            # profiling benchmarks/peers.py): switch only a teacher that a method left in train mode.
             was_training = teacher.training
-            teacher.eval()
+            if was_training:
+                teacher.eval()
             with torch.no_grad():
                 out = teacher(batch.inputs_for(TEACHER_ROLE), need=need)
-            teacher.train(was_training)
+            if was_training:
+                teacher.train()
             return out
 
         return teacher_forward
@@ -182,13 +188,42 @@ class Runner:
 
         return next_quiz_batch
 
-    def _context(self, spec: RunSpec, p: _Prepared, student: KDModel, streams: RunStreams) -> tuple[StepContext, int, int]:
-        """The step context (optimizer over student + the method's extra modules), the
-        step count and the deployed parameter count."""
+    def _sample(self, spec: RunSpec, p: _Prepared, streams: RunStreams) -> Batch:
+        """The run's first training batch (before augmentation), read from a fresh copy of its data stream."""
+        return next(batches(p.factory, p.encoded[TRAIN], labels_tensor(p.data, TRAIN), spec.budget.batch_size, streams.fresh("data"),
+                            self.device, teacher=p.teacher_side(TRAIN)))
+
+    def _plan(self, spec: RunSpec, p: _Prepared, student: KDModel, streams: RunStreams) -> tuple[Batch, PassFlops, int, float]:
+        """The first training batch, the FLOPs of one pass counted on it (when first asked),
+        the run's steps, and the seconds spent counting (not preparation)."""
+        sample = self._sample(spec, p, streams)
+        t0 = time.perf_counter()
+        flops = PassFlops(student, p.teacher, sample, p.method.student_needs, p.method.teacher_needs)
+        steps = self._steps(spec, p, flops)
+        return sample, flops, steps, time.perf_counter() - t0
+
+    def _steps(self, spec: RunSpec, p: _Prepared, flops: PassFlops) -> int:
+        """The run's optimizer steps: the budget's steps or epochs, or the most steps whose
+        planned passes fit its FLOPs (:func:`kdbench.compute.steps_for_flops`)."""
+        n_train = labels_tensor(p.data, TRAIN).shape[0]
+        if spec.budget.flops is None:
+            return total_steps(spec.budget, n_train)
+        quiz = int(labels_tensor(p.data, QUIZ).shape[0]) if QUIZ in p.encoded else 0
+        planned = lambda steps: p.method.planned_passes(steps, spec.budget.batch_size, quiz)  # noqa: E731
+        if planned(1) is None:
+            raise KDBenchError(f"method '{spec.method}' does not plan its passes (Method.planned_passes), so a budget in flops cannot "
+                               "give it a number of steps")
+        max_steps = budget_limit("KDBENCH_MAX_STEPS", MAX_STEPS)
+        flops.measure({k for steps in (1, max_steps) for k, n in planned(steps).items() if n})  # type: ignore[union-attr]
+        try:
+            return steps_for_flops(spec.budget.flops, planned, flops.per_pass, max_steps)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise KDBenchError(f"budget flops={spec.budget.flops:g} for method '{spec.method}': {exc}") from None
+
+    def _context(self, spec: RunSpec, p: _Prepared, student: KDModel, streams: RunStreams, steps: int, sample: Batch) -> tuple[StepContext, int]:
+        """The step context (optimizer over student + the method's extra modules) and the
+        deployed parameter count."""
         labels = labels_tensor(p.data, TRAIN)
-        steps = total_steps(spec.budget, labels.shape[0])
-        sample = next(batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, streams.fresh("data"), self.device,
-                              teacher=p.teacher_side(TRAIN)))
         extra = p.method.extra_modules(student, p.teacher, SetupInfo(sample=sample, train_size=labels.shape[0], device=self.device))
         extra = extra.to(self.device) if extra is not None else None
         params = list(student.parameters()) + (list(extra.parameters()) if extra is not None else [])
@@ -202,7 +237,7 @@ class Runner:
                           teacher_forward=self._teacher_forward(p.teacher, p.shared), next_quiz_batch=self._quiz_batches(spec, p, streams),
                           autocast=autocast_for(self.device), seed=spec.seed, streams=streams, build_teacher=build_teacher,
                           quiz_size=int(labels_tensor(p.data, QUIZ).shape[0]) if QUIZ in p.encoded else 0)
-        return ctx, steps, sum(x.numel() for x in params)
+        return ctx, sum(x.numel() for x in params)
 
     # -- the run ------------------------------------------------------------------------
     def _run(self, spec: RunSpec, checkpoint: TeacherCheckpoint | None, env: dict[str, Any], tracked: RunTrackers) -> RunResult:
@@ -211,17 +246,20 @@ class Runner:
         env["data"] = getattr(p.data, "fingerprints", None)
         assert p.student_model is not None
         seed_everything(spec.seed)
-        student = p.student_model.factory.build(p.student_model.options, p.data.task.problem).to(self.device)
+        student = p.student_model.factory.build(p.student_model.options, p.data.objective).to(self.device)
         p.method.check_models(student, p.teacher)
+        if p.teacher is not None:
+            set_trainable(p.teacher, p.method.updates_teacher)
         streams = RunStreams(spec.seed)  # every random stream of the run, by name
-        ctx, steps, n_training = self._context(spec, p, student, streams)
+        sample, flops, steps, count_s = self._plan(spec, p, student, streams)
+        ctx, n_training = self._context(spec, p, student, streams, steps, sample)
+        ctx.passes = counter = PassCounter.of(student=student, teacher=p.teacher)
         ctx.train_batches = lambda size: ordered_batches(p.factory, p.encoded[TRAIN], labels_tensor(p.data, TRAIN), size, self.device,
                                                          p.teacher_side(TRAIN))
         if checkpoint is not None and p.teacher is not None and not p.method.updates_teacher:
             ctx.teacher_cache = lambda name, compute: teachers.shared_teacher_tensors(checkpoint, name, compute)
-        if p.teacher is not None:
-            set_trainable(p.teacher, p.method.updates_teacher)
         p.method.setup(ctx)
+        ctx.teacher_forward = counter.counted_forward("teacher", ctx.teacher_forward)  # as the method left it (a cache may answer)
         meter = CostMeter(self.device)
         labels = labels_tensor(p.data, TRAIN)
         train_batches = batches(p.factory, p.encoded[TRAIN], labels, spec.budget.batch_size, streams.fresh("data"),
@@ -229,11 +267,12 @@ class Runner:
 
         def step_fn(batch: Batch, step: int) -> dict[str, torch.Tensor]:
             ctx.step = step
-            values = p.method.train_step(ctx, batch)
+            with counter.counting():
+                values = p.method.train_step(ctx, batch)
             values.setdefault("lr", torch.tensor(ctx.student_optimizer.param_groups[0]["lr"]))
             return values
 
-        meter.prep_s = time.perf_counter() - t0
+        meter.prep_s = time.perf_counter() - t0 - count_s  # counting FLOPs is not preparing the run
         with meter:
             drift = self._teacher_drift(spec, p, meter)
             judge = p.eval_teacher()
@@ -257,6 +296,7 @@ class Runner:
         cost["params_training"] = cost["student_params"] = n_training
         cost["shared_teacher_outputs"] = p.shared is not None
         cost.update({f"{part}_s": seconds for part, seconds in ctx.timings.items()})  # parts of train_s (generation, ...)
+        cost.update(compute_cost(counter, flops, count_s))
         main = p.data.task.main_metric
         metrics = select_metrics(history, spec.selection, main, metric_infos(p.data.objective, history, main))
         return RunResult(DONE, metrics=metrics, history=history, cost=cost, env=env)

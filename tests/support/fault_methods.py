@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -89,6 +90,32 @@ class DiesAlways(Method):
         return task_loss(student.logits, batch.labels, self.problem), {}
 
 
+class DiskFullOnce(Method):
+    """Meets a full disk writing an artefact (ENOSPC from the file system, turned into
+    ``DiskFull`` by kdbench's own writer, as a teacher-logits or checkpoint write would be)
+    unless the marker file exists: the marker stands for the space freed afterwards."""
+
+    name = "disk-full-once"
+    description = "its artefact write at step 2 meets a full disk unless the marker file exists (then trains)"
+    uses_teacher = False
+    Params = MarkerParams
+
+    def loss(self, student, teacher, batch, ctx):
+        marker = Path(self.params.marker)
+        if ctx.step == 1 and not marker.exists():
+            from unittest import mock
+
+            from kdbench.train import artefacts
+
+            def full(path, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            marker.write_text(str(os.getpid()))
+            with mock.patch.object(Path, "write_bytes", full):
+                artefacts.write_bytes(marker.with_name("artefact.bin"), b"x" * 64)
+        return task_loss(student.logits, batch.labels, self.problem), {}
+
+
 @hookimpl(specname="kdbench_methods")
 def more_methods():
-    return [OutOfMemory, DiesOnce, DiesAlways]
+    return [OutOfMemory, DiesOnce, DiesAlways, DiskFullOnce]

@@ -112,7 +112,7 @@ class FitNet(Method):
             n = len(model.describe().get("feature_channels", ())) if model is not None else 0
             if model is not None and n and h >= n:
                 raise IncompatibleModelError(
-                    f"method 'fitnet' uses hint_layer {h}, but the {role} model ({type(model).__name__}) "
+                    f"method 'fitnet' uses hint_layer {h}, but the {role} model ({getattr(model, 'name', type(model).__name__)}) "
                     f"exposes only {n} feature maps (indices 0..{n - 1})"
                 )
 

@@ -101,24 +101,10 @@ from torch.func import functional_call
 
 from kdbench.api import LOGITS, Batch, KDModel, Method, ModelOutput, Options, Problem, SetupInfo, StepContext, added, batch_task_loss, step_values, wrapped_options
 from kdbench.hookspecs import hookimpl
-from kdbench.metagrad import gradient_or_zeros, output_derivative, output_tensors, rng_state, training_mode, virtual_sgd_step
-from kdbench.registry import Registry, UnknownNameError, did_you_mean, get_registry
+from kdbench.compute import add_passes
+from kdbench.metagrad import gradient_or_zeros, meta_step_passes, output_derivative, output_tensors, rng_state, training_mode, virtual_sgd_step
+from kdbench.registry import get_registry, inner_method_class
 from kdbench.teacher_updates import apply_teacher_gradient, build_teacher_optimizer, first_teacher_step, schedule_ratio, setup_reading_live_teacher, teacher_lr_factor
-
-
-def inner_method_class(name: str, registry: Registry) -> type[Method]:
-    """The loss-based method MetaDistil wraps, from ``registry``; ValueError for anything else."""
-    try:
-        cls = registry.method(name)
-    except UnknownNameError:
-        usable = [n for n in registry.names("methods") if registry.method(n).is_loss_based()]
-        raise ValueError(f"unknown inner method '{name}'.{did_you_mean(name, usable)} Loss-based methods: {', '.join(usable) or '(none)'}") from None
-    if not cls.uses_teacher:
-        raise ValueError(f"inner method '{name}' does not use a teacher, so the teacher would get no meta-gradient")
-    if not cls.is_loss_based():
-        raise ValueError(f"inner method '{name}' updates the teacher or runs its own training step; "
-                         "metadistil needs a loss-based method (one that only implements loss())")
-    return cls
 
 
 class MetaDistilParams(Options):
@@ -158,7 +144,7 @@ class MetaDistilParams(Options):
     @model_validator(mode="after")
     def _validate_inner_params(self, info: ValidationInfo) -> MetaDistilParams:
         registry = (info.context or {}).get("registry") or get_registry()
-        inner = inner_method_class(self.inner, registry)
+        inner = inner_method_class(self.inner, registry, "metadistil")
         extras = dict(self.model_extra or {})
         validated = wrapped_options(extras, inner.Params, "metadistil", self.inner, type(self).model_fields)
         # keep only the fields given, in their validated form (stable run hashes)
@@ -202,20 +188,31 @@ class MetaDistil(Method):
                                                                  self.params.teacher_weight_decay, self.params.teacher_momentum)
         ctx.state["student_initial_lr"] = ctx.student_optimizer.param_groups[0]["lr"]
 
+    def first_meta_step(self, total_steps: int) -> int:
+        """The first (0-based) meta step (``total_steps``: none). Warm steps run before
+        first_teacher_step, where teacher_lr_factor is 0: only the optimizer state moves."""
+        first = max(first_teacher_step(self.params.teacher_start, total_steps) - self.params.teacher_warm_steps, 1)
+        return min(first, total_steps) if self.params.teacher_lr > 0 else total_steps
+
     def meta_active(self, ctx: StepContext) -> bool:
-        # warm steps run before first_teacher_step, where teacher_lr_factor is 0: only the optimizer state moves
-        return self.params.teacher_lr > 0 and ctx.step >= max(first_teacher_step(self.params.teacher_start, ctx.total_steps) - self.params.teacher_warm_steps, 1)
+        return ctx.step >= self.first_meta_step(ctx.total_steps)
+
+    def planned_passes(self, steps: int, batch_size: int, quiz_size: int) -> dict[str, int] | None:
+        """The inner method's plain steps, then meta steps (:func:`kdbench.metagrad.meta_step_passes`)."""
+        meta = steps - self.first_meta_step(steps)
+        plain = self.inner.planned_passes(steps - meta, batch_size, quiz_size)
+        return None if plain is None else add_passes(plain, meta_step_passes(self.n_quiz_batches(quiz_size, batch_size)), meta)
 
     def virtual_step_size(self, ctx: StepContext) -> float:
         """eta of the pilot step: ``virtual_lr``, times the student's lr ratio under ``follow_student``."""
         return self.params.virtual_lr * (schedule_ratio(ctx) if self.params.virtual_schedule == "follow_student" else 1.0)
 
-    def n_quiz_batches(self, ctx: StepContext, batch_size: int) -> int:
+    def n_quiz_batches(self, quiz_size: int, batch_size: int) -> int:
         if self.params.quiz_batches != "all":
             return int(self.params.quiz_batches)
-        if ctx.quiz_size <= 0:
+        if quiz_size <= 0:
             raise RuntimeError("metadistil quiz_batches 'all' needs the quiz split's size (ctx.quiz_size), which this run does not give")
-        return max(ctx.quiz_size // batch_size, 1)  # one pass; the batches drop the last partial one
+        return max(quiz_size // batch_size, 1)  # one pass; the batches drop the last partial one
 
     # -- steps 1 and 2 ------------------------------------------------------------------
     def meta_gradient(self, ctx: StepContext, batch: Batch) -> tuple[list[Tensor], ModelOutput, Tensor]:
@@ -249,7 +246,7 @@ class MetaDistil(Method):
     def quiz_gradient(self, ctx: StepContext, leaves: dict[str, Tensor], batch_size: int) -> tuple[dict[str, Tensor], Tensor]:
         """d/dS' of the mean quiz loss by parameter name (those it reaches; first order, one
         quiz graph alive at a time), and that loss."""
-        student, n = ctx.student, self.n_quiz_batches(ctx, batch_size)
+        student, n = ctx.student, self.n_quiz_batches(ctx.quiz_size, batch_size)
         grad_fast: dict[str, Tensor] = {}  # the first batch's gradients are taken as they are
         quiz = torch.zeros((), device=ctx.device)
         # train mode reads the batch's BatchNorm statistics; the copies keep the running ones unchanged

@@ -105,6 +105,11 @@ class ProKT(Method):
         ctx.state["teacher_optimizer"] = build_teacher_optimizer(ctx.teacher, p.teacher_optimizer, p.teacher_lr, p.teacher_weight_decay, p.teacher_momentum)
         ctx.state["student_initial_lr"] = ctx.student_optimizer.param_groups[0]["lr"]
 
+    def planned_passes(self, steps: int, batch_size: int, quiz_size: int) -> dict[str, int]:
+        """Per step: a student forward; the teacher's train-mode forward and backward (the
+        student detached); its forward again for the student's targets; the student's backward."""
+        return {"student_fwd": steps, "student_bwd": steps, "teacher_fwd": 2 * steps, "teacher_bwd": steps}
+
     def train_step(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
         p, teacher = self.params, ctx.teacher
         assert teacher is not None

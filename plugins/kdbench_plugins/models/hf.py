@@ -32,9 +32,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from kdbench.api import Encoded, Examples, KDBenchError, ModelFactory, ModelFacts, Options, Problem
+from kdbench.api import Encoded, Examples, KDBenchError, ModelFactory, ModelFacts, Objective, Options, Problem
 from kdbench.encoders import (TinyEncoderOptions, ALL_CAPABILITIES, EncoderClassifier, EncoderFamily, HashingTokenizer, build_classifier, check_vocabulary,
-                              family_capabilities, resolve_pretrained, tokenizer_identity)
+                              TokenizerCache, family_capabilities, resolve_pretrained, tokenizer_files_sha256, tokenizer_identity)
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import get_registry
 
@@ -106,7 +106,7 @@ def _config(options: HFOptions) -> tuple[Any, type[EncoderFamily], str | None]:
     return config, _family(options, config.model_type), path
 
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS = TokenizerCache()
 
 
 def _tokenizer(options: HFOptions) -> Any:
@@ -116,14 +116,23 @@ def _tokenizer(options: HFOptions) -> Any:
     if source is None:
         return HashingTokenizer(options.tiny.vocab_size)  # type: ignore[union-attr]
     path = resolve_pretrained(source, "pretrained model" if options.tiny is None else "tokenizer")
-    if path not in _TOKENIZERS:
+
+    def load() -> Any:
         from transformers import AutoTokenizer
 
         try:
-            _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise KDBenchError(f"cannot load the tokenizer '{source}': {exc}") from None
-    return _TOKENIZERS[path]
+
+    return _TOKENIZERS.get(path, load)
+
+
+def _tokenizer_files(options: HFOptions) -> str:
+    source = options.tokenizer if options.tiny is not None else options.pretrained
+    if source is None:
+        return ""
+    return tokenizer_files_sha256(resolve_pretrained(source, "pretrained model" if options.tiny is None else "tokenizer"))
 
 
 class HFFactory(ModelFactory):
@@ -135,10 +144,10 @@ class HFFactory(ModelFactory):
     capabilities = ALL_CAPABILITIES  # the union; each family's own set is checked at validation (inspect)
     family = "transformer"
 
-    def build(self, options: HFOptions, problem: Problem) -> EncoderClassifier:
+    def build(self, options: HFOptions, objective: Objective | Problem) -> EncoderClassifier:
         config, family, path = _config(options)
         kept = options.kept_layers(getattr(config, family.num_layers_attr), f"model {self._label(options)}")
-        return build_classifier(family, config, path, kept, 1 if problem.is_regression else problem.num_labels, options.pooling,
+        return build_classifier(family, config, path, kept, objective.num_outputs(), options.pooling,
                                 options.dropout, options.freeze_word_embeddings)
 
     @staticmethod
@@ -151,6 +160,10 @@ class HFFactory(ModelFactory):
         if isinstance(tok, HashingTokenizer):
             return f"hashing{tok.vocab_size}"
         return tokenizer_identity(tok)
+
+    def encoder_fingerprint(self, options: HFOptions) -> str:
+        """The tokenizer files' content hash; '' for the file-less hashing tokenizer."""
+        return _tokenizer_files(options)
 
     def inspect(self, options: HFOptions) -> ModelFacts:
         """The family, kept layers, width, heads, capabilities and tokenizer, from the

@@ -16,7 +16,9 @@ its members checked before unpacking (regular files and folders under
 
 Pickle is the format these files are published in, and unpickling can run code. So only
 the two expected files in the folder the user chose (or the checksummed download) are
-read, with an unpickler that refuses every global but the numpy array constructors.
+read, with an unpickler that refuses every global but the numpy array constructors (and
+``_codecs.encode``, which protocol 2 uses for bytes), through :mod:`kdbench.sources`: a
+FIFO, a device, a folder or a file past the source size bound is a named error.
 
 Splits: ``test`` = the official test set; ``validation`` = ``validation_size`` (default
 5,000) training images held out by a fixed seed; ``train`` = the other 45,000 (or a
@@ -48,9 +50,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import DataError, Examples, Options, Problem, Task, location
+from kdbench.api import DataError, Examples, Options, Task, location
 from kdbench.hookspecs import hookimpl
 from kdbench.metrics import accuracy, carve_splits
+from kdbench.sources import open_source_file
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE = "cifar-100-python.tar.gz"
@@ -90,12 +93,18 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 3, 32, 32), fine labels int64 (N,)) from one python-format file."""
-    try:
-        with open(path, "rb") as f:
+    """(images uint8 (N, 3, 32, 32), fine labels int64 (N,)) from one python-format file,
+    opened through :func:`kdbench.sources.open_source_file` (a FIFO, a device, a folder or a
+    file over the size bound is a named :class:`~kdbench.api.DataError`, never a hang)."""
+    with open_source_file(path, "cifar100: data_dir file") as f:
+        try:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise DataError(f"{path}: not a CIFAR-100 python-format file ({exc})") from None
+        except DataError:
+            raise
+        except MemoryError:
+            raise DataError(f"{path}: not a CIFAR-100 python-format file (it asks for more memory than there is)") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged pickle raises nearly anything; each is this one error
+            raise DataError(f"{path}: not a CIFAR-100 python-format file ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"fine_labels" not in batch:
         raise DataError(f"{path}: expected a dict with b'data' and b'fine_labels'")
     data = np.asarray(batch[b"data"])
@@ -111,9 +120,15 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def find_folder(root: Path) -> Path | None:
-    """The folder with ``train`` and ``test``: ``root/cifar-100-python`` or ``root`` itself."""
+    """The folder with ``train`` and ``test``: ``root/cifar-100-python`` or ``root`` itself.
+    A folder where both names exist but one is not a regular file (a FIFO, a folder, a
+    dangling link) is returned too, so that reading it names what is wrong instead of
+    starting a download beside it."""
     for folder in (root / FOLDER, root):
         if (folder / "train").is_file() and (folder / "test").is_file():
+            return folder
+    for folder in (root / FOLDER, root):
+        if os.path.lexists(folder / "train") and os.path.lexists(folder / "test"):
             return folder
     return None
 
@@ -246,9 +261,8 @@ class Cifar100(Task):
     modality = "image"
     Options = Cifar100Options
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("classification", NUM_CLASSES)
+    objective = "classification"
+    num_labels = NUM_CLASSES
 
     @property
     def main_metric(self) -> str:

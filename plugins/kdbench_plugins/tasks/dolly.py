@@ -26,6 +26,7 @@ from pydantic import Field
 from kdbench.api import DataError, Examples, Options, Task, location
 from kdbench.generation import PromptResponseTask
 from kdbench.hookspecs import hookimpl
+from kdbench.sources import read_source_file
 
 HUB_NAME = "databricks/databricks-dolly-15k"
 HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -52,7 +53,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of a local dolly-format file; a malformed line is a :class:`DataError`
     naming the file and the line."""
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:  # through kdbench.sources: a FIFO, a device, a folder or an oversized file is named, never a hang
+        text = read_source_file(path, "dolly: source_file").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -63,10 +63,10 @@ from typing import Any, ClassVar, Literal, Mapping
 import numpy as np
 from pydantic import Field, model_validator
 
-from kdbench.api import DataError, Examples, Options, Problem, Task, location
+from kdbench.api import DataError, Examples, Options, Task, location
 from kdbench.metrics import METRICS, binary_f1, carve_splits, matthews_corrcoef, pearson, spearman  # noqa: F401 (re-exported)
 from kdbench.hookspecs import hookimpl
-from kdbench.sources import check_source_file
+from kdbench.sources import open_source_file
 
 HUB_DATASET = "nyu-mll/glue"
 STSB_RANGE = (0.0, 5.0)
@@ -101,10 +101,12 @@ class GlueSpec:
     hub_eval: dict[str, str] = field(default_factory=lambda: {"test": "validation"})
 
     @property
-    def problem(self) -> Problem:
-        if self.labels is None:
-            return Problem("regression", 1)
-        return Problem("classification", len(self.labels))
+    def objective(self) -> str:
+        return "regression" if self.labels is None else "classification"
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
 
 
 SPECS: dict[str, GlueSpec] = {
@@ -191,8 +193,13 @@ class GlueOptions(Options):
             raise ValueError("source 'local' needs data_dir (a folder of GLUE TSV files)")
         if self.source == "hub" and self.data_dir:
             raise ValueError("data_dir is only read with source 'local'; drop one of them")
-        if self.validation_size is not None and "validation_fraction" in self.model_fields_set:
-            raise ValueError("give validation_size or validation_fraction, not both")
+        # A spec's dump carries every field, so validation_fraction at its default beside
+        # validation_size is how these options read back at run time; only another value
+        # is a real conflict.
+        default = type(self).model_fields["validation_fraction"].default
+        if self.validation_size is not None and self.validation_fraction != default:
+            raise ValueError(f"give validation_size or validation_fraction, not both (validation_size replaces the "
+                             f"fraction, which then stays at its default {default})")
         return self
 
 
@@ -235,10 +242,10 @@ def parse_label(spec: GlueSpec, raw: str, where: str) -> int | float:
 
 def read_tsv(spec: GlueSpec, path: Path) -> RawSplit:
     """One GLUE TSV file: quoting off, optional BOM, every row with the header's column count."""
-    check_source_file(path, f"glue-{spec.key}: file")  # missing, a folder, a FIFO, a device, too large: named
     text, pair, labels = [], [], []
     n_columns = spec.n_columns
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    # missing, a folder, a FIFO, a device, too large: named, also when swapped after a check
+    with open_source_file(path, f"glue-{spec.key}: file", "r", encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             for row in reader:
@@ -370,8 +377,12 @@ class GlueTask(Task):
         self.max_length = options.max_length
 
     @property
-    def problem(self) -> Problem:
-        return self.spec.problem
+    def objective(self) -> str:
+        return self.spec.objective
+
+    @property
+    def num_labels(self) -> int:  # type: ignore[override]
+        return self.spec.num_labels
 
     @property
     def main_metric(self) -> str:
@@ -385,6 +396,14 @@ class GlueTask(Task):
         else:
             train, evals = read_hub(self.spec, cache_dir)
         return make_splits(train, evals, opts, self.name)
+
+    def local_labels(self) -> dict[str, np.ndarray] | None:
+        """The labels of the local TSV files (source 'local'); None for the hub."""
+        opts: GlueOptions = self.options  # type: ignore[assignment]
+        if opts.source != "local" or opts.data_dir is None:
+            return None
+        train, evals = read_local(self.spec, opts.data_dir)
+        return {"train.tsv": train.label} | {self.spec.eval_files[split]: raw.label for split, raw in evals.items()}
 
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         preds = np.asarray(predictions)

