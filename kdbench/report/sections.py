@@ -76,6 +76,7 @@ def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.DataFrame.from_records([{
         "task": r.task, "method": r.method, "student": r.student, "runs": str(r.n), "score": fmt_num(r.score),
         "train (s)": spread_text(r.train_s, r.train_s_std), "train + teacher share (s)": _na(getattr(r, "train_with_teacher_s", np.nan)),
+        "generation in steps (s)": _dash(r.generation_s, r.generation_s_std), "update (s)": _dash(r.update_s, r.update_s_std),
         "active train (s)": spread_text(r.active_train_s, r.active_train_s_std), "CPU (s)": _na(r.cpu_s, 1),
         "prep (s)": spread_text(r.prep_s, r.prep_s_std),
         "eval (s)": spread_text(r.eval_s, r.eval_s_std), "wall (s)": spread_text(r.wall_s, r.wall_s_std),
@@ -88,6 +89,11 @@ def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
         f"memory vs {reference}": _rel(r.mem_rel), f"params vs {reference}": _rel(r.params_rel),
         f"FLOPs vs {reference}": _rel(r.flops_rel),
     } for r in cost.itertuples()])
+
+
+def _dash(mean: float, std: float) -> str:
+    """mean ± std, or "-" where the runs recorded no such time (a method that never samples)."""
+    return "-" if mean != mean else spread_text(mean, std)
 
 
 def _flops(r: Any) -> str:
@@ -202,7 +208,9 @@ def legend(report: Any) -> list[str]:
         f"as prep); step = median of the runs' median step time [their quartiles]; memory = the run's own figure "
         f"(its kind beside it); relative columns divide by the baseline '{report.cost_reference}' on the same task (and "
         "student); 'train + teacher share' adds the teacher's fine-tuning time divided by the runs that used it "
-        "(labels-only runs add nothing); n/a = not recorded by this store's version. Time off the CPU: 'CPU' is the "
+        "(labels-only runs add nothing); 'generation in steps' = sampling inside the training steps (on-policy "
+        "methods; '-' for methods that never sample), 'update' = train minus it; n/a = not recorded by this store's "
+        "version. Time off the CPU: 'CPU' is the "
         "process CPU time, 'active train' the steps x the median step time (a pause moves neither; load that slows "
         "every step raises the second); the relative training and CPU columns divide those, never the wall time; a run "
         f"whose wall time exceeds {OFF_CPU_RATIO:g}x its CPU time spent most of it off the CPU ({OFF_CPU_WHY}: the "
