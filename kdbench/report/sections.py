@@ -13,6 +13,7 @@ from kdbench.report.curves import CURVES_NOTE, MIN_TOLERANCE, curves_display
 from kdbench.report.drift import DRIFT_NOTE, damage_note, disagreement_notes, drift_display
 from kdbench.report.frame import LOSS, OFF_CPU, OFF_CPU_RATIO, OFF_CPU_WHY, WIN, reading_note
 from kdbench.report.selection import selection_sections
+from kdbench.report.truncation import any_truncated, truncation_note
 from kdbench.report.frame import DEFAULT_MARGIN
 from kdbench.report.tables import (EQUIV, FLAGGED, LOSS_SMALL, SMALL_N, TIE, WIN_SMALL, cell, comparison_display, fmt_num, fmt_p,
                                    spread_text)
@@ -138,7 +139,8 @@ def family_line(report: Any) -> str:
             f"than the task's practical margin; {EQUIV}: equivalent within the margin (two one-sided tests).{power} "
             f"{SMALL_N} n < 3 (smallest attainable p: {stats.min_p(2):.2f} at n = 2, {stats.min_p(1):.0f} at n = 1). "
             f"{TIE} tied for best: 95% interval overlapping the best's and not significantly worse than the baseline."
-            + flagged_line(report) + (f" {damage_note()}" if _any_damaged(report) else "") + off_cpu_line(report))
+            + flagged_line(report) + (f" {damage_note()}" if _any_damaged(report) else "") + off_cpu_line(report)
+            + (f" {truncation_note()}" if any_truncated(report.board) else ""))
 
 
 def off_cpu_line(report: Any) -> str:
@@ -179,6 +181,7 @@ def legend(report: Any) -> list[str]:
         f"(here m = {report.family}: n ≥ {stats.least_n(report.family) if report.family else '-'}); cells below it say "
         "'impossible' in words.",
         damage_note(),
+        *([truncation_note()] if any_truncated(report.board) else []),
         f"Δ 95% CI (exact): {stats.INTERVAL_METHOD}.",
         f"MDD 80%: {stats.POWER_METHOD}.",
         f"Practical margin: the smallest difference that matters, per task (the suite's 'margins', else {DEFAULT_MARGIN:g} "
