@@ -20,7 +20,7 @@ export TRANSFORMERS_VERBOSITY ?= error
 # run by make write the cache (into .venv and the gitignored __pycache__ folders) once.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup demo test report clean browser peers
+.PHONY: setup demo test report reports clean browser peers
 
 setup: $(VENV)/.ready
 
@@ -58,6 +58,11 @@ browser:
 
 report: setup
 	$(BIN)/kdbench report $(SUITE) --format md
+
+# Every committed report under results/ written again from its store by the current code, in
+# the formats each folder holds (refuses a dirty tree; says whether any number moved).
+reports: setup
+	nice -n 10 $(BIN)/python benchmarks/regenerate_reports.py
 
 # kdbench's step beside torchdistill's and TextBrewer's (benchmarks/peers.py, docs/peers.md), in
 # its own environment: torchdistill needs torchvision, and torchvision's PyPI wheels import only

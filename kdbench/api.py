@@ -189,6 +189,13 @@ class Problem:
         """``"value"`` for regression (one float per example), ``"class"`` otherwise."""
         return "value" if self.is_regression else "class"
 
+    def num_outputs(self) -> int:
+        """The width of the model's output layer, as :meth:`Objective.num_outputs` says it
+        for the built-in objectives: 1 for regression, ``num_labels`` otherwise. Lets a
+        factory called with a bare ``Problem`` (a test building a model by hand) size its
+        head as it would for the run's objective."""
+        return 1 if self.is_regression else self.num_labels
+
 
 # --------------------------------------------------------------------------- models
 
@@ -209,6 +216,12 @@ ATTENTION_PROBS = "attention_probs"
 QUERIES = "queries"
 KEYS = "keys"
 VALUES = "values"
+
+#: The method option that reads a teacher from a cache of its top-k log-probabilities,
+#: renormalised over those k tokens (:func:`kdbench.generation.use_topk_teacher`); every
+#: method that offers such a cache names its option so, and reports read it from a run's
+#: stored parameters to say which runs learnt from a truncated teacher.
+TEACHER_TOPK = "teacher_topk"
 
 
 @dataclass
@@ -270,6 +283,12 @@ class KDModel(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """Shape facts a method may need to check compatibility (layers, width, ...)."""
+        return {}
+
+    def capture_points(self) -> dict[str, str]:
+        """Where the model's internals are read, by name: the dotted module path (from this
+        model) of each place its optional outputs come from (its layers, attention, feature
+        stages), as ``kdbench inspect`` shows them. Default: none declared."""
         return {}
 
     def freeze(self, names: Iterable[str]) -> None:
@@ -337,8 +356,10 @@ class ModelFactory(ABC):
     family: ClassVar[str] = "generic"
 
     @abstractmethod
-    def build(self, options: Options, problem: Problem) -> KDModel:
-        """A fresh model with a head for ``problem``; deterministic given torch's seed."""
+    def build(self, options: Options, objective: Objective | Problem) -> KDModel:
+        """A fresh model whose output layer is ``objective.num_outputs()`` wide (the run's
+        :class:`Objective`; a bare :class:`Problem` answers the same for the built-in
+        objectives); deterministic given torch's seed."""
 
     def encode(self, options: Options, examples: Examples, max_length: int | None) -> Encoded:
         """Turn raw examples into input tensors (tokenize text, scale images)."""
@@ -387,13 +408,12 @@ class Task(ABC):
     modality: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
     max_length: int | None = None
+    #: How many labels the objective reads: classes for ``classification``, 1 for one
+    #: value per example (the default); the objective sizes the model's head from it.
+    num_labels: int = 1
 
     def __init__(self, options: Options):
         self.options = options
-
-    @property
-    @abstractmethod
-    def problem(self) -> Problem: ...
 
     @property
     @abstractmethod
@@ -402,9 +422,20 @@ class Task(ABC):
     @property
     def objective(self) -> str:
         """The name of the registered :class:`Objective` that owns this task's loss, label
-        layout, evaluation and metric directions. Default: ``problem.kind``
-        (``classification`` or ``regression`` for the built-ins)."""
-        return self.problem.kind
+        layout, head width, evaluation and metric directions (``classification``,
+        ``regression``, ``generation`` among the built-ins). A task declares it (a class
+        attribute or a property) with :attr:`num_labels`. Compatibility: a task written
+        before objectives that declares only :attr:`problem` gets ``problem.kind``."""
+        if type(self).problem is not Task.problem:
+            return self.problem.kind
+        raise TypeError(f"task '{self.name}' declares no objective: set 'objective' (e.g. 'classification') and 'num_labels'")
+
+    @property
+    def problem(self) -> Problem:
+        """The task's label layout as one record, derived from :attr:`objective` and
+        :attr:`num_labels` (what objectives and hand-built methods read). Overriding it
+        instead of declaring ``objective`` is the older way, still accepted."""
+        return Problem(self.objective, self.num_labels)
 
     def metric_info(self, metric: str) -> MetricInfo | None:
         """Direction, scale and bounds of one of this task's metrics when the task knows
@@ -415,6 +446,14 @@ class Task(ABC):
     @abstractmethod
     def load(self, cache_dir: str) -> dict[str, Examples]:
         """The splits as raw examples. May download into ``cache_dir`` where online."""
+
+    def local_labels(self) -> dict[str, np.ndarray] | None:
+        """Each split's labels (by split or file name) when they can be read cheaply
+        without the network (a local file, generated data), so ``kdbench validate`` checks
+        them against the objective (:meth:`Objective.check_labels`) before anything runs;
+        a malformed local file may raise :class:`DataError` here too. None (the default):
+        the labels are checked when the data loads."""
+        return None
 
     @abstractmethod
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -460,10 +499,15 @@ class Evaluator(ABC):
     (predicted ids, running sums), not the logits: a split of token logits does not fit
     in memory. Made by :meth:`Objective.start`. Before the first :meth:`update` the
     caller sets :attr:`model` to the model being evaluated (in eval mode), for evaluators
-    that decode with it (generation objectives); ``batch.inputs`` is that model's input."""
+    that decode with it (generation objectives), and :attr:`teacher` where there is one;
+    ``batch.inputs`` is that model's input."""
 
     #: The model being evaluated (set by the caller); None when the caller gives none.
     model: "KDModel | None" = None
+    #: The run's teacher (set by the caller, in eval mode) when the model is a student
+    #: whose teacher reads the same inputs (one encoding), for evaluators that compare the
+    #: two (the generation objective's token KL); None otherwise.
+    teacher: "KDModel | None" = None
 
     @abstractmethod
     def update(self, output: ModelOutput, batch: Batch) -> None:
@@ -507,7 +551,8 @@ class Objective(ABC):
         split may be computed once and shared by every run (False where they are too
         large to hold, e.g. a vocabulary per token);
       * :meth:`divergence`: how far two sets of predictions of one split are apart
-        (a live teacher's drift from its start).
+        (a live teacher's drift from its start); :meth:`batch_divergence` streams it
+        batch by batch where a split's outputs do not fit in memory.
     """
 
     name: ClassVar[str]
@@ -528,7 +573,8 @@ class Objective(ABC):
 
     # -- label layout --------------------------------------------------------------------
     def num_outputs(self) -> int:
-        """The width of the model's output layer. Default: ``problem.num_labels``."""
+        """The width of the model's output layer (what a :class:`ModelFactory` sizes the
+        head from). Default: ``problem.num_labels``."""
         return self.problem.num_labels
 
     @abstractmethod
@@ -596,6 +642,14 @@ class Objective(ABC):
         """(value, kind) of how far predictions ``now`` moved from ``start`` (a whole
         split's logits)."""
         raise NotImplementedError(f"objective '{self.name}' does not measure divergence")
+
+    def batch_divergence(self, start: ModelOutput, now: ModelOutput) -> tuple[float, float, str]:
+        """The streamed form of :meth:`divergence`, for objectives whose whole-split outputs
+        are too large to hold (``shares_teacher_outputs`` False): one batch's ``(sum,
+        weight, kind)`` from two models' outputs on the same inputs; the split's value is
+        the sum of the sums over the sum of the weights (e.g. a KL summed over the counted
+        token positions, and their number)."""
+        raise NotImplementedError(f"objective '{self.name}' does not measure a streamed divergence")
 
 
 class StreamingMetrics(Evaluator):
@@ -869,6 +923,16 @@ def task_loss(logits: Tensor, labels: Tensor, problem: Problem | Objective, mask
     if problem.is_regression:
         return value_mse(logits, labels, mask)
     return class_cross_entropy(logits, labels, mask)
+
+
+def batch_task_loss(output: ModelOutput, batch: Batch, problem: Problem | Objective) -> Tensor:
+    """The task loss of a model's ``output`` on ``batch``: against what the objective
+    compares it with (:meth:`Objective.targets`: the labels, or tokens of the inputs for a
+    language model), over the positions ``output.mask`` keeps (all when None); a bare
+    :class:`Problem` reads the labels. What a method calls where it needs "the task loss
+    of this batch" without knowing the objective (MetaDistil's quiz loss)."""
+    targets = problem.targets(batch) if isinstance(problem, Objective) else batch.labels
+    return task_loss(output.logits, targets, problem, output.mask)
 
 
 def class_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:

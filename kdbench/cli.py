@@ -68,6 +68,7 @@ def _load(args: argparse.Namespace):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     suite = _load(args)
+    _check_local_labels(suite)
     teachers = {r.teacher_hash for r in suite.runs if r.teacher_hash}
     print(f"{suite.source}: valid. {len(suite.runs)} runs, {len(teachers)} teacher(s), results in {suite.results_dir(args.results)}")
     if args.verbose:
@@ -78,6 +79,49 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(printable(f"  {r.hash}  {r.task.name}  {titles[r.hash]}  {r.student_label}  seed {r.seed}"))
     for line in _estimate(suite, args):
         print(line)
+    return 0
+
+
+def _check_local_labels(suite) -> None:
+    """Labels the objective cannot take (a class id past the last class, a regression
+    target that is not a number), for the tasks that can read their labels cheaply: a
+    :class:`~kdbench.spec.SuiteError` (exit 2) at validate, not a failure at data load."""
+    from kdbench.data import local_label_problems
+    from kdbench.spec import SuiteError
+
+    # the suite's own task options (an options class need not accept its dump back)
+    tasks = {t.model_dump_json(): t for t in suite.spec.tasks}
+    problems = [p for task in tasks.values() for p in local_label_problems(_registry(), task)]
+    if problems:
+        raise SuiteError(suite.source, problems)
+
+
+def _metric_title(title: str, runs) -> str:
+    """``title`` naming the metric, its scale and direction where the report's one task is
+    not read as "score x100, higher is better" (an MSE is shown as it is, lower first)."""
+    if runs.empty or "scale" not in runs or runs["task"].nunique() != 1:
+        return title
+    from kdbench.report.frame import SCALE, direction_word
+
+    r = runs.iloc[0]
+    if float(r["scale"]) == SCALE and direction_word(r["higher_is_better"]) == "higher":
+        return title
+    return title.replace("test score x100", f"test {r['metric']} (x{float(r['scale']):g}, {direction_word(r['higher_is_better'])} is better)", 1)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print :func:`kdbench.model_inspect.inspect_model` for the model and options given."""
+    from kdbench.loader import LoadError, parse_yaml
+    from kdbench.model_inspect import format_inspection, inspect_model
+
+    try:
+        options = parse_yaml(args.options.encode())
+    except LoadError as exc:
+        raise KDBenchError(f"--options: {exc.problem}") from None
+    if not isinstance(options, dict):
+        raise KDBenchError(f"--options: expected a mapping of option names to values, got {type(options).__name__}")
+    for line in format_inspection(inspect_model(_registry(), args.model, options, build=not args.no_build)):
+        print(printable(line))
     return 0
 
 
@@ -220,6 +264,7 @@ def cmd_report(args: argparse.Namespace, suite=None) -> int:
     report = build_report(store, hashes, teacher_hashes, suite_spec=suite.spec, title=title, tasks=args.task, methods=args.method,
                           students=getattr(args, "student", None), where=where, baseline=getattr(args, "baseline", None),
                           correction=getattr(args, "correction", None) or "holm", strict_filters=True)
+    report.title = _metric_title(report.title, report.runs)
     print(printable(render_report(report, "terminal", verbose=getattr(args, "verbose", False))))
     formats = list(dict.fromkeys(args.format or []))
     if "all" in formats:
@@ -359,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sh = suite_cmd("show", "print one run's spec, metrics, cost and environment", cmd_show)
     sh.add_argument("hash")
+    ins = sub.add_parser("inspect", help="show what a model exposes, its facts and its capture points, for given options")
+    ins.add_argument("model", help="a model plugin (kdbench list models)")
+    ins.add_argument("--options", default="{}", help="the model's options as a suite writes them, e.g. "
+                     "'{family: roberta, tiny: {layers: 2, hidden: 32, heads: 2, intermediate: 64}}'")
+    ins.add_argument("--no-build", action="store_true", help="only what the configuration says (no weights loaded)")
+    ins.set_defaults(func=cmd_inspect)
     return p
 
 

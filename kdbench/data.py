@@ -130,6 +130,25 @@ def _validate_splits(task: Task, objective: Objective, splits: dict[str, Example
         objective.check_labels(name, np.asarray(ex["label"]))
 
 
+def local_label_problems(registry: Registry, spec: TaskSpec) -> list[str]:
+    """Why the labels of task ``spec`` do not fit its objective, where the task can read
+    them cheaply (:meth:`Task.local_labels`): what ``kdbench validate`` reports, so a bad
+    label is refused before any run starts rather than when its data loads. Empty when
+    they fit or the task cannot read them without loading its data."""
+    cls = registry.task(spec.name)
+    task = cls(cls.Options.model_validate(spec.options))
+    try:
+        labels = task.local_labels()
+        if not labels:
+            return []
+        objective = registry.objective_for(task)
+        for split, values in labels.items():
+            objective.check_labels(split, np.asarray(values))
+    except DataError as exc:
+        return [f"task '{spec.name}': {exc}" if f"'{spec.name}'" not in str(exc) else str(exc)]
+    return []
+
+
 _TASK_DATA: dict[tuple, TaskData] = {}
 
 

@@ -268,8 +268,13 @@ ALL_CAPABILITIES = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_PROBS, ATTENTION_
 
 
 def family_capabilities(family: type[EncoderFamily]) -> frozenset[str]:
-    """What models of ``family`` expose (the rest of :data:`ALL_CAPABILITIES` needs capture points it lacks)."""
-    caps = {LOGITS, HIDDEN_STATES, EMBEDDING, ATTENTION_PROBS}
+    """What models of ``family`` expose (the rest of :data:`ALL_CAPABILITIES` needs capture points it lacks).
+    A family without an ``attention`` capture point exposes no attention at all (neither
+    probabilities nor q/k/v), so a method that needs it is refused at validation."""
+    caps = {LOGITS, HIDDEN_STATES, EMBEDDING}
+    if family.attention is None:
+        return frozenset(caps)
+    caps.add(ATTENTION_PROBS)
     if family.query and family.key and family.value and (family.layers or family.shared_layer):
         caps |= {QUERIES, KEYS, VALUES}
         if family.scores_from_qk:
@@ -324,6 +329,15 @@ class EncoderClassifier(KDModel):
         """The family's transformer layers (its ``layers`` capture point); [] for ALBERT."""
         path = self.encoder_family.layers
         return list(resolve_path(self.encoder, path)) if path else []
+
+    def capture_points(self) -> dict[str, str]:
+        """The family's capture points (:meth:`EncoderFamily.capture_points`), from this
+        model: ``encoder.<layers>``; attention and q/k/v inside each layer."""
+        points = {k: v for k, v in self.encoder_family.capture_points().items() if v is not None}
+        where = points.pop("layers", None) or points.pop("shared_layer", None)
+        layer = f"encoder.{where}.<i>" if self.encoder_family.layers else f"encoder.{where}"
+        key = "layers" if self.encoder_family.layers else "shared_layer"  # ALBERT: one layer applied num_layers times
+        return ({key: f"encoder.{where}"} if where else {}) | {k: f"{layer}.{v}" for k, v in points.items()}
 
     def describe(self) -> dict[str, Any]:
         cfg, fam = self.encoder.config, self.encoder_family

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from kdbench.api import (GENERATION, LOGITS, STUDENT, TOKEN_LOGITS, Batch, IncompatibleModelError, KDBenchError, KDModel, Method, Problem,
+from kdbench.api import (GENERATION, LOGITS, STUDENT, TOKEN_LOGITS, Batch, IncompatibleModelError, KDBenchError, KDModel, Method,
                          StepContext, Task)
 
 PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK = "prompt_ids", "prompt_mask", "response_ids", "response_mask"
@@ -63,10 +63,6 @@ class PromptResponseTask(Task):
     ``objective`` (the registered objective that scores it, as a class attribute) and
     ``main_metric``; its options carry ``max_length`` (prompt plus response tokens) and
     ``max_new_tokens`` (the decoding cap), which this base exposes."""
-
-    @property
-    def problem(self) -> Problem:
-        return Problem(self.objective, 1)
 
     @property
     def max_new_tokens(self) -> int:

@@ -387,4 +387,4 @@ def test_registry_lists_all_nine_tasks() -> None:
                      "glue-qqp": "score", "glue-mnli": "accuracy", "glue-qnli": "accuracy", "glue-rte": "accuracy",
                      "glue-wnli": "accuracy"}
     assert {reg.task(n).modality for n in names} == {"text"}
-    assert glue.SPECS["stsb"].problem.is_regression and glue.SPECS["mnli"].problem.num_labels == 3
+    assert glue.SPECS["stsb"].objective == "regression" and glue.SPECS["mnli"].num_labels == 3

@@ -177,7 +177,7 @@ def test_flagged_tasks_are_left_out_of_the_averages():
     board = pd.DataFrame([{"task": t, "split": "test", "method": m, "student": "s", "metric": "mcc", "mean": v, "std": np.nan,
                            "n": 1 if m == "teacher" else (0 if m == "chance" else 3), "ci_low": np.nan, "ci_high": np.nan,
                            "small_n": False, "data_flag": "", "failed": 0, "diverged": 0, "running": 0, "time_per_run_s": 1.0,
-                           "method_name": m, "params": "{}", "paused": 0}
+                           "method_name": m, "params": "{}", "off_cpu": 0}
                           for t, m, v in [("cola", "teacher", 0.85), ("cola", "chance", 0.0), ("cola", "kd", 0.0), ("cola", "none", 0.0),
                                           ("sst", "teacher", 90.0), ("sst", "chance", 50.0), ("sst", "kd", 80.0), ("sst", "none", 78.0)]])
     flags = task_flags(board)
@@ -211,14 +211,25 @@ def test_default_margin_reads_the_stored_scale_and_bounds():
     assert task_margin("t", "mse", {"t": 0.2}, MetricInfo(False, 1.0, (0.0, None))) == 0.2
 
 
-def test_paused_runs_are_marked_and_cost_is_relative_to_cpu_and_active_time(tmp_path):
+def test_runs_mostly_off_the_cpu_are_marked_and_cost_is_relative_to_cpu_and_active_time(tmp_path):
+    """A run with wall 400 s and CPU 9 s is marked "off-CPU" (a pause and a load-starved
+    run look alike to the ratio), in every format, never called paused."""
     suite, store = _flag_store(tmp_path, 0.9)
     report = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False)
     cost = report.cost.set_index("method")
-    assert cost.loc["none", "paused"] == 1 and cost.loc["none", "wall_cpu_max"] == pytest.approx(400 / 9)
+    assert cost.loc["none", "off_cpu"] == 1 and cost.loc["none", "wall_cpu_max"] == pytest.approx(400 / 9)
+    assert cost.loc["kd", "off_cpu"] == 1  # every method's seed 1 ran 400 s on 9 s of CPU
     assert cost.loc["none", "active_train_s"] == pytest.approx(20 * 0.4)
     terminal = render_report(report, "terminal")
-    assert "1 of 3 runs: wall > 3x CPU" in terminal and "(1 paused)" in terminal
+    assert "1 of 3 runs: wall > 3x CPU" in terminal and "(1 off-CPU)" in terminal
+    last = [line for line in terminal.splitlines() if line.strip()][-1]  # the line under the leaderboard says why
+    assert "Time/run (k off-CPU): k runs whose wall time exceeds 3x their CPU time (stopped, or waiting for a core" in last
+    files = write_outputs(report, ["md", "csv", "json", "html", "summary"], tmp_path / "out", plots=False)
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert "paused" not in text.lower(), path.name
+    summary = next(p for p in files if p.name == "summary.md").read_text(encoding="utf-8")
+    assert "1 of 3 runs spent most of their wall time off the CPU (wall > 3x CPU" in summary
 
 
 def test_json_tells_infinity_from_missing(tmp_path):
@@ -245,3 +256,36 @@ def test_bad_margins_are_refused_at_validate(margins, message):
         build_suite(small_suite_data([0, 1]) | {"margins": margins}, source="custom")
     assert build_suite(small_suite_data([0, 1]) | {"margins": {"movie-sentiment": 0.5}}, source="custom").spec.margins == {
         "movie-sentiment": 0.5}
+
+
+def test_the_summary_format_refreshes_the_readme_block_of_its_results_folder(tmp_path):
+    """Written as `kdbench report --format summary` writes it (through the atomic staging
+    folder): summary.md and the README's block between the markers are the same text, the
+    README's own prose is kept, and nothing is left in the staging folder."""
+    from kdbench.report.summary import BEGIN, END
+
+    suite, store = _flag_store(tmp_path, 0.9)
+    report = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "README.md").write_text(f"# prose before\n\n{BEGIN}\nstale numbers\n{END}\n\nprose after\n", encoding="utf-8")
+    files = write_outputs(report, ["summary"], folder, plots=False)
+    assert sorted(p.name for p in files) == ["README.md", "summary.md"] and all(p.parent == folder for p in files)
+    summary = (folder / "summary.md").read_text(encoding="utf-8")
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    assert readme == "# prose before\n\n" + summary.rstrip("\n") + "\n\nprose after\n"
+    assert "stale numbers" not in readme and sorted(p.name for p in folder.iterdir()) == ["README.md", "summary.md"]
+
+
+def test_the_pareto_figure_ranks_by_active_training_time_not_wall_time(tmp_path, monkeypatch):
+    """Seed 1 of every method ran 400 s of wall time on 9 s of CPU: the figure's costs are
+    the cost table's active training time (20 steps x 0.4 s), never the wall time."""
+    from kdbench.report import plots
+
+    suite, store = _flag_store(tmp_path, 0.9)
+    report = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False)
+    seen = []
+    monkeypatch.setattr(plots.stats, "pareto_front", lambda costs, scores: seen.append(costs) or [False] * len(costs))
+    figures = plots.report_plots(report)
+    assert "pareto-movie-sentiment" in figures and seen == [[pytest.approx(8.0)] * len(report.cost)]
+    assert report.cost["wall_s"].iloc[0] == pytest.approx((400 + 10 + 10) / 3)  # what it would have ranked by

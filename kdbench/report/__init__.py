@@ -14,8 +14,8 @@ by concern, each module importing only the ones above it:
 * :mod:`.references`, :mod:`.sweeps`, :mod:`.cost`, :mod:`.provenance`, :mod:`.chance`:
   published numbers, sensitivity (an ANOVA against seed noise, blocked by seed where the
   levels share seeds, and the method x factor interaction against the baseline), cost
-  with spreads relative to the baseline (CPU and active training time, paused runs
-  counted), commits / data fingerprints / runs outside the suite, and the
+  with spreads relative to the baseline (CPU and active training time, runs mostly
+  off the CPU counted), commits / data fingerprints / runs outside the suite, and the
   constant-prediction scores.
 * :mod:`.drift`: the live teacher's drift per evaluation step and the validation/test
   disagreement notes, for methods that update their teacher.

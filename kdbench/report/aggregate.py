@@ -12,12 +12,12 @@ import pandas as pd
 
 from kdbench import stats
 from kdbench.api import MetricInfo
-from kdbench.report.frame import TEST, baseline_runs, legacy_info, paused, row_info, same, scaled_bounds, stored_info, task_margin, test_splits
+from kdbench.report.frame import TEST, baseline_runs, legacy_info, off_cpu, row_info, same, scaled_bounds, stored_info, task_margin, test_splits
 from kdbench.store import DIVERGED, DONE, FAILED, RUNNING
 
 MIXED_DATA = "mixed data"
 BOARD_COLS = ["task", "split", "method", "method_name", "params", "student", "metric", "mean", "std", "n", "ci_low", "ci_high",
-              "small_n", "min_p", "data_flag", "failed", "diverged", "running", "not_done", "time_per_run_s", "paused",
+              "small_n", "min_p", "data_flag", "failed", "diverged", "running", "not_done", "time_per_run_s", "off_cpu",
               "higher_is_better", "scale"]
 COMP_COLS = ["task", "split", "method", "student", "baseline_method", "pairs", "diff", "diff_low", "diff_high", "sd", "p", "p_adj",
              "mdd", "least_n", "possible", "margin", "tost_p", "tost_p_adj", "result", "practical"]
@@ -68,7 +68,7 @@ def _student_rows(task: str, method: str, student: str, g: pd.DataFrame) -> list
             "small_n": 0 < s.n < 3, "min_p": stats.min_p(s.n), "data_flag": flag,
             "failed": int((g["status"] == FAILED).sum()), "diverged": int((g["status"] == DIVERGED).sum()),
             "running": int((g["status"] == RUNNING).sum()), "not_done": int(len(g) - len(ok)),
-            "time_per_run_s": ok["wall_s"].mean() if len(ok) else np.nan, "paused": int(paused(ok).sum()),
+            "time_per_run_s": ok["wall_s"].mean() if len(ok) else np.nan, "off_cpu": int(off_cpu(ok).sum()),
             "higher_is_better": info.higher_is_better, "scale": info.scale,
         })
     return rows
@@ -98,7 +98,7 @@ def _fixed_row(task: str, split: str, method: str, student: str, metric: Any, va
     return {"task": task, "split": split, "method": method, "method_name": method, "params": "{}", "student": student,
             "metric": metric, "mean": value * info.scale if value == value else np.nan, "std": np.nan, "n": 1 if method == "teacher" else 0,
             "ci_low": np.nan, "ci_high": np.nan, "small_n": False, "min_p": np.nan, "data_flag": "", "failed": 0, "diverged": 0,
-            "running": 0, "not_done": 0, "time_per_run_s": time_s, "paused": 0, "higher_is_better": info.higher_is_better,
+            "running": 0, "not_done": 0, "time_per_run_s": time_s, "off_cpu": 0, "higher_is_better": info.higher_is_better,
             "scale": info.scale}
 
 

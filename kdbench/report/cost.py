@@ -10,19 +10,23 @@ import numpy as np
 import pandas as pd
 
 from kdbench.report.aggregate import teacher_label
-from kdbench.report.frame import PASS_COLUMNS, PAUSE_RATIO, SCALE, baseline_runs, cost_fields, paused
+from kdbench.report.frame import PASS_COLUMNS, SCALE, baseline_runs, cost_fields, off_cpu
 from kdbench.store import DONE
 
 SPREAD = ("train_s", "prep_s", "eval_s", "wall_s", "device_s", "mem_mb", "active_train_s")
+#: training time split into sampling inside the steps (``generation_s``, recorded by the
+#: methods that sample: gkd, rkl, ...) and the rest (``update_s`` = train - generation);
+#: NaN for runs that recorded no sampling time (methods that never sample, older stores)
+GENERATION = ("generation_s", "update_s")
 #: relative to the reference: the active training time (steps x median step, which a pause
-#: cannot inflate) and the CPU time, never the wall time
+#: cannot inflate, though load that slows every step does) and the CPU time, never the wall time
 RELATIVE = {"active_train_s": "train_rel", "cpu_s": "cpu_rel", "step_s_median": "step_rel", "mem_mb": "mem_rel",
             "params_training": "params_rel", "train_flops": "flops_rel"}
 #: counted compute (kdbench.compute): a group's figure only where every run recorded it
 FLOPS = ("train_flops", "teacher_flops", "student_flops")
 COST_COLS = (["task", "method", "student", "n", "score"] + [c for k in SPREAD for c in (k, f"{k}_std")]
-             + ["step_s_median", "step_s_q25", "step_s_q75", "mem_kind", "device_time_kind", "shared_teacher_outputs",
-                "params_deployed", "params_training", "cpu_s", "wall_cpu_max", "paused"] + list(FLOPS) + ["passes_per_step"]
+             + [c for k in GENERATION for c in (k, f"{k}_std")] + ["step_s_median", "step_s_q25", "step_s_q75", "mem_kind",
+                "device_time_kind", "shared_teacher_outputs", "params_deployed", "params_training", "cpu_s", "wall_cpu_max", "off_cpu"] + list(FLOPS) + ["passes_per_step"]
              + list(RELATIVE.values()))
 TEACHER_COLS = ["task", "teacher", "hash", "train_s", "prep_s", "eval_s", "wall_s", "mem_mb", "mem_kind", "runs", "amortised_train_s"]
 
@@ -60,7 +64,8 @@ def passes_per_step(g: pd.DataFrame) -> str | None:
 
 def with_active(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs with ``active_train_s`` (steps x median step time: a pause lands in one
-    step and moves the median by nothing; the train time where no median was stored) and ``cpu_s`` (process CPU time; NaN on GPU)."""
+    step and moves the median by nothing, while load that starves every step raises it;
+    the train time where no median was stored) and ``cpu_s`` (process CPU time; NaN on GPU)."""
     return runs.assign(active_train_s=(runs["steps"] * runs["step_s_median"]).fillna(runs["train_s"]),
                        cpu_s=runs["device_s"].where(runs["device_time_kind"] == "process_cpu"))
 
@@ -71,10 +76,14 @@ def _row(task: str, method: str, student: str, g: pd.DataFrame, ref: pd.DataFram
                            "score": g["score"].mean() * (g["scale"].iloc[0] if "scale" in g else SCALE)}
     row["cpu_s"] = g["cpu_s"].mean()
     row["wall_cpu_max"] = (g["wall_s"] / g["cpu_s"]).max() if g["cpu_s"].notna().any() else np.nan
-    row["paused"] = int(paused(g).sum())
+    row["off_cpu"] = int(off_cpu(g).sum())
     for key in SPREAD:
         row[key] = g[key].mean()
         row[f"{key}_std"] = g[key].std(ddof=1) if g[key].notna().sum() > 1 else np.nan
+    gen = pd.to_numeric(g["generation_s"], errors="coerce") if "generation_s" in g else pd.Series(np.nan, index=g.index)
+    for key, values in (("generation_s", gen), ("update_s", g["train_s"] - gen)):
+        row[key] = _recorded_mean(values)
+        row[f"{key}_std"] = values.std(ddof=1) if values.notna().all() and len(values) > 1 else np.nan
     for key in ("step_s_median", "step_s_q25", "step_s_q75", "params_deployed", "params_training"):
         row[key] = g[key].median() if key.startswith("step") else g[key].mean()
     row["mem_kind"], row["device_time_kind"] = _kinds(g["mem_kind"]), _kinds(g["device_time_kind"])
@@ -95,8 +104,8 @@ def cost_table(df: pd.DataFrame, reference: str | None) -> pd.DataFrame:
     """Mean (and std over seeds) cost per finished run per (task, method, student); the
     median step time with the median quartiles of the runs' step times; the process CPU
     time and the active training time (steps x median step) beside the wall time, and how
-    many runs spent most of their wall time without the CPU (``paused``: wall > PAUSE_RATIO
-    x CPU); relative columns (active training, CPU, step, memory, parameters) divide by ``reference`` (the suite's baseline method) on the same task and student
+    many runs spent most of their wall time off the CPU (``off_cpu``: wall > OFF_CPU_RATIO
+    x CPU: stopped, or starved of a core by other load); relative columns (active training, CPU, step, memory, parameters) divide by ``reference`` (the suite's baseline method) on the same task and student
     (same task when the reference was not run with that student)."""
     if df.empty:
         return pd.DataFrame(columns=COST_COLS)

@@ -90,7 +90,8 @@ def _write_json(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
 def _write_summary(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:
     from kdbench.report.summary import write_summary
 
-    return write_summary(report, out, pngs)
+    staged = out.parent.name.startswith(STAGING.split("{")[0])  # the README to refresh is the results folder's
+    return write_summary(report, out, pngs, readme_from=out.parent.parent if staged else out.parent)
 
 
 def _write_html(report: Any, out: Path, pngs: dict[str, bytes]) -> list[Path]:

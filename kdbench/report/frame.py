@@ -121,17 +121,22 @@ def task_margin(task: str, metric: Any, margins: dict[str, float] | None, info: 
 
 
 #: A run whose wall time is more than this many times its process CPU time spent most of
-#: it without the CPU (stopped, or starved by other load): its wall time is not its cost.
-PAUSE_RATIO = 3.0
+#: it off the CPU: stopped (a pause), waiting for a core that other processes held (more
+#: busy processes than cores), or waiting on I/O. The ratio cannot tell these apart, so
+#: reports call such a run "off-CPU", never "paused": its wall time is not its cost.
+OFF_CPU_RATIO = 3.0
+#: How reports name such a run (leaderboard time column, cost table, legend, summary).
+OFF_CPU = "off-CPU"
+OFF_CPU_WHY = "stopped, or waiting for a core under other load, or on I/O"
 
 
-def paused(runs: pd.DataFrame) -> pd.Series:
+def off_cpu(runs: pd.DataFrame) -> pd.Series:
     """True per run (CPU runs only: ``device_time_kind`` process_cpu) whose wall time is more
-    than PAUSE_RATIO times its process CPU time."""
+    than OFF_CPU_RATIO times its process CPU time."""
     if runs.empty or "device_s" not in runs:
         return pd.Series(False, index=runs.index)
     cpu = runs["device_s"].where(runs["device_time_kind"] == "process_cpu")
-    return (runs["wall_s"] > PAUSE_RATIO * cpu).fillna(False).astype(bool)
+    return (runs["wall_s"] > OFF_CPU_RATIO * cpu).fillna(False).astype(bool)
 
 
 
@@ -186,6 +191,8 @@ def cost_fields(cost: dict[str, Any]) -> dict[str, Any]:
         "params_deployed": cost.get("params_deployed"), "params_training": _first(cost.get("params_training"), cost.get("student_params")),
         "student_params": cost.get("student_params"), "shared_teacher_outputs": cost.get("shared_teacher_outputs"),
         "device_time_kind": cost.get("device_time_kind"), "peak_mem_kind": cost.get("peak_mem_kind"),
+        # sampling inside training steps (on-policy methods), timed apart from the update
+        "generation_s": cost.get("generation_s"),
         **compute_fields(cost),
     }
 

@@ -2,8 +2,10 @@
 
 * ``sensitivity-<task>``: per swept factor, each method's mean score (x100) at every level
   of the sweep, with ± one standard deviation over seeds as error bars.
-* ``pareto-<task>``: score against mean wall time per run, one point per method and
-  student; the Pareto front (nothing both cheaper and better) is joined and circled.
+* ``pareto-<task>``: score against the mean active training time per run (steps x median
+  step time: a pause does not move it, unlike the wall time, which a stopped or
+  load-starved run inflates), one point per method and student; the Pareto front (nothing
+  both cheaper and better) is joined and circled.
 * ``curves-<task>``: the validation score (x100) against the step, one line per method
   (and student) at the mean over seeds, shaded ± one standard deviation; only for tasks
   whose curves have at least two evaluation steps.
@@ -58,7 +60,11 @@ def sensitivity_figure(levels: "pd.DataFrame", task: str) -> bytes:
     return _png(fig)
 
 
-def pareto_figure(cost: "pd.DataFrame", task: str, x: str = "wall_s") -> bytes:
+#: the cost a Pareto figure ranks by, and its axis label
+PARETO_COST = ("active_train_s", "mean active training time per run (s): steps x median step")
+
+
+def pareto_figure(cost: "pd.DataFrame", task: str, x: str = PARETO_COST[0]) -> bytes:
     sub = cost[(cost["task"] == task)].dropna(subset=[x, "score"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     front = stats.pareto_front(sub[x].tolist(), sub["score"].tolist())
@@ -70,7 +76,7 @@ def pareto_figure(cost: "pd.DataFrame", task: str, x: str = "wall_s") -> bytes:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=160, facecolors="none", edgecolors="tab:red", zorder=4)
     for c, s, lab in zip(sub[x], sub["score"], labels):
         ax.annotate(lab, (c, s), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("mean wall time per run (s)" if x == "wall_s" else x)
+    ax.set_xlabel(PARETO_COST[1] if x == PARETO_COST[0] else x)
     ax.set_ylabel(f"score x100 ({task})")
     ax.set_title(f"Accuracy vs cost on {task}")
     ax.grid(alpha=0.3)
@@ -120,7 +126,7 @@ def report_plots(report: Any) -> dict[str, bytes]:
             out[f"sensitivity-{_slug(task)}"] = sensitivity_figure(report.sens_levels, task)
     if not report.cost.empty:
         for task in dict.fromkeys(report.cost["task"]):
-            if report.cost.loc[report.cost["task"] == task, "wall_s"].notna().any():
+            if report.cost.loc[report.cost["task"] == task, PARETO_COST[0]].notna().any():
                 out[f"pareto-{_slug(task)}"] = pareto_figure(report.cost, task)
     curves = getattr(report, "curves", None)
     if curves is not None and not curves.empty:

@@ -122,7 +122,7 @@ def _fine_tune(spec: RunSpec, registry: Registry, device: torch.device, path: Pa
     factory, encoded = encoded_splits(registry, spec, data, spec.teacher, [TRAIN, *data.eval_splits], resolved)
     training = spec.teacher.train
     seed_everything(training.seed if training else 0)
-    model = factory.build(resolved.options, data.task.problem).to(device)
+    model = factory.build(resolved.options, data.objective).to(device)
     meter = CostMeter(device)
     meter.prep_s = time.perf_counter() - t0
     history: list[dict[str, Any]] = []
@@ -259,7 +259,7 @@ def load_teacher(checkpoint: TeacherCheckpoint, spec: RunSpec, registry: Registr
     """Build the teacher model of ``spec`` (``resolved``: its factory and options, when the
     run has resolved them) with the verified fine-tuned weights."""
     factory, options = (resolved.factory, resolved.options) if resolved is not None else model_factory(registry, spec.teacher)  # type: ignore[arg-type]
-    model = factory.build(options, data.task.problem)
+    model = factory.build(options, data.objective)
     model.load_state_dict(artefacts.read_tensors(checkpoint.path, f"checkpoint of teacher {checkpoint.hash}", checkpoint.sha256))
     return model.to(device).eval()
 
@@ -268,7 +268,7 @@ def pretrained_teacher(spec: RunSpec, registry: Registry, data: TaskData, device
     """A fresh teacher from the suite's teacher model spec: its pretrained weights and a
     new head, never fine-tuned by kdbench (``StepContext.build_teacher``)."""
     factory, options = model_factory(registry, spec.teacher)  # type: ignore[arg-type]
-    return factory.build(options, data.task.problem).to(device)
+    return factory.build(options, data.objective).to(device)
 
 
 #: safetensors metadata key of the cached logits: what they were computed from.

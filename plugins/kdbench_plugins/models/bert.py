@@ -42,6 +42,7 @@ from kdbench.api import (
     KDBenchError,
     ModelFactory,
     ModelFacts,
+    Objective,
     Options,
     Problem,
     added,
@@ -107,7 +108,7 @@ class BertFactory(ModelFactory):
     capabilities = frozenset({LOGITS, HIDDEN_STATES, ATTENTION_SCORES, EMBEDDING, ATTENTION_PROBS, QUERIES, KEYS, VALUES})
     family = "transformer"
 
-    def build(self, options: BertOptions, problem: Problem) -> EncoderClassifier:
+    def build(self, options: BertOptions, objective: Objective | Problem) -> EncoderClassifier:
         """The ``bert`` row of the family table built by the shared encoder classifier
         (:func:`kdbench.encoders.build_classifier`), as the ``hf`` factory builds it."""
         from transformers import AutoConfig
@@ -124,7 +125,7 @@ class BertFactory(ModelFactory):
             except (OSError, ValueError) as exc:
                 raise KDBenchError(f"cannot load pretrained model '{options.pretrained}': {exc}") from None
         kept = options.kept_layers(config.num_hidden_layers)
-        return build_classifier(family, config, path, kept, 1 if problem.is_regression else problem.num_labels, options.pooling,
+        return build_classifier(family, config, path, kept, objective.num_outputs(), options.pooling,
                                 options.dropout, options.freeze_word_embeddings)
 
     def _tokenizer(self, options: BertOptions) -> Any:

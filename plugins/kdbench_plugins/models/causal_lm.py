@@ -37,7 +37,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from kdbench.api import GENERATION, LOGITS, TOKEN_LOGITS, DataError, ModelFacts, Encoded, Examples, KDBenchError, KDModel, ModelFactory, ModelOutput, Options, Problem
+from kdbench.api import GENERATION, LOGITS, TOKEN_LOGITS, DataError, ModelFacts, Encoded, Examples, KDBenchError, KDModel, ModelFactory, ModelOutput, Objective, Options, Problem
 from kdbench.generation import (PROMPT_IDS, PROMPT_MASK, RESPONSE_IDS, RESPONSE_MASK, Generation, GenerationError, decode, join,
                                 response_logits)
 from kdbench.encoders import TokenizerCache, check_vocabulary, tokenizer_files_sha256, tokenizer_identity
@@ -240,6 +240,12 @@ class CausalLM(KDModel):
         self.tokenizer = tokenizer
         self.context = context
 
+    def capture_points(self) -> dict[str, str]:
+        """The decoder blocks and the output projection (the token logits)."""
+        owner, attr = blocks(self.lm)
+        prefix = next(name for name, module in self.lm.named_modules() if module is owner)
+        return {"blocks": f"lm.{prefix}.{attr}" if prefix else f"lm.{attr}", "token_logits": "lm.<output embeddings>"}
+
     def describe(self) -> dict[str, Any]:
         owner, attr = blocks(self.lm)
         return {"num_layers": len(getattr(owner, attr)), "vocab_size": self.lm.get_output_embeddings().weight.shape[0],
@@ -282,7 +288,7 @@ class CausalLMFactory(ModelFactory):
             return tokenizer_files(options.pretrained, options.gguf_file)
         return tokenizer_files(self.tokenizer_source(options))
 
-    def build(self, options: CausalLMOptions, problem: Problem) -> CausalLM:
+    def build(self, options: CausalLMOptions, objective: Objective | Problem) -> CausalLM:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -331,6 +337,8 @@ class CausalLMFactory(ModelFactory):
             n = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
             vocab, context = cfg.vocab_size, getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
             self._check_vocabulary(tok, vocab, options)
+        if options.num_layers is not None and options.num_layers > n:
+            raise KDBenchError(f"causal-lm option num_layers: {options.num_layers} but the model has only {n} blocks")
         kept = list(options.layers) if options.layers is not None else list(range(options.num_layers or n))
         bad = [i for i in kept if not 0 <= i < n]
         if bad:

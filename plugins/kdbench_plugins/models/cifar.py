@@ -55,6 +55,7 @@ from kdbench.api import (
     ModelFactory,
     ModelFacts,
     ModelOutput,
+    Objective,
     Options,
     Problem,
 )
@@ -292,9 +293,9 @@ class CifarFactory(ModelFactory):
     capabilities = CifarNet.capabilities
     family = CifarNet.family
 
-    def build(self, options: CifarOptions, problem: Problem) -> CifarNet:
+    def build(self, options: CifarOptions, objective: Objective | Problem) -> CifarNet:
         family, kwargs = ARCHS[options.arch]
-        num_outputs = 1 if problem.is_regression else problem.num_labels
+        num_outputs = objective.num_outputs()
         return _CONSTRUCTORS[family](options.arch, options, num_outputs, **kwargs)
 
     def encode(self, options: CifarOptions, examples: Examples, max_length: int | None) -> Encoded:

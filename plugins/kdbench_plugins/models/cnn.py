@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdbench.api import EMBEDDING, FEATURES, LOGITS, PREACT_FEATURES, Encoded, Examples, KDModel, ModelFactory, ModelFacts, ModelOutput, Options, Problem
+from kdbench.api import EMBEDDING, FEATURES, LOGITS, PREACT_FEATURES, Encoded, Examples, KDModel, ModelFactory, ModelFacts, ModelOutput, Objective, Options, Problem
 from kdbench.hookspecs import hookimpl
 
 
@@ -48,6 +48,10 @@ class SmallCNN(KDModel):
     def describe(self) -> dict[str, Any]:
         return {"feature_channels": self.channels, "embedding_dim": self.channels[-1]}
 
+    def capture_points(self) -> dict[str, str]:
+        """Each stage's conv+norm (its output: a preact feature; after ReLU: a feature)."""
+        return {f"features[{i}]": f"blocks.{i}" for i in range(len(self.blocks))} | {"embedding": "head (its input)"}
+
     def forward(self, inputs: dict[str, Tensor], need: frozenset[str] = frozenset()) -> ModelOutput:
         x = inputs["pixel_values"]
         x = (x.float() / 255.0 - self.mean) / self.std if x.dtype == torch.uint8 else x
@@ -75,8 +79,8 @@ class CNNFactory(ModelFactory):
     capabilities = SmallCNN.capabilities
     family = SmallCNN.family
 
-    def build(self, options: CNNOptions, problem: Problem) -> SmallCNN:
-        return SmallCNN(options, 1 if problem.is_regression else problem.num_labels)
+    def build(self, options: CNNOptions, objective: Objective | Problem) -> SmallCNN:
+        return SmallCNN(options, objective.num_outputs())
 
     def encode(self, options: CNNOptions, examples: Examples, max_length: int | None) -> Encoded:
         return {"pixel_values": torch.as_tensor(examples["image"], dtype=torch.uint8)}

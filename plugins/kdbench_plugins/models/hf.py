@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from kdbench.api import Encoded, Examples, KDBenchError, ModelFactory, ModelFacts, Options, Problem
+from kdbench.api import Encoded, Examples, KDBenchError, ModelFactory, ModelFacts, Objective, Options, Problem
 from kdbench.encoders import (TinyEncoderOptions, ALL_CAPABILITIES, EncoderClassifier, EncoderFamily, HashingTokenizer, build_classifier, check_vocabulary,
                               TokenizerCache, family_capabilities, resolve_pretrained, tokenizer_files_sha256, tokenizer_identity)
 from kdbench.hookspecs import hookimpl
@@ -144,10 +144,10 @@ class HFFactory(ModelFactory):
     capabilities = ALL_CAPABILITIES  # the union; each family's own set is checked at validation (inspect)
     family = "transformer"
 
-    def build(self, options: HFOptions, problem: Problem) -> EncoderClassifier:
+    def build(self, options: HFOptions, objective: Objective | Problem) -> EncoderClassifier:
         config, family, path = _config(options)
         kept = options.kept_layers(getattr(config, family.num_layers_attr), f"model {self._label(options)}")
-        return build_classifier(family, config, path, kept, 1 if problem.is_regression else problem.num_labels, options.pooling,
+        return build_classifier(family, config, path, kept, objective.num_outputs(), options.pooling,
                                 options.dropout, options.freeze_word_embeddings)
 
     @staticmethod

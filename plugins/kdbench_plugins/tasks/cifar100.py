@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import DataError, Examples, Options, Problem, Task, location
+from kdbench.api import DataError, Examples, Options, Task, location
 from kdbench.hookspecs import hookimpl
 from kdbench.metrics import accuracy, carve_splits
 from kdbench.sources import open_source_file
@@ -261,9 +261,8 @@ class Cifar100(Task):
     modality = "image"
     Options = Cifar100Options
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("classification", NUM_CLASSES)
+    objective = "classification"
+    num_labels = NUM_CLASSES
 
     @property
     def main_metric(self) -> str:

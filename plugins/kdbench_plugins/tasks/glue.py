@@ -63,7 +63,7 @@ from typing import Any, ClassVar, Literal, Mapping
 import numpy as np
 from pydantic import Field, model_validator
 
-from kdbench.api import DataError, Examples, Options, Problem, Task, location
+from kdbench.api import DataError, Examples, Options, Task, location
 from kdbench.metrics import METRICS, binary_f1, carve_splits, matthews_corrcoef, pearson, spearman  # noqa: F401 (re-exported)
 from kdbench.hookspecs import hookimpl
 from kdbench.sources import open_source_file
@@ -101,10 +101,12 @@ class GlueSpec:
     hub_eval: dict[str, str] = field(default_factory=lambda: {"test": "validation"})
 
     @property
-    def problem(self) -> Problem:
-        if self.labels is None:
-            return Problem("regression", 1)
-        return Problem("classification", len(self.labels))
+    def objective(self) -> str:
+        return "regression" if self.labels is None else "classification"
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
 
 
 SPECS: dict[str, GlueSpec] = {
@@ -375,8 +377,12 @@ class GlueTask(Task):
         self.max_length = options.max_length
 
     @property
-    def problem(self) -> Problem:
-        return self.spec.problem
+    def objective(self) -> str:
+        return self.spec.objective
+
+    @property
+    def num_labels(self) -> int:  # type: ignore[override]
+        return self.spec.num_labels
 
     @property
     def main_metric(self) -> str:
@@ -390,6 +396,14 @@ class GlueTask(Task):
         else:
             train, evals = read_hub(self.spec, cache_dir)
         return make_splits(train, evals, opts, self.name)
+
+    def local_labels(self) -> dict[str, np.ndarray] | None:
+        """The labels of the local TSV files (source 'local'); None for the hub."""
+        opts: GlueOptions = self.options  # type: ignore[assignment]
+        if opts.source != "local" or opts.data_dir is None:
+            return None
+        train, evals = read_local(self.spec, opts.data_dir)
+        return {"train.tsv": train.label} | {self.spec.eval_files[split]: raw.label for split, raw in evals.items()}
 
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         preds = np.asarray(predictions)

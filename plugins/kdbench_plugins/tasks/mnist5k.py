@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from kdbench.api import DataError, Examples, Options, Problem, Task
+from kdbench.api import DataError, Examples, Options, Task
 from kdbench.hookspecs import hookimpl
 from kdbench.metrics import accuracy, carve_splits
 
@@ -37,9 +37,8 @@ class Mnist5k(Task):
     modality = "image"
     Options = MnistOptions
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("classification", 10)
+    objective = "classification"
+    num_labels = 10
 
     @property
     def main_metric(self) -> str:

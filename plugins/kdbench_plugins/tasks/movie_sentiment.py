@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from kdbench.api import DataError, Examples, Options, Problem, Task, location
+from kdbench.api import DataError, Examples, Options, Task, added, location
 from kdbench.hookspecs import hookimpl
 from kdbench.train.artefacts import sha256_file
 from kdbench.metrics import accuracy, carve_splits, pearson, spearman
@@ -113,9 +113,8 @@ class MovieSentiment(Task):
         super().__init__(options)
         self.max_length = options.max_length
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("classification", 2)
+    objective = "classification"
+    num_labels = 2
 
     @property
     def main_metric(self) -> str:
@@ -132,6 +131,14 @@ class MovieSentiment(Task):
     def examples(self, raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
         return parse_snippets(raw, source)
 
+    def local_labels(self) -> dict[str, np.ndarray] | None:
+        """The labels of a local ``source_file`` (read and parsed, no download); None when
+        the data comes from the package registry."""
+        if not self.options.source_file:
+            return None
+        src = Path(self.options.source_file)
+        return {"source_file": self.examples(read_source_file(src, f"{self.name}: source_file"), str(src))[1]}
+
     def load(self, cache_dir: str) -> dict[str, Examples]:
         texts, labels = self.examples(*self.read(cache_dir))
         n = len(texts)
@@ -147,23 +154,31 @@ class MovieSentiment(Task):
         return {"accuracy": accuracy(predictions, labels)}
 
 
+class RatingOptions(MovieOptions):
+    main_metric: Literal["score", "mse"] = added(
+        "score", "what the leaderboard ranks by: 'score' ((Pearson + Spearman) / 2, higher is better) or 'mse' (mean "
+                 "squared error of the rating, lower is better); both are recorded either way")
+
+
 class MovieRating(MovieSentiment):
     """The same snippets as a regression task: predict the mean rating (-4..4). All 10,605
     snippets (those rated 0 included), split as movie-sentiment's (seed 0: 1,000 test,
     1,000 validation, the rest train), so the two tasks' splits differ. Metrics: Pearson
-    and Spearman correlation, main ``score`` their mean (as GLUE's STS-B)."""
+    and Spearman correlation, main ``score`` their mean (as GLUE's STS-B), and the mean
+    squared error ``mse`` (option ``main_metric: mse`` ranks by it, lower is better)."""
 
     name = "movie-rating"
     description = "Rotten Tomatoes snippets (Hutto & Gilbert 2014), mean rating -4..4 as regression, offline via PyPI; Pearson/Spearman."
     version = 1
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("regression", 1)
+    Options = RatingOptions
+    objective = "regression"
+    num_labels = 1
 
     @property
     def main_metric(self) -> str:
-        return "score"
+        # options built by hand as the parent task's (MovieOptions) have no choice: the score
+        return getattr(self.options, "main_metric", "score")
 
     def examples(self, raw: bytes, source: str) -> tuple[list[str], np.ndarray]:
         texts, ratings = parse_ratings(raw, source)
@@ -174,7 +189,7 @@ class MovieRating(MovieSentiment):
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         preds, labels = np.asarray(predictions, dtype=np.float64).reshape(-1), np.asarray(labels, dtype=np.float64).reshape(-1)
         out = {"pearson": pearson(preds, labels), "spearman": spearman(preds, labels)}
-        return {**out, "score": (out["pearson"] + out["spearman"]) / 2}
+        return {**out, "score": (out["pearson"] + out["spearman"]) / 2, "mse": float(np.mean((preds - labels) ** 2))}
 
 
 # movie-rating-pairs: sentence pools (seed 1, fixed) and pair counts
@@ -183,7 +198,7 @@ POOLS = {"test": 2000, "validation": 1000, "train": 2000}  # sentences in each d
 PAIRS = {"test": 1000, "validation": 500, "train": 3500}  # pairs drawn within each pool
 
 
-class PairOptions(MovieOptions):
+class PairOptions(RatingOptions):
     max_length: int = Field(64, gt=2, le=512, description="tokens of the two snippets together")
     validation: Literal["held_out", "shared"] = Field(
         "held_out", description="held_out: validation pairs from their own sentences (i.i.d. with test); shared: "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from kdbench.api import Examples, Options, Problem, Task
+from kdbench.api import Examples, Options, Task
 from kdbench.hookspecs import hookimpl
 from kdbench.metrics import accuracy, carve_splits
 
@@ -34,9 +34,8 @@ class WordVotes(Task):
     modality = "text"
     Options = WordVotesOptions
 
-    @property
-    def problem(self) -> Problem:
-        return Problem("classification", 2)
+    objective = "classification"  # the registered objective: loss, head width, metrics' directions
+    num_labels = 2
 
     @property
     def main_metric(self) -> str:
