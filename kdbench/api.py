@@ -217,6 +217,12 @@ QUERIES = "queries"
 KEYS = "keys"
 VALUES = "values"
 
+#: The method option that reads a teacher from a cache of its top-k log-probabilities,
+#: renormalised over those k tokens (:func:`kdbench.generation.use_topk_teacher`); every
+#: method that offers such a cache names its option so, and reports read it from a run's
+#: stored parameters to say which runs learnt from a truncated teacher.
+TEACHER_TOPK = "teacher_topk"
+
 
 @dataclass
 class ModelOutput:
@@ -493,10 +499,15 @@ class Evaluator(ABC):
     (predicted ids, running sums), not the logits: a split of token logits does not fit
     in memory. Made by :meth:`Objective.start`. Before the first :meth:`update` the
     caller sets :attr:`model` to the model being evaluated (in eval mode), for evaluators
-    that decode with it (generation objectives); ``batch.inputs`` is that model's input."""
+    that decode with it (generation objectives), and :attr:`teacher` where there is one;
+    ``batch.inputs`` is that model's input."""
 
     #: The model being evaluated (set by the caller); None when the caller gives none.
     model: "KDModel | None" = None
+    #: The run's teacher (set by the caller, in eval mode) when the model is a student
+    #: whose teacher reads the same inputs (one encoding), for evaluators that compare the
+    #: two (the generation objective's token KL); None otherwise.
+    teacher: "KDModel | None" = None
 
     @abstractmethod
     def update(self, output: ModelOutput, batch: Batch) -> None:
@@ -540,7 +551,8 @@ class Objective(ABC):
         split may be computed once and shared by every run (False where they are too
         large to hold, e.g. a vocabulary per token);
       * :meth:`divergence`: how far two sets of predictions of one split are apart
-        (a live teacher's drift from its start).
+        (a live teacher's drift from its start); :meth:`batch_divergence` streams it
+        batch by batch where a split's outputs do not fit in memory.
     """
 
     name: ClassVar[str]
@@ -630,6 +642,14 @@ class Objective(ABC):
         """(value, kind) of how far predictions ``now`` moved from ``start`` (a whole
         split's logits)."""
         raise NotImplementedError(f"objective '{self.name}' does not measure divergence")
+
+    def batch_divergence(self, start: ModelOutput, now: ModelOutput) -> tuple[float, float, str]:
+        """The streamed form of :meth:`divergence`, for objectives whose whole-split outputs
+        are too large to hold (``shares_teacher_outputs`` False): one batch's ``(sum,
+        weight, kind)`` from two models' outputs on the same inputs; the split's value is
+        the sum of the sums over the sum of the weights (e.g. a KL summed over the counted
+        token positions, and their number)."""
+        raise NotImplementedError(f"objective '{self.name}' does not measure a streamed divergence")
 
 
 class StreamingMetrics(Evaluator):
@@ -903,6 +923,16 @@ def task_loss(logits: Tensor, labels: Tensor, problem: Problem | Objective, mask
     if problem.is_regression:
         return value_mse(logits, labels, mask)
     return class_cross_entropy(logits, labels, mask)
+
+
+def batch_task_loss(output: ModelOutput, batch: Batch, problem: Problem | Objective) -> Tensor:
+    """The task loss of a model's ``output`` on ``batch``: against what the objective
+    compares it with (:meth:`Objective.targets`: the labels, or tokens of the inputs for a
+    language model), over the positions ``output.mask`` keeps (all when None); a bare
+    :class:`Problem` reads the labels. What a method calls where it needs "the task loss
+    of this batch" without knowing the objective (MetaDistil's quiz loss)."""
+    targets = problem.targets(batch) if isinstance(problem, Objective) else batch.labels
+    return task_loss(output.logits, targets, problem, output.mask)
 
 
 def class_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -6,6 +6,8 @@ learning-rate factor of a step, and one clipped update from given gradients.
 * :func:`schedule_ratio`, :func:`first_teacher_step`, :func:`teacher_lr_factor`: the
   teacher's rate at a step (constant, linear, or following the student's schedule).
 * :func:`apply_teacher_gradient`: one step from gradients, clipped by global norm.
+* :func:`setup_reading_live_teacher`: a wrapped method's setup, refused where it would read
+  the teacher from outputs computed once (they go stale as the teacher learns).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from kdbench.api import StepContext
+from kdbench.api import KDBenchError, Method, StepContext
 
 
 def build_teacher_optimizer(teacher: nn.Module, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
@@ -95,3 +97,16 @@ def apply_teacher_gradient(optimizer: torch.optim.Optimizer, params: list[Tensor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.detach()
+
+
+def setup_reading_live_teacher(inner: Method, ctx: StepContext, wrapper: str) -> None:
+    """``inner.setup(ctx)`` for a method that ``wrapper`` (one that updates the teacher)
+    wraps; a :class:`~kdbench.api.KDBenchError` when that setup replaced
+    ``ctx.teacher_forward`` (e.g. a top-k teacher cache,
+    :func:`kdbench.generation.use_topk_teacher`): those outputs were computed once from
+    the teacher as it was, and the wrapper's real step must read the teacher it updates."""
+    live = ctx.teacher_forward
+    inner.setup(ctx)
+    if ctx.teacher_forward is not live:
+        raise KDBenchError(f"{wrapper}: inner method '{inner.name}' reads its teacher from outputs computed once (a teacher cache); "
+                           f"{wrapper} updates the teacher, so its steps must read it live: drop that option of '{inner.name}'")

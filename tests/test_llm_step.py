@@ -26,3 +26,18 @@ def test_tiny_run_reports_generation_apart_from_update(tmp_path):
     kv = figures["kv_cache"]
     assert kv["ratio"]["median"] == pytest.approx(kv["no_cache_s_per_token"]["median"] / kv["cache_s_per_token"]["median"])
     assert figures["setup"]["tiny"] is True and figures["setup"]["gen_length"] == 8
+
+
+def test_trl_comparison_checks_equal_losses_before_timing():
+    """--trl at tiny size: kdbench's gkd loss and TRL's GKDTrainer.compute_loss agree on the
+    same student samples (the run refuses to time otherwise); both steps are reported,
+    the ratio is kdbench over TRL. No timing is asserted."""
+    pytest.importorskip("trl.experimental.gkd", reason="trl is not installed (pip install 'kdbench[peers]')")
+    out = llm_step.trl_comparison(llm_step.TINY, rounds=1, steps=1, new_tokens=4)
+    equal = out["equal_loss"]
+    assert equal["kdbench"] > 0 and equal["rel_diff"] <= 1e-5
+    fig = out["figures"]
+    assert fig["ratio"]["median"] == pytest.approx(fig["kdbench_step_s"]["median"] / fig["trl_step_s"]["median"])
+    assert 0 < fig["kdbench_generation_s"]["median"] < fig["kdbench_step_s"]["median"]
+    assert 0 < fig["trl_generation_s"]["median"] < fig["trl_step_s"]["median"]  # TRL sampled inside its step (lambda 1)
+    assert out["setup"]["lmbda"] == 1.0 and out["setup"]["versions"]["trl"]

@@ -14,6 +14,10 @@ from kdbench.report.frame import PASS_COLUMNS, SCALE, baseline_runs, cost_fields
 from kdbench.store import DONE
 
 SPREAD = ("train_s", "prep_s", "eval_s", "wall_s", "device_s", "mem_mb", "active_train_s")
+#: training time split into sampling inside the steps (``generation_s``, recorded by the
+#: methods that sample: gkd, rkl, ...) and the rest (``update_s`` = train - generation);
+#: NaN for runs that recorded no sampling time (methods that never sample, older stores)
+GENERATION = ("generation_s", "update_s")
 #: relative to the reference: the active training time (steps x median step, which a pause
 #: cannot inflate, though load that slows every step does) and the CPU time, never the wall time
 RELATIVE = {"active_train_s": "train_rel", "cpu_s": "cpu_rel", "step_s_median": "step_rel", "mem_mb": "mem_rel",
@@ -21,8 +25,8 @@ RELATIVE = {"active_train_s": "train_rel", "cpu_s": "cpu_rel", "step_s_median": 
 #: counted compute (kdbench.compute): a group's figure only where every run recorded it
 FLOPS = ("train_flops", "teacher_flops", "student_flops")
 COST_COLS = (["task", "method", "student", "n", "score"] + [c for k in SPREAD for c in (k, f"{k}_std")]
-             + ["step_s_median", "step_s_q25", "step_s_q75", "mem_kind", "device_time_kind", "shared_teacher_outputs",
-                "params_deployed", "params_training", "cpu_s", "wall_cpu_max", "off_cpu"] + list(FLOPS) + ["passes_per_step"]
+             + [c for k in GENERATION for c in (k, f"{k}_std")] + ["step_s_median", "step_s_q25", "step_s_q75", "mem_kind",
+                "device_time_kind", "shared_teacher_outputs", "params_deployed", "params_training", "cpu_s", "wall_cpu_max", "off_cpu"] + list(FLOPS) + ["passes_per_step"]
              + list(RELATIVE.values()))
 TEACHER_COLS = ["task", "teacher", "hash", "train_s", "prep_s", "eval_s", "wall_s", "mem_mb", "mem_kind", "runs", "amortised_train_s"]
 
@@ -76,6 +80,10 @@ def _row(task: str, method: str, student: str, g: pd.DataFrame, ref: pd.DataFram
     for key in SPREAD:
         row[key] = g[key].mean()
         row[f"{key}_std"] = g[key].std(ddof=1) if g[key].notna().sum() > 1 else np.nan
+    gen = pd.to_numeric(g["generation_s"], errors="coerce") if "generation_s" in g else pd.Series(np.nan, index=g.index)
+    for key, values in (("generation_s", gen), ("update_s", g["train_s"] - gen)):
+        row[key] = _recorded_mean(values)
+        row[f"{key}_std"] = values.std(ddof=1) if values.notna().all() and len(values) > 1 else np.nan
     for key in ("step_s_median", "step_s_q25", "step_s_q75", "params_deployed", "params_training"):
         row[key] = g[key].median() if key.startswith("step") else g[key].mean()
     row["mem_kind"], row["device_time_kind"] = _kinds(g["mem_kind"]), _kinds(g["device_time_kind"])

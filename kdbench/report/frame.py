@@ -191,6 +191,8 @@ def cost_fields(cost: dict[str, Any]) -> dict[str, Any]:
         "params_deployed": cost.get("params_deployed"), "params_training": _first(cost.get("params_training"), cost.get("student_params")),
         "student_params": cost.get("student_params"), "shared_teacher_outputs": cost.get("shared_teacher_outputs"),
         "device_time_kind": cost.get("device_time_kind"), "peak_mem_kind": cost.get("peak_mem_kind"),
+        # sampling inside training steps (on-policy methods), timed apart from the update
+        "generation_s": cost.get("generation_s"),
         **compute_fields(cost),
     }
 

@@ -75,7 +75,12 @@ def render_html(report: Any, pngs: dict[str, bytes] | None = None) -> str:
              f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(report.title)}</h1>"]
     if report.subset:
         parts.append(f"<p>Subset: {html.escape(report.subset)}</p>")
-    parts.append("<ul class='legend'>" + "".join(f"<li>{html.escape(x)}</li>" for x in legend(report)) + "</ul>")
+    # the legend follows the leaderboard (it is long: above it, it pushed the table out of the first screen)
+    notes = ["<h2 id='section-legend'>How to read this report</h2>",
+             "<ul class='legend'>" + "".join(f"<li>{html.escape(x)}</li>" for x in legend(report)) + "</ul>"]
+    titles = [t for t, _, _ in sections(report)]
+    if "Leaderboard" not in titles:
+        parts += notes
     for title, table, note in sections(report):
         slug = SLUGS.get(title, title.lower().split()[0])
         parts.append(f"<h2 id='section-{slug}'>{html.escape(title)}</h2>")
@@ -89,6 +94,8 @@ def render_html(report: Any, pngs: dict[str, bytes] | None = None) -> str:
         if note:
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
         parts += _figures(title, pngs)
+        if title == "Leaderboard":
+            parts += notes
     parts += [f"<p class='store-note'>{html.escape(line)}.</p>" for line in store_lines(getattr(report, "integrity", None))]
     cfg = config_yaml(report)
     if cfg:

@@ -22,6 +22,7 @@ from kdbench.report.provenance import commits, data_fingerprints, environments, 
 from kdbench.report.references import references_table
 from kdbench.report.selection import GridSelection, select_on_validation
 from kdbench.report.sweeps import interactions, sensitivity
+from kdbench.report.truncation import truncated_teachers, with_truncation
 from kdbench.store import CORRUPT, DONE, ResultsStore
 
 PROBLEM_COLS = ["hash", "task", "method", "student", "seed", "status", "diverged_step", "error"]
@@ -153,6 +154,7 @@ def build_report(store: ResultsStore, hashes: list[str] | None = None, teacher_h
     margins = dict(getattr(suite_spec, "margins", None) or {})
     board = leaderboard(selection.runs, teachers, baseline=baseline, chance=chance or {}, correction=correction, margins=margins)
     board = with_damage_flags(board, damaged_teachers([r for r in rows if r["hash"] in kept], df))
+    board = with_truncation(board, truncated_teachers(selection.runs))  # rows that learnt from a top-k teacher cache
     refs = [r for r in getattr(suite_spec, "references", []) if (not tasks or r.task in tasks) and (not methods or r.method in methods)]
     free = teacher_free_methods(set(df["method_name"]) if not df.empty else set())
     tcost = teacher_cost(teachers, df, free)

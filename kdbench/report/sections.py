@@ -13,6 +13,7 @@ from kdbench.report.curves import CURVES_NOTE, MIN_TOLERANCE, curves_display
 from kdbench.report.drift import DRIFT_NOTE, damage_note, disagreement_notes, drift_display
 from kdbench.report.frame import LOSS, OFF_CPU, OFF_CPU_RATIO, OFF_CPU_WHY, WIN, reading_note
 from kdbench.report.selection import selection_sections
+from kdbench.report.truncation import any_truncated, truncation_note
 from kdbench.report.frame import DEFAULT_MARGIN
 from kdbench.report.tables import (EQUIV, FLAGGED, LOSS_SMALL, SMALL_N, TIE, WIN_SMALL, cell, comparison_display, fmt_num, fmt_p,
                                    spread_text)
@@ -75,6 +76,7 @@ def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.DataFrame.from_records([{
         "task": r.task, "method": r.method, "student": r.student, "runs": str(r.n), "score": fmt_num(r.score),
         "train (s)": spread_text(r.train_s, r.train_s_std), "train + teacher share (s)": _na(getattr(r, "train_with_teacher_s", np.nan)),
+        "generation in steps (s)": _dash(r.generation_s, r.generation_s_std), "update (s)": _dash(r.update_s, r.update_s_std),
         "active train (s)": spread_text(r.active_train_s, r.active_train_s_std), "CPU (s)": _na(r.cpu_s, 1),
         "prep (s)": spread_text(r.prep_s, r.prep_s_std),
         "eval (s)": spread_text(r.eval_s, r.eval_s_std), "wall (s)": spread_text(r.wall_s, r.wall_s_std),
@@ -87,6 +89,11 @@ def cost_display(cost: pd.DataFrame, reference: str) -> pd.DataFrame:
         f"memory vs {reference}": _rel(r.mem_rel), f"params vs {reference}": _rel(r.params_rel),
         f"FLOPs vs {reference}": _rel(r.flops_rel),
     } for r in cost.itertuples()])
+
+
+def _dash(mean: float, std: float) -> str:
+    """mean ± std, or "-" where the runs recorded no such time (a method that never samples)."""
+    return "-" if mean != mean else spread_text(mean, std)
 
 
 def _flops(r: Any) -> str:
@@ -132,7 +139,8 @@ def family_line(report: Any) -> str:
             f"than the task's practical margin; {EQUIV}: equivalent within the margin (two one-sided tests).{power} "
             f"{SMALL_N} n < 3 (smallest attainable p: {stats.min_p(2):.2f} at n = 2, {stats.min_p(1):.0f} at n = 1). "
             f"{TIE} tied for best: 95% interval overlapping the best's and not significantly worse than the baseline."
-            + flagged_line(report) + (f" {damage_note()}" if _any_damaged(report) else "") + off_cpu_line(report))
+            + flagged_line(report) + (f" {damage_note()}" if _any_damaged(report) else "") + off_cpu_line(report)
+            + (f" {truncation_note()}" if any_truncated(report.board) else ""))
 
 
 def off_cpu_line(report: Any) -> str:
@@ -173,6 +181,7 @@ def legend(report: Any) -> list[str]:
         f"(here m = {report.family}: n ≥ {stats.least_n(report.family) if report.family else '-'}); cells below it say "
         "'impossible' in words.",
         damage_note(),
+        *([truncation_note()] if any_truncated(report.board) else []),
         f"Δ 95% CI (exact): {stats.INTERVAL_METHOD}.",
         f"MDD 80%: {stats.POWER_METHOD}.",
         f"Practical margin: the smallest difference that matters, per task (the suite's 'margins', else {DEFAULT_MARGIN:g} "
@@ -199,7 +208,9 @@ def legend(report: Any) -> list[str]:
         f"as prep); step = median of the runs' median step time [their quartiles]; memory = the run's own figure "
         f"(its kind beside it); relative columns divide by the baseline '{report.cost_reference}' on the same task (and "
         "student); 'train + teacher share' adds the teacher's fine-tuning time divided by the runs that used it "
-        "(labels-only runs add nothing); n/a = not recorded by this store's version. Time off the CPU: 'CPU' is the "
+        "(labels-only runs add nothing); 'generation in steps' = sampling inside the training steps (on-policy "
+        "methods; '-' for methods that never sample), 'update' = train minus it; n/a = not recorded by this store's "
+        "version. Time off the CPU: 'CPU' is the "
         "process CPU time, 'active train' the steps x the median step time (a pause moves neither; load that slows "
         "every step raises the second); the relative training and CPU columns divide those, never the wall time; a run "
         f"whose wall time exceeds {OFF_CPU_RATIO:g}x its CPU time spent most of it off the CPU ({OFF_CPU_WHY}: the "

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 
 from kdbench import stats
+from kdbench.api import TEACHER_TOPK
 from kdbench.report.frame import LOSS, OFF_CPU, TEST, WIN, direction_word
+from kdbench.report.truncation import TRUNCATED_COLUMN, any_truncated, truncation_flag
 
 SMALL_N, TIE = "†", "≈"
 #: significant but smaller than the task's practical margin (win / loss); equivalent by TOST
@@ -163,6 +165,8 @@ def wide_table(board: pd.DataFrame, marks: bool = False, bold: str | None = None
         left_out = sorted({t for t, f in zip(board["task"], flags) if f})
         header = f"avg over {next(iter(avgs.values()))[1]} tasks" + (f" (without flagged {', '.join(left_out)})" if left_out else "")
         wide[header] = pd.Series({r: f"{v:.2f}" for r, (v, _) in avgs.items()})
+    if any_truncated(board):
+        wide[TRUNCATED_COLUMN] = pd.Series({row: v or "no" for row, v in board[~board["method"].isin(SPECIAL_ROWS)].groupby("row")[TEACHER_TOPK].first().items()})
     off = board.groupby("row")["off_cpu"].sum() if "off_cpu" in board else pd.Series(dtype=float)
     wide["time/run (s)"] = pd.Series({row: "-" if np.isnan(v) else f"{v:.1f}" + (f" ({int(off[row])} {OFF_CPU})" if off.get(row, 0) else "")
                                       for row, v in board.groupby("row")["time_per_run_s"].mean().items()})
@@ -257,7 +261,8 @@ def comparison_display(board: pd.DataFrame, baseline: str, correction: str = "ho
             f"TOST p ({correction})": fmt_p(getattr(r, "tost_p_adj", np.nan)) if tested else "-",
             "result": result_text(r, result),
             "flags": "; ".join(x for x in (small_n_note(r.n), r.data_flag, getattr(r, "task_flag", ""),
-                                           damaged_note(getattr(r, "teacher_damaged", ""))) if isinstance(x, str) and x),
+                                           damaged_note(getattr(r, "teacher_damaged", "")), truncation_flag(getattr(r, "teacher_topk", "")))
+                               if isinstance(x, str) and x),
             "failed": str(r.failed), "diverged": str(r.diverged),
         })
     return pd.DataFrame.from_records(rows)

@@ -5,6 +5,7 @@ a trainable teacher's drift (:class:`TeacherDrift`)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -57,29 +58,38 @@ def predict(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tens
 
 
 def evaluate_split(model: KDModel, factory: ModelFactory, encoded: dict[str, torch.Tensor], labels: torch.Tensor, objective: Objective,
-                   batch_size: int, device: torch.device) -> dict[str, float]:
+                   batch_size: int, device: torch.device, teacher: KDModel | None = None) -> dict[str, float]:
     """The metrics of ``model`` on one split, streamed through ``objective.start()``: each
     batch's output (with the outputs ``objective.eval_needs`` names) and the batch (its
     inputs on the device, its labels as stored, its indices in the split) go to the
     evaluator's ``update``, which keeps what it chooses (e.g. one class id per example);
-    then ``finish``."""
+    then ``finish``. ``teacher`` (a student's teacher reading the same inputs) is handed
+    to the evaluator in eval mode, and put back in its mode after."""
     def take(ev: Any, out: ModelOutput, index: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
         ev.update(out, Batch(inputs=inputs, labels=labels[index], index=index))
 
     def begin() -> Any:
         ev = objective.start()
-        ev.model = model  # for evaluators that decode (generation objectives)
+        ev.model, ev.teacher = model, teacher  # for evaluators that decode or compare with the teacher (generation)
         return ev
 
-    return _batched(model, factory, encoded, batch_size, device, frozenset(objective.eval_needs), begin, take).finish()
+    was = teacher.training if teacher is not None else False
+    try:
+        if teacher is not None:
+            teacher.eval()
+        return _batched(model, factory, encoded, batch_size, device, frozenset(objective.eval_needs), begin, take).finish()
+    finally:
+        if teacher is not None:
+            teacher.train(was)
 
 
 def evaluate(model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device,
-             splits: list[str] | None = None) -> dict[str, dict[str, float]]:
+             splits: list[str] | None = None, teacher: KDModel | None = None) -> dict[str, dict[str, float]]:
     """The task's metrics on ``splits`` (default: every evaluation split: validation, test).
     The labels reach the evaluator as the task stored them (their own dtype), so the
-    metrics read exactly the values a whole-split computation would."""
-    return {split: evaluate_split(model, factory, encoded[split], _label_tensor(data, split), data.objective, batch_size, device)
+    metrics read exactly the values a whole-split computation would. ``teacher``: see
+    :func:`evaluate_split`."""
+    return {split: evaluate_split(model, factory, encoded[split], _label_tensor(data, split), data.objective, batch_size, device, teacher)
             for split in (data.eval_splits if splits is None else splits)}
 
 
@@ -102,13 +112,13 @@ class DeferredTest:
     same as with every split scored."""
 
     def __init__(self, model: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int,
-                 device: torch.device, selection: str, main_metric: str):
-        self.model, self.factory, self.data, self.encoded = model, factory, data, encoded
+                 device: torch.device, selection: str, main_metric: str, teacher: KDModel | None = None):
+        self.model, self.factory, self.data, self.encoded, self.teacher = model, factory, data, encoded, teacher
         self.batch_size, self.device, self.selection, self.main_metric = batch_size, device, selection, main_metric
         self.best: tuple[float, int, dict[str, torch.Tensor] | None] | None = None  # (score, step, weights; None: the last)
 
     def _scores(self, splits: list[str]) -> dict[str, dict[str, float]]:
-        return evaluate(self.model, self.factory, self.data, self.encoded, self.batch_size, self.device, splits)
+        return evaluate(self.model, self.factory, self.data, self.encoded, self.batch_size, self.device, splits, self.teacher)
 
     def __call__(self, step: int, last: bool) -> dict[str, dict[str, float]]:
         if last and self.selection == "final":
@@ -170,23 +180,56 @@ class TeacherDrift:
     (``divergence``: :func:`divergence` from the starting teacher's predictions;
     ``start_validation``: the starting teacher's own metrics; ``split`` names another
     split to score instead, its keys then named after it). Eval mode, no gradient:
-    nothing of the run's training changes."""
+    nothing of the run's training changes. For an objective that shares no teacher
+    outputs (a split of per-token logits is too large to hold) a frozen copy of the
+    starting teacher is kept instead of its predictions, the metrics are scored through
+    the objective's evaluator and the divergence is streamed
+    (:meth:`~kdbench.api.Objective.batch_divergence`)."""
 
     def __init__(self, teacher: KDModel, factory: ModelFactory, data: TaskData, encoded: dict[str, torch.Tensor],
                  batch_size: int, device: torch.device, split: str = VALIDATION):
         self.teacher, self.factory, self.data, self.encoded = teacher, factory, data, encoded
         self.batch_size, self.device, self.split = batch_size, device, split
-        self.start = self._predict()
-        self.start_metrics = split_metrics(self.start, data, split)
+        # a split of per-token logits does not fit in memory: keep the starting teacher instead and stream
+        self.streamed = not data.objective.shares_teacher_outputs
+        if self.streamed:
+            self.start_model = copy.deepcopy(teacher).requires_grad_(False)
+            self.start_metrics = self._metrics(self.start_model)
+        else:
+            self.start = self._predict()
+            self.start_metrics = split_metrics(self.start, data, split)
 
     def _predict(self) -> torch.Tensor:
         return predict(self.teacher, self.factory, self.encoded, self.batch_size, self.device)
 
+    def _metrics(self, model: KDModel) -> dict[str, float]:
+        return evaluate_split(model, self.factory, self.encoded, _label_tensor(self.data, self.split), self.data.objective, self.batch_size, self.device)
+
+    def _streamed_divergence(self) -> tuple[float, str]:
+        """:meth:`Objective.batch_divergence` of the starting and the live teacher, batch by
+        batch over the split (both in eval mode)."""
+        totals, kinds = [0.0, 0.0], set()
+
+        def take(acc: Any, out: ModelOutput, index: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
+            total, weight, kind = self.data.objective.batch_divergence(self.start_model(inputs), out)
+            acc[0], acc[1] = acc[0] + total, acc[1] + weight
+            kinds.add(kind)
+
+        was = self.start_model.training
+        self.start_model.eval()
+        try:
+            _batched(self.teacher, self.factory, self.encoded, self.batch_size, self.device, frozenset(), lambda: totals, take)
+        finally:
+            self.start_model.train(was)
+        return totals[0] / max(totals[1], 1e-300), ",".join(sorted(kinds))
+
     def __call__(self) -> dict[str, Any]:
-        now = self._predict()
-        value, kind = self.data.objective.divergence(self.start, now)
-        return {TEACHER: {self.split: split_metrics(now, self.data, self.split), "divergence": value,
-                          "divergence_kind": kind, f"start_{self.split}": dict(self.start_metrics)}}
+        if self.streamed:
+            (value, kind), metrics = self._streamed_divergence(), self._metrics(self.teacher)
+        else:
+            now = self._predict()
+            (value, kind), metrics = self.data.objective.divergence(self.start, now), split_metrics(now, self.data, self.split)
+        return {TEACHER: {self.split: metrics, "divergence": value, "divergence_kind": kind, f"start_{self.split}": dict(self.start_metrics)}}
 
 
 #: The key of a run's metrics that keeps each metric's direction, scale and bounds

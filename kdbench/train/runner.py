@@ -60,6 +60,14 @@ class _Prepared:
     teacher_encoded: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     student_model: ResolvedModel | None = None  # the student's factory and options, resolved once
 
+    def eval_teacher(self) -> KDModel | None:
+        """The teacher the student's evaluators may compare it with: the run's (as it is at
+        each evaluation), where it reads the very inputs of the student on every
+        evaluation split (one encoding), else None."""
+        if self.teacher is None or any(self.teacher_encoded.get(s) is not self.encoded.get(s) for s in self.data.eval_splits):
+            return None
+        return self.teacher
+
     def teacher_side(self, split: str) -> RoleInputs | None:
         """What :func:`~kdbench.train.loop.batches` needs to collate the teacher's inputs."""
         return (self.teacher_factory, self.teacher_encoded[split]) if self.teacher is not None else None
@@ -267,11 +275,13 @@ class Runner:
         meter.prep_s = time.perf_counter() - t0 - count_s  # counting FLOPs is not preparing the run
         with meter:
             drift = self._teacher_drift(spec, p, meter)
+            judge = p.eval_teacher()
             deferred = None if spec.budget.test_every_eval else DeferredTest(student, p.factory, p.data, p.encoded, spec.budget.eval_batch_size,
-                                                                              self.device, spec.selection, p.data.task.main_metric)
+                                                                              self.device, spec.selection, p.data.task.main_metric, judge)
             history = train_loop(
                 model=student, step_fn=step_fn, batches=train_batches, steps=steps, budget=spec.budget,
-                evaluate_fn=deferred if deferred is not None else (lambda step, last: evaluate(student, p.factory, p.data, p.encoded, spec.budget.eval_batch_size, self.device)),
+                evaluate_fn=deferred if deferred is not None else (lambda step, last: evaluate(student, p.factory, p.data, p.encoded, spec.budget.eval_batch_size, self.device,
+                                                                                               teacher=judge)),
                 meter=meter, on_log=lambda step, values: self._on_log(spec, tracked, step, values),
                 on_eval=lambda step, metrics: self._on_eval(spec, tracked, step, metrics),
                 desc=f"{spec.method} {spec.task.name} seed {spec.seed}", progress=self.progress, eval_extras=drift)

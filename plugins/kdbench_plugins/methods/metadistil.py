@@ -12,8 +12,9 @@ student ``S``. Each step, on batch ``(x, y)``:
 
        S'(T) = S - eta * grad_S L_inner(S, T; x, y)          (eta = virtual_lr)
 
-2. **Teacher meta step.** The quiz loss of ``S'`` on quiz batches ``(x_q, y_q)`` (task
-   loss only: CE, or MSE for regression)::
+2. **Teacher meta step.** The quiz loss of ``S'`` on quiz batches ``(x_q, y_q)`` (the
+   objective's task loss alone, :func:`kdbench.api.batch_task_loss`: CE, MSE for
+   regression, the reference tokens' NLL over the response positions for generation)::
 
        g_T = d/dT  mean_q task_loss(S'(T)(x_q), y_q)
 
@@ -98,12 +99,12 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationInfo, model_valid
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from kdbench.api import LOGITS, Batch, KDModel, Method, ModelOutput, Options, Problem, SetupInfo, StepContext, added, step_values, task_loss, wrapped_options
+from kdbench.api import LOGITS, Batch, KDModel, Method, ModelOutput, Options, Problem, SetupInfo, StepContext, added, batch_task_loss, step_values, wrapped_options
 from kdbench.hookspecs import hookimpl
 from kdbench.compute import add_passes
 from kdbench.metagrad import gradient_or_zeros, meta_step_passes, output_derivative, output_tensors, rng_state, training_mode, virtual_sgd_step
 from kdbench.registry import get_registry, inner_method_class
-from kdbench.teacher_updates import apply_teacher_gradient, build_teacher_optimizer, first_teacher_step, schedule_ratio, teacher_lr_factor
+from kdbench.teacher_updates import apply_teacher_gradient, build_teacher_optimizer, first_teacher_step, schedule_ratio, setup_reading_live_teacher, teacher_lr_factor
 
 
 class MetaDistilParams(Options):
@@ -182,9 +183,9 @@ class MetaDistil(Method):
 
     def setup(self, ctx: StepContext) -> None:
         assert ctx.teacher is not None
-        self.inner.setup(ctx)
-        p = self.params
-        ctx.state["teacher_optimizer"] = build_teacher_optimizer(ctx.teacher, p.teacher_optimizer, p.teacher_lr, p.teacher_weight_decay, p.teacher_momentum)
+        setup_reading_live_teacher(self.inner, ctx, "metadistil")
+        ctx.state["teacher_optimizer"] = build_teacher_optimizer(ctx.teacher, self.params.teacher_optimizer, self.params.teacher_lr,
+                                                                 self.params.teacher_weight_decay, self.params.teacher_momentum)
         ctx.state["student_initial_lr"] = ctx.student_optimizer.param_groups[0]["lr"]
 
     def first_meta_step(self, total_steps: int) -> int:
@@ -255,7 +256,7 @@ class MetaDistil(Method):
                 qb = ctx.next_quiz_batch()
                 with torch.enable_grad(), ctx.autocast():
                     out: ModelOutput = functional_call(student, {**leaves, **buffers}, (qb.inputs,), {"need": frozenset({LOGITS})})
-                    q_loss = task_loss(out.logits, qb.labels, self.problem) / n
+                    q_loss = batch_task_loss(out, qb, self.problem) / n
                 for name, g in zip(leaves, torch.autograd.grad(q_loss, list(leaves.values()), allow_unused=True)):
                     if g is not None:
                         grad_fast[name] = grad_fast[name].add_(g) if name in grad_fast else g

@@ -8,6 +8,12 @@ the prompt/response layout of :mod:`kdbench.generation`.
                 nll             the reference's per-token negative log-likelihood (lower is better)
                 capped          share of outputs that hit the cap without an end token (lower), x100
                 gen_tokens      mean generated tokens per example (lower is cheaper; no direction claimed)
+                teacher_kl      KL(p_teacher || p_student) per reference token (temperature 1), mean
+                                over the reference tokens: how far the student's next-token
+                                distributions are from its teacher's on the split's references
+                                (lower is better); only in a student's evaluation with a teacher
+                                that reads the same tokens and vocabulary (the run's teacher as it
+                                is at that evaluation; methods without a teacher have none)
     chance      none (no constant predictor makes sense for text)
 
 A task names this objective (``objective = "generation"``) and gives ``prompt`` and
@@ -16,7 +22,8 @@ layer counts and hashes). Prediction and reference are both compared as the mode
 tokenizer decodes them, so a reference cut by the task's ``max_length`` is compared cut.
 Teacher outputs are never shared across runs through this objective (a vocabulary per
 token does not fit in memory); methods use the top-k cache
-(:func:`kdbench.generation.use_topk_teacher`) instead.
+(:func:`kdbench.generation.use_topk_teacher`) instead, and a live teacher's drift is
+streamed: :meth:`Generation.batch_divergence`, KL(p_start || p_now) per reference token.
 """
 
 from __future__ import annotations
@@ -30,11 +37,11 @@ from torch import Tensor
 from kdbench.api import DataError, Evaluator, MetricInfo, ModelOutput, Batch, Objective, Task
 from kdbench.generation import RESPONSE_IDS, RESPONSE_MASK
 from kdbench.hookspecs import hookimpl
-from kdbench.token_losses import response_nll
+from kdbench.token_losses import forward_kl, response_nll
 
 INFO = {"exact_match": MetricInfo(True, 100.0, (0.0, 1.0)), "rougeL": MetricInfo(True, 100.0, (0.0, 1.0)),
         "nll": MetricInfo(False, 1.0, (0.0, None)), "capped": MetricInfo(False, 100.0, (0.0, 1.0)),
-        "gen_tokens": MetricInfo(False, 1.0, (0.0, None))}
+        "gen_tokens": MetricInfo(False, 1.0, (0.0, None)), "teacher_kl": MetricInfo(False, 1.0, (0.0, None))}
 
 
 class GenerationEvaluator(Evaluator):
@@ -50,6 +57,7 @@ class GenerationEvaluator(Evaluator):
         self.nll_sum = self.tokens = 0.0
         self.n = self.exact = self.capped = self.generated = 0
         self.rouge = 0.0
+        self.kl_sum: float | None = 0.0  # None once a teacher's vocabulary differs: no teacher_kl
 
     def update(self, output: ModelOutput, batch: Batch) -> None:
         model: Any = self.model
@@ -59,6 +67,7 @@ class GenerationEvaluator(Evaluator):
         per = response_nll(output.logits, targets, mask, reduce=False)
         self.nll_sum += float((per * mask).sum())
         self.tokens += float(mask.sum())
+        self.kl_sum = self._teacher_kl(output, batch, mask)
         gen = model.generate(batch.inputs, self.max_new_tokens, greedy=True)
         tok, eos = model.tokenizer, model.tokenizer.eos_token_id
         for b in range(targets.shape[0]):
@@ -70,10 +79,24 @@ class GenerationEvaluator(Evaluator):
         self.generated += int(gen.mask.sum())
         self.n += targets.shape[0]
 
+    def _teacher_kl(self, output: ModelOutput, batch: Batch, mask: Tensor) -> float | None:
+        """The running sum of KL(p_teacher || p_student) over this batch's reference tokens
+        added to the last one (None: no teacher, or one whose vocabulary differs)."""
+        teacher: Any = self.teacher
+        if teacher is None or self.kl_sum is None:
+            return None
+        t_logits = teacher(batch.inputs).logits
+        if t_logits.shape != output.logits.shape:
+            return None
+        return self.kl_sum + float((forward_kl(output.logits, t_logits, mask, reduce=False) * mask).sum())
+
     def finish(self) -> dict[str, float]:
         n = max(self.n, 1)
-        return {"exact_match": self.exact / n, "rougeL": self.rouge / n, "nll": self.nll_sum / max(self.tokens, 1.0),
-                "capped": self.capped / n, "gen_tokens": self.generated / n}
+        out = {"exact_match": self.exact / n, "rougeL": self.rouge / n, "nll": self.nll_sum / max(self.tokens, 1.0),
+               "capped": self.capped / n, "gen_tokens": self.generated / n}
+        if self.teacher is not None and self.kl_sum is not None:
+            out["teacher_kl"] = self.kl_sum / max(self.tokens, 1.0)
+        return out
 
 
 class Generation(Objective):
@@ -112,8 +135,6 @@ class Generation(Objective):
 
     def soft_loss(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float, kind: str = "kl",
                   reduction: str = "batchmean", mask: Tensor | None = None) -> Tensor:
-        from kdbench.token_losses import forward_kl
-
         return forward_kl(student_logits, teacher_logits, mask, temperature) * temperature**2
 
     def start(self) -> Evaluator:
@@ -124,6 +145,13 @@ class Generation(Objective):
 
     def default_metric_info(self, metric: str) -> MetricInfo:
         return INFO.get(metric, MetricInfo())
+
+    def batch_divergence(self, start: ModelOutput, now: ModelOutput) -> tuple[float, float, str]:
+        """KL(p_start || p_now) summed over the batch's reference tokens (``now.mask``, in
+        float64), and their number: a live teacher's drift per reference token."""
+        mask = now.mask if now.mask is not None else torch.ones(now.logits.shape[:-1], dtype=torch.bool, device=now.logits.device)
+        kl = forward_kl(now.logits.double(), start.logits.double(), mask, reduce=False)
+        return float((kl * mask).sum()), float(mask.sum()), "token_kl"
 
 
 @hookimpl
