@@ -289,3 +289,12 @@ def test_the_pareto_figure_ranks_by_active_training_time_not_wall_time(tmp_path,
     figures = plots.report_plots(report)
     assert "pareto-movie-sentiment" in figures and seen == [[pytest.approx(8.0)] * len(report.cost)]
     assert report.cost["wall_s"].iloc[0] == pytest.approx((400 + 10 + 10) / 3)  # what it would have ranked by
+
+
+def test_the_summary_says_scores_x100_only_where_every_task_is_read_so():
+    from kdbench.report.summary import _reading
+
+    x100 = pd.DataFrame({"scale": [100.0, 100.0], "higher_is_better": [True, True]})
+    assert _reading(x100) == "scores x100"
+    mse = pd.DataFrame({"scale": [1.0], "higher_is_better": [False]})
+    assert _reading(mse).startswith("scores on each task's scale and direction")

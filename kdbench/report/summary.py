@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from kdbench import stats
-from kdbench.report.frame import OFF_CPU_RATIO, OFF_CPU_WHY, direction_word
+from kdbench.report.frame import OFF_CPU_RATIO, OFF_CPU_WHY, SCALE, direction_word
 from kdbench.report.tables import SPECIAL_ROWS, averages, row_names
 from kdbench.report.truncation import row_suffix
 
@@ -121,6 +121,16 @@ def _cost_lines(report: Any) -> list[str]:
     return out
 
 
+def _reading(board: pd.DataFrame) -> str:
+    """"scores x100" where every task is read x100 with higher better, else a pointer to each
+    task's own reading (an MSE is neither x100 nor better when higher)."""
+    if {"scale", "higher_is_better"} <= set(board.columns):
+        rows = board[["scale", "higher_is_better"]].dropna()
+        if any(float(s) != SCALE or direction_word(h) != "higher" for s, h in rows.itertuples(index=False)):
+            return "scores on each task's scale and direction (in brackets after its name)"
+    return "scores x100"
+
+
 def summary_text(report: Any) -> str:
     """The summary as Markdown: plain sentences, deterministic for a given store."""
     board = report.board.copy()
@@ -130,7 +140,7 @@ def summary_text(report: Any) -> str:
     corr = stats.CORRECTION_METHOD[report.correction]
     done = int((report.runs["status"] == "done").sum()) if not report.runs.empty else 0
     parts = [BEGIN, "",
-             f"{done} finished runs of {len(report.runs)} in the store for this suite; scores x100, mean ± std over seeds. "
+             f"{done} finished runs of {len(report.runs)} in the store for this suite; {_reading(board)}, mean ± std over seeds. "
              f"Every comparison is the exact paired sign-flip test against '{report.baseline}' over matched seeds, "
              + (f"{report.family} comparisons corrected together by {corr}" if report.family != 1 else
                 f"1 comparison ({corr}, which leaves a single p-value as it is)")
