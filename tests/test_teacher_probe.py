@@ -49,7 +49,7 @@ def test_probe_reproduces_the_stored_run_and_adds_the_teachers_test_scores(tmp_p
         assert new["validation"] == old["validation"] and new["test"] == old["test"]  # the same run, re-trained
         t_new, t_old = new["teacher"], old["teacher"]
         assert t_new["validation"] == t_old["validation"] and t_new["divergence"] == pytest.approx(t_old["divergence"])
-        assert set(t_new["test"]) == {"pearson", "spearman", "score"} and t_new["test_divergence"] > 0
+        assert set(t_new["test"]) == {"pearson", "spearman", "score", "mse"} and t_new["test_divergence"] > 0
         assert t_new["test"] != t_new["validation"] and set(t_new["start_test"]) == set(t_new["test"])
     text = capsys.readouterr().out
     assert "teacher test" in text and "starting teacher: validation" in text

@@ -159,12 +159,12 @@ class Runner:
             assert teacher is not None
             if shared is not None and set(need) <= {LOGITS}:
                 return ModelOutput(logits=shared[batch.index.to(shared.device)])
-            # A fixed teacher is in eval mode already (load_teacher); eval() and train() each walk
+            # A fixed teacher is in eval mode already (load_teacher); train(False) and train() each walk
             # every submodule (0.7 ms of CPU a step for the MiniLM teacher's 120 modules, found by
             # profiling benchmarks/peers.py): switch only a teacher that a method left in train mode.
             was_training = teacher.training
             if was_training:
-                teacher.eval()
+                teacher.train(False)
             with torch.no_grad():
                 out = teacher(batch.inputs_for(TEACHER_ROLE), need=need)
             if was_training:
