@@ -78,10 +78,10 @@ def render_html(report: Any, pngs: dict[str, bytes] | None = None) -> str:
     # the legend follows the leaderboard (it is long: above it, it pushed the table out of the first screen)
     notes = ["<h2 id='section-legend'>How to read this report</h2>",
              "<ul class='legend'>" + "".join(f"<li>{html.escape(x)}</li>" for x in legend(report)) + "</ul>"]
-    titles = [t for t, _, _ in sections(report)]
-    if "Leaderboard" not in titles:
+    parts_of = sections(report)  # builds every table: once
+    if "Leaderboard" not in [t for t, _, _ in parts_of]:
         parts += notes
-    for title, table, note in sections(report):
+    for title, table, note in parts_of:
         slug = SLUGS.get(title, title.lower().split()[0])
         parts.append(f"<h2 id='section-{slug}'>{html.escape(title)}</h2>")
         if title == "Leaderboard":

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from kdbench.report.frame import label
+from kdbench.report.selection import members
 from kdbench.spec import entry_settings
 
 
@@ -30,6 +31,13 @@ def _rename(df: pd.DataFrame, mask: pd.Series, name: str) -> None:
     df.loc[mask, "method"] = [label(name, p, varying) for p in params]
 
 
+def entry_runs(df: pd.DataFrame, suite_spec: Any, index: int, registry: Any = None) -> pd.Series:
+    """Which runs of ``df`` method entry ``index`` of ``suite_spec`` produces: its method,
+    one of the settings it sweeps, and one of its students when it names them."""
+    keys = [json.dumps(s, sort_keys=True) for s in entry_settings(suite_spec, index, registry)]
+    return members(df, suite_spec.methods[index], keys)
+
+
 def entry_rows(df: pd.DataFrame, suite_spec: Any, registry: Any = None) -> pd.DataFrame:
     """``df`` (a runs frame) with the ``method`` column (the row name) taken from the
     labels of ``suite_spec``'s method entries; unchanged when no entry has a label. A run
@@ -42,10 +50,7 @@ def entry_rows(df: pd.DataFrame, suite_spec: Any, registry: Any = None) -> pd.Da
     claimed = pd.Series(False, index=df.index)
     for i in labelled:
         entry = methods[i]
-        keys = [json.dumps(s, sort_keys=True) for s in entry_settings(suite_spec, i, registry)]
-        mask = (df["method_name"] == entry.name) & df["params"].isin(keys) & ~claimed
-        if entry.students:
-            mask &= df["student"].isin(entry.students)
+        mask = entry_runs(df, suite_spec, i, registry) & ~claimed
         if mask.any():
             _rename(df, mask, entry.label)
             claimed |= mask
@@ -73,11 +78,7 @@ def mark_baseline(df: pd.DataFrame, suite_spec: Any, baseline: str | None, regis
     for i, entry in enumerate(methods):
         if not (entry.label == baseline or (entry.name == baseline and not entry.label)):
             continue
-        keys = [json.dumps(s, sort_keys=True) for s in entry_settings(suite_spec, i, registry)]
-        hit = (df["method_name"] == entry.name) & df["params"].isin(keys)
-        if entry.students:
-            hit &= df["student"].isin(entry.students)
-        mask |= hit
+        mask |= entry_runs(df, suite_spec, i, registry)
     df["is_baseline"] = mask if mask.any() else by_name
     return df
 

@@ -60,7 +60,9 @@ def swept_label(params: dict[str, Any], swept: list[str]) -> str:
     return ", ".join(f"{k}={params.get(k)}" for k in keys)
 
 
-def _members(df: pd.DataFrame, entry: Any, keys: list[str]) -> pd.Series:
+def members(df: pd.DataFrame, entry: Any, keys: list[str]) -> pd.Series:
+    """Which runs of ``df`` a method entry produces: its method, a setting among ``keys``
+    (JSON of the settings it sweeps), and one of its students when it names them."""
     mask = (df["method_name"] == entry.name) & df["params"].isin(keys)
     return mask & df["student"].isin(entry.students) if entry.students else mask
 
@@ -158,14 +160,14 @@ def select_on_validation(df: pd.DataFrame, suite_spec: Any, registry: Any = None
     if df.empty or not any(getattr(m, "grid_selection", None) for m in methods):
         return GridSelection(df)
     settings = [entry_settings(suite_spec, i, registry) for i in range(len(methods))]
-    members = [_members(df, m, [json.dumps(s, sort_keys=True) for s in settings[i]]) for i, m in enumerate(methods)]
+    produced = [members(df, m, [json.dumps(s, sort_keys=True) for s in settings[i]]) for i, m in enumerate(methods)]
     selecting = [i for i, m in enumerate(methods) if m.grid_selection]
     chosen, rows, picked = [], [], []
     for i in selecting:
-        c, r, p = _select_entry(df, i, methods[i], settings[i], members[i])
+        c, r, p = _select_entry(df, i, methods[i], settings[i], produced[i])
         chosen, rows, picked = chosen + c, rows + r, picked + p
-    grid_only = _any([members[i] for i in selecting], df.index)
-    elsewhere = _any([members[i] for i in range(len(methods)) if i not in selecting], df.index)
+    grid_only = _any([produced[i] for i in selecting], df.index)
+    elsewhere = _any([produced[i] for i in range(len(methods)) if i not in selecting], df.index)
     runs = pd.concat([df[~grid_only | elsewhere], *picked], ignore_index=True)
     return GridSelection(runs, pd.DataFrame.from_records(chosen, columns=CHOSEN_COLS),
                          pd.DataFrame.from_records(rows, columns=SETTING_COLS))
