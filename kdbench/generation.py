@@ -94,8 +94,8 @@ def last_logits_argument(lm: nn.Module) -> dict[str, int]:
     """The keyword that asks ``lm`` for the logits of the last position only
     (``logits_to_keep=1``, ``num_logits_to_keep`` in older transformers), or ``{}`` where
     its forward has none: decoding reads no other position, and the output projection
-    over a whole prompt (a vocabulary of 50k for a real tokenizer) is most of a
-    no-cache step's head."""
+    over a whole sequence (a vocabulary of 50k for a real tokenizer) is much of a
+    no-cache step."""
     params = inspect.signature(lm.forward).parameters
     for name in ("logits_to_keep", "num_logits_to_keep"):
         if name in params:
@@ -128,9 +128,14 @@ def decode(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_token
     The work per step that does not belong to the model is fixed, whatever the length:
     the token, mask and position buffers of the whole ``prompt + max_new_tokens`` are
     allocated once, each step passes views of them (no concatenation that grows with the
-    length, no cumulative sum over the mask) and writes one column; only the last
-    position's logits are asked for where the model can say so
-    (:func:`last_logits_argument`). The one host sync per step is the early-stop test."""
+    length, no cumulative sum over the mask) and writes one column. After the first step
+    only the last position's logits are asked for where the model can say so
+    (:func:`last_logits_argument`: a no-cache step then projects one position, as a
+    cached step does). The first step still projects every prompt position, as it always
+    has: the output projection of one row is not always bit-identical to that row of
+    the whole matrix's (BLAS kernels differ with the row count), and the first token
+    must stay the one the stored runs drew. The one host sync per step is the early-stop
+    test."""
     if eos_token_id is None:
         raise GenerationError("decoding needs an end-of-sequence token; the tokenizer has none (set one in the model's options)")
     if max_new_tokens < 1:
@@ -162,11 +167,12 @@ def decode(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_token
             end = p + n  # positions known so far; the next token goes to ids[:, end]
             start = 0 if (n == 0 or not use_cache) else end - 1
             step = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end], "position_ids": pos[:, start:end]}
+            keep = last_only if n else {}  # the first step's logits as they always were: see the doc
             if use_cache:
-                out = lm(**step, use_cache=True, **{cache_arg: past}, **last_only)
+                out = lm(**step, use_cache=True, **{cache_arg: past}, **keep)
                 past = getattr(out, cache_arg)
             else:
-                out = lm(**step, use_cache=False, **last_only)
+                out = lm(**step, use_cache=False, **keep)
             processed += b * (end - start)
             token = next_token(out.logits[:, -1, :], greedy, temperature, generator).masked_fill_(done, pad_token_id)
             ids[:, end] = token

@@ -101,8 +101,9 @@ class _Recording(torch.nn.Module):
 def test_cached_steps_pass_views_of_one_mask_and_ask_for_the_last_logits_only():
     """The per-step work outside the model does not grow with the length: every step's
     attention mask is a view of one buffer made before the loop (no concatenation per
-    step), the cached steps feed one position at its running position id, and the model
-    is asked for the last position's logits only (``logits_to_keep=1``)."""
+    step), the cached steps feed one position at its running position id, and after the
+    first step (whose logits stay those of every prompt position, bit for bit as before)
+    the model is asked for the last position's logits only (``logits_to_keep=1``)."""
     lm = _Recording()
     prompt = torch.tensor([[0, 0, 7, 8], [6, 7, 8, 9]])
     pmask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
@@ -110,7 +111,7 @@ def test_cached_steps_pass_views_of_one_mask_and_ask_for_the_last_logits_only():
         lm.calls.clear()
         gen = decode(lm, prompt, pmask, 5, eos_token_id=2, pad_token_id=0, use_cache=use_cache)
         assert gen.tokens.tolist() == [[5] * 5, [5] * 5] and gen.hit_cap.tolist() == [True, True]
-        assert len(lm.calls) == 5 and all(c["keep"] == 1 for c in lm.calls)
+        assert [c["keep"] for c in lm.calls] == [0, 1, 1, 1, 1]  # the first step's logits as before (every prompt position)
         assert len({c["mask"].untyped_storage().data_ptr() for c in lm.calls}) == 1  # one buffer, sliced
         assert [c["mask"].shape[1] for c in lm.calls] == [4, 5, 6, 7, 8]
         assert lm.calls[-1]["mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8]
