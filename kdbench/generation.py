@@ -112,7 +112,6 @@ def next_token(logits: Tensor, greedy: bool, temperature: float, generator: torc
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def decode(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int,
            greedy: bool = True, temperature: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
            max_positions: int | None = None) -> Generation:
@@ -144,47 +143,58 @@ def decode(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_token
         raise GenerationError(f"sampling temperature must be positive, got {temperature}")
     if max_positions is not None and prompt_ids.shape[1] + max_new_tokens > max_positions:
         raise GenerationError(f"prompt length {prompt_ids.shape[1]} plus {max_new_tokens} new tokens exceeds the model's context of {max_positions}")
-    cache_arg, last_only = cache_argument(lm), last_logits_argument(lm)
     was_training = lm.training
     lm.eval()
     device = prompt_ids.device
-    b, p = prompt_ids.shape
     _sync(device)
     t0 = time.perf_counter()
     try:
-        # Every generated position is a real token (rows that ended keep decoding padding,
-        # masked in the output), so the whole mask and its positions are known up front.
-        mask = torch.cat([prompt_mask.long(), torch.ones(b, max_new_tokens, dtype=torch.long, device=device)], dim=1)
-        pos = positions(mask)
-        ids = torch.full((b, p + max_new_tokens), pad_token_id, dtype=prompt_ids.dtype, device=device)
-        ids[:, :p] = prompt_ids
-        out_mask = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        past: Any = None
-        processed = 0
-        n = 0
-        for n in range(max_new_tokens):
-            end = p + n  # positions known so far; the next token goes to ids[:, end]
-            start = 0 if (n == 0 or not use_cache) else end - 1
-            step = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end], "position_ids": pos[:, start:end]}
-            keep = last_only if n else {}  # the first step's logits as they always were: see the doc
-            if use_cache:
-                out = lm(**step, use_cache=True, **{cache_arg: past}, **keep)
-                past = getattr(out, cache_arg)
-            else:
-                out = lm(**step, use_cache=False, **keep)
-            processed += b * (end - start)
-            token = next_token(out.logits[:, -1, :], greedy, temperature, generator).masked_fill_(done, pad_token_id)
-            ids[:, end] = token
-            out_mask[:, n] = ~done
-            done |= token == eos_token_id
-            if bool(done.all()):
-                break
-        width = n + 1
+        with torch.inference_mode():  # less bookkeeping per operator than no_grad (no version counters or view tracking)
+            gen = _decode_steps(lm, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, greedy, temperature, generator,
+                                use_cache)
         _sync(device)
-        return Generation(ids[:, p:p + width], out_mask[:, :width], ~done, time.perf_counter() - t0, processed)
+        # inference tensors cannot be saved for backward, and the tokens feed training forwards: copies made outside the mode
+        return Generation(gen.tokens.clone(), gen.mask.clone(), gen.hit_cap.clone(), time.perf_counter() - t0, gen.forward_tokens)
     finally:
         lm.train(was_training)
+
+
+def _decode_steps(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+                  greedy: bool, temperature: float, generator: torch.Generator | None, use_cache: bool) -> Generation:
+    """:func:`decode`'s loop (the model in eval mode, inside inference mode); ``seconds`` left 0."""
+    cache_arg, last_only = cache_argument(lm), last_logits_argument(lm)
+    device = prompt_ids.device
+    b, p = prompt_ids.shape
+    # Every generated position is a real token (rows that ended keep decoding padding,
+    # masked in the output), so the whole mask and its positions are known up front.
+    mask = torch.cat([prompt_mask.long(), torch.ones(b, max_new_tokens, dtype=torch.long, device=device)], dim=1)
+    pos = positions(mask)
+    ids = torch.full((b, p + max_new_tokens), pad_token_id, dtype=prompt_ids.dtype, device=device)
+    ids[:, :p] = prompt_ids
+    out_mask = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    past: Any = None
+    processed = 0
+    n = 0
+    for n in range(max_new_tokens):
+        end = p + n  # positions known so far; the next token goes to ids[:, end]
+        start = 0 if (n == 0 or not use_cache) else end - 1
+        step = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end], "position_ids": pos[:, start:end]}
+        keep = last_only if n else {}  # the first step's logits as they always were: see the doc
+        if use_cache:
+            out = lm(**step, use_cache=True, **{cache_arg: past}, **keep)
+            past = getattr(out, cache_arg)
+        else:
+            out = lm(**step, use_cache=False, **keep)
+        processed += b * (end - start)
+        token = next_token(out.logits[:, -1, :], greedy, temperature, generator).masked_fill_(done, pad_token_id)
+        ids[:, end] = token
+        out_mask[:, n] = ~done
+        done |= token == eos_token_id
+        if bool(done.all()):
+            break
+    width = n + 1
+    return Generation(ids[:, p:p + width], out_mask[:, :width], ~done, 0.0, processed)
 
 
 def with_response(inputs: dict[str, Tensor], tokens: Tensor, mask: Tensor) -> dict[str, Tensor]:

@@ -224,3 +224,17 @@ def test_tokenizers_of_equal_size_but_different_tokens_are_told_apart(tmp_path):
     no_eos = _word_tokenizer(tmp_path / "c", ["x"], eos=False)
     with pytest.raises(GenerationError, match="no end-of-sequence"):
         HFTokenizer(AutoTokenizer.from_pretrained(no_eos), no_eos)
+
+
+def test_decoded_tokens_can_feed_a_training_forward():
+    """decode runs in inference mode; what it returns are ordinary tensors (copies made
+    outside the mode), so on-policy methods can train on them (an inference tensor
+    cannot be saved for backward: the embedding lookup of the next forward would refuse it)."""
+    f, opts, model = build("llama")
+    enc = f.encode(opts, examples(["abc", "hello w"], ["x", "y"]), 64)
+    gen = model.generate(enc, 6, greedy=False, generator=torch.Generator().manual_seed(1))
+    assert not any(t.is_inference() for t in (gen.tokens, gen.mask, gen.hit_cap))
+    model.train()
+    loss = model(with_response(enc, gen.tokens, gen.mask)).logits.logsumexp(-1).mean()
+    loss.backward()
+    assert model.lm.model.embed_tokens.weight.grad.abs().sum() > 0
