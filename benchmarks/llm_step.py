@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-length", type=int, default=None)
     ap.add_argument("--gen-width", type=int, default=None, help="KV cache: decode with a student this wide (default: the reference student's)")
     ap.add_argument("--kv-only", action="store_true", help="only the KV-cache figures (no method steps)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads, every mode (default: torch's choice)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--real", action="store_true", help="llm-real-cpu's models and sizes (the SmolLM2 asset)")
     ap.add_argument("--cache-examples", type=int, default=32, help="--real: training examples the caches are timed on")
@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gkd-new-tokens", type=int, default=None, help="--trl: tokens sampled per step (default 10; --tiny 6)")
     ap.add_argument("--gkd-memory", choices=["kdbench", "trl"], default=None, help=argparse.SUPPRESS)  # --trl's subprocesses
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.trl or args.gkd_memory:
         size = TINY if args.tiny else REFERENCE
         new_tokens = args.gkd_new_tokens or (6 if args.tiny else 10)
@@ -500,15 +502,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(gkd_memory(args.gkd_memory, size, steps, new_tokens)))
             return 0
         out = trl_comparison(size, args.rounds or (1 if args.tiny else 5), steps, new_tokens)
-        return report_trl(out, ["--tiny"] if args.tiny else [], steps, new_tokens, args.json)
+        flags = (["--tiny"] if args.tiny else []) + ([] if args.threads is None else ["--threads", str(args.threads)])
+        return report_trl(out, flags, steps, new_tokens, args.json)
     if args.real:
         return report_real(real_sizing(args.rounds or 2, args.steps or 2, args.cache_examples, args.cache_dir), args.json)
     size = TINY if args.tiny else REFERENCE
     rounds = args.rounds or (1 if args.tiny else 5)
     steps = args.steps or (1 if args.tiny else 5)
     length = args.gen_length or (8 if args.tiny else 64)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     setup = {"tiny": args.tiny, "rounds": rounds, "steps_per_round": steps, "batch": size["batch"], "gen_length": length,
              "gen_width": with_width(size, args.gen_width)["student"]["hidden"], "threads": torch.get_num_threads(), "torch": torch.__version__,
              "load_average": os.getloadavg()}
