@@ -10,7 +10,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from kdbench.api import MetricInfo
+from kdbench.api import NULL_READS, MetricInfo, null_reads
+from kdbench.registry import get_registry
 
 SCALE = 100.0  # the scale of stores that predate per-run metric info: every score x100, as KD papers report them
 TEST = "test"
@@ -140,9 +141,23 @@ def off_cpu(runs: pd.DataFrame) -> pd.Series:
 
 
 
-def label(method: str, params: dict[str, Any], varying: set[str]) -> str:
-    shown = {k: v for k, v in sorted(params.items()) if k in varying}
-    return method if not shown else f"{method}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+def param_text(method_name: str, key: str, value: Any) -> str:
+    """``key=value`` as row names and settings show it. A null value (the parameter left
+    unset) reads as the word its method's field declares (:func:`kdbench.api.nullable`:
+    ``teacher_topk=full``), else ``off``; "None" tells a reader nothing. A method that is
+    not registered (a store read without its plugin) gets ``off``."""
+    if value is not None:
+        return f"{key}={value}"
+    entry = get_registry().entries["methods"].get(method_name)
+    return f"{key}={null_reads(entry.cls.Params, key) if entry is not None else NULL_READS}"
+
+
+def label(method: str, params: dict[str, Any], varying: set[str], method_name: str | None = None) -> str:
+    """A row name: ``method`` with the parameters in ``varying`` that ``params`` holds, in
+    name order; ``method_name`` (default ``method``) is the registered method whose fields
+    say how a null value reads (``method`` may be an entry's label)."""
+    shown = [param_text(method_name or method, k, v) for k, v in sorted(params.items()) if k in varying]
+    return method if not shown else f"{method}({', '.join(shown)})"
 
 
 def test_splits(metrics: dict[str, Any]) -> list[str]:

@@ -28,7 +28,7 @@ def _varying(params: list[dict[str, Any]]) -> set[str]:
 def _rename(df: pd.DataFrame, mask: pd.Series, name: str) -> None:
     params = [json.loads(p) for p in df.loc[mask, "params"]]
     varying = _varying(params)
-    df.loc[mask, "method"] = [label(name, p, varying) for p in params]
+    df.loc[mask, "method"] = [label(name, p, varying, m) for p, m in zip(params, df.loc[mask, "method_name"])]
 
 
 def entry_runs(df: pd.DataFrame, suite_spec: Any, index: int, registry: Any = None) -> pd.Series:
