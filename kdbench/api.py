@@ -117,6 +117,14 @@ def omit_added_defaults(model: BaseModel, data: Any) -> Any:
     return data
 
 
+def added_defaults(options_cls: type[BaseModel]) -> dict[str, Any]:
+    """The fields of ``options_cls`` declared with :func:`added`, with their defaults: what a
+    stored run that does not name such a field ran with (its dumped options leave it out).
+    Reports use it to show that value instead of a blank where runs of one method differ
+    only in whether they named the field."""
+    return {name: f.default for name, f in options_cls.model_fields.items() if _is_added(f)}
+
+
 def location(default: Any = None, description: str = "") -> Any:
     """A field that says *where* something lives (a data folder, a local file), not *what*
     it is: it is left out of run hashes, so the same run on two machines with different

@@ -100,13 +100,28 @@ def verdict(r: dict[str, Any], alpha: float = stats.ALPHA) -> str:
             f"spread {r['range']:.2f} vs within-setting seed std {r['seed_std']:.2f})")
 
 
+def unnamed_defaults(method: str) -> dict[str, Any]:
+    """The fields ``method`` added after runs were stored (:func:`kdbench.api.added`) with
+    their defaults, from the installed plugin (empty when the registry does not know it).
+    A run that left such a field at its default stored no value for it."""
+    from kdbench.api import added_defaults
+    from kdbench.registry import get_registry
+
+    try:
+        return added_defaults(get_registry().method(method).Params)
+    except Exception:  # a method whose plugin is not installed: its levels show as stored
+        return {}
+
+
 def sweep_lines(df: pd.DataFrame):
     """``(task, entry, factor, held-at text, runs with a 'level' column)`` for every factor
     each method entry sweeps (finished runs), along the line of :func:`_line`. An entry is
     a labelled method entry (named by its label: ``dkd+ls``, never pooled with ``dkd``) or
     the unlabelled entries of one method (``entry`` column of the runs frame; the method's
-    name without it). A parameter left unset (null) is the level its method names
-    (``teacher_topk=full``), as in row names."""
+    name without it). A field that some runs name and others leave at its default
+    (:func:`unnamed_defaults`) reads as that default in the others, not as missing; a
+    parameter left unset (null) is the level its method names (``teacher_topk=full``), as
+    in row names."""
     done = df[df["status"] == DONE]
     by = "entry" if "entry" in done else "method_name"
     for (task, name), g in done.groupby(["task", by], sort=True):
@@ -114,6 +129,8 @@ def sweep_lines(df: pd.DataFrame):
         configs = g.assign(p=g["params"].map(json.loads))
         settings = [dict(p) | {"student": s} for p, s in zip(configs["p"], configs["student"])]
         keys = sorted(set().union(*(s.keys() for s in settings)))
+        implied = {k: v for k, v in unnamed_defaults(method).items() if k in keys}
+        settings = [implied | s for s in settings]
         factors = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
         for f in factors:
             found = _line(settings, factors, f, keys)
