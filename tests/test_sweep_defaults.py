@@ -36,3 +36,16 @@ def test_the_default_level_is_named_in_sweeps_and_sensitivity():
     assert means == {"constant": 64.30, "linear": 67.15}  # the results README's students, inner kd
     scores = rep.sens_scores[rep.sens_scores["factor"] == "teacher_schedule"]
     assert set(scores["worst_level"]) | set(scores["best_level"]) <= {"constant", "linear"}
+
+
+def test_a_wrapping_method_reads_its_inner_methods_defaults():
+    """regression-soft-cpu: MetaDistil wraps pkd; its runs at pkd's default regression_soft
+    (logits, an added field of pkd's) stored no value, and must share the 'logits' level
+    with pkd's runs that named it (the interaction test compares them level by level)."""
+    suite = load_suite(ROOT / "benchmarks" / "regression-soft-cpu.yaml")
+    store = ResultsStore(ROOT / "results" / "regression-soft-cpu" / "store.sqlite")
+    rep = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False)
+    levels = rep.sens_levels[rep.sens_levels["factor"] == "regression_soft"]
+    assert {(r.method, r.level) for r in levels.itertuples()} == {(m, lv) for m in ("metadistil", "pkd") for lv in ("logits", "probabilities")}
+    means = {(r.method, r.level): round(r.mean, 2) for r in levels.itertuples()}
+    assert means[("metadistil", "logits")] == 48.71 and means[("pkd", "probabilities")] == 47.45
