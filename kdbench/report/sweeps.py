@@ -122,18 +122,17 @@ def unnamed_defaults(method: str, params: dict[str, Any] | None = None) -> dict[
 
 
 def sweep_lines(df: pd.DataFrame):
-    """``(task, entry, factor, held-at text, runs with a 'level' column)`` for every factor
-    each method entry sweeps (finished runs), along the line of :func:`_line`. An entry is
-    a labelled method entry (named by its label: ``dkd+ls``, never pooled with ``dkd``) or
-    the unlabelled entries of one method (``entry`` column of the runs frame; the method's
-    name without it). A field that some runs name and others leave at its default
-    (:func:`unnamed_defaults`) reads as that default in the others, not as missing; a
-    parameter left unset (null) is the level its method names (``teacher_topk=full``), as
-    in row names."""
+    """``(task, name, factor, held-at text, runs with a 'level' column)`` for every factor
+    each method sweeps (finished runs), along the line of :func:`_line`. A line whose runs
+    all come from one labelled method entry is named by that label (``dkd+ls``, not
+    ``dkd``: the runs a reader finds under that row); one that spans entries (two entries
+    that differ only in the factor) or has no label, by the method's name (``entry``
+    column of the runs frame, :func:`kdbench.report.labels.entry_rows`). A field that some
+    runs name and others leave at its default (:func:`unnamed_defaults`) reads as that
+    default in the others, not as missing; a parameter left unset (null) is the level its
+    method names (``teacher_topk=full``), as in row names."""
     done = df[df["status"] == DONE]
-    by = "entry" if "entry" in done else "method_name"
-    for (task, name), g in done.groupby(["task", by], sort=True):
-        method = str(g["method_name"].iloc[0])
+    for (task, method), g in done.groupby(["task", "method_name"], sort=True):
         configs = g.assign(p=g["params"].map(json.loads))
         settings = [dict(p) | {"student": s} for p, s in zip(configs["p"], configs["student"])]
         keys = sorted(set().union(*(s.keys() for s in settings)))
@@ -144,9 +143,12 @@ def sweep_lines(df: pd.DataFrame):
             if found is None:
                 continue
             fixed, mask = found
+            line = configs[mask]
+            entries = set(line["entry"]) if "entry" in line else {method}
+            name = entries.pop() if len(entries) == 1 else method
             at = ", ".join(param_text(method, k, fixed.get(k)) for k in factors if k != f)
             shown = [s.get(f) if s.get(f) is not None else null_text(method, f) for s, m in zip(settings, mask) if m]
-            yield task, name, f, at, configs[mask].assign(level=pd.Series(shown, index=configs[mask].index, dtype=object))
+            yield task, name, f, at, line.assign(level=pd.Series(shown, index=line.index, dtype=object))
 
 
 def _answer(r: dict[str, Any], alpha: float = stats.ALPHA) -> str:
