@@ -145,6 +145,30 @@ def added(default: Any, description: str = "", **constraints: Any) -> Any:
     return Field(default, description=description, json_schema_extra={"kdbench_added": True}, **constraints)
 
 
+#: what a null (unset) parameter reads as in a leaderboard row name when its field does
+#: not say (:func:`nullable`): ``teacher_grad_clip=off``, never ``=None``
+NULL_READS = "off"
+
+
+def nullable(description: str = "", reads: str = NULL_READS, **constraints: Any) -> Any:
+    """A field whose default is null (the behaviour it switches is not used), and the word a
+    report's row name shows for null: ``teacher_topk: int | None = nullable(..., reads="full")``
+    names the row ``token-kd(teacher_topk=full)`` beside ``token-kd(teacher_topk=16)``.
+    Display only: the dumped options, and so run hashes, are those of ``Field(None, ...)``."""
+    from pydantic import Field
+
+    return Field(None, description=description, json_schema_extra={"kdbench_null_reads": reads}, **constraints)
+
+
+def null_reads(options_cls: type[BaseModel], name: str) -> str:
+    """The word a null value of ``options_cls``'s field ``name`` reads as in row names: the
+    field's :func:`nullable` ``reads``, else :data:`NULL_READS` (also for an unknown field)."""
+    f = options_cls.model_fields.get(name)
+    extra = f.json_schema_extra if f is not None else None
+    word = extra.get("kdbench_null_reads") if isinstance(extra, dict) else None
+    return word if isinstance(word, str) and word else NULL_READS
+
+
 def _is_added(f: Any) -> bool:
     return isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("kdbench_added") is True
 
