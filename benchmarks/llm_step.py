@@ -14,10 +14,20 @@ with [min, max].
 
 The KV cache: greedy decoding of ``--gen-length`` tokens (64 by default) after the
 batch's prompts, with and without the cache, interleaved over the rounds; the ratio is
-no-cache over cache seconds per generated token (the target: >= 3 at length 64).
+no-cache over cache seconds per generated token (the target: >= 3 at length 64), in wall
+seconds and in the process's CPU seconds (what a loaded machine inflates far less). Beside
+it, per length, one cached step (one new position against a cache of the rest) and one
+full forward of the whole sequence, each per generated token: where the cached step costs
+far more than ``1 / length`` of the full forward, the forward is bound by its fixed cost
+per call (a few hundred small operators), not by the positions it processes, and no
+cache can save more than that ratio. ``--gen-width W`` decodes with a student of width
+``W`` instead (2 blocks, 4 heads, MLP ``3W``; the methods keep the reference pair), to
+show the ratio where compute dominates; ``--kv-only`` skips the methods; ``--threads``
+sets torch's intra-op threads (default: torch's own choice, printed).
 
     python benchmarks/llm_step.py                 # reference pair
     python benchmarks/llm_step.py --tiny          # tiny models, 1 round: seconds (the test's structure check)
+    python benchmarks/llm_step.py --kv-only --gen-width 512   # the KV cache alone, a wider student
     python benchmarks/llm_step.py --json out.json # also write the figures as JSON
     python benchmarks/llm_step.py --real          # llm-real-cpu's sizes (needs the SmolLM2 asset)
     python benchmarks/llm_step.py --trl           # kdbench's gkd step vs TRL's GKDTrainer (the peers extra)
@@ -41,9 +51,11 @@ compared on the same sampled responses (kdbench's samples put in TRL's layout: p
 response, prompt and padding labelled -100): the run stops if they differ. Then the
 steps are interleaved over the rounds, each split into generation (TRL: its
 ``generate_on_policy_outputs``, timed by wrapping it) and update; the ratio is kdbench over
-TRL per round (target: at most 1.0); no gradient clipping on either side. Memory: each framework's step runs again in a fresh
-process; its resident set before the steps and its high-water mark during them (reset
-first), the difference is what a step adds. TRL is the ``peers`` extra (``pip install -e '.[peers]'``).
+TRL per round (target: at most 1.0), in wall seconds and in the process's CPU seconds
+(``cpu_ratio``: the figure a loaded machine inflates least); no gradient clipping on
+either side. Memory: each framework's step runs again in a fresh process; its resident
+set before the steps and its high-water mark during them (reset first), the difference
+is what a step adds. TRL is the ``peers`` extra (``pip install -e '.[peers]'``).
 """
 
 from __future__ import annotations
@@ -302,25 +314,29 @@ def trl_comparison(size: dict[str, Any], rounds: int, steps: int, new_tokens: in
     with tempfile.TemporaryDirectory() as tmp:
         method, ctx, trainer, batch = gkd_setup(size, new_tokens, Path(tmp))
         equal = check_equal_losses(method, ctx, trainer, batch, new_tokens)
-        fig: dict[str, list[float]] = {k: [] for k in ("kdbench_step_s", "kdbench_generation_s", "trl_step_s", "trl_generation_s", "ratio")}
+        keys = ("kdbench_step_s", "kdbench_generation_s", "kdbench_cpu_s", "trl_step_s", "trl_generation_s", "trl_cpu_s", "ratio", "cpu_ratio")
+        fig: dict[str, list[float]] = {k: [] for k in keys}
         for r in range(rounds + 1):  # round 0 warms up, discarded
-            per: dict[str, list[tuple[float, float]]] = {"kdbench": [], "trl": []}
+            per: dict[str, list[tuple[float, float, float]]] = {"kdbench": [], "trl": []}
             for _ in range(steps):
-                g0, t0 = ctx.timings.get("generation", 0.0), time.perf_counter()
+                g0, t0, c0 = ctx.timings.get("generation", 0.0), time.perf_counter(), time.process_time()
                 method.train_step(ctx, batch)
-                per["kdbench"].append((time.perf_counter() - t0, ctx.timings.get("generation", 0.0) - g0))
-                g0, t0 = trainer.generation_s, time.perf_counter()
+                per["kdbench"].append((time.perf_counter() - t0, ctx.timings.get("generation", 0.0) - g0, time.process_time() - c0))
+                g0, t0, c0 = trainer.generation_s, time.perf_counter(), time.process_time()
                 trl_step(trainer, batch)
-                per["trl"].append((time.perf_counter() - t0, trainer.generation_s - g0))
+                per["trl"].append((time.perf_counter() - t0, trainer.generation_s - g0, time.process_time() - c0))
             if r:
                 for who, xs in per.items():
-                    step, gen = sorted(xs)[len(xs) // 2]
+                    step, gen, _ = sorted(xs)[len(xs) // 2]
                     fig[f"{who}_step_s"].append(step)
                     fig[f"{who}_generation_s"].append(gen)
+                    fig[f"{who}_cpu_s"].append(float(np.median([x[2] for x in xs])))
                 fig["ratio"].append(fig["kdbench_step_s"][-1] / fig["trl_step_s"][-1])
+                fig["cpu_ratio"].append(fig["kdbench_cpu_s"][-1] / fig["trl_cpu_s"][-1])
     versions = {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
     return {"setup": {"batch": size["batch"], "max_new_tokens": new_tokens, "rounds": rounds, "steps_per_round": steps, **GKD_PAIR,
-                      "prompt_length": int(batch.inputs["prompt_ids"].shape[1]), "versions": versions},
+                      "prompt_length": int(batch.inputs["prompt_ids"].shape[1]), "versions": versions, "threads": torch.get_num_threads(),
+                      "load_average": os.getloadavg()},
             "equal_loss": equal, "figures": {k: spread(v) for k, v in fig.items()}}
 
 
@@ -360,7 +376,8 @@ def report_trl(out: dict[str, Any], size_flag: list[str], steps: int, new_tokens
     out["memory"] = mem
     s, f = out["setup"], out["figures"]
     print(f"on-policy GKD step (lambda {s['lmbda']}, beta {s['beta']}, T {s['temperature']}), batch {s['batch']} x prompt {s['prompt_length']}, "
-          f"up to {s['max_new_tokens']} new tokens; {', '.join(f'{k} {v}' for k, v in s['versions'].items())}")
+          f"up to {s['max_new_tokens']} new tokens; {', '.join(f'{k} {v}' for k, v in s['versions'].items())}; {s['threads']} thread(s), "
+          f"load average {', '.join(f'{x:.1f}' for x in s['load_average'])} at the end")
     print(f"equal loss on the same samples: kdbench {out['equal_loss']['kdbench']:.8f}, TRL {out['equal_loss']['trl']:.8f} "
           f"(relative difference {out['equal_loss']['rel_diff']:.1e})")
     for k, v in f.items():
@@ -373,12 +390,100 @@ def report_trl(out: dict[str, Any], size_flag: list[str], steps: int, new_tokens
     return 0
 
 
+def timed(call: Any) -> tuple[float, float]:
+    """``(wall, cpu)`` seconds of ``call()``: the wall clock and the process's CPU time (all threads)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    call()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def with_width(size: dict[str, Any], width: int | None) -> dict[str, Any]:
+    """``size`` with its student ``width`` wide (4 heads, MLP 3 x width), or as it is."""
+    if width is None:
+        return size
+    if width % 8:
+        raise SystemExit(f"--gen-width must be a multiple of 8 (4 heads of an even width), got {width}")
+    return {**size, "student": {**size["student"], "hidden": width, "intermediate": 3 * width, "heads": 4}}
+
+
+@torch.no_grad()
+def forward_costs(lm: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor, at: list[int]) -> dict[int, dict[str, float]]:
+    """Per new-token index ``n`` in ``at``: one cached step (position ``P + n - 1`` fed
+    against a cache of the ``P + n - 1`` before it, the prefill untimed) and one full
+    forward of all ``P + n`` positions, in seconds per generated token (a step makes one
+    token per row), wall and CPU; the sequence is the prompts and ``tokens`` decoded after them."""
+    from kdbench.generation import cache_argument, last_logits_argument, positions
+
+    cache_arg, keep = cache_argument(lm), last_logits_argument(lm)
+    ids = torch.cat([prompt_ids, tokens], 1)
+    mask = torch.cat([prompt_mask.long(), torch.ones_like(tokens)], 1)
+    pos, rows, p = positions(mask), ids.shape[0], prompt_ids.shape[1]
+    was = lm.training
+    lm.eval()
+    out: dict[int, dict[str, float]] = {}
+    for n in at:
+        end = p + n
+        full = timed(lambda: lm(input_ids=ids[:, :end], attention_mask=mask[:, :end], position_ids=pos[:, :end], use_cache=False, **keep))
+        past = getattr(lm(input_ids=ids[:, :end - 1], attention_mask=mask[:, :end - 1], position_ids=pos[:, :end - 1], use_cache=True, **keep), cache_arg)
+        step = timed(lambda: lm(input_ids=ids[:, end - 1:end], attention_mask=mask[:, :end], position_ids=pos[:, end - 1:end], use_cache=True,
+                                **{cache_arg: past}, **keep))
+        out[n] = {"length": end, "cached_step_s_per_token": step[0] / rows, "full_forward_s_per_token": full[0] / rows,
+                  "cached_step_cpu_s_per_token": step[1] / rows, "full_forward_cpu_s_per_token": full[1] / rows}
+    lm.train(was)
+    return out
+
+
+def kv_cache(lm: Any, batch: Batch, length: int, rounds: int) -> dict[str, Any]:
+    """Greedy decoding with and without the cache, alternating, ``rounds`` times; then the
+    per-length costs (:func:`forward_costs`) as many times, each figure's spread over rounds."""
+    p_ids, p_mask = batch.inputs["prompt_ids"], batch.inputs["prompt_mask"]
+    keys = ("cache_s_per_token", "no_cache_s_per_token", "ratio", "cache_cpu_s_per_token", "no_cache_cpu_s_per_token", "cpu_ratio")
+    kv: dict[str, list[float]] = {k: [] for k in keys}
+    tokens = None
+    for _ in range(rounds):  # cache and no cache alternate, round by round
+        for use_cache, label in ((True, "cache"), (False, "no_cache")):
+            c0 = time.process_time()  # -1: never stops: all `length` tokens
+            g = decode(lm, p_ids, p_mask, length, eos_token_id=-1, pad_token_id=0, use_cache=use_cache)
+            kv[f"{label}_cpu_s_per_token"].append((time.process_time() - c0) / g.tokens.numel())
+            kv[f"{label}_s_per_token"].append(g.seconds / g.tokens.numel())
+            if tokens is None:
+                tokens = g.tokens
+            elif not torch.equal(tokens, g.tokens):
+                raise SystemExit("decoding with and without the cache gave different tokens; no timing")
+        kv["ratio"].append(kv["no_cache_s_per_token"][-1] / kv["cache_s_per_token"][-1])
+        kv["cpu_ratio"].append(kv["no_cache_cpu_s_per_token"][-1] / kv["cache_cpu_s_per_token"][-1])
+    at = sorted({1, *range(16, length, 16), length - 1} & set(range(1, length)))
+    per_round = [forward_costs(lm, p_ids, p_mask, tokens, at) for _ in range(rounds)]
+    by_length = {n: {k: spread([r[n][k] for r in per_round]) for k in per_round[0][n] if k != "length"} | {"length": per_round[0][n]["length"]}
+                 for n in at}
+    return {"kv_cache": {k: spread(v) for k, v in kv.items()}, "by_length": by_length}
+
+
+def print_kv(out: dict[str, Any], length: int, rounds: int) -> None:
+    setup = out["setup"]
+    print(f"KV cache, student width {setup['gen_width']}, batch {setup['batch']}, {setup['threads']} thread(s), load average "
+          f"{', '.join(f'{x:.1f}' for x in setup['load_average'])} at the start")
+    for label, key in (("wall", "ratio"), ("CPU", "cpu_ratio")):
+        r = out["kv_cache"][key]
+        c = out["kv_cache"]["cache_s_per_token" if key == "ratio" else "cache_cpu_s_per_token"]["median"]
+        n = out["kv_cache"]["no_cache_s_per_token" if key == "ratio" else "no_cache_cpu_s_per_token"]["median"]
+        print(f"  at length {length}, {label:4s} seconds: no-cache / cache per token {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] over {rounds} "
+              f"round(s) (cache {c * 1e6:.1f} us, no cache {n * 1e6:.1f} us per token)")
+    print(f"  {'new token':>9s} {'length':>6s} {'cached step us/token':>22s} {'full forward us/token':>22s} {'full / cached':>13s}   (CPU)")
+    for n, f in out["by_length"].items():
+        step, full = f["cached_step_cpu_s_per_token"]["median"], f["full_forward_cpu_s_per_token"]["median"]
+        print(f"  {n:>9d} {f['length']:>6d} {step * 1e6:>22.1f} {full * 1e6:>22.1f} {full / step:>13.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny models, one round, one step: structure only")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--gen-length", type=int, default=None)
+    ap.add_argument("--gen-width", type=int, default=None, help="KV cache: decode with a student this wide (default: the reference student's)")
+    ap.add_argument("--kv-only", action="store_true", help="only the KV-cache figures (no method steps)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads, every mode (default: torch's choice)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--real", action="store_true", help="llm-real-cpu's models and sizes (the SmolLM2 asset)")
     ap.add_argument("--cache-examples", type=int, default=32, help="--real: training examples the caches are timed on")
@@ -387,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gkd-new-tokens", type=int, default=None, help="--trl: tokens sampled per step (default 10; --tiny 6)")
     ap.add_argument("--gkd-memory", choices=["kdbench", "trl"], default=None, help=argparse.SUPPRESS)  # --trl's subprocesses
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.trl or args.gkd_memory:
         size = TINY if args.tiny else REFERENCE
         new_tokens = args.gkd_new_tokens or (6 if args.tiny else 10)
@@ -395,40 +502,33 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(gkd_memory(args.gkd_memory, size, steps, new_tokens)))
             return 0
         out = trl_comparison(size, args.rounds or (1 if args.tiny else 5), steps, new_tokens)
-        return report_trl(out, ["--tiny"] if args.tiny else [], steps, new_tokens, args.json)
+        flags = (["--tiny"] if args.tiny else []) + ([] if args.threads is None else ["--threads", str(args.threads)])
+        return report_trl(out, flags, steps, new_tokens, args.json)
     if args.real:
         return report_real(real_sizing(args.rounds or 2, args.steps or 2, args.cache_examples, args.cache_dir), args.json)
     size = TINY if args.tiny else REFERENCE
     rounds = args.rounds or (1 if args.tiny else 5)
     steps = args.steps or (1 if args.tiny else 5)
     length = args.gen_length or (8 if args.tiny else 64)
-    torch.set_num_threads(torch.get_num_threads())
+    setup = {"tiny": args.tiny, "rounds": rounds, "steps_per_round": steps, "batch": size["batch"], "gen_length": length,
+             "gen_width": with_width(size, args.gen_width)["student"]["hidden"], "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "load_average": os.getloadavg()}
     factory, teacher, student, encoded = build(size)
-    contexts = {name: context(name, params, teacher, student, factory, encoded, size["batch"]) for name, params in METHODS.items()}
     idx = torch.arange(size["batch"])
     batch = Batch(factory.collate(encoded, idx), idx.float(), idx)
-    kv: dict[str, list[float]] = {"cache_s_per_token": [], "no_cache_s_per_token": [], "ratio": []}
-    per = interleaved(contexts, batch, rounds, steps, warm=not args.tiny)
-    p_ids, p_mask = batch.inputs["prompt_ids"], batch.inputs["prompt_mask"]
-    for _ in range(rounds):  # cache and no cache alternate, round by round
-        figures = {}
-        for use_cache in (True, False):
-            g = decode(student.lm, p_ids, p_mask, length, eos_token_id=-1, pad_token_id=0, use_cache=use_cache)  # -1: never stops: all `length` tokens
-            figures[use_cache] = g.seconds / (g.tokens.numel())
-        kv["cache_s_per_token"].append(figures[True])
-        kv["no_cache_s_per_token"].append(figures[False])
-        kv["ratio"].append(figures[False] / figures[True])
-    out = {"setup": {"tiny": args.tiny, "rounds": rounds, "steps_per_round": steps, "batch": size["batch"], "gen_length": length,
-                     "threads": torch.get_num_threads(), "torch": torch.__version__},
-           "methods": {m: {k: spread(v) for k, v in fig.items()} for m, fig in per.items()},
-           "kv_cache": {k: spread(v) for k, v in kv.items()},
-           "memory": {"peak_rss_mb": peak_rss_mb()}}
-    print(f"{'method':10s} {'step s':>22s} {'generation s':>22s} {'update s':>22s}")
-    for m, fig in out["methods"].items():
-        cells = [f"{fig[k]['median']:.4f} [{fig[k]['min']:.4f}, {fig[k]['max']:.4f}]" for k in ("step_s", "generation_s", "update_s")]
-        print(f"{m:10s} " + " ".join(f"{c:>22s}" for c in cells))
-    ratio = out["kv_cache"]["ratio"]
-    print(f"KV cache at length {length}: no-cache / cache time per token {ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}] over {rounds} round(s)")
+    out: dict[str, Any] = {"setup": setup}
+    if not args.kv_only:
+        contexts = {name: context(name, params, teacher, student, factory, encoded, size["batch"]) for name, params in METHODS.items()}
+        per = interleaved(contexts, batch, rounds, steps, warm=not args.tiny)
+        out["methods"] = {m: {k: spread(v) for k, v in fig.items()} for m, fig in per.items()}
+        print(f"{'method':10s} {'step s':>22s} {'generation s':>22s} {'update s':>22s}")
+        for m, fig in out["methods"].items():
+            cells = [f"{fig[k]['median']:.4f} [{fig[k]['min']:.4f}, {fig[k]['max']:.4f}]" for k in ("step_s", "generation_s", "update_s")]
+            print(f"{m:10s} " + " ".join(f"{c:>22s}" for c in cells))
+    gen_student = student if args.gen_width is None else build(with_width(size, args.gen_width))[2]
+    out.update(kv_cache(gen_student.lm, batch, length, rounds))
+    out["memory"] = {"peak_rss_mb": peak_rss_mb()}
+    print_kv(out, length, rounds)
     print(f"peak RSS {out['memory']['peak_rss_mb']:.0f} MB (the whole process)")
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2))

@@ -117,6 +117,14 @@ def omit_added_defaults(model: BaseModel, data: Any) -> Any:
     return data
 
 
+def added_defaults(options_cls: type[BaseModel]) -> dict[str, Any]:
+    """The fields of ``options_cls`` declared with :func:`added`, with their defaults: what a
+    stored run that does not name such a field ran with (its dumped options leave it out).
+    Reports use it to show that value instead of a blank where runs of one method differ
+    only in whether they named the field."""
+    return {name: f.default for name, f in options_cls.model_fields.items() if _is_added(f)}
+
+
 def location(default: Any = None, description: str = "") -> Any:
     """A field that says *where* something lives (a data folder, a local file), not *what*
     it is: it is left out of run hashes, so the same run on two machines with different
@@ -135,6 +143,30 @@ def added(default: Any, description: str = "", **constraints: Any) -> Any:
     from pydantic import Field
 
     return Field(default, description=description, json_schema_extra={"kdbench_added": True}, **constraints)
+
+
+#: what a null (unset) parameter reads as in a leaderboard row name when its field does
+#: not say (:func:`nullable`): ``teacher_grad_clip=off``, never ``=None``
+NULL_READS = "off"
+
+
+def nullable(description: str = "", reads: str = NULL_READS, **constraints: Any) -> Any:
+    """A field whose default is null (the behaviour it switches is not used), and the word a
+    report's row name shows for null: ``teacher_topk: int | None = nullable(..., reads="full")``
+    names the row ``token-kd(teacher_topk=full)`` beside ``token-kd(teacher_topk=16)``.
+    Display only: the dumped options, and so run hashes, are those of ``Field(None, ...)``."""
+    from pydantic import Field
+
+    return Field(None, description=description, json_schema_extra={"kdbench_null_reads": reads}, **constraints)
+
+
+def null_reads(options_cls: type[BaseModel], name: str) -> str:
+    """The word a null value of ``options_cls``'s field ``name`` reads as in row names: the
+    field's :func:`nullable` ``reads``, else :data:`NULL_READS` (also for an unknown field)."""
+    f = options_cls.model_fields.get(name)
+    extra = f.json_schema_extra if f is not None else None
+    word = extra.get("kdbench_null_reads") if isinstance(extra, dict) else None
+    return word if isinstance(word, str) and word else NULL_READS
 
 
 def _is_added(f: Any) -> bool:

@@ -90,6 +90,19 @@ def cache_argument(lm: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
+def last_logits_argument(lm: nn.Module) -> dict[str, int]:
+    """The keyword that asks ``lm`` for the logits of the last position only
+    (``logits_to_keep=1``, ``num_logits_to_keep`` in older transformers), or ``{}`` where
+    its forward has none: decoding reads no other position, and the output projection
+    over a whole sequence (a vocabulary of 50k for a real tokenizer) is much of a
+    no-cache step."""
+    params = inspect.signature(lm.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 def next_token(logits: Tensor, greedy: bool, temperature: float, generator: torch.Generator | None) -> Tensor:
     """One token per row of ``logits`` ``(B, V)``: the argmax (lowest id on ties), or a
     draw from ``softmax(logits / temperature)`` with ``generator``."""
@@ -99,17 +112,29 @@ def next_token(logits: Tensor, greedy: bool, temperature: float, generator: torc
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def decode(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int,
            greedy: bool = True, temperature: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
            max_positions: int | None = None) -> Generation:
     """Decode up to ``max_new_tokens`` tokens after left-padded prompts (see the module
     doc), greedily or by sampling at ``temperature`` with ``generator``, with the
-    key/value cache (``use_cache``: one new position per step) or without (the whole
-    sequence again every step: the same tokens, quadratically more work). Stops early
-    once every sequence has emitted ``eos_token_id``. The module is put in eval mode
-    for the call and restored after. ``max_positions``: the model's context; a prompt
-    plus cap beyond it is a :class:`GenerationError`."""
+    key/value cache (``use_cache``: one new position per step, the model's own cache
+    object) or without (the whole sequence again every step: the same tokens,
+    quadratically more work). Stops early once every sequence has emitted
+    ``eos_token_id``. The module is put in eval mode for the call and restored after.
+    ``max_positions``: the model's context; a prompt plus cap beyond it is a
+    :class:`GenerationError`.
+
+    The work per step that does not belong to the model is fixed, whatever the length:
+    the token, mask and position buffers of the whole ``prompt + max_new_tokens`` are
+    allocated once, each step passes views of them (no concatenation that grows with the
+    length, no cumulative sum over the mask) and writes one column. After the first step
+    only the last position's logits are asked for where the model can say so
+    (:func:`last_logits_argument`: a no-cache step then projects one position, as a
+    cached step does). The first step still projects every prompt position, as it always
+    has: the output projection of one row is not always bit-identical to that row of
+    the whole matrix's (BLAS kernels differ with the row count), and the first token
+    must stay the one the stored runs drew. The one host sync per step is the early-stop
+    test."""
     if eos_token_id is None:
         raise GenerationError("decoding needs an end-of-sequence token; the tokenizer has none (set one in the model's options)")
     if max_new_tokens < 1:
@@ -118,46 +143,58 @@ def decode(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_token
         raise GenerationError(f"sampling temperature must be positive, got {temperature}")
     if max_positions is not None and prompt_ids.shape[1] + max_new_tokens > max_positions:
         raise GenerationError(f"prompt length {prompt_ids.shape[1]} plus {max_new_tokens} new tokens exceeds the model's context of {max_positions}")
-    cache_arg = cache_argument(lm)
     was_training = lm.training
     lm.eval()
     device = prompt_ids.device
-    b = prompt_ids.shape[0]
     _sync(device)
     t0 = time.perf_counter()
     try:
-        ids, mask = prompt_ids, prompt_mask.long()
-        out_tokens = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        out_mask = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        past: Any = None
-        processed = 0
-        step_ids, step_pos = ids, positions(mask)
-        n = 0
-        for n in range(max_new_tokens):
-            if use_cache:
-                out = lm(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_arg: past})
-                past = getattr(out, cache_arg)
-                processed += step_ids.numel()
-            else:
-                out = lm(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
-                processed += ids.numel()
-            token = next_token(out.logits[:, -1, :], greedy, temperature, generator)
-            token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            out_tokens[:, n] = token
-            out_mask[:, n] = (~done).long()
-            done = done | (token == eos_token_id)
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            new_pos = positions(mask)[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
-            step_ids, step_pos = token[:, None], new_pos
-            if bool(done.all()):
-                break
-        width = n + 1
+        with torch.inference_mode():  # less bookkeeping per operator than no_grad (no version counters or view tracking)
+            gen = _decode_steps(lm, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, greedy, temperature, generator,
+                                use_cache)
         _sync(device)
-        return Generation(out_tokens[:, :width], out_mask[:, :width], ~done, time.perf_counter() - t0, processed)
+        # inference tensors cannot be saved for backward, and the tokens feed training forwards: copies made outside the mode
+        return Generation(gen.tokens.clone(), gen.mask.clone(), gen.hit_cap.clone(), time.perf_counter() - t0, gen.forward_tokens)
     finally:
         lm.train(was_training)
+
+
+def _decode_steps(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+                  greedy: bool, temperature: float, generator: torch.Generator | None, use_cache: bool) -> Generation:
+    """:func:`decode`'s loop (the model in eval mode, inside inference mode); ``seconds`` left 0."""
+    cache_arg, last_only = cache_argument(lm), last_logits_argument(lm)
+    device = prompt_ids.device
+    b, p = prompt_ids.shape
+    # Every generated position is a real token (rows that ended keep decoding padding,
+    # masked in the output), so the whole mask and its positions are known up front.
+    mask = torch.cat([prompt_mask.long(), torch.ones(b, max_new_tokens, dtype=torch.long, device=device)], dim=1)
+    pos = positions(mask)
+    ids = torch.full((b, p + max_new_tokens), pad_token_id, dtype=prompt_ids.dtype, device=device)
+    ids[:, :p] = prompt_ids
+    out_mask = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    past: Any = None
+    processed = 0
+    n = 0
+    for n in range(max_new_tokens):
+        end = p + n  # positions known so far; the next token goes to ids[:, end]
+        start = 0 if (n == 0 or not use_cache) else end - 1
+        step = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end], "position_ids": pos[:, start:end]}
+        keep = last_only if n else {}  # the first step's logits as they always were: see the doc
+        if use_cache:
+            out = lm(**step, use_cache=True, **{cache_arg: past}, **keep)
+            past = getattr(out, cache_arg)
+        else:
+            out = lm(**step, use_cache=False, **keep)
+        processed += b * (end - start)
+        token = next_token(out.logits[:, -1, :], greedy, temperature, generator).masked_fill_(done, pad_token_id)
+        ids[:, end] = token
+        out_mask[:, n] = ~done
+        done |= token == eos_token_id
+        if bool(done.all()):
+            break
+    width = n + 1
+    return Generation(ids[:, p:p + width], out_mask[:, :width], ~done, 0.0, processed)
 
 
 def with_response(inputs: dict[str, Tensor], tokens: Tensor, mask: Tensor) -> dict[str, Tensor]:

@@ -56,6 +56,73 @@ def test_kv_cache_decoding_equals_full_recompute(family):
     assert a.forward_tokens < b.forward_tokens  # the cache processes one new position per step
 
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_and_no_cache_decode_the_same_tokens_from_one_named_stream(family):
+    """Left-padded prompts of four lengths, 24 new tokens: the cache and a full recompute
+    give the identical tokens greedily and sampled from the same named run stream
+    (RunStreams.fresh), and a rerun from that stream samples the same again."""
+    from kdbench.api import RunStreams
+
+    f, opts, model = build(family)
+    enc = f.encode(opts, examples(["abc", "hello w", "7*6=", "q"], ["x", "y", "42", "r"]), 64)
+    assert enc["prompt_mask"].sum(1).tolist() == [3, 7, 4, 1]  # left-padded to 7
+    streams = RunStreams(seed=11)
+    greedy = {uc: model.generate(enc, 24, use_cache=uc) for uc in (True, False)}
+    assert torch.equal(greedy[True].tokens, greedy[False].tokens) and torch.equal(greedy[True].mask, greedy[False].mask)
+    sampled = {uc: model.generate(enc, 24, greedy=False, temperature=0.8, generator=streams.fresh("gkd-samples"), use_cache=uc) for uc in (True, False)}
+    assert torch.equal(sampled[True].tokens, sampled[False].tokens) and torch.equal(sampled[True].mask, sampled[False].mask)
+    rerun = model.generate(enc, 24, greedy=False, temperature=0.8, generator=streams.fresh("gkd-samples"))
+    assert torch.equal(rerun.tokens, sampled[True].tokens)
+    assert not torch.equal(sampled[True].tokens, greedy[True].tokens)  # the draw was not the argmax throughout
+    # one new position per cached step; the full prompt-plus-generated sequence every uncached step
+    assert sampled[True].forward_tokens == 4 * 7 + 4 * 23
+    assert sampled[False].forward_tokens == sum(4 * (7 + n) for n in range(24))
+
+
+class _Recording(torch.nn.Module):
+    """A fake LM with the current keywords (``cache``, ``logits_to_keep``) that records
+    each call and answers a fixed next token; its cache is an opaque object."""
+
+    def __init__(self, vocab=10, token=5):
+        super().__init__()
+        self.vocab, self.token, self.calls = vocab, token, []
+
+    def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, logits_to_keep=0):
+        from types import SimpleNamespace
+
+        self.calls.append({"ids": input_ids.clone(), "mask": attention_mask, "pos": position_ids.clone(), "keep": logits_to_keep})
+        rows = input_ids.shape[1] if logits_to_keep == 0 else logits_to_keep
+        logits = torch.zeros(input_ids.shape[0], rows, self.vocab)
+        logits[:, -1, self.token] = 1.0
+        return SimpleNamespace(logits=logits, cache=object() if use_cache else None)
+
+
+def test_cached_steps_pass_views_of_one_mask_and_ask_for_the_last_logits_only():
+    """The per-step work outside the model does not grow with the length: every step's
+    attention mask is a view of one buffer made before the loop (no concatenation per
+    step), the cached steps feed one position at its running position id, and after the
+    first step (whose logits stay those of every prompt position, bit for bit as before)
+    the model is asked for the last position's logits only (``logits_to_keep=1``)."""
+    lm = _Recording()
+    prompt = torch.tensor([[0, 0, 7, 8], [6, 7, 8, 9]])
+    pmask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    for use_cache in (True, False):
+        lm.calls.clear()
+        gen = decode(lm, prompt, pmask, 5, eos_token_id=2, pad_token_id=0, use_cache=use_cache)
+        assert gen.tokens.tolist() == [[5] * 5, [5] * 5] and gen.hit_cap.tolist() == [True, True]
+        assert [c["keep"] for c in lm.calls] == [0, 1, 1, 1, 1]  # the first step's logits as before (every prompt position)
+        assert len({c["mask"].untyped_storage().data_ptr() for c in lm.calls}) == 1  # one buffer, sliced
+        assert [c["mask"].shape[1] for c in lm.calls] == [4, 5, 6, 7, 8]
+        assert lm.calls[-1]["mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8]
+        last = lm.calls[-1]
+        if use_cache:
+            assert [c["ids"].shape[1] for c in lm.calls] == [4, 1, 1, 1, 1]
+            assert last["ids"].tolist() == [[5], [5]] and last["pos"].tolist() == [[5], [7]]
+        else:
+            assert last["ids"].tolist() == [[0, 0, 7, 8, 5, 5, 5, 5], [6, 7, 8, 9, 5, 5, 5, 5]]
+            assert last["pos"].tolist() == [[0, 0, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 7]]
+
 def test_greedy_decoding_is_the_argmax_of_teacher_forcing():
     f, opts, model = build("llama")
     enc = f.encode(opts, examples(["7*6="], ["42"]), 64)
@@ -157,3 +224,17 @@ def test_tokenizers_of_equal_size_but_different_tokens_are_told_apart(tmp_path):
     no_eos = _word_tokenizer(tmp_path / "c", ["x"], eos=False)
     with pytest.raises(GenerationError, match="no end-of-sequence"):
         HFTokenizer(AutoTokenizer.from_pretrained(no_eos), no_eos)
+
+
+def test_decoded_tokens_can_feed_a_training_forward():
+    """decode runs in inference mode; what it returns are ordinary tensors (copies made
+    outside the mode), so on-policy methods can train on them (an inference tensor
+    cannot be saved for backward: the embedding lookup of the next forward would refuse it)."""
+    f, opts, model = build("llama")
+    enc = f.encode(opts, examples(["abc", "hello w"], ["x", "y"]), 64)
+    gen = model.generate(enc, 6, greedy=False, generator=torch.Generator().manual_seed(1))
+    assert not any(t.is_inference() for t in (gen.tokens, gen.mask, gen.hit_cap))
+    model.train()
+    loss = model(with_response(enc, gen.tokens, gen.mask)).logits.logsumexp(-1).mean()
+    loss.backward()
+    assert model.lm.model.embed_tokens.weight.grad.abs().sum() > 0

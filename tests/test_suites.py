@@ -57,3 +57,14 @@ def test_pairs_exclude_teacher_and_students():
             "pairs": [{"teacher": {"model": "cnn"}, "student": {"model": "cnn"}}]}
     with pytest.raises(SuiteError, match="either 'pairs' or 'teacher'/'students'"):
         build_suite(data)
+
+
+def test_paper_llm_pair_shares_one_tokenizer_and_cites_nothing_unread():
+    """paper-llm's Qwen2.5 pair is one no paper reports (its header says which sources were
+    read and why): every method on the one pair, the student tokenised by the teacher's
+    tokenizer, and no reference printed beside runs it does not describe."""
+    suite = load_suite(BENCH / "paper-llm.yaml")
+    assert Counter(r.method for r in suite.runs) == {m: 3 for m in ("sft", "token-kd", "seqkd", "gkd", "rkl", "skew-kl", "skew-rkl", "taid")}
+    assert {(r.teacher.options["pretrained"], r.student.options["pretrained"], r.student.options["tokenizer"]) for r in suite.runs} == {
+        ("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct")}
+    assert suite.spec.references == []

@@ -57,10 +57,10 @@ def test_rows_read_the_cache_size_from_the_stored_params(tmp_path):
     suite, store = store_of(tmp_path / "s.sqlite")
     rep = build_report(store, [r.hash for r in suite.runs], suite_spec=suite.spec, chance=False)
     marks = {r.method: r.teacher_topk for r in rep.board.itertuples() if r.split == "test" and r.method not in ("teacher", "chance")}
-    assert marks == {"sft": "", "token-kd(teacher_topk=None)": "", "token-kd(teacher_topk=16)": "top-16", "skew-kl": "top-8"}
+    assert marks == {"sft": "", "token-kd(teacher_topk=full)": "", "token-kd(teacher_topk=16)": "top-16", "skew-kl": "top-8"}
     wide = rep.wide(marks=False).set_index("method")
     assert wide.loc["token-kd(teacher_topk=16)", "truncated teacher"] == "top-16"
-    assert wide.loc["token-kd(teacher_topk=None)", "truncated teacher"] == "no" and wide.loc["sft", "truncated teacher"] == "no"
+    assert wide.loc["token-kd(teacher_topk=full)", "truncated teacher"] == "no" and wide.loc["sft", "truncated teacher"] == "no"
 
 
 def test_a_report_without_truncated_runs_has_no_such_column(tmp_path):
@@ -83,7 +83,7 @@ def test_every_format_marks_the_truncated_rows(tmp_path, fmt, file):
     if fmt == "json" and file == "report.json":
         board = json.loads(text)["leaderboard"]
         got = {r["method"]: r["teacher_topk"] for r in board if r["split"] == "test" and r["method"] not in ("teacher", "chance")}
-        assert got["token-kd(teacher_topk=16)"] == "top-16" and got["token-kd(teacher_topk=None)"] == ""
+        assert got["token-kd(teacher_topk=16)"] == "top-16" and got["token-kd(teacher_topk=full)"] == ""
         assert any("renormalised over those k tokens" in line for line in json.loads(text)["legend"])
     if fmt in ("md", "html", "latex"):
         assert "renormalised over those k tokens" in text  # the legend says what the mark means

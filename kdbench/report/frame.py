@@ -10,7 +10,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from kdbench.api import MetricInfo
+from kdbench.api import NULL_READS, MetricInfo, null_reads
+from kdbench.registry import get_registry
 
 SCALE = 100.0  # the scale of stores that predate per-run metric info: every score x100, as KD papers report them
 TEST = "test"
@@ -77,6 +78,28 @@ def direction_word(higher_is_better: Any) -> str:
     return "lower" if higher_is_better is False or higher_is_better == 0 else "higher"
 
 
+def _task_row(runs: pd.DataFrame, task: str) -> pd.Series | None:
+    cols = {"task", "metric", "scale", "higher_is_better"}
+    sub = runs[runs["task"] == task].dropna(subset=["metric"]) if not runs.empty and cols <= set(runs) else None
+    return None if sub is None or sub.empty else sub.iloc[0]
+
+
+def task_higher_is_better(runs: pd.DataFrame, task: str) -> bool:
+    """Whether ``task``'s main metric is read higher-is-better (True when unknown)."""
+    r = _task_row(runs, task)
+    return r is None or direction_word(r["higher_is_better"]) == "higher"
+
+
+def metric_reading(runs: pd.DataFrame, task: str) -> str:
+    """How a figure's score axis names ``task``'s main metric, as the tables do: the
+    metric, the scale it is shown on and its direction (``mse x1, lower is better``);
+    ``score x100, higher is better`` when the runs carry no reading of the task."""
+    r = _task_row(runs, task)
+    if r is None:
+        return f"score x{SCALE:g}, higher is better"
+    return f"{r['metric']} x{float(r['scale']):g}, {direction_word(r['higher_is_better'])} is better"
+
+
 def reading_note(runs: pd.DataFrame) -> str:
     """How the report reads each task's main metric, for the legend: "x100, higher is
     better" when every task is read so, else per task; and which runs stored no metric
@@ -140,9 +163,27 @@ def off_cpu(runs: pd.DataFrame) -> pd.Series:
 
 
 
-def label(method: str, params: dict[str, Any], varying: set[str]) -> str:
-    shown = {k: v for k, v in sorted(params.items()) if k in varying}
-    return method if not shown else f"{method}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+def param_text(method_name: str, key: str, value: Any) -> str:
+    """``key=value`` as row names and settings show it. A null value (the parameter left
+    unset) reads as the word its method's field declares (:func:`kdbench.api.nullable`:
+    ``teacher_topk=full``), else ``off``; "None" tells a reader nothing. A method that is
+    not registered (a store read without its plugin) gets ``off``."""
+    return f"{key}={value if value is not None else null_text(method_name, key)}"
+
+
+def null_text(method_name: str, key: str) -> str:
+    """The word a null value of ``method_name``'s parameter ``key`` reads as (its field's
+    :func:`kdbench.api.nullable` word, else ``off``; ``off`` for an unregistered method)."""
+    entry = get_registry().entries["methods"].get(method_name)
+    return null_reads(entry.cls.Params, key) if entry is not None else NULL_READS
+
+
+def label(method: str, params: dict[str, Any], varying: set[str], method_name: str | None = None) -> str:
+    """A row name: ``method`` with the parameters in ``varying`` that ``params`` holds, in
+    name order; ``method_name`` (default ``method``) is the registered method whose fields
+    say how a null value reads (``method`` may be an entry's label)."""
+    shown = [param_text(method_name or method, k, v) for k, v in sorted(params.items()) if k in varying]
+    return method if not shown else f"{method}({', '.join(shown)})"
 
 
 def test_splits(metrics: dict[str, Any]) -> list[str]:
@@ -222,7 +263,7 @@ def _record(r: dict[str, Any], varying: set[str]) -> dict[str, Any]:
     data = env.get("data")
     return {
         "hash": r["hash"], "task": r["task"], "method": label(r["method"], r["params"], varying),
-        "method_name": r["method"], "params": json.dumps(r["params"], sort_keys=True), "student": r["student"],
+        "method_name": r["method"], "entry": r["method"], "params": json.dumps(r["params"], sort_keys=True), "student": r["student"],
         "seed": r["seed"], "status": r["status"], "metric": main, "teacher_hash": r.get("teacher_hash"),
         "higher_is_better": info.higher_is_better, "scale": info.scale, "info_recorded": recorded,
         "bound_low": np.nan if info.bounds[0] is None else info.bounds[0], "bound_high": np.nan if info.bounds[1] is None else info.bounds[1],
@@ -238,7 +279,9 @@ def _record(r: dict[str, Any], varying: set[str]) -> dict[str, Any]:
 
 def runs_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per run: identity, status, the reported test/validation scores, cost and
-    provenance (commit, data fingerprints as JSON or None when not recorded)."""
+    provenance (commit, data fingerprints as JSON or None when not recorded). ``entry`` is
+    the method's name here; :func:`kdbench.report.labels.entry_rows` sets it to a labelled
+    method entry's label for that entry's runs (sweeps are analysed per entry)."""
     rows = list(rows)
     varying = _varying(rows)
     df = pd.DataFrame.from_records([_record(r, varying[r["method"]]) for r in rows])

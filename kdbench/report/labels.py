@@ -28,7 +28,7 @@ def _varying(params: list[dict[str, Any]]) -> set[str]:
 def _rename(df: pd.DataFrame, mask: pd.Series, name: str) -> None:
     params = [json.loads(p) for p in df.loc[mask, "params"]]
     varying = _varying(params)
-    df.loc[mask, "method"] = [label(name, p, varying) for p in params]
+    df.loc[mask, "method"] = [label(name, p, varying, m) for p, m in zip(params, df.loc[mask, "method_name"])]
 
 
 def entry_runs(df: pd.DataFrame, suite_spec: Any, index: int, registry: Any = None) -> pd.Series:
@@ -40,18 +40,24 @@ def entry_runs(df: pd.DataFrame, suite_spec: Any, index: int, registry: Any = No
 
 def entry_rows(df: pd.DataFrame, suite_spec: Any, registry: Any = None) -> pd.DataFrame:
     """``df`` (a runs frame) with the ``method`` column (the row name) taken from the
-    labels of ``suite_spec``'s method entries; unchanged when no entry has a label. A run
-    that two labelled entries produce takes the first one's, in suite order."""
+    labels of ``suite_spec``'s method entries, and the ``entry`` column (what a sweep is
+    analysed and named by) set to the label for every labelled entry's runs, grid-selected
+    ones included (their rows are named by :mod:`kdbench.report.selection`); unchanged when
+    no entry has a label. A run that two labelled entries produce takes the first one's,
+    in suite order."""
     methods = list(getattr(suite_spec, "methods", None) or [])
-    labelled = [i for i, m in enumerate(methods) if m.label and not m.grid_selection]
+    labelled = [i for i, m in enumerate(methods) if m.label]
     if df.empty or not labelled:
         return df
     df = df.copy()
-    claimed = pd.Series(False, index=df.index)
-    for i in labelled:
+    claimed = pd.Series(False, index=df.index)  # runs named by a label here
+    entered = pd.Series(False, index=df.index)  # runs whose entry is a label
+    for i in sorted(labelled, key=lambda i: bool(methods[i].grid_selection)):  # a run named here keeps that label as its entry
         entry = methods[i]
-        mask = entry_runs(df, suite_spec, i, registry) & ~claimed
-        if mask.any():
+        mask = entry_runs(df, suite_spec, i, registry) & ~entered
+        df.loc[mask, "entry"] = entry.label
+        entered |= mask
+        if not entry.grid_selection and mask.any():
             _rename(df, mask, entry.label)
             claimed |= mask
     for name in sorted(set(df.loc[claimed, "method_name"])):

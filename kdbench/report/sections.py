@@ -317,7 +317,8 @@ def sections(report: Any) -> list[tuple[str, pd.DataFrame | None, str]]:
         out.append(("Sensitivity", sensitivity_display(report.sens_scores), verdicts))
         inter = getattr(report, "interactions", None)
         if inter is not None and not inter.empty:
-            out.append((f"Less sensitive than {report.baseline}?", interactions_display(inter),
+            others = ", ".join(dict.fromkeys(inter["other"]))  # the entries compared with: the baseline, or a labelled entry of its method
+            out.append((f"Less sensitive than {others}?", interactions_display(inter),
                         " ".join(f"{r.task}: {r.answer}." for r in inter.itertuples())))
         out.append(("Sweeps", sweep_display(report.sens_levels), ""))
     if not report.cost.empty:

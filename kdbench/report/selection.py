@@ -27,6 +27,7 @@ import pandas as pd
 
 from kdbench.api import KDBenchError
 from kdbench.report.aggregate import group_info, summ
+from kdbench.report.frame import param_text
 from kdbench.report.tables import cell, fmt_num
 from kdbench.spec import entry_settings, selected_label
 from kdbench.store import DONE
@@ -54,10 +55,11 @@ class GridSelection:
     settings: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SETTING_COLS))
 
 
-def swept_label(params: dict[str, Any], swept: list[str]) -> str:
-    """A setting as the values of the swept parameters (all of them when none varies)."""
+def swept_label(params: dict[str, Any], swept: list[str], method_name: str = "") -> str:
+    """A setting as the values of the swept parameters (all of them when none varies); a
+    null value reads as ``method_name`` declares (:func:`kdbench.report.frame.param_text`)."""
     keys = swept or sorted(params)
-    return ", ".join(f"{k}={params.get(k)}" for k in keys)
+    return ", ".join(param_text(method_name, k, params.get(k)) for k in keys)
 
 
 def members(df: pd.DataFrame, entry: Any, keys: list[str]) -> pd.Series:
@@ -112,7 +114,8 @@ def _select_one(names: tuple[str, str], task: str, student: str, g: pd.DataFrame
     cands = _candidates(g, order)
     ranked = rank_on_validation(cands)
     rank = {c["params"]: i + 1 for i, c in enumerate(ranked)}
-    label = {c["params"]: swept_label(json.loads(c["params"]), swept) for c in cands}
+    method_name = str(g["method_name"].iloc[0]) if not g.empty else ""
+    label = {c["params"]: swept_label(json.loads(c["params"]), swept, method_name) for c in cands}
     rows = [{"entry": names[0], "task": task, "student": student, "setting": label[c["params"]], "rank": rank.get(c["params"], np.nan),
              "selected": rank.get(c["params"]) == 1, **c} for c in cands]
     best, second = (ranked + [None, None])[:2]

@@ -11,7 +11,7 @@ import pandas as pd
 
 from kdbench import stats
 from kdbench.report.aggregate import group_info, summ
-from kdbench.report.frame import SCALE
+from kdbench.report.frame import SCALE, null_text, param_text
 from kdbench.store import DONE
 
 LEVEL_COLS = ["task", "method", "factor", "level", "at", "mean", "std", "n", "ci_low", "ci_high"]
@@ -100,22 +100,55 @@ def verdict(r: dict[str, Any], alpha: float = stats.ALPHA) -> str:
             f"spread {r['range']:.2f} vs within-setting seed std {r['seed_std']:.2f})")
 
 
+def unnamed_defaults(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fields ``method`` added after runs were stored (:func:`kdbench.api.added`) with
+    their defaults, from the installed plugin (empty when the registry does not know it).
+    A run that left such a field at its default stored no value for it. For a wrapping
+    method (one whose options have an ``inner`` field, as :func:`kdbench.api.wrapped_options`
+    reads them) the added fields of the inner method its ``params`` name come too."""
+    from kdbench.api import added_defaults
+    from kdbench.registry import get_registry
+
+    try:
+        cls = get_registry().method(method)
+        out = added_defaults(cls.Params)
+        inner_field = cls.Params.model_fields.get("inner")
+        if inner_field is not None:
+            inner = (params or {}).get("inner", inner_field.default)
+            out = added_defaults(get_registry().method(inner).Params) | out
+        return out
+    except Exception:  # a method whose plugin is not installed: its levels show as stored
+        return {}
+
+
 def sweep_lines(df: pd.DataFrame):
-    """``(task, method name, factor, held-at text, runs with a 'level' column)`` for every
-    factor each method sweeps (finished runs), along the line of :func:`_line`."""
+    """``(task, name, factor, held-at text, runs with a 'level' column)`` for every factor
+    each method sweeps (finished runs), along the line of :func:`_line`. A line whose runs
+    all come from one labelled method entry is named by that label (``dkd+ls``, not
+    ``dkd``: the runs a reader finds under that row); one that spans entries (two entries
+    that differ only in the factor) or has no label, by the method's name (``entry``
+    column of the runs frame, :func:`kdbench.report.labels.entry_rows`). A field that some
+    runs name and others leave at its default (:func:`unnamed_defaults`) reads as that
+    default in the others, not as missing; a parameter left unset (null) is the level its
+    method names (``teacher_topk=full``), as in row names."""
     done = df[df["status"] == DONE]
-    for (task, name), g in done.groupby(["task", "method_name"], sort=True):
+    for (task, method), g in done.groupby(["task", "method_name"], sort=True):
         configs = g.assign(p=g["params"].map(json.loads))
         settings = [dict(p) | {"student": s} for p, s in zip(configs["p"], configs["student"])]
         keys = sorted(set().union(*(s.keys() for s in settings)))
+        settings = [{k: v for k, v in unnamed_defaults(method, s).items() if k in keys} | s for s in settings]
         factors = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
         for f in factors:
             found = _line(settings, factors, f, keys)
             if found is None:
                 continue
             fixed, mask = found
-            at = ", ".join(f"{k}={fixed.get(k)}" for k in factors if k != f)
-            yield task, name, f, at, configs[mask].assign(level=[s.get(f) for s, m in zip(settings, mask) if m])
+            line = configs[mask]
+            entries = set(line["entry"]) if "entry" in line else {method}
+            name = entries.pop() if len(entries) == 1 else method
+            at = ", ".join(param_text(method, k, fixed.get(k)) for k in factors if k != f)
+            shown = [s.get(f) if s.get(f) is not None else null_text(method, f) for s, m in zip(settings, mask) if m]
+            yield task, name, f, at, line.assign(level=pd.Series(shown, index=line.index, dtype=object))
 
 
 def _answer(r: dict[str, Any], alpha: float = stats.ALPHA) -> str:
@@ -135,11 +168,22 @@ def _answer(r: dict[str, Any], alpha: float = stats.ALPHA) -> str:
             f"sensitive; {spreads}")
 
 
+def _comparator(lines: dict[tuple, pd.DataFrame], task: str, factor: str, baseline: str, base_method: str) -> str | None:
+    """The entry a sweep of ``factor`` on ``task`` is compared with: the baseline row's own
+    sweep, else the first (by name) labelled entry of the baseline's method that sweeps it
+    (``kd+ls`` when the baseline ``kd`` holds temperature fixed); None without one."""
+    if (task, baseline, factor) in lines:
+        return baseline
+    same = sorted(e for (t, e, f), sub in lines.items() if t == task and f == factor and sub["method_name"].iloc[0] == base_method)
+    return same[0] if same else None
+
+
 def interactions(df: pd.DataFrame, student_order: list[str] | None = None, correction: str = "holm",
                  baseline: str | None = None) -> pd.DataFrame:
     """Is a method less sensitive than the baseline to a factor? For each task and factor
-    that a method and ``baseline`` both sweep over the same levels and seeds: the method
-    x factor interaction (the ANOVA blocked by seed of their per-seed difference across
+    that a method entry and the baseline both sweep over the same levels and seeds (the
+    baseline row's sweep, else a labelled entry of its method: :func:`_comparator`; the
+    ``other`` column names which): the method x factor interaction (the ANOVA blocked by seed of their per-seed difference across
     the levels, corrected over the report's interaction tests) and each one's spread (max
     - min of the level means) with seeded bootstrap intervals over seeds
     (:func:`kdbench.stats.interaction_test`)."""
@@ -147,11 +191,16 @@ def interactions(df: pd.DataFrame, student_order: list[str] | None = None, corre
         return pd.DataFrame(columns=INTERACTION_COLS)
     order = {s: i for i, s in enumerate(student_order or [])}
     lines = {(task, name, f): sub for task, name, f, _, sub in sweep_lines(df)}
+    marked = df["is_baseline"].astype(bool) if "is_baseline" in df else df["method_name"] == baseline
+    base_method = df.loc[marked, "method_name"].iloc[0] if marked.any() else baseline
     out = []
     for (task, name, f), sub in lines.items():
-        base = lines.get((task, baseline, f))
-        if name == baseline or base is None:
+        if sub["method_name"].iloc[0] == base_method:
+            continue  # the baseline's method compared with itself says nothing
+        other = _comparator(lines, task, f, baseline, base_method)
+        if other is None:
             continue
+        base = lines[(task, other, f)]
         keys = _level_keys(sub, order)
         if keys != _level_keys(base, order):
             continue
@@ -159,7 +208,7 @@ def interactions(df: pd.DataFrame, student_order: list[str] | None = None, corre
         if mine is None or theirs is None or mine[1] != theirs[1]:
             continue
         it = stats.interaction_test(mine[0], theirs[0])
-        out.append({"task": task, "factor": f, "method": name, "other": baseline, "levels": it.levels, "seeds": it.seeds,
+        out.append({"task": task, "factor": f, "method": name, "other": other, "levels": it.levels, "seeds": it.seeds,
                     "range": it.spread_a, "range_low": it.ci_a[0], "range_high": it.ci_a[1], "other_range": it.spread_b,
                     "other_range_low": it.ci_b[0], "other_range_high": it.ci_b[1], "range_diff_low": it.ci_diff[0],
                     "range_diff_high": it.ci_diff[1], "interaction_f": it.f, "interaction_p": it.p, "interaction_p_adj": np.nan,

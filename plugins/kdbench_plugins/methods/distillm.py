@@ -19,7 +19,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import Batch, Method, ModelOutput, Options, StepContext
+from kdbench.api import Batch, Method, ModelOutput, Options, StepContext, nullable
 from kdbench.generation import TokenMethod, response_targets, use_topk_teacher
 from kdbench.hookspecs import hookimpl
 from kdbench.token_losses import skew_kl, skew_reverse_kl
@@ -28,7 +28,7 @@ from kdbench.token_losses import skew_kl, skew_reverse_kl
 class SkewParams(Options):
     alpha: float = Field(0.1, ge=0, lt=1, description="skew a: the weight of the target's own distribution in the mixture")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of both distributions")
-    teacher_topk: int | None = Field(None, ge=1, description="read the teacher from a cache of its top-k log-probs (renormalised over them)")
+    teacher_topk: int | None = nullable("read the teacher from a cache of its top-k log-probs (renormalised over them)", reads="full", ge=1)
 
 
 class _Skew(TokenMethod):

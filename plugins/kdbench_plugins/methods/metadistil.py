@@ -39,6 +39,9 @@ Options (besides ``teacher_lr``, ``teacher_optimizer`` and its weight decay / mo
   renormalised to 1 at the start: official CIFAR, with ``teacher_start`` 150/240).
   The official CIFAR code switches at its 1-based epochs 150, 180, 210, i.e. one epoch
   before the student's own decays; here the switches fall on the student's milestones.
+  The default ``constant`` is kdbench's, not the official one; on the demo's setting it let
+  the live teacher lose 13-20 validation points in 3 of 4 runs where ``linear`` lost none
+  (results/quickstart-teacher-cpu; docs/FIDELITY.md says why the default stays).
 * ``virtual_schedule``: ``constant`` (official GLUE) or ``follow_student`` (eta times the
   student's lr ratio, not renormalised: official CIFAR, x0.1 at each student decay).
 * ``follow_student_schedule: true`` (deprecated) means both schedules ``follow_student``.

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import Batch, Method, ModelOutput, Options, StepContext
+from kdbench.api import Batch, Method, ModelOutput, Options, StepContext, nullable
 from kdbench.generation import TokenMethod, response_targets, use_topk_teacher
 from kdbench.hookspecs import hookimpl
 from kdbench.token_losses import TAIDSchedule, taid_loss
@@ -35,7 +35,7 @@ class TAIDParams(Options):
     alpha: float = Field(5e-4, ge=0, le=1, description="adaptive step size")
     beta: float = Field(0.99, ge=0, lt=1, description="momentum of the loss's relative change")
     adaptive: bool = Field(True, description="false: the linear schedule alone")
-    teacher_topk: int | None = Field(None, ge=1, description="read the teacher from a cache of its top-k log-probs")
+    teacher_topk: int | None = nullable("read the teacher from a cache of its top-k log-probs", reads="full", ge=1)
 
 
 class TAID(TokenMethod):

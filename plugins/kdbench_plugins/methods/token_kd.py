@@ -18,7 +18,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import Batch, Method, ModelOutput, Options, StepContext
+from kdbench.api import Batch, Method, ModelOutput, Options, StepContext, nullable
 from kdbench.generation import TokenMethod, response_targets, use_topk_teacher
 from kdbench.hookspecs import hookimpl
 from kdbench.token_losses import forward_kl, response_nll
@@ -26,7 +26,7 @@ from kdbench.token_losses import forward_kl, response_nll
 
 class TokenKDParams(Options):
     temperature: float = Field(1.0, gt=0, description="softmax temperature T of both distributions")
-    teacher_topk: int | None = Field(None, ge=1, description="read the teacher from a cache of its top-k log-probs (renormalised over them)")
+    teacher_topk: int | None = nullable("read the teacher from a cache of its top-k log-probs (renormalised over them)", reads="full", ge=1)
     label_weight: float = Field(0.0, ge=0, le=1, description="weight w of the reference's NLL")
 
 
