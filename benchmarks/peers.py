@@ -35,7 +35,8 @@ Timing follows benchmarks/step_cost.py: every kdbench training step (its runner'
 recorded step: batch, step, logging) is paired with one peer step run right after it; a
 round's ratio is the median of the per-step ratios (first two steps left out); rounds are
 interleaved after a discarded warm-up round, reported as median [min, max]. Memory: the
-peak resident memory increase of an unpaired warm-up run of each side. Both sides run in
+peak resident memory increase of an unpaired warm-up run of each side, and the most memory
+held by live tensors in one more such run under torch.profiler (:func:`tensor_peak_mb`). Both sides run in
 this process with the same torch thread count (set, then checked before every round), the
 same deterministic-kernel setting (the peer steps run inside the kdbench run's scope) and
 the same allocator setting. The raw rounds and step pairs go to OUT as JSON and CSV.
@@ -71,6 +72,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import step_cost  # noqa: E402  (the bench-text task, the step pairing, spread)
+import kdbench.train.runner as runner_module  # noqa: E402
 from kdbench.api import STUDENT, TEACHER, Batch, Examples, Options, Problem, RunStreams, Task  # noqa: E402
 from kdbench.data import TRAIN, labels_tensor, load_task_data  # noqa: E402
 from kdbench.hookspecs import hookimpl  # noqa: E402
@@ -517,6 +519,61 @@ def peer_alone(peer: Any, steps: int) -> dict[str, float]:
     return {"step_s_median": float(np.median(times)), "peak_mem_increase_mb": meter.summary()["peak_mem_increase_mb"]}
 
 
+METER_START, METER_END = "peers.meter_start", "peers.meter_end"
+
+
+@contextlib.contextmanager
+def meter_marks() -> Iterator[None]:
+    """Inside, every kdbench run's :class:`CostMeter` marks where it starts and stops in a
+    running torch profile (:func:`tensor_peak_mb` reads the marks)."""
+    original = runner_module.CostMeter
+
+    class MarkedMeter(original):  # type: ignore[valid-type, misc]
+        def __enter__(self) -> "MarkedMeter":
+            with torch.profiler.record_function(METER_START):
+                pass
+            return super().__enter__()
+
+        def __exit__(self, *exc: Any) -> None:
+            with torch.profiler.record_function(METER_END):
+                pass
+            super().__exit__(*exc)
+
+    runner_module.CostMeter = MarkedMeter
+    try:
+        yield
+    finally:
+        runner_module.CostMeter = original
+
+
+def tensor_peak_mb(run: Callable[[], Any]) -> float:
+    """The most memory (MB) held by live CPU tensors during ``run``, above what they held at
+    its start: torch.profiler's allocations (each operation's own, net of what it freed
+    itself, and the frees outside operations) summed in time order, between a kdbench
+    meter's marks where :func:`meter_marks` put them, else over all of ``run``. Unlike the
+    resident memory, it does not depend on how the allocator laid out the heap before, so it
+    compares the two sides' steps alike (docs/peers.md, "Why the figures are what they are")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    marks = {e.name: e.time_range.start for e in events if e.name in (METER_START, METER_END)}
+    start, end = marks.get(METER_START, -math.inf), marks.get(METER_END, math.inf)
+    live, base, peak = 0, None, 0
+    for e in events:  # an operation's own allocations net of its own frees; "[memory]": frees outside any operation
+        delta = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if e.time_range.start < start:
+            live += delta
+            continue
+        if e.time_range.start >= end:
+            break
+        base = live if base is None else base
+        live += delta
+        peak = max(peak, live - base)
+    return peak / 2**20
+
+
 def versions() -> dict[str, str]:
     """Versions of both sides and the kdbench commit (``+dirty`` with local changes)."""
     out = {"python": platform.python_version(), "torch": torch.__version__}
@@ -634,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_s = time.perf_counter() - t0
                 alone = peer_alone(peer, WARMUP_STEPS)
                 memory[name] = {"kdbench": cost["peak_mem_increase_mb"], "peer": alone["peak_mem_increase_mb"]}
+                with meter_marks():  # one more unpaired run of each side, under the profiler: live tensors
+                    memory[name]["kdbench_tensors"] = tensor_peak_mb(lambda: through_kdbench(warm, checkpoint, None))
+                memory[name]["peer_tensors"] = tensor_peak_mb(lambda: peer_alone(peer, WARMUP_STEPS))
                 # a paired run: the run's fixed part (preparation, evaluation) plus steps x (kdbench step + peer step)
                 per_round += run_s - WARMUP_STEPS * cost["step_s_median"] + steps * (cost["step_s_median"] + alone["step_s_median"])
             print(f"warm-up done; expected: about {per_round * args.rounds / 60:.1f} min more for {args.rounds} rounds of {steps} paired "
@@ -693,12 +753,14 @@ def print_summary(summary: dict, env: dict) -> None:
     load = env.get("load_average_end")
     print(f"{env['rounds']} rounds x {env['steps']} paired steps per pair, {env['threads']} threads, {env['clock']} clock"
           + (f", load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end" if load else "") + f", {env['wall_s'] / 60:.1f} min")
-    print(f"{'pair':<15}{'peer':<14}{'kdbench/peer':>13}{'[min, max]':>17}{'kdbench s':>11}{'peer s':>9}{'mem +MB kdb':>13}{'peer':>8}")
+    print(f"{'pair':<15}{'peer':<14}{'kdbench/peer':>13}{'[min, max]':>17}{'kdbench s':>11}{'peer s':>9}{'mem +MB kdb':>13}{'peer':>8}"
+          f"{'tensors MB kdb':>16}{'peer':>8}")
     for name, s in summary.items():
         r, mem = s["kdbench_over_peer"], s["peak_mem_increase_mb"]
         span = f"[{r['min']:.3f}, {r['max']:.3f}]"
         print(f"{name:<15}{s['peer']:<14}{r['median']:>13.3f}{span:>17}{s['kdbench_s']['median']:>11.4f}"
-              f"{s['peer_s']['median']:>9.4f}{mem['kdbench']:>13.1f}{mem['peer']:>8.1f}")
+              f"{s['peer_s']['median']:>9.4f}{mem['kdbench']:>13.1f}{mem['peer']:>8.1f}"
+              f"{mem.get('kdbench_tensors', math.nan):>16.1f}{mem.get('peer_tensors', math.nan):>8.1f}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,28 @@ def test_summary_is_the_median_and_range_of_the_round_ratios_and_the_csv_has_eve
     assert json.loads((tmp_path / "rounds.json").read_text())[0]["kdbench_over_peer"] == 1.10
 
 
+def test_tensor_peak_is_the_most_live_tensor_memory_between_the_meter_marks(peers):
+    mb = 2**20
+
+    def run():  # 1 MB kept, 3 MB freed, then 2 MB: at most 4 MB alive at once
+        a = torch.ones(mb, dtype=torch.uint8)
+        b = torch.ones(3 * mb, dtype=torch.uint8)
+        del b
+        return a, torch.ones(2 * mb, dtype=torch.uint8)
+
+    def marked():  # only what happens between the marks counts: 1 MB, then 2 MB more
+        before = torch.ones(5 * mb, dtype=torch.uint8)
+        with torch.profiler.record_function(peers.METER_START):
+            pass
+        inside = [torch.ones(mb, dtype=torch.uint8), torch.ones(2 * mb, dtype=torch.uint8)]
+        with torch.profiler.record_function(peers.METER_END):
+            pass
+        return before, inside, torch.ones(8 * mb, dtype=torch.uint8)
+
+    assert peers.tensor_peak_mb(run) == 4.0
+    assert peers.tensor_peak_mb(marked) == 3.0
+
+
 def test_missing_peers_are_named_with_the_make_target(peers, monkeypatch, tmp_path):
     monkeypatch.setitem(peers.PAIRS, "fake", peers.PairDef("fake", "no_such_peer_module_xyz", "kd", {}, ""))
     assert peers.peers_missing(["fake"]) == ["no_such_peer_module_xyz"]
