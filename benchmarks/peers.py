@@ -322,6 +322,7 @@ class TorchdistillKD:
         self.box = get_distillation_box(LogitsOf(self.teacher), LogitsOf(self.student), {"train": TensorDataset(images, m.labels)}, config,
                                         torch.device("cpu"), None, False, 1)
         self.teacher.eval()  # kdbench's teacher runs in eval mode; torchdistill's pre-epoch process leaves it as given
+        self.optimizer = self.box.optimizer
         self.batches = _cycle(self.box.train_data_loader, lambda: self.box.pre_epoch_process(epoch=0))
 
     def loss(self, batch: Batch) -> Tensor:
@@ -547,30 +548,44 @@ def meter_marks() -> Iterator[None]:
 
 
 def tensor_peak_mb(run: Callable[[], Any]) -> float:
-    """The most memory (MB) held by live CPU tensors during ``run``, above what they held at
-    its start: torch.profiler's allocations (each operation's own, net of what it freed
-    itself, and the frees outside operations) summed in time order, between a kdbench
-    meter's marks where :func:`meter_marks` put them, else over all of ``run``. Unlike the
-    resident memory, it does not depend on how the allocator laid out the heap before, so it
-    compares the two sides' steps alike (docs/peers.md, "Why the figures are what they are")."""
+    """The most memory (MB) held at once by CPU tensors allocated during ``run`` (every
+    allocation and free torch.profiler records, in time order), between a kdbench meter's
+    marks where :func:`meter_marks` put them, else over all of ``run``. Unlike the resident
+    memory, it does not depend on how the allocator laid out the heap before, so it
+    compares the two sides' steps alike (docs/peers.md, "Why the figures are what they
+    are"). Reads the profiler's event tree, where each allocation
+    keeps its own time (the per-operation totals of ``prof.events()`` move a free inside an
+    operation, such as the optimizer's step, to that operation's start)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    marks = {e.name: e.time_range.start for e in events if e.name in (METER_START, METER_END)}
+    events: list[tuple[int, int, int]] = []  # (time ns, address, bytes: + allocated, - freed)
+    marks: dict[str, int] = {}
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
+    while stack:
+        node = stack.pop()
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+        elif node.name in (METER_START, METER_END):
+            marks[node.name] = node.start_time_ns
+        stack.extend(node.children)
     start, end = marks.get(METER_START, -math.inf), marks.get(METER_END, math.inf)
-    live, base, peak = 0, None, 0
-    for e in events:  # an operation's own allocations net of its own frees; "[memory]": frees outside any operation
-        delta = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        if e.time_range.start < start:
-            live += delta
+    # only blocks allocated inside the window count: a free of an older block (a previous
+    # run's models, collected when the meter starts) must not lower the figure
+    live: dict[int, int] = {}
+    total = peak = 0
+    for t, ptr, size in sorted(events, key=lambda e: e[0]):
+        if t < start:
             continue
-        if e.time_range.start >= end:
+        if t >= end:
             break
-        base = live if base is None else base
-        live += delta
-        peak = max(peak, live - base)
+        if size > 0:
+            live[ptr] = size
+            total += size
+        elif ptr in live:
+            total -= live.pop(ptr)
+        peak = max(peak, total)
     return peak / 2**20
 
 
@@ -693,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
                 memory[name] = {"kdbench": cost["peak_mem_increase_mb"], "peer": alone["peak_mem_increase_mb"]}
                 with meter_marks():  # one more unpaired run of each side, under the profiler: live tensors
                     memory[name]["kdbench_tensors"] = tensor_peak_mb(lambda: through_kdbench(warm, checkpoint, None))
+                peer.optimizer.state.clear()  # a run's optimizer starts without state, as kdbench's does in every run
                 memory[name]["peer_tensors"] = tensor_peak_mb(lambda: peer_alone(peer, WARMUP_STEPS))
                 # a paired run: the run's fixed part (preparation, evaluation) plus steps x (kdbench step + peer step)
                 per_round += run_s - WARMUP_STEPS * cost["step_s_median"] + steps * (cost["step_s_median"] + alone["step_s_median"])

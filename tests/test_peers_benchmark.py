@@ -164,6 +164,10 @@ def test_tensor_peak_is_the_most_live_tensor_memory_between_the_meter_marks(peer
 
     assert peers.tensor_peak_mb(run) == 4.0
     assert peers.tensor_peak_mb(marked) == 3.0
+    held: list = []
+    assert peers.tensor_peak_mb(lambda: held.append(torch.ones(5 * mb, dtype=torch.uint8))) == 5.0
+    # freeing a block allocated before (a previous run's models) does not lower the figure
+    assert peers.tensor_peak_mb(lambda: (held.clear(), torch.ones(mb, dtype=torch.uint8))) == 1.0
 
 
 def test_missing_peers_are_named_with_the_make_target(peers, monkeypatch, tmp_path):
