@@ -1,8 +1,9 @@
 """What a language-model distillation step costs, per method, split into generation and
 update, and what the KV cache saves when sampling.
 
-Reference tiny pair (the first llm-cpu design's models, kept so figures stay comparable across sessions; llm-cpu now uses a 2x128 teacher and a 1x32 student): teacher a random Llama of 4 blocks,
-width 128; student 2 blocks, width 64; the character tokenizer; batches of 32 addition
+Reference tiny pair (the first llm-cpu design's models, kept so figures stay comparable
+across sessions; llm-cpu now uses a 2x128 teacher and a 1x32 student): teacher a random
+Llama of 4 blocks, width 128; student 2 blocks, width 64; the character tokenizer; batches of 32 addition
 examples (1-4 digit operands); on-policy methods sample up to 10 new tokens. Each method
 runs its own ``train_step`` on a :class:`~kdbench.api.StepContext` built here (a live
 teacher, AdamW), the teacher caches of seqkd computed once before timing. A step's
