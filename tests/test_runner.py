@@ -160,10 +160,13 @@ def test_cost_records_the_runs_own_memory_and_the_new_fields(tmp_path, registry)
     second, third = mems[1:]
     # glibc's allocator keeps a varying share of freed blocks in its heap (its mmap threshold
     # moves with the sizes freed), so identical runs of this size measure 207-273 MB (12 runs
-    # in 3 processes; 117 MB +- 1% with the threshold pinned, at +45% step time): within 25%
-    # of each other. The process's high-water mark instead (the bug this guards) gives a
-    # later run of the same size an increase near 0.
-    assert abs(second - third) <= 0.25 * max(second, third), mems
+    # in 3 processes; 117 MB +- 1% with the threshold pinned, at +45% step time). Since a step
+    # frees its gradients right after the optimizer step (issue 33) they measure 163-244 MB
+    # (15 runs in 3 processes at 6149aee), two runs of one process up to 30% apart (236 vs
+    # 165 in one full test run): within 40% of each other. The process's high-water mark
+    # instead (the bug this guards) gives a later run of the same size an increase near 0,
+    # which the second assertion catches.
+    assert abs(second - third) <= 0.40 * max(second, third), mems
     assert min(second, third) >= 0.5 * max(mems), mems
     assert a["prep_s"] > 0 and a["step_s_q25"] <= a["step_s_median"] <= a["step_s_q75"]
     assert a["params_deployed"] == sum(p.numel() for p in _student(registry, spec).parameters())
