@@ -171,11 +171,19 @@ def param_text(method_name: str, key: str, value: Any) -> str:
     return f"{key}={value if value is not None else null_text(method_name, key)}"
 
 
+def method_options(method_name: str) -> Any:
+    """The options class (``Params``) of the registered method ``method_name``, or None for
+    a method whose plugin is not installed (a store read without it): what reports ask
+    when a stored run leaves a parameter unsaid (a null, or an added field at its default)."""
+    entry = get_registry().entries["methods"].get(method_name)
+    return entry.cls.Params if entry is not None else None
+
+
 def null_text(method_name: str, key: str) -> str:
     """The word a null value of ``method_name``'s parameter ``key`` reads as (its field's
     :func:`kdbench.api.nullable` word, else ``off``; ``off`` for an unregistered method)."""
-    entry = get_registry().entries["methods"].get(method_name)
-    return null_reads(entry.cls.Params, key) if entry is not None else NULL_READS
+    options = method_options(method_name)
+    return null_reads(options, key) if options is not None else NULL_READS
 
 
 def label(method: str, params: dict[str, Any], varying: set[str], method_name: str | None = None) -> str:

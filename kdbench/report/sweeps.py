@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 
 from kdbench import stats
+from kdbench.api import added_defaults
 from kdbench.report.aggregate import group_info, summ
-from kdbench.report.frame import SCALE, null_text, param_text
+from kdbench.report.frame import SCALE, method_options, null_text, param_text
 from kdbench.store import DONE
 
 LEVEL_COLS = ["task", "method", "factor", "level", "at", "mean", "std", "n", "ci_low", "ci_high"]
@@ -100,25 +101,20 @@ def verdict(r: dict[str, Any], alpha: float = stats.ALPHA) -> str:
             f"spread {r['range']:.2f} vs within-setting seed std {r['seed_std']:.2f})")
 
 
-def unnamed_defaults(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+def unnamed_defaults(method: str, inner: str | None = None) -> dict[str, Any]:
     """The fields ``method`` added after runs were stored (:func:`kdbench.api.added`) with
-    their defaults, from the installed plugin (empty when the registry does not know it).
-    A run that left such a field at its default stored no value for it. For a wrapping
-    method (one whose options have an ``inner`` field, as :func:`kdbench.api.wrapped_options`
-    reads them) the added fields of the inner method its ``params`` name come too."""
-    from kdbench.api import added_defaults
-    from kdbench.registry import get_registry
-
-    try:
-        cls = get_registry().method(method)
-        out = added_defaults(cls.Params)
-        inner_field = cls.Params.model_fields.get("inner")
-        if inner_field is not None:
-            inner = (params or {}).get("inner", inner_field.default)
-            out = added_defaults(get_registry().method(inner).Params) | out
-        return out
-    except Exception:  # a method whose plugin is not installed: its levels show as stored
+    their defaults, from the installed plugin (empty when it is not installed): a run that
+    left such a field at its default stored no value for it. For a wrapping method (one
+    whose options have an ``inner`` field, as :func:`kdbench.api.wrapped_options` reads
+    them) the added fields of its inner method come too: ``inner``, else the field's default."""
+    options = method_options(method)
+    if options is None:
         return {}
+    out = added_defaults(options)
+    if "inner" in options.model_fields:
+        inner_options = method_options(inner or options.model_fields["inner"].default)
+        out = (added_defaults(inner_options) if inner_options is not None else {}) | out
+    return out
 
 
 def sweep_lines(df: pd.DataFrame):
@@ -136,7 +132,9 @@ def sweep_lines(df: pd.DataFrame):
         configs = g.assign(p=g["params"].map(json.loads))
         settings = [dict(p) | {"student": s} for p, s in zip(configs["p"], configs["student"])]
         keys = sorted(set().union(*(s.keys() for s in settings)))
-        settings = [{k: v for k, v in unnamed_defaults(method, s).items() if k in keys} | s for s in settings]
+        implied = {inner: {k: v for k, v in unnamed_defaults(method, inner).items() if k in keys}  # one lookup per inner method
+                   for inner in {s.get("inner") for s in settings}}
+        settings = [implied[s.get("inner")] | s for s in settings]
         factors = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
         for f in factors:
             found = _line(settings, factors, f, keys)
