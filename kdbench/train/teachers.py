@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, overload
 
 import torch
+from filelock import FileLock
 
 from kdbench.api import Batch, KDBenchError, KDModel, task_loss
 from kdbench.data import TRAIN, TaskData, labels_tensor, load_task_data
@@ -293,6 +294,11 @@ def shared_train_logits(checkpoint: TeacherCheckpoint, compute: Callable[[], tor
     reused by every method and seed while that key matches; a damaged, unverifiable or
     stale file is named and rebuilt from ``compute``."""
     path = checkpoint.logits_path
+    with computed_once(path):
+        return _shared_train_logits(path, checkpoint, compute, inputs)
+
+
+def _shared_train_logits(path: Path, checkpoint: TeacherCheckpoint, compute: Callable[[], torch.Tensor], inputs: str) -> torch.Tensor:
     what = f"train-split logits of teacher {checkpoint.hash}"
     if path.exists():
         if artefacts.expected_sha(path) is None:
@@ -321,16 +327,27 @@ def shared_teacher_tensors(checkpoint: TeacherCheckpoint, name: str, compute: Ca
         raise KDBenchError(f"teacher cache name {name!r}: use letters, digits and _ . = - only (it names a file)")
     path = checkpoint.path.with_name(f"teacher-{name}.safetensors")
     what = f"teacher {checkpoint.hash}'s {name}"
-    if path.exists():
-        try:
-            if artefacts.expected_sha(path) is not None:
-                return artefacts.read_tensors(path, what)
-            warnings.warn(f"{what}: {path} has no checksum; computing it again", stacklevel=2)
-        except artefacts.ArtefactError as exc:
-            warnings.warn(f"{exc}; computing it again", stacklevel=2)
-    tensors = compute()
-    artefacts.write_tensors(path, tensors)
-    return tensors
+    with computed_once(path):
+        if path.exists():
+            try:
+                if artefacts.expected_sha(path) is not None:
+                    return artefacts.read_tensors(path, what)
+                warnings.warn(f"{what}: {path} has no checksum; computing it again", stacklevel=2)
+            except artefacts.ArtefactError as exc:
+                warnings.warn(f"{exc}; computing it again", stacklevel=2)
+        tensors = compute()
+        artefacts.write_tensors(path, tensors)
+        return tensors
+
+
+def computed_once(path: Path) -> FileLock:
+    """An exclusive lock on ``<path>.lock`` (the ``filelock`` package): held while a shared
+    teacher artefact is read or computed, so that several ``kdbench run`` processes of one
+    suite that reach the same cache together compute it once (the first) and the others
+    wait, then read it. The lock file is left beside the artefact (removing it could race
+    with a waiting process)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
 
 
 def train_logits(teacher: KDModel, spec: RunSpec, registry: Registry, data: TaskData, device: torch.device) -> torch.Tensor:
