@@ -34,7 +34,11 @@ printed, and subtracted; the gradients must then agree as they are.
 Timing follows benchmarks/step_cost.py: every kdbench training step (its runner's own
 recorded step: batch, step, logging) is paired with one peer step run right after it; a
 round's ratio is the median of the per-step ratios (first two steps left out); rounds are
-interleaved after a discarded warm-up round, reported as median [min, max]. Memory: the
+interleaved after a discarded warm-up round, reported as median [min, max]. Every round is
+a fresh run on both sides: kdbench's run builds its student and optimizer, and the peer is
+built again from the same initial weights (before 2026-12-06 23:40 UTC the peer's student and
+optimizer state carried over from round to round, so only kdbench paid a fresh run's first
+steps). Memory: the
 peak resident memory increase of an unpaired warm-up run of each side, and the most memory
 held by live tensors in one more such run under torch.profiler (:func:`tensor_peak_mb`). Both sides run in
 this process with the same torch thread count (set, then checked before every round), the
@@ -682,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"relative difference {result['loss_rel_diff']:.1e} (limit {LOSS_RTOL:.0e}), student gradients {result['grad_rel_diff']:.1e} "
                   f"(limit {GRAD_RTOL:.0e}): {'EQUAL' if result['equal'] else 'DIFFERENT: not timed'}")
             if result["equal"]:
-                setups[name] = (spec, warm, (checkpoint, peer))
+                setups[name] = (spec, warm, (checkpoint, peer, m))
         (args.out / "equality.json").write_text(json.dumps(equality, indent=1) + "\n")
         if args.check_only or not setups:
             (args.out / "environment.json").write_text(json.dumps(env, indent=1) + "\n")
@@ -700,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.no_warmup:  # one-off costs out of round 1; unpaired, so each side's memory is its own
             per_round = 0.0
-            for name, (spec, warm, (checkpoint, peer)) in setups.items():
+            for name, (spec, warm, (checkpoint, peer, _)) in setups.items():
                 t0 = time.perf_counter()
                 cost, _ = through_kdbench(warm, checkpoint, None)
                 run_s = time.perf_counter() - t0
@@ -717,7 +721,14 @@ def main(argv: list[str] | None = None) -> int:
         with step_clock(args.clock):  # the warm-up's memory figures come from the unpaired runs above, whatever the clock
             for r in range(args.rounds):
                 check_threads(args.threads)
-                for name, (spec, warm, (checkpoint, peer)) in setups.items():
+                for name, (spec, warm, (checkpoint, peer, m)) in setups.items():
+                    # A round is one fresh run on each side: kdbench's run builds its student and
+                    # optimizer anew, so the peer does too (its first steps then pay the same
+                    # first-touch and optimizer-state costs, which a peer carried over from the
+                    # round before would not)
+                    del peer
+                    peer = build_peer(PAIRS[name], m, tmp)
+                    setups[name] = (spec, warm, (checkpoint, peer, m))
                     cost, pairs = through_kdbench(spec, checkpoint, peer)
                     kept = pairs[PAIR_SKIP:] if len(pairs) > 2 * PAIR_SKIP else pairs
                     ratio = float(np.median([a / b for a, b in kept]))
