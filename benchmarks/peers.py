@@ -7,6 +7,7 @@ process.
     python benchmarks/peers.py OUT --tiny          # tiny random models: seconds, for CI
     python benchmarks/peers.py OUT --check-only    # the loss-equality checks, no timing
     python benchmarks/peers.py OUT --pairs vision-kd,text-tinybert
+    python benchmarks/peers.py OUT --summarise     # OUT's summary again from its raw rounds
 
 ``make peers`` makes the separate environment (``.venv-peers``: the peers need torchvision,
 whose PyPI wheels import only beside their own, CUDA, torch build) and runs this script
@@ -642,7 +643,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="wall (default; for an idle machine) or cpu: this process's CPU time per step, for a machine shared with other jobs")
     ap.add_argument("--check-only", action="store_true", help="the loss-equality checks only")
     ap.add_argument("--no-warmup", action="store_true", help="skip the discarded warm-up round (tests only: memory then from paired runs)")
+    ap.add_argument("--summarise", action="store_true",
+                    help="measure nothing: write OUT/summary.json again from OUT's rounds.json (and the memory figures of its summary.json) and print it")
     args = ap.parse_args(argv)
+    if args.summarise:
+        return resummarise(args.out)
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (a spread needs rounds)")
     names = [n.strip() for n in args.pairs.split(",") if n.strip()]
@@ -752,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarise(rounds: list[dict], memory: dict[str, dict[str, float]]) -> dict[str, dict]:
     """Per pair: the ratio kdbench / peer (median of the per-round medians, [min, max]), each
-    side's s/step the same way, and each side's peak memory increase."""
+    side's s/step the same way, each side's peak memory increase, and the pooled paired
+    steps (:func:`pooled_steps`)."""
     out: dict[str, dict] = {}
     for name in dict.fromkeys(r["pair"] for r in rounds):
         mine = [r for r in rounds if r["pair"] == name]
@@ -760,8 +766,51 @@ def summarise(rounds: list[dict], memory: dict[str, dict[str, float]]) -> dict[s
                      "kdbench_over_peer": step_cost.spread([r["kdbench_over_peer"] for r in mine]),
                      "kdbench_s": step_cost.spread([r["kdbench_s_median"] for r in mine]),
                      "peer_s": step_cost.spread([r["peer_s_median"] for r in mine]),
-                     "peak_mem_increase_mb": memory.get(name, {"kdbench": float(np.median([r["kdbench_peak_mem_increase_mb"] for r in mine])), "peer": math.nan})}
+                     "peak_mem_increase_mb": memory.get(name, {"kdbench": float(np.median([r["kdbench_peak_mem_increase_mb"] for r in mine])), "peer": math.nan}),
+                     "steps_pooled": pooled_steps(mine)}
     return out
+
+
+BOOTSTRAP = 4000  # resamples of the rounds for the pooled interval
+BOOTSTRAP_SEED = 0
+
+
+def pooled_steps(rounds: list[dict]) -> dict[str, Any]:
+    """Every kept paired step of one pair's rounds (a round's first ``skipped_first`` steps
+    left out, as in its ratio): the median of the per-step ratios kdbench / peer, a 95 %
+    interval for it from resampling whole rounds with replacement (steps of one round share
+    the machine's state, so rounds, not steps, are the independent units; seeded), the
+    share of steps where kdbench was slower, and a verdict: ``no difference measurable``
+    when the interval holds 1.0, else which side was faster. This says whether a median
+    over rounds a little above or below 1.0 is a difference at all."""
+    per_round = [np.array([a / b for a, b in r["steps"][r["skipped_first"]:]]) for r in rounds]
+    per_round = [x for x in per_round if x.size]
+    if not per_round:
+        return {"steps": 0}
+    pooled = np.concatenate(per_round)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    picks = rng.integers(0, len(per_round), (BOOTSTRAP, len(per_round)))
+    medians = np.array([np.median(np.concatenate([per_round[i] for i in pick])) for pick in picks])
+    lo, hi = (float(q) for q in np.percentile(medians, [2.5, 97.5]))
+    verdict = "no difference measurable" if lo <= 1.0 <= hi else ("kdbench slower" if lo > 1.0 else "kdbench faster")
+    return {"steps": int(pooled.size), "median": float(np.median(pooled)), "ci95": [lo, hi],
+            "kdbench_slower_share": float(np.mean(pooled > 1.0)), "verdict": verdict}
+
+
+def resummarise(out: Path) -> int:
+    """``--summarise``: the summary of a finished run's folder, computed again from its raw
+    rounds with the current :func:`summarise` (memory figures, measured only in the
+    warm-up, are kept from its summary.json)."""
+    try:
+        rounds = json.loads((out / "rounds.json").read_text())
+        env = json.loads((out / "environment.json").read_text())
+        old = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{out}: not a finished peers.py folder ({exc})") from None
+    summary = summarise(rounds, {k: v["peak_mem_increase_mb"] for k, v in old.items()})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print_summary(summary, env)
+    return 0
 
 
 def write_outputs(out: Path, env: dict, equality: list[dict], rounds: list[dict], summary: dict) -> None:
@@ -788,6 +837,12 @@ def print_summary(summary: dict, env: dict) -> None:
         print(f"{name:<15}{s['peer']:<14}{r['median']:>13.3f}{span:>17}{s['kdbench_s']['median']:>11.4f}"
               f"{s['peer_s']['median']:>9.4f}{mem['kdbench']:>13.1f}{mem['peer']:>8.1f}"
               f"{mem.get('kdbench_tensors', math.nan):>16.1f}{mem.get('peer_tensors', math.nan):>8.1f}")
+    print("pooled paired steps: median of the per-step ratios, 95 % interval from resampling rounds, share of steps kdbench was slower")
+    for name, s in summary.items():
+        q = s.get("steps_pooled", {})
+        if q.get("steps"):
+            print(f"{name:<15}{q['steps']:>5} steps  {q['median']:.4f} [{q['ci95'][0]:.4f}, {q['ci95'][1]:.4f}]  "
+                  f"slower in {100 * q['kdbench_slower_share']:.0f} %  {q['verdict']}")
 
 
 if __name__ == "__main__":

@@ -192,3 +192,36 @@ def test_with_the_peers_installed_the_check_passes_and_fails_on_a_weight_off_by_
     # the peer built from the off weight, kdbench's side unchanged: the check must refuse
     wrong = peers.build_peer(off, m, str(tmp_path))
     assert not peers.check_equal(pair, m, wrong)["equal"]
+
+
+def test_pooled_steps_median_interval_share_and_verdict_by_hand(peers):
+    """The pooled figure: every kept step's ratio (a round's skipped first steps left out),
+    their median, the share above 1, and an interval from resampling whole rounds."""
+    def rnd(r, ratios):
+        return {"pair": "vision-kd", "round": r, "steps": [[9.0, 1.0], [9.0, 1.0]] + [[x, 1.0] for x in ratios], "skipped_first": 2}
+
+    same = [rnd(1, [0.99, 1.01, 1.00]), rnd(2, [1.02, 0.98, 1.00]), rnd(3, [1.00, 1.01, 0.99])]
+    q = peers.pooled_steps(same)
+    assert q["steps"] == 9 and q["median"] == 1.0  # the 9.0s of the skipped steps are not in it
+    assert q["kdbench_slower_share"] == 3 / 9
+    assert q["ci95"][0] <= 1.0 <= q["ci95"][1] and q["verdict"] == "no difference measurable"
+    slower = [rnd(r, [1.02, 1.03, 1.04]) for r in (1, 2, 3)]  # every round's steps above 1
+    q = peers.pooled_steps(slower)
+    assert q["median"] == 1.03 and q["ci95"][0] >= 1.02 and q["verdict"] == "kdbench slower" and q["kdbench_slower_share"] == 1.0
+    faster = [rnd(r, [0.97, 0.98]) for r in (1, 2, 3)]
+    assert peers.pooled_steps(faster)["verdict"] == "kdbench faster"
+
+
+def test_summarise_writes_the_summary_again_from_the_raw_rounds(peers, tmp_path, capsys):
+    rounds = [{"pair": "vision-kd", "round": r, "kdbench_over_peer": v, "kdbench_s_median": v, "peer_s_median": 1.0,
+               "steps": [[v, 1.0]] * 3, "skipped_first": 2, "kdbench_peak_mem_increase_mb": 5.0}
+              for r, v in enumerate([1.10, 0.90, 1.00], start=1)]
+    memory = {"vision-kd": {"kdbench": 5.0, "peer": 6.0, "kdbench_tensors": 1.0, "peer_tensors": 1.0}}
+    env = {"command": "x", "rounds": 3, "steps": 3, "threads": 2, "clock": "wall", "wall_s": 60.0}
+    peers.write_outputs(tmp_path, env, [], rounds, {"vision-kd": {"peak_mem_increase_mb": memory["vision-kd"]}})
+    assert peers.main([str(tmp_path), "--summarise"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())["vision-kd"]
+    assert summary["kdbench_over_peer"] == {"median": 1.0, "min": 0.9, "max": 1.1}
+    assert summary["peak_mem_increase_mb"] == memory["vision-kd"]
+    assert summary["steps_pooled"]["steps"] == 3 and summary["steps_pooled"]["median"] == 1.0
+    assert "no difference measurable" in capsys.readouterr().out
