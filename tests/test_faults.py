@@ -120,7 +120,9 @@ def test_two_kdbench_run_processes_on_one_folder_lose_and_duplicate_nothing(tmp_
     cmd = [*KDBENCH, "run", str(suite), "--results", str(results), "--no-report"]
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    counts = [re.search(r"trained (\d+), skipped (\d+) finished, (\d+) held by another process", err).groups() for _, err in outs]
+    found = [re.search(r"trained (\d+), skipped (\d+) finished, (\d+) held by another process", err) for _, err in outs]
+    assert all(found), [(p.returncode, err[-3000:]) for p, (_, err) in zip(procs, outs)]  # a process that ended early says why
+    counts = [m.groups() for m in found]
     # 0, or 4 (EXIT_RUNS_HELD) from a process that left runs to the other one still training them
     assert [p.returncode for p in procs] == [4 if int(c[2]) else 0 for c in counts], outs
     trained = [int(c[0]) for c in counts]
