@@ -168,7 +168,13 @@ def param_text(method_name: str, key: str, value: Any) -> str:
     unset) reads as the word its method's field declares (:func:`kdbench.api.nullable`:
     ``teacher_topk=full``), else ``off``; "None" tells a reader nothing. A method that is
     not registered (a store read without its plugin) gets ``off``."""
-    return f"{key}={value if value is not None else null_text(method_name, key)}"
+    return f"{key}={param_value(method_name, key, value)}"
+
+
+def param_value(method_name: str, key: str, value: Any) -> Any:
+    """``value``, or for a null the word ``method_name``'s field ``key`` reads as
+    (:func:`null_text`): what row names, settings and sweep levels show."""
+    return value if value is not None else null_text(method_name, key)
 
 
 def method_options(method_name: str) -> Any:

@@ -12,7 +12,7 @@ import pandas as pd
 from kdbench import stats
 from kdbench.api import added_defaults
 from kdbench.report.aggregate import group_info, summ
-from kdbench.report.frame import SCALE, method_options, null_text, param_text
+from kdbench.report.frame import SCALE, method_options, param_text, param_value
 from kdbench.store import DONE
 
 LEVEL_COLS = ["task", "method", "factor", "level", "at", "mean", "std", "n", "ci_low", "ci_high"]
@@ -145,7 +145,7 @@ def sweep_lines(df: pd.DataFrame):
             entries = set(line["entry"]) if "entry" in line else {method}
             name = entries.pop() if len(entries) == 1 else method
             at = ", ".join(param_text(method, k, fixed.get(k)) for k in factors if k != f)
-            shown = [s.get(f) if s.get(f) is not None else null_text(method, f) for s, m in zip(settings, mask) if m]
+            shown = [param_value(method, f, s.get(f)) for s, m in zip(settings, mask) if m]
             yield task, name, f, at, line.assign(level=pd.Series(shown, index=line.index, dtype=object))
 
 

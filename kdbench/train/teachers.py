@@ -295,26 +295,22 @@ def shared_train_logits(checkpoint: TeacherCheckpoint, compute: Callable[[], tor
     stale file is named and rebuilt from ``compute``."""
     path = checkpoint.logits_path
     with computed_once(path):
-        return _shared_train_logits(path, checkpoint, compute, inputs)
-
-
-def _shared_train_logits(path: Path, checkpoint: TeacherCheckpoint, compute: Callable[[], torch.Tensor], inputs: str) -> torch.Tensor:
-    what = f"train-split logits of teacher {checkpoint.hash}"
-    if path.exists():
-        if artefacts.expected_sha(path) is None:
-            warnings.warn(f"{what}: {path} has no checksum (written by an older kdbench); computing them again", stacklevel=2)
-        else:
-            try:  # damage first (named as such), then whether they are this run's logits at all
-                logits = artefacts.read_tensors(path, what)["logits"]
-                if artefacts.read_metadata(path).get(LOGITS_KEY) == inputs:
-                    return logits
-                warnings.warn(f"{what}: {path} was computed from another checkpoint, data or tokenisation than this run's; "
-                              "computing them again", stacklevel=2)
-            except (artefacts.ArtefactError, KeyError) as exc:
-                warnings.warn(f"{exc}; computing them again", stacklevel=2)
-    logits = compute()
-    artefacts.write_tensors(path, {"logits": logits}, metadata={LOGITS_KEY: inputs})
-    return logits
+        what = f"train-split logits of teacher {checkpoint.hash}"
+        if path.exists():
+            if artefacts.expected_sha(path) is None:
+                warnings.warn(f"{what}: {path} has no checksum (written by an older kdbench); computing them again", stacklevel=2)
+            else:
+                try:  # damage first (named as such), then whether they are this run's logits at all
+                    logits = artefacts.read_tensors(path, what)["logits"]
+                    if artefacts.read_metadata(path).get(LOGITS_KEY) == inputs:
+                        return logits
+                    warnings.warn(f"{what}: {path} was computed from another checkpoint, data or tokenisation than this run's; "
+                                  "computing them again", stacklevel=2)
+                except (artefacts.ArtefactError, KeyError) as exc:
+                    warnings.warn(f"{exc}; computing them again", stacklevel=2)
+        logits = compute()
+        artefacts.write_tensors(path, {"logits": logits}, metadata={LOGITS_KEY: inputs})
+        return logits
 
 
 def shared_teacher_tensors(checkpoint: TeacherCheckpoint, name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
