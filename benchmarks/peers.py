@@ -532,9 +532,7 @@ METER_START, METER_END = "peers.meter_start", "peers.meter_end"
 def meter_marks() -> Iterator[None]:
     """Inside, every kdbench run's :class:`CostMeter` marks where it starts and stops in a
     running torch profile (:func:`tensor_peak_mb` reads the marks)."""
-    original = runner_module.CostMeter
-
-    class MarkedMeter(original):  # type: ignore[valid-type, misc]
+    class MarkedMeter(runner_module.CostMeter):  # type: ignore[misc]
         def __enter__(self) -> "MarkedMeter":
             with torch.profiler.record_function(METER_START):
                 pass
@@ -545,11 +543,8 @@ def meter_marks() -> Iterator[None]:
                 pass
             super().__exit__(*exc)
 
-    runner_module.CostMeter = MarkedMeter
-    try:
+    with step_cost.runner_meter(MarkedMeter):
         yield
-    finally:
-        runner_module.CostMeter = original
 
 
 def tensor_peak_mb(run: Callable[[], Any]) -> float:

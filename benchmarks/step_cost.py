@@ -224,14 +224,22 @@ def paired_with(partner: BareKD, pairs: list[tuple[float, float]]) -> Iterator[N
     (kdbench step s, partner step s). Step-level ABAB: the two halves of a pair are
     measured within a few seconds of each other, so the machine's speed, which drifts by
     10-30% over tens of seconds on the reference machine, cancels in their ratio."""
-    original = runner_module.CostMeter
-
-    class PairedMeter(original):  # type: ignore[valid-type, misc]
+    class PairedMeter(runner_module.CostMeter):  # type: ignore[misc]
         def record_step(self, seconds: float) -> None:
             super().record_step(seconds)
             pairs.append((seconds, partner.step()))
 
-    runner_module.CostMeter = PairedMeter
+    with runner_meter(PairedMeter):
+        yield
+
+
+@contextlib.contextmanager
+def runner_meter(meter_class: type) -> Iterator[None]:
+    """Inside, every kdbench run meters itself with ``meter_class`` (a subclass of
+    :class:`~kdbench.train.cost.CostMeter` that adds a side effect); the runner's own class
+    comes back on exit. What :func:`paired_with` and peers.py's meter marks hook into."""
+    original = runner_module.CostMeter
+    runner_module.CostMeter = meter_class
     try:
         yield
     finally:
