@@ -140,7 +140,7 @@ class OptimizerSpec(WithAddedFields):
     gamma: float = Field(0.1, gt=0)
     grad_clip: float | None = Field(None, gt=0)
     fused: bool = added(False, "PyTorch's fused kernel for the optimizer step (one kernel over all parameters instead of a "
-                               "dozen per parameter; AdamW over a MiniLM student about 4x faster on CPU). The same update "
+                               "dozen per parameter; AdamW over a MiniLM student about 3x faster on a CPU). The same update "
                                "rule, but not bit-identical to the default: runs differ in the last bits and then by seed-level "
                                "noise. Default false keeps stored runs' hashes and numbers.")
 
