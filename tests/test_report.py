@@ -490,6 +490,27 @@ def test_run_warns_on_a_dirty_tree(monkeypatch, capsys):
     assert "uncommitted changes" in capsys.readouterr().err
 
 
+def test_a_committed_results_store_being_written_is_not_a_dirty_tree(monkeypatch, capsys):
+    """Adding runs to a suite whose store is committed (a leaderboard's) writes that store:
+    the code is still its commit's. Any other changed tracked file still makes it dirty."""
+    import subprocess
+
+    import importlib
+
+    environment = importlib.import_module("kdbench.train.environment")
+    status = {"now": " M results/llm-real-cpu/store.sqlite\n M results/x/store.sqlite-wal\n"}
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 0, stdout="aaaa" if cmd[3] == "rev-parse" else status["now"]))
+    monkeypatch.setattr(environment, "_GIT", None)
+    assert environment.git_commit() == "aaaa"
+    cli._warn_if_dirty()
+    assert capsys.readouterr().err == ""
+    for changed in (" M kdbench/x.py\n M results/a/store.sqlite\n", "R  old.py -> kdbench/new.py\n", " M results/a/README.md\n"):
+        status["now"] = changed
+        monkeypatch.setattr(environment, "_GIT", None)
+        assert environment.git_commit() == "aaaa+dirty", changed
+    assert environment.code_changes(" M a.sqlite\n M b.py\nR  c.sqlite -> d.sqlite\n") == ["b.py"]
+
+
 def test_run_fixes_the_recorded_commit_before_training(monkeypatch, capsys):
     """The commit is read when `kdbench run` starts: a commit made while the suite runs
     does not become the commit its later runs record."""

@@ -67,17 +67,36 @@ def _version(package: str) -> str:
 
 
 _GIT: str | None = None
+#: Changed tracked files that do not make a checkout's code differ from its commit: results
+#: stores (SQLite and its journal files), which a suite committed with its results writes
+#: to whenever runs are added to it.
+STORE_SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".sqlite-journal")
+
+
+def code_changes(porcelain: str) -> list[str]:
+    """The paths of ``git status --porcelain`` output that change the code: every changed
+    tracked file except results stores (:data:`STORE_SUFFIXES`)."""
+    paths = []
+    for line in porcelain.splitlines():
+        if len(line) < 4:
+            continue
+        path = line[3:].split(" -> ")[-1].strip('"')
+        if not path.endswith(STORE_SUFFIXES):
+            paths.append(path)
+    return paths
 
 
 def git_commit() -> str:
-    """The commit of the kdbench checkout (``+dirty`` with uncommitted changes), once per process."""
+    """The commit of the kdbench checkout (``+dirty`` with uncommitted changes to its code;
+    a results store committed with its suite and written to by the runs being added is
+    not a change to the code: :func:`code_changes`), once per process."""
     global _GIT
     if _GIT is None:
         try:
             here = Path(__file__).resolve().parent
             _GIT = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
-            _GIT += "+dirty" if dirty else ""
+            status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout
+            _GIT += "+dirty" if code_changes(status) else ""
         except (OSError, subprocess.SubprocessError):
             _GIT = "unknown"
     return _GIT
