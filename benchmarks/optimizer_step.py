@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--name", default="adamw", choices=["adamw", "adam", "sgd"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    kept = keep_freed_memory()  # the heap setting every kdbench run makes (without it the default AdamW step over the MiniLM student read 86 ms instead of 45 on 2026-12-07)
+    kept = keep_freed_memory()  # the heap setting every kdbench run makes (without it the default AdamW step over the MiniLM student reads 94 ms instead of 51: results/optimizer-kernels-cpu-2026-12-07)
     params = student_parameters(args.tiny)
     g = torch.Generator().manual_seed(0)
     for p in params:
