@@ -281,8 +281,12 @@ class ResultsStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _store_problem(self.path, exc) from None
-        with self._connect() as con:
-            con.executescript(_SCHEMA)
+        # one write transaction: two processes opening a new (or pre-checksum) store at
+        # once would otherwise both see no checksum column and both add it ("duplicate
+        # column name"); executescript would commit the transaction, so one statement each
+        with self.transaction() as con:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                con.execute(statement)
             for table in ("runs", "teachers"):  # stores from before checksums
                 if "checksum" not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
                     con.execute(f"ALTER TABLE {table} ADD COLUMN checksum TEXT")

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +109,40 @@ def test_a_process_killed_by_its_run_is_restarted_a_bounded_number_of_times(tmp_
     assert rows["none"]["status"] == "done" and rows["none"]["attempts"] == 1  # finished before the first kill, kept
     assert rows["dies-always"]["status"] == "failed" and rows["dies-always"]["attempts"] == 2
     assert "died during each of its 2 attempts" in rows["dies-always"]["error"]
+
+
+def test_a_store_being_upgraded_by_another_process_opens_without_a_duplicate_column(tmp_path):
+    """Opening a store is one write transaction. CI once saw two `kdbench run` processes
+    create one new store and both add its checksum column ("duplicate column name:
+    checksum"). Here the race is forced: a store without checksum columns, another
+    connection holding the write lock while this one opens it, then adding the columns."""
+    path = tmp_path / "store.sqlite"
+    ResultsStore(path)
+    with sqlite3.connect(path) as con:  # a store as the first statements of the schema leave it
+        con.execute("ALTER TABLE runs DROP COLUMN checksum")
+        con.execute("ALTER TABLE teachers DROP COLUMN checksum")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    outcome: list = []
+
+    def open_it():
+        try:
+            outcome.append(ResultsStore(path))
+        except Exception as exc:  # noqa: BLE001 - the failure is what is asserted
+            outcome.append(exc)
+
+    opener = threading.Thread(target=open_it)
+    opener.start()
+    time.sleep(0.5)  # the opener is now waiting for the write lock (before the fix: after reading the columns)
+    assert not outcome
+    other.execute("ALTER TABLE runs ADD COLUMN checksum TEXT")
+    other.execute("ALTER TABLE teachers ADD COLUMN checksum TEXT")
+    other.execute("COMMIT")
+    other.close()
+    opener.join(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], ResultsStore), outcome
+    with sqlite3.connect(path) as con:
+        assert [r[1] for r in con.execute("PRAGMA table_info(runs)")].count("checksum") == 1
 
 
 def test_two_kdbench_run_processes_on_one_folder_lose_and_duplicate_nothing(tmp_path, monkeypatch, capsys):
