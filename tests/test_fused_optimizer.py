@@ -46,3 +46,40 @@ def test_fused_takes_the_same_steps_as_the_default_to_rounding(options):
     moved = (plain - start).abs().max().item()
     assert moved > 1e-3  # the parameters did move, so agreement below is not trivial
     assert (fused - plain).abs().max().item() <= 1e-5 * max(moved, 1.0)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_sgd_takes_a_parameter_whose_gradient_starts_late(nesterov):
+    """PyTorch's fused SGD raises when one parameter's first gradient comes after the
+    others' momentum buffers exist; kdbench's optimizer starts that buffer at zero and
+    takes the default kernel's steps (to rounding): hand-checked on the late parameter."""
+    spec = dict(name="sgd", lr=0.1, momentum=0.9, nesterov=nesterov, schedule="constant")
+    grads = torch.Generator().manual_seed(3)
+    steps = [(torch.randn(8, generator=grads), None if i < 2 else torch.randn(8, generator=grads)) for i in range(5)]
+    finals = []
+    for fused in (False, True):
+        a, b = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.zeros(8))
+        opt, _ = build_optimizer([a, b], OptimizerSpec(**spec, fused=fused), steps=5, steps_per_epoch=5, epochs_budget=False)
+        for ga, gb in steps:
+            a.grad, b.grad = ga.clone(), None if gb is None else gb.clone()
+            opt.step()
+        finals.append((a.detach().clone(), b.detach().clone()))
+    (pa, pb), (fa, fb) = finals
+    assert torch.allclose(fa, pa, atol=1e-6) and torch.allclose(fb, pb, atol=1e-6)
+    buf, expected = None, torch.zeros(8)  # b by hand: its buffer starts at its first gradient
+    for _, gb in steps[2:]:
+        buf = gb.clone() if buf is None else 0.9 * buf + gb
+        expected -= 0.1 * (gb + 0.9 * buf if nesterov else buf)
+    assert expected.abs().max() > 0.1 and torch.allclose(pb, expected, atol=1e-6)
+
+
+def test_without_the_guard_pytorchs_fused_sgd_still_raises_on_a_late_gradient():
+    """Keeps the guard honest: if PyTorch stops raising, this says the guard can go."""
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([a, b], lr=0.1, momentum=0.9, fused=True)
+    a.grad = torch.ones(4)
+    opt.step()
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    with pytest.raises((RuntimeError, TypeError)):
+        opt.step()
+
