@@ -257,6 +257,27 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+#: How long a writer waits for another process's lock before the store reports it held.
+LOCK_TIMEOUT_S = 60.0
+
+
+def _journal_to_wal(con: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting like every other statement for a lock another
+    process holds. Turning a new store (rollback journal) into WAL needs the database to
+    itself, and SQLite answers "database is locked" at once, without its busy wait, while
+    another connection writes to it: two ``kdbench run`` processes creating one store then
+    failed at random. Once the store is in WAL mode the pragma needs no lock."""
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class ResultsStore:
     """SQLite-backed store of runs and teachers. Safe for several processes at once.
 
@@ -298,14 +319,14 @@ class ResultsStore:
 
     def _open(self) -> sqlite3.Connection:
         if not self.readonly:
-            con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            con.execute("PRAGMA journal_mode=WAL")
+            con = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
+            _journal_to_wal(con)
             con.execute("PRAGMA synchronous=NORMAL")
             return con
         # read-only: no journal change, nothing created; a WAL store in a folder we cannot
         # write (no -shm file possible) is opened as immutable
         mode = "immutable=1" if self._immutable else "mode=ro"
-        con = sqlite3.connect(f"{self.path.resolve().as_uri()}?{mode}", uri=True, timeout=60, isolation_level=None)
+        con = sqlite3.connect(f"{self.path.resolve().as_uri()}?{mode}", uri=True, timeout=LOCK_TIMEOUT_S, isolation_level=None)
         try:
             con.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.OperationalError as exc:

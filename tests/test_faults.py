@@ -145,6 +145,36 @@ def test_a_store_being_upgraded_by_another_process_opens_without_a_duplicate_col
         assert [r[1] for r in con.execute("PRAGMA table_info(runs)")].count("checksum") == 1
 
 
+def test_a_new_store_opened_while_another_connection_writes_to_it_waits_for_the_lock(tmp_path):
+    """Turning a new store into WAL mode needs the database to itself, and SQLite answers
+    "database is locked" at once while another connection writes (no busy wait), so
+    processes creating one store at once failed at random. Opening now waits for the lock
+    like every other statement."""
+    path = tmp_path / "store.sqlite"
+    other = sqlite3.connect(path, isolation_level=None)  # a new database, rollback journal
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    outcome: list = []
+
+    def open_it():
+        try:
+            outcome.append(ResultsStore(path))
+        except Exception as exc:  # noqa: BLE001 - the failure is what is asserted
+            outcome.append(exc)
+
+    opener = threading.Thread(target=open_it)
+    opener.start()
+    time.sleep(0.5)
+    assert not outcome  # still waiting (before the fix: StoreError "... held its lock ..." at once)
+    other.execute("COMMIT")
+    other.close()
+    opener.join(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], ResultsStore), outcome
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert {"runs", "teachers", "meta"} <= {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
 def test_two_kdbench_run_processes_on_one_folder_lose_and_duplicate_nothing(tmp_path, monkeypatch, capsys):
     # tiny CNNs on generated images: the processes import no transformers; each run still
     # outlasts the 1 s teacher poll (150 steps, about 1 s), so both processes train runs
