@@ -111,6 +111,23 @@ def test_a_process_killed_by_its_run_is_restarted_a_bounded_number_of_times(tmp_
     assert "died during each of its 2 attempts" in rows["dies-always"]["error"]
 
 
+def open_store_in_thread(path: Path) -> tuple[threading.Thread, list]:
+    """Open a :class:`ResultsStore` at ``path`` in a thread; half a second later, what it
+    gave (the store or the exception) is in the returned list, or nothing if it waits."""
+    outcome: list = []
+
+    def open_it():
+        try:
+            outcome.append(ResultsStore(path))
+        except Exception as exc:  # noqa: BLE001 - the failure is what the tests assert
+            outcome.append(exc)
+
+    opener = threading.Thread(target=open_it)
+    opener.start()
+    time.sleep(0.5)
+    return opener, outcome
+
+
 def test_a_store_being_upgraded_by_another_process_opens_without_a_duplicate_column(tmp_path):
     """Opening a store is one write transaction. CI once saw two `kdbench run` processes
     create one new store and both add its checksum column ("duplicate column name:
@@ -123,17 +140,7 @@ def test_a_store_being_upgraded_by_another_process_opens_without_a_duplicate_col
         con.execute("ALTER TABLE teachers DROP COLUMN checksum")
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
-    outcome: list = []
-
-    def open_it():
-        try:
-            outcome.append(ResultsStore(path))
-        except Exception as exc:  # noqa: BLE001 - the failure is what is asserted
-            outcome.append(exc)
-
-    opener = threading.Thread(target=open_it)
-    opener.start()
-    time.sleep(0.5)  # the opener is now waiting for the write lock (before the fix: after reading the columns)
+    opener, outcome = open_store_in_thread(path)  # now waiting for the write lock (before the fix: after reading the columns)
     assert not outcome
     other.execute("ALTER TABLE runs ADD COLUMN checksum TEXT")
     other.execute("ALTER TABLE teachers ADD COLUMN checksum TEXT")
@@ -154,17 +161,7 @@ def test_a_new_store_opened_while_another_connection_writes_to_it_waits_for_the_
     other = sqlite3.connect(path, isolation_level=None)  # a new database, rollback journal
     other.execute("BEGIN IMMEDIATE")
     other.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
-    outcome: list = []
-
-    def open_it():
-        try:
-            outcome.append(ResultsStore(path))
-        except Exception as exc:  # noqa: BLE001 - the failure is what is asserted
-            outcome.append(exc)
-
-    opener = threading.Thread(target=open_it)
-    opener.start()
-    time.sleep(0.5)
+    opener, outcome = open_store_in_thread(path)
     assert not outcome  # still waiting (before the fix: StoreError "... held its lock ..." at once)
     other.execute("COMMIT")
     other.close()
