@@ -485,7 +485,7 @@ def test_run_warns_on_a_dirty_tree(monkeypatch, capsys):
     environment = importlib.import_module("kdbench.train.environment")  # the module (kdbench.train re-exports a function of that name)
 
     monkeypatch.setattr(environment, "_GIT", None)
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=" M kdbench/x.py\n"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=" M kdbench/x.py\0"))
     cli._warn_if_dirty()
     assert "uncommitted changes" in capsys.readouterr().err
 
@@ -498,17 +498,42 @@ def test_a_committed_results_store_being_written_is_not_a_dirty_tree(monkeypatch
     import importlib
 
     environment = importlib.import_module("kdbench.train.environment")
-    status = {"now": " M results/llm-real-cpu/store.sqlite\n M results/x/store.sqlite-wal\n"}
+    status = {"now": " M results/llm-real-cpu/store.sqlite\0 M results/x/store.sqlite-wal\0"}
     monkeypatch.setattr(subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 0, stdout="aaaa" if cmd[3] == "rev-parse" else status["now"]))
     monkeypatch.setattr(environment, "_GIT", None)
     assert environment.git_commit() == "aaaa"
     cli._warn_if_dirty()
     assert capsys.readouterr().err == ""
-    for changed in (" M kdbench/x.py\n M results/a/store.sqlite\n", "R  old.py -> kdbench/new.py\n", " M results/a/README.md\n"):
+    for changed in (" M kdbench/x.py\0 M results/a/store.sqlite\0", "R  kdbench/new.py\0old.py\0", " M results/a/README.md\0"):
         status["now"] = changed
         monkeypatch.setattr(environment, "_GIT", None)
         assert environment.git_commit() == "aaaa+dirty", changed
-    assert environment.code_changes(" M a.sqlite\n M b.py\nR  c.sqlite -> d.sqlite\n") == ["b.py"]
+    assert environment.code_changes(" M a.sqlite\0 M b.py\0R  d.sqlite\0c.py\0") == ["b.py"]  # c.py is the old name
+
+
+def test_code_changes_reads_what_git_prints_for_odd_names(tmp_path):
+    """Names with spaces, non-ASCII letters and a rename, from a real repository's
+    ``git status --porcelain -z`` (what git_commit runs): stores are not code, the rest is."""
+    import importlib
+    import subprocess
+
+    environment = importlib.import_module("kdbench.train.environment")
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout  # noqa: E731
+    git("init", "-q")
+    files = ["results/my suite/store.sqlite", "résultats/store.sqlite", "kdbench/a b.py", "kdbench/old.py", "docs/é.md"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("one\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    status = lambda: git("status", "--porcelain", "-z", "--untracked-files=no")  # noqa: E731
+    for name in files[:2]:
+        (tmp_path / name).write_text("two\n")
+    assert environment.code_changes(status()) == []  # only stores changed
+    (tmp_path / "kdbench/a b.py").write_text("two\n")
+    git("mv", "kdbench/old.py", "kdbench/new é.py")
+    (tmp_path / "docs/é.md").write_text("two\n")
+    assert sorted(environment.code_changes(status())) == ["docs/é.md", "kdbench/a b.py", "kdbench/new é.py"]
 
 
 def test_run_fixes_the_recorded_commit_before_training(monkeypatch, capsys):

@@ -74,13 +74,21 @@ STORE_SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".sqlite-journal")
 
 
 def code_changes(porcelain: str) -> list[str]:
-    """The paths of ``git status --porcelain`` output that change the code: every changed
-    tracked file except results stores (:data:`STORE_SUFFIXES`)."""
+    """The paths of ``git status --porcelain -z`` output that change the code: every changed
+    tracked file except results stores (:data:`STORE_SUFFIXES`). ``-z`` separates entries
+    with NUL and leaves names as they are (no quoting of spaces or non-ASCII letters); a
+    renamed or copied file's entry is followed by its old name, which is skipped."""
     paths = []
-    for line in porcelain.splitlines():
-        if len(line) < 4:
+    fields = porcelain.split("\0")
+    i = 0
+    while i < len(fields):
+        entry = fields[i]
+        i += 1
+        if len(entry) < 4:
             continue
-        path = line[3:].split(" -> ")[-1].strip('"')
+        if entry[0] in "RC" or entry[1] in "RC":
+            i += 1  # the old name
+        path = entry[3:]
         if not path.endswith(STORE_SUFFIXES):
             paths.append(path)
     return paths
@@ -95,7 +103,7 @@ def git_commit() -> str:
         try:
             here = Path(__file__).resolve().parent
             _GIT = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
-            status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout
+            status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "-z", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout
             _GIT += "+dirty" if code_changes(status) else ""
         except (OSError, subprocess.SubprocessError):
             _GIT = "unknown"
