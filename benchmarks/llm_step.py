@@ -35,11 +35,11 @@ sets torch's intra-op threads (default: torch's own choice, printed).
 
 ``--real`` sizes ``benchmarks/llm-real-cpu.yaml``: its SmolLM2-135M teacher and the student
 cut from it (blocks 0, 10, 20, 29), its Shakespeare options and batch, every method of the
-suite and the on-policy ones it leaves out; per method the step split into generation and
-update, the once-per-teacher caches (top-k log-probs, seqkd's greedy outputs) timed on
-``--cache-examples`` training examples and scaled to the training split, and one
-evaluation batch (teacher-forced NLL plus greedy decoding). It prints the estimated hours
-of the suite per method (steps x step + its share of the caches + evaluations, x seeds).
+suite; per method the step split into generation and update, the once-per-teacher caches
+(top-k log-probs, seqkd's greedy outputs) timed on ``--cache-examples`` training examples
+and scaled to the training split, and one evaluation batch (teacher-forced NLL plus
+greedy decoding). It prints the estimated hours of the suite per method (steps x step +
+its share of the caches + evaluations, x seeds).
 
 ``--trl`` compares one on-policy GKD step (lambda 1: every batch is the student's own
 samples; beta 0.5; temperature 1, the one temperature at which the two compute the same
@@ -128,8 +128,6 @@ def context(name: str, params: dict[str, Any], teacher: Any, student: Any, facto
 
 
 REAL_SUITE = Path(__file__).with_name("llm-real-cpu.yaml")
-#: what llm-real-cpu leaves out, measured beside what it runs (nothing: it runs gkd and rkl again)
-REAL_EXTRA: dict[str, dict[str, Any]] = {}
 
 
 def real_sizing(rounds: int, steps: int, cache_examples: int, cache_dir: Path) -> dict[str, Any]:
@@ -152,7 +150,6 @@ def real_sizing(rounds: int, steps: int, cache_examples: int, cache_dir: Path) -
     subset = {k: v[:cache_examples] for k, v in encoded.items()}  # the caches are timed on these, then scaled
     batch_size, budget = suite["budget"]["batch_size"], suite["budget"]
     methods = {m["name"] + (f" {m['params']}" if m.get("params") else ""): (m["name"], m.get("params", {})) for m in suite["methods"]}
-    methods.update({f"{k} {v} (not in the suite)": (k, v) for k, v in REAL_EXTRA.items()})
     contexts, cache_s, cache_cpu_s = {}, {}, {}
     for label, (name, params) in methods.items():
         t1, c1 = time.perf_counter(), time.process_time()
