@@ -201,6 +201,10 @@ def identity_problems(row: dict[str, Any]) -> list[str]:
     return problems
 
 
+#: How long a writer waits for another process's lock before the store reports it held.
+LOCK_TIMEOUT_S = 60.0
+
+
 def _store_problem(path: Path, exc: BaseException) -> StoreError:
     """One message per kind of failure, with the fix."""
     text = str(exc)
@@ -217,7 +221,7 @@ def _store_problem(path: Path, exc: BaseException) -> StoreError:
         why, fix = (f"it cannot be opened ({text})", "check that the file and its folder exist and are readable "
                     "(and writable for 'kdbench run')")
     elif "locked" in low or "busy" in low:
-        why, fix = "another process has held its lock for over a minute", "wait for the other kdbench process, or stop it"
+        why, fix = f"another process has held its lock for over {LOCK_TIMEOUT_S:g} s", "wait for the other kdbench process, or stop it"
     elif isinstance(exc, OSError):
         why, fix = f"a file-system error ({exc.strerror or text})", "check the results folder's path and permissions"
     else:
@@ -255,10 +259,6 @@ def _dumps(obj: Any) -> str | None:
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
-
-
-#: How long a writer waits for another process's lock before the store reports it held.
-LOCK_TIMEOUT_S = 60.0
 
 
 def _journal_to_wal(con: sqlite3.Connection) -> None:
