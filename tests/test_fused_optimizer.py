@@ -64,6 +64,7 @@ def test_fused_sgd_takes_a_parameter_whose_gradient_starts_late(nesterov):
             a.grad, b.grad = ga.clone(), None if gb is None else gb.clone()
             opt.step()
         finals.append((a.detach().clone(), b.detach().clone()))
+        assert not opt._optimizer_step_pre_hooks  # fused: the hook removed itself once both had buffers (no per-step scan)
     (pa, pb), (fa, fb) = finals
     assert torch.allclose(fa, pa, atol=1e-6) and torch.allclose(fb, pb, atol=1e-6)
     buf, expected = None, torch.zeros(8)  # b by hand: its buffer starts at its first gradient

@@ -32,7 +32,11 @@ def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec, steps: int,
     else:
         opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, **fused)
     if spec.fused and spec.name == "sgd" and spec.momentum:
-        opt.register_step_pre_hook(start_late_momentum_buffers)
+        def late_buffers(o: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if start_late_momentum_buffers(o):  # every parameter has its buffer: nothing left to do per step
+                handle.remove()
+
+        handle = opt.register_step_pre_hook(late_buffers)
     if spec.grad_clip is not None:
         clip = spec.grad_clip
 
@@ -44,17 +48,22 @@ def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec, steps: int,
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(spec, steps, steps_per_epoch, epochs_budget))
 
 
-def start_late_momentum_buffers(opt: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
-    """Pre-step hook for PyTorch's fused SGD with momentum: a parameter that has a gradient
+def start_late_momentum_buffers(opt: torch.optim.Optimizer) -> bool:
+    """For PyTorch's fused SGD with momentum, before a step: a parameter that has a gradient
     for the first time after other parameters' momentum buffers exist (a head used only
     from some step on) gets a zero buffer. PyTorch's fused kernel raises on such a mixed
     step ("expected Tensor ... but got NoneType"); the default kernel starts that buffer
     at the gradient, and a zero buffer gives the same, ``momentum * 0 + grad`` (kdbench
-    sets no dampening). A step where no parameter has a buffer yet is left to PyTorch."""
+    sets no dampening). A step where no parameter has a buffer yet is left to PyTorch.
+    Returns whether every parameter had its buffer already (then no step can need this
+    again, and :func:`build_optimizer` removes the hook)."""
+    complete = True
     for group in opt.param_groups:
-        with_grad = [p for p in group["params"] if p.grad is not None]
-        missing = [p for p in with_grad if opt.state[p].get("momentum_buffer") is None]
+        has = [p in opt.state and opt.state[p].get("momentum_buffer") is not None for p in group["params"]]
+        complete = complete and all(has)
+        with_grad = [(p, h) for p, h in zip(group["params"], has) if p.grad is not None]
+        missing = [p for p, h in with_grad if not h]
         if missing and len(missing) < len(with_grad):
             for p in missing:
                 opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
+    return complete
